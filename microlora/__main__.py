@@ -1,0 +1,3 @@
+from microlora.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""One module per CLI noun or verb; ``microlora.cli`` registers them."""

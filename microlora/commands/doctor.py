@@ -1,0 +1,59 @@
+"""``microlora doctor``: load the default models once and report what a user needs to know."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@click.command()
+@click.option("--base-model", type=click.Path(exists=True, file_okay=False),
+              help="A local Hugging Face causal-LM folder [default: packaged Gemma 3 270M].")
+@click.option("--embedder", type=click.Path(exists=True, file_okay=False),
+              help="A local sentence-transformers folder [default: packaged all-MiniLM-L6-v2].")
+@click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda if present, else cpu].")
+def doctor(base_model: str | None, embedder: str | None, device: str | None) -> None:
+    """Load the base model and the embedder, and print their fingerprints, sizes and load times.
+
+    The first run converts the packaged GGUF base model to safetensors under the cache
+    directory (about a minute, once); later runs load it in about a second.
+    """
+    import torch
+
+    from microlora.embedder import load_embedder
+    from microlora.lora import MultiLoraModel
+    from microlora.models import default_model_dir, load_base_model
+    from microlora.targets import TargetSpec
+
+    if base_model is None and not default_model_dir().exists():
+        click.echo("Converting the packaged Gemma 3 270M GGUF to safetensors (once, ~1 min)...")
+    t0 = time.perf_counter()
+    base = load_base_model(base_model, device=device)
+    t_base = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    emb = load_embedder(embedder, device=device)
+    t_emb = time.perf_counter() - t0
+
+    spec = TargetSpec()
+    lora = MultiLoraModel(base.model, spec)
+    shapes = lora.shapes()
+    lora.remove()
+    per_rank = sum(i + o for i, o in shapes.values())
+    click.echo(f"torch {torch.__version__}, device {base.device}, "
+               f"dtype {next(base.model.parameters()).dtype}")
+    click.echo(f"base model  {base.name}: {base.num_parameters / 1e6:.1f}M parameters, "
+               f"{_dir_size(base.path) / 2**20:.0f} MiB on disk at {base.path}")
+    click.echo(f"            fingerprint {base.fingerprint}, loaded in {t_base:.1f} s")
+    click.echo(f"embedder    {emb.name}: {emb.dim}-d, fingerprint {emb.fingerprint}, "
+               f"loaded in {t_emb:.1f} s")
+    click.echo(f"default targets: {', '.join(spec.modules)} of the last {spec.last_layers} "
+               f"layers = {len(shapes)} linears; a rank-2 bf16 adapter is "
+               f"{per_rank * 2 * 2 / 1024:.0f} KiB")
+    probe = emb.encode(["microlora is ready."])
+    click.echo(f"ok: embedder gives a unit vector (norm {float((probe ** 2).sum()) ** 0.5:.3f})")

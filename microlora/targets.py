@@ -1,0 +1,82 @@
+"""Which linear layers of a base model get adapters.
+
+A target is named by patterns relative to a decoder block ("mlp.*", "self_attn.q_proj") and by
+which blocks: the last N ("late-stage LoRA") or explicit indices. The same spec works for
+Gemma, Llama/Qwen (``model.layers.N``) and GPT-2 (``transformer.h.N``, whose linears are
+transformers' ``Conv1D``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from microlora.errors import TargetError
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2), which is a linear with a transposed weight."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Where adapters go.
+
+    modules: fnmatch patterns matched against a linear's name inside its decoder block
+        (CLI ``--targets``); the default ``mlp.*`` is every MLP projection.
+    last_layers: adapt only the last N decoder blocks (CLI ``--last-layers``); None = all.
+    layers: explicit block indices (negative counts from the end); overrides last_layers.
+    """
+
+    modules: tuple[str, ...] = ("mlp.*",)
+    last_layers: int | None = 6
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise TargetError("--targets needs at least one module pattern, e.g. 'mlp.*'")
+        if self.last_layers is not None and self.last_layers < 1:
+            raise TargetError(f"--last-layers must be >= 1, got {self.last_layers}")
+
+    def block_indices(self, num_blocks: int) -> list[int]:
+        if self.layers is not None:
+            out = []
+            for i in self.layers:
+                if not -num_blocks <= i < num_blocks:
+                    raise TargetError(f"layer {i} is out of range for a model with "
+                                      f"{num_blocks} layers")
+                out.append(i % num_blocks)
+            return sorted(set(out))
+        n = num_blocks if self.last_layers is None else min(self.last_layers, num_blocks)
+        return list(range(num_blocks - n, num_blocks))
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: the one as long as the config's layer count, else the
+    longest ModuleList in the model."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise TargetError(f"{type(model).__name__} has no list of decoder blocks to adapt")
+    exact = [(name, m) for name, m in lists if len(m) == n_layers]
+    return max(exact or lists, key=lambda nm: len(nm[1]))
+
+
+def select_targets(model: nn.Module, spec: TargetSpec) -> dict[str, nn.Module]:
+    """Map full module names to the linear layers that ``spec`` selects, in model order."""
+    prefix, blocks = find_blocks(model)
+    chosen: dict[str, nn.Module] = {}
+    for i in spec.block_indices(len(blocks)):
+        for rel, module in blocks[i].named_modules():
+            if is_linear(module) and any(fnmatchcase(rel, p) for p in spec.modules):
+                chosen[f"{prefix}.{i}.{rel}"] = module
+    if not chosen:
+        available = sorted(rel for rel, m in blocks[0].named_modules() if is_linear(m))
+        raise TargetError(
+            f"target patterns {list(spec.modules)} matched no linear layer; "
+            f"a block of this model has: {', '.join(available)}"
+        )
+    return chosen

@@ -1,0 +1,17 @@
+"""The adapter store: LMDB records (adapters, text, embeddings, provenance) per namespace, a
+FAISS index per namespace, and checksums to catch corruption. No models, no training."""
+
+from store.adapter_store import (
+    FORMAT_VERSION,
+    AdapterStore,
+    NamespaceStats,
+    Reader,
+    StoreHeader,
+    VerifyReport,
+    validate_namespace,
+)
+from store.index import VectorIndex
+from store.record import AtomRecord
+
+__all__ = ["FORMAT_VERSION", "AdapterStore", "AtomRecord", "NamespaceStats", "Reader",
+           "StoreHeader", "VectorIndex", "VerifyReport", "validate_namespace"]

@@ -1,0 +1,422 @@
+"""The adapter store: one LMDB environment per directory, one named database per namespace.
+
+Layout of a store directory::
+
+    data.mdb, lock.mdb        LMDB: the source of truth
+    index/<namespace>.npz     FAISS index per namespace (a cache, rebuilt from LMDB)
+
+The ``__meta__`` database holds the header (format version, base-model and embedder identity),
+the namespace registry and a generation counter per namespace that every write bumps; an
+index file built from an older generation is stale and rebuilt. Every write is one LMDB
+transaction: it lands whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import lmdb
+import numpy as np
+import torch
+
+from microlora.errors import StoreError, StoreMismatchError, UnknownNamespaceError
+from store import record as rec
+from store.index import EXACT_LIMIT, VectorIndex
+
+FORMAT_VERSION = 1
+_META_DB = b"__meta__"
+_HEADER_KEY = b"header"
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+_DEFAULT_MAP_SIZE = 1 << 40  # address space only: the file grows as data is written
+
+
+@dataclass(frozen=True)
+class StoreHeader:
+    """What a store is for: the base model and embedder every adapter in it belongs to."""
+
+    base_fingerprint: str
+    base_name: str
+    embedder_fingerprint: str
+    embedder_name: str
+    embedding_dim: int
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class NamespaceStats:
+    namespace: str
+    atoms: int
+    bytes: int
+    index: str  # "exact", "hnsw" or "stale"
+
+    @property
+    def bytes_per_atom(self) -> float:
+        return self.bytes / self.atoms if self.atoms else 0.0
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    bad: list[tuple[str, str, str]] = field(default_factory=list)  # (namespace, atom id, why)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+def validate_namespace(namespace: str) -> str:
+    if not _NAMESPACE_RE.match(namespace or ""):
+        raise StoreError(f"invalid namespace {namespace!r}: use 1-128 letters, digits and "
+                         "'._:@-', starting with a letter or digit (e.g. 'docs', 'user:alice')")
+    return namespace
+
+
+class AdapterStore:
+    """Atoms (adapters + text + embedding) by namespace, with a FAISS index per namespace.
+
+    Open an existing store with ``AdapterStore(path)`` (``readonly=True`` for inspection:
+    then nothing on disk changes, not even the index cache), or create one with
+    ``AdapterStore.create(path, header)``.
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False, max_namespaces: int = 1024,
+                 map_size: int = _DEFAULT_MAP_SIZE, exact_limit: int = EXACT_LIMIT):
+        self.path = Path(path)
+        self.readonly = readonly
+        self.exact_limit = exact_limit
+        if not (self.path / "data.mdb").is_file():
+            raise StoreError(f"{self.path} is not a microlora store (no data.mdb there); "
+                             "create one with `microlora compile ... --store DIR`")
+        try:
+            self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=max_namespaces + 1,
+                                  readonly=readonly, create=False, readahead=False,
+                                  lock=not readonly or _lock_is_writable(self.path))
+            self._meta = self._env.open_db(_META_DB, create=False)
+            with self._env.begin(db=self._meta) as txn:
+                raw = txn.get(_HEADER_KEY)
+        except lmdb.Error as e:
+            raise StoreError(f"{self.path} is not a readable microlora store ({e}); if it was "
+                             "one, restore it from a backup or re-compile it") from e
+        if raw is None:
+            self._env.close()
+            raise StoreError(f"{self.path} has no microlora header; it is not a microlora store")
+        header = json.loads(raw)
+        version = header.get("format_version")
+        if version != FORMAT_VERSION:
+            self._env.close()
+            hint = ("upgrade microlora" if isinstance(version, int) and version > FORMAT_VERSION
+                    else "re-compile your documents into a new store")
+            raise StoreError(f"{self.path} is a format v{version} store; this microlora reads "
+                             f"v{FORMAT_VERSION}: {hint}")
+        self.header = StoreHeader(**header)
+        self._dbs: dict[str, object] = {}
+        self._indexes: dict[str, VectorIndex] = {}
+
+    @classmethod
+    def create(cls, path: str | Path, header: StoreHeader, **kwargs) -> AdapterStore:
+        """Create a new store at ``path`` (an empty or missing directory)."""
+        path = Path(path)
+        if (path / "data.mdb").exists():
+            raise StoreError(f"{path} is already a store; open it instead of creating it")
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path} is not empty; give a new or empty directory for a store")
+        path.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(str(path), map_size=kwargs.get("map_size", _DEFAULT_MAP_SIZE), max_dbs=2)
+        with env.begin(write=True) as txn:
+            meta = env.open_db(_META_DB, txn=txn)
+            txn.put(_HEADER_KEY, json.dumps(asdict(header)).encode(), db=meta)
+        env.close()
+        return cls(path, **kwargs)
+
+    @classmethod
+    def open_or_create(cls, path: str | Path, header: StoreHeader, **kwargs) -> AdapterStore:
+        """Open the store at ``path``, creating it if it does not exist; either way check that
+        it belongs to ``header``'s base model and embedder."""
+        path = Path(path)
+        store = cls(path, **kwargs) if (path / "data.mdb").exists() else cls.create(
+            path, header, **kwargs)
+        store.check_compatible(header.base_fingerprint, header.embedder_fingerprint,
+                               base_name=header.base_name, embedder_name=header.embedder_name)
+        return store
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> AdapterStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- identity ----------------------------------------------------------------------------
+
+    def check_compatible(self, base_fingerprint: str, embedder_fingerprint: str | None = None,
+                         *, base_name: str = "", embedder_name: str = "") -> None:
+        """Refuse to mix adapters of one base model (or embedder) with another."""
+        h = self.header
+        if base_fingerprint != h.base_fingerprint:
+            raise StoreMismatchError(
+                f"store {self.path} was compiled for base model {h.base_name} "
+                f"(fingerprint {h.base_fingerprint[:12]}), but the model in use is "
+                f"{base_name or 'another'} (fingerprint {base_fingerprint[:12]}). Pass "
+                "--base-model with the store's model, or compile into a new store."
+            )
+        if embedder_fingerprint is not None and embedder_fingerprint != h.embedder_fingerprint:
+            raise StoreMismatchError(
+                f"store {self.path} was indexed with embedder {h.embedder_name} (fingerprint "
+                f"{h.embedder_fingerprint[:12]}), not {embedder_name or 'this one'} "
+                f"({embedder_fingerprint[:12]}). Pass --embedder with the store's embedder."
+            )
+
+    # -- namespaces --------------------------------------------------------------------------
+
+    def namespaces(self) -> list[str]:
+        with self._env.begin(db=self._meta) as txn:
+            return [k[3:].decode() for k, _ in txn.cursor() if k.startswith(b"ns:")]
+
+    def _db(self, namespace: str, *, create: bool = False):
+        validate_namespace(namespace)
+        if namespace in self._dbs:
+            return self._dbs[namespace]
+        with self._env.begin(db=self._meta) as txn:
+            known = txn.get(b"ns:" + namespace.encode()) is not None
+        if not known:
+            if not create:
+                have = ", ".join(self.namespaces()) or "none"
+                raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r} "
+                                            f"(it has: {have})")
+            self._guard_writable()
+            with self._env.begin(write=True) as txn:
+                db = self._env.open_db(namespace.encode(), txn=txn)
+                txn.put(b"ns:" + namespace.encode(), b"{}", db=self._meta)
+                txn.put(b"gen:" + namespace.encode(), b"0", db=self._meta)
+        else:
+            db = self._env.open_db(namespace.encode(), create=False)
+        self._dbs[namespace] = db
+        return db
+
+    def generation(self, namespace: str) -> int:
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(b"gen:" + validate_namespace(namespace).encode())
+        if raw is None:
+            raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r}")
+        return int(raw)
+
+    def _bump(self, txn, namespace: str) -> int:
+        key = b"gen:" + namespace.encode()
+        gen = int(txn.get(key, db=self._meta)) + 1
+        txn.put(key, str(gen).encode(), db=self._meta)
+        return gen
+
+    def drop(self, namespace: str) -> int:
+        """Delete a namespace with all its atoms and its index; returns how many atoms."""
+        self._guard_writable()
+        db = self._db(namespace)
+        with self._env.begin(write=True) as txn:
+            n = txn.stat(db)["entries"]
+            txn.drop(db, delete=True)
+            txn.delete(b"ns:" + namespace.encode(), db=self._meta)
+            txn.delete(b"gen:" + namespace.encode(), db=self._meta)
+        del self._dbs[namespace]
+        self._indexes.pop(namespace, None)
+        self._index_path(namespace).unlink(missing_ok=True)
+        return n
+
+    # -- atoms -------------------------------------------------------------------------------
+
+    def put(self, namespace: str, records: Iterable[rec.AtomRecord],
+            dtype: torch.dtype = torch.bfloat16) -> int:
+        """Add atoms in one transaction; atoms already present (same id) are kept as they are.
+        Returns how many were new."""
+        self._guard_writable()
+        records = list(records)
+        for r in records:  # check everything before writing anything
+            if r.base_fingerprint != self.header.base_fingerprint:
+                raise StoreMismatchError(
+                    f"atom {r.id} belongs to base model {r.base_fingerprint[:12]}, but store "
+                    f"{self.path} holds adapters for {self.header.base_fingerprint[:12]}")
+            if np.asarray(r.embedding).size != self.header.embedding_dim:
+                raise StoreError(f"atom {r.id} has a {np.asarray(r.embedding).size}-d embedding;"
+                                 f" the store's embedder gives {self.header.embedding_dim}-d")
+        values = [(r.id.encode(), rec.encode(r, dtype)) for r in records]
+        db = self._db(namespace, create=True)
+        added: list[rec.AtomRecord] = []
+        with self._env.begin(write=True) as txn:
+            for r, (key, value) in zip(records, values):
+                if txn.put(key, value, db=db, overwrite=False):
+                    added.append(r)
+            gen_before = int(txn.get(b"gen:" + namespace.encode(), db=self._meta))
+            gen = self._bump(txn, namespace) if added else gen_before
+        if added:
+            self._extend_index(namespace, added, gen_before, gen)
+        return len(added)
+
+    def delete(self, namespace: str, ids: Iterable[str]) -> int:
+        """Delete atoms by id in one transaction; returns how many existed."""
+        self._guard_writable()
+        db = self._db(namespace)
+        with self._env.begin(write=True) as txn:
+            n = sum(txn.delete(i.encode(), db=db) for i in ids)
+            if n:
+                self._bump(txn, namespace)
+        return n
+
+    def ids(self, namespace: str) -> list[str]:
+        db = self._db(namespace)
+        with self._env.begin(db=db) as txn:
+            return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
+
+    def __len__(self) -> int:
+        return sum(self.count(ns) for ns in self.namespaces())
+
+    def count(self, namespace: str) -> int:
+        with self._env.begin() as txn:
+            return txn.stat(self._db(namespace))["entries"]
+
+    def contains(self, namespace: str, atom_id: str) -> bool:
+        with self.read(namespace) as reader:
+            return atom_id in reader
+
+    def get(self, namespace: str, ids: Sequence[str]) -> list[rec.AtomRecord]:
+        """Records by id, with tensors copied out of the store (safe to keep)."""
+        with self.read(namespace) as reader:
+            return [reader.get(i, copy=True) for i in ids]
+
+    @contextmanager
+    def read(self, namespace: str) -> Iterator[Reader]:
+        """A read transaction: ``reader.get(id)`` returns zero-copy views into the memory map,
+        valid until the ``with`` block ends."""
+        db = self._db(namespace)
+        with self._env.begin(db=db, buffers=True) as txn:
+            yield Reader(self, namespace, txn)
+
+    # -- search ------------------------------------------------------------------------------
+
+    def search(self, namespace: str, queries: np.ndarray, k: int
+               ) -> list[list[tuple[str, float]]]:
+        """Top-k atoms (id, cosine) for each query vector, best first."""
+        return self.index(namespace).search(queries, k)
+
+    def index(self, namespace: str) -> VectorIndex:
+        """The namespace's FAISS index, rebuilt from LMDB if the cached one is stale."""
+        gen = self.generation(namespace)
+        cached = self._indexes.get(namespace)
+        if cached is None or cached.generation != gen:
+            cached = VectorIndex.load(self._index_path(namespace))
+        if cached is None or cached.generation != gen:
+            cached = self._rebuild_index(namespace, gen)
+        self._indexes[namespace] = cached
+        return cached
+
+    def _rebuild_index(self, namespace: str, gen: int) -> VectorIndex:
+        ids, vectors = [], []
+        with self.read(namespace) as reader:
+            for atom_id, r in reader.items():
+                ids.append(atom_id)
+                vectors.append(r.embedding)
+        mat = np.stack(vectors) if vectors else np.zeros((0, self.header.embedding_dim),
+                                                         np.float32)
+        index = VectorIndex.build(mat, ids, gen, self.exact_limit)
+        if not self.readonly:
+            index.save(self._index_path(namespace))
+        return index
+
+    def _extend_index(self, namespace: str, added: list[rec.AtomRecord], gen_before: int,
+                      gen: int) -> None:
+        """Append new atoms to an up-to-date index instead of rebuilding it. An exact index
+        that grows past the limit is rebuilt as HNSW on its next use."""
+        index = self._indexes.get(namespace) or VectorIndex.load(self._index_path(namespace))
+        if index is None or index.generation != gen_before or (
+                index.exact and len(index.ids) + len(added) > self.exact_limit):
+            return  # stale or changing kind: rebuilt lazily by index()
+        index.add(np.stack([np.asarray(r.embedding, np.float32).reshape(-1) for r in added]),
+                  [r.id for r in added], gen)
+        index.save(self._index_path(namespace))
+        self._indexes[namespace] = index
+
+    def _index_path(self, namespace: str) -> Path:
+        return self.path / "index" / f"{quote(namespace, safe='')}.npz"
+
+    # -- maintenance -------------------------------------------------------------------------
+
+    def stats(self) -> list[NamespaceStats]:
+        out = []
+        for ns in self.namespaces():
+            with self._env.begin(db=self._db(ns), buffers=True) as txn:
+                n, size = 0, 0
+                for _, value in txn.cursor():
+                    n += 1
+                    size += len(value)
+            cached = self._indexes.get(ns) or VectorIndex.load(self._index_path(ns))
+            fresh = cached is not None and cached.generation == self.generation(ns)
+            kind = ("exact" if cached.exact else "hnsw") if fresh else "stale"
+            out.append(NamespaceStats(ns, n, size, kind))
+        return out
+
+    def verify(self, namespaces: Sequence[str] | None = None) -> VerifyReport:
+        """Recompute every record's checksum; report the atoms that fail, by id."""
+        report = VerifyReport()
+        for ns in namespaces or self.namespaces():
+            with self._env.begin(db=self._db(ns), buffers=True) as txn:
+                for key, value in txn.cursor():
+                    report.checked += 1
+                    problem = rec.verify(value)
+                    if problem is None:
+                        try:
+                            r = rec.decode(value, copy=False)
+                        except StoreError as e:
+                            problem = str(e)
+                        else:
+                            if r.id != bytes(key).decode():
+                                problem = f"stored under {bytes(key).decode()} but holds {r.id}"
+                    if problem:
+                        report.bad.append((ns, bytes(key).decode(errors="replace"), problem))
+        return report
+
+    def _guard_writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"store {self.path} is open read-only")
+
+
+class Reader:
+    """Zero-copy access to one namespace inside a read transaction (see ``AdapterStore.read``)."""
+
+    def __init__(self, store: AdapterStore, namespace: str, txn):
+        self._store, self.namespace, self._txn = store, namespace, txn
+
+    def __contains__(self, atom_id: str) -> bool:
+        return self._txn.get(atom_id.encode()) is not None
+
+    def get(self, atom_id: str, *, copy: bool = False) -> rec.AtomRecord:
+        value = self._txn.get(atom_id.encode())
+        if value is None:
+            raise StoreError(f"atom {atom_id} is not in namespace {self.namespace!r} of "
+                             f"store {self._store.path}")
+        try:
+            return rec.decode(value, copy=copy)
+        except StoreError as e:
+            raise StoreError(f"atom {atom_id} in {self.namespace!r} is corrupt ({e}); "
+                             "run `microlora store verify` and re-compile it") from e
+
+    def items(self) -> Iterator[tuple[str, rec.AtomRecord]]:
+        for key, value in self._txn.cursor():
+            atom_id = bytes(key).decode()
+            try:
+                yield atom_id, rec.decode(value, copy=False)
+            except StoreError as e:
+                raise StoreError(f"atom {atom_id} in {self.namespace!r} is corrupt ({e}); "
+                                 "run `microlora store verify` and re-compile it") from e
+
+
+def _lock_is_writable(path: Path) -> bool:
+    """Read-only opens still take LMDB's reader lock when they can, so a concurrent writer
+    cannot reuse pages under them; on a read-only filesystem they go without."""
+    lock = path / "lock.mdb"
+    return os.access(lock if lock.exists() else path, os.W_OK)

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random models built from configs, a temporary MICROLORA_HOME."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
+
+from microlora.paths import HOME_ENV
+
+TINY_CONFIGS = {
+    "gemma": lambda: Gemma3TextConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8),
+    "llama": lambda: LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1),
+    "gpt2": lambda: GPT2Config(vocab_size=128, n_embd=32, n_layer=3, n_head=2, n_positions=64,
+                               bos_token_id=0, eos_token_id=0),
+}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised 3-layer model of the given architecture, frozen, fp32, eval."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]())
+    return model.eval().requires_grad_(False)
+
+
+def random_adapter(shapes: dict[str, tuple[int, int]], rank: int, seed: int,
+                   scale: float = 0.5) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A (r, in), B (out, r)) with non-zero B, so the delta is visible."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: (torch.randn(rank, d_in, generator=g) * scale,
+                   torch.randn(d_out, rank, generator=g) * scale)
+            for name, (d_in, d_out) in shapes.items()}
+
+
+def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture(autouse=True)
+def microlora_home(tmp_path_factory, monkeypatch):
+    """Each test gets its own cache dir, except that the converted default model (slow to
+    make) is shared through MICROLORA_TEST_MODEL_HOME when that is set."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv(HOME_ENV, str(home))
+    return home
+
+
+@pytest.fixture(params=["gemma", "llama", "gpt2"])
+def arch(request) -> str:
+    return request.param
