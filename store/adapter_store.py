@@ -277,8 +277,9 @@ class AdapterStore:
         return sum(self.count(ns) for ns in self.namespaces())
 
     def count(self, namespace: str) -> int:
+        db = self._db(namespace)  # open the handle before the transaction that uses it
         with self._env.begin() as txn:
-            return txn.stat(self._db(namespace))["entries"]
+            return txn.stat(db)["entries"]
 
     def contains(self, namespace: str, atom_id: str) -> bool:
         with self.read(namespace) as reader:

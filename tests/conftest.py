@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
 
 from microlora.paths import HOME_ENV
+from store import AtomRecord, StoreHeader
 
 TINY_CONFIGS = {
     "gemma": lambda: Gemma3TextConfig(
@@ -40,6 +41,37 @@ def random_adapter(shapes: dict[str, tuple[int, int]], rank: int, seed: int,
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
     v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+DIM = 8
+SHAPES = {"model.layers.2.mlp.up_proj": (32, 64), "model.layers.2.mlp.down_proj": (64, 32)}
+HEADER = StoreHeader(base_fingerprint="base-a" * 4, base_name="tiny", embedder_fingerprint="e" * 32,
+                     embedder_name="tiny-emb", embedding_dim=DIM)
+
+
+def make_records(n, seed=0, fingerprint=HEADER.base_fingerprint, dim=DIM):
+    vecs = unit_vectors(n, dim, seed)
+    return [AtomRecord(id=f"atom{seed:02d}{i:04d}", text=f"fact {i} of batch {seed}",
+                       adapter=random_adapter(SHAPES, rank=2, seed=1000 * seed + i),
+                       embedding=vecs[i], base_fingerprint=fingerprint, source=f"doc{seed}.txt",
+                       start=10 * i, end=10 * i + 9, config={"rank": 2, "scale": 1.0})
+            for i in range(n)]
+
+
+def tree_bytes(path):
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def flip_byte_inside(path, needle: bytes):
+    """Flip one byte wherever ``needle`` occurs in data.mdb (LMDB may keep a stale copy of a
+    page from an earlier transaction beside the live one)."""
+    data = bytearray((path / "data.mdb").read_bytes())
+    at = data.find(needle)
+    assert at >= 0
+    while at >= 0:
+        data[at + len(needle) // 2] ^= 0x01
+        at = data.find(needle, at + 1)
+    (path / "data.mdb").write_bytes(bytes(data))
 
 
 @pytest.fixture(autouse=True)

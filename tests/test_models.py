@@ -1,0 +1,52 @@
+"""Base-model loading and fingerprints on tiny models saved to a temporary folder."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from microlora.errors import ModelLoadError
+from microlora.models import fingerprint_model, load_base_model
+
+
+def save_tiny(path, arch="llama", seed=0):
+    tiny_model(arch, seed).save_pretrained(path)
+    vocab = {f"w{i}": i for i in range(127)} | {"<unk>": 127}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+def test_load_any_local_folder(tmp_path, arch):
+    base = load_base_model(save_tiny(tmp_path / "m", arch))
+    assert base.name == "m" and base.device.type == "cpu"
+    assert all(not p.requires_grad for p in base.model.parameters())
+    assert base.fingerprint == fingerprint_model(tiny_model(arch))
+    ids = base.tokenizer("w1 w2 w3", return_tensors="pt").input_ids
+    assert ids.tolist() == [[1, 2, 3]]
+
+
+def test_fingerprint_ignores_dtype_but_not_weights(tmp_path):
+    folder = save_tiny(tmp_path / "m")
+    fp32 = load_base_model(folder, dtype="float32")
+    bf16 = load_base_model(folder, dtype=torch.bfloat16)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert fp32.fingerprint == bf16.fingerprint
+    assert fingerprint_model(tiny_model("llama", seed=1)) != fp32.fingerprint
+    nudged = tiny_model("llama")
+    with torch.no_grad():
+        nudged.model.layers[1].mlp.up_proj.weight.add_(0.01)
+    assert fingerprint_model(nudged) != fp32.fingerprint
+
+
+def test_bad_paths_and_dtypes_are_clear(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_base_model(tmp_path / "missing")
+    with pytest.raises(ModelLoadError, match="unknown dtype"):
+        load_base_model(save_tiny(tmp_path / "m"), dtype="float8")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        load_base_model(tmp_path / "broken")

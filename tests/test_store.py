@@ -1,0 +1,225 @@
+"""The adapter store: round trips, zero-copy reads, transactions, corruption, identity checks,
+and the FAISS index against brute force."""
+
+import json
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    DIM,
+    HEADER,
+    SHAPES,
+    flip_byte_inside,
+    make_records,
+    tree_bytes,
+    unit_vectors,
+)
+
+from microlora.errors import StoreError, StoreMismatchError, UnknownNamespaceError
+from store import AdapterStore, StoreHeader
+
+
+@pytest.fixture
+def store(tmp_path):
+    with AdapterStore.create(tmp_path / "s", HEADER) as s:
+        yield s
+
+
+def test_round_trip_keeps_everything(store):
+    recs = make_records(3)
+    assert store.put("docs", recs) == 3
+    got = store.get("docs", [recs[2].id, recs[0].id])
+    for want, have in zip([recs[2], recs[0]], got):
+        assert (have.id, have.text, have.source, have.start, have.end, have.config) == (
+            want.id, want.text, want.source, want.start, want.end, want.config)
+        np.testing.assert_array_equal(have.embedding, want.embedding)
+        assert set(have.adapter) == set(SHAPES)
+        for name, (A, B) in want.adapter.items():
+            assert have.adapter[name][0].dtype == torch.bfloat16
+            assert torch.equal(have.adapter[name][0], A.to(torch.bfloat16))
+            assert torch.equal(have.adapter[name][1], B.to(torch.bfloat16))
+
+
+def test_fp16_storage(store):
+    rec = make_records(1)[0]
+    store.put("docs", [rec], dtype=torch.float16)
+    A = store.get("docs", [rec.id])[0].adapter["model.layers.2.mlp.up_proj"][0]
+    assert A.dtype == torch.float16
+    assert torch.equal(A, rec.adapter["model.layers.2.mlp.up_proj"][0].half())
+
+
+def test_reads_are_zero_copy_views_of_the_map(store):
+    rec = make_records(1)[0]
+    store.put("docs", [rec])
+    name = next(iter(SHAPES))
+    with store.read("docs") as reader:
+        first = reader.get(rec.id).adapter[name][0]
+        second = reader.get(rec.id).adapter[name][0]
+        assert first.data_ptr() == second.data_ptr()  # both point into LMDB's memory map
+        copied = reader.get(rec.id, copy=True).adapter[name][0]
+        assert copied.data_ptr() != first.data_ptr()
+        assert torch.equal(copied, first)
+
+
+def test_identical_atoms_are_stored_once(store):
+    recs = make_records(2)
+    assert store.put("docs", recs) == 2
+    gen = store.generation("docs")
+    assert store.put("docs", recs) == 0
+    assert store.count("docs") == 2 and store.generation("docs") == gen
+
+
+def test_namespaces_delete_drop_and_stats(store):
+    store.put("docs", make_records(4, seed=0))
+    store.put("user:alice", make_records(2, seed=1))
+    assert sorted(store.namespaces()) == ["docs", "user:alice"]
+    assert store.delete("docs", ["atom000001", "nope"]) == 1
+    assert sorted(store.ids("docs")) == ["atom000000", "atom000002", "atom000003"]
+    stats = {s.namespace: s for s in store.stats()}
+    assert stats["docs"].atoms == 3 and stats["user:alice"].atoms == 2
+    adapter_bytes = make_records(1)[0].nbytes() // 2  # fp32 in memory, bf16 on disk
+    assert adapter_bytes < stats["docs"].bytes_per_atom < adapter_bytes + 2048
+    assert store.drop("user:alice") == 2
+    assert store.namespaces() == ["docs"]
+    with pytest.raises(UnknownNamespaceError, match="docs"):
+        store.get("user:alice", ["atom010000"])
+
+
+def test_unknown_atom_and_bad_namespace_names(store):
+    store.put("docs", make_records(1))
+    with pytest.raises(StoreError, match="not in namespace"):
+        store.get("docs", ["missing"])
+    for bad in ["", "__meta__", "a b", "../x", "x" * 200]:
+        with pytest.raises(StoreError, match="invalid namespace"):
+            store.put(bad, make_records(1))
+
+
+def test_a_bad_record_aborts_the_whole_put(store):
+    store.put("docs", make_records(2, seed=0))
+    before = store.generation("docs")
+    batch = make_records(3, seed=1) + make_records(1, seed=2, dim=DIM + 1)
+    with pytest.raises(StoreError, match="embedding"):
+        store.put("docs", batch)
+    other = make_records(1, seed=3, fingerprint="other-model")
+    with pytest.raises(StoreMismatchError, match="base model"):
+        store.put("docs", make_records(2, seed=4) + other)
+    assert store.count("docs") == 2 and store.generation("docs") == before
+
+
+def test_wrong_base_model_or_embedder_is_refused(tmp_path, store):
+    store.put("docs", make_records(1))
+    store.close()
+    path = store.path
+    before = tree_bytes(path)
+    other = StoreHeader(**{**HEADER.__dict__, "base_fingerprint": "f" * 32, "base_name": "llama"})
+    with pytest.raises(StoreMismatchError, match=r"--base-model"):
+        AdapterStore.open_or_create(path, other)
+    other_emb = StoreHeader(**{**HEADER.__dict__, "embedder_fingerprint": "0" * 32})
+    with pytest.raises(StoreMismatchError, match=r"--embedder"):
+        AdapterStore.open_or_create(path, other_emb)
+    assert tree_bytes(path) == before
+    AdapterStore.open_or_create(path, HEADER).close()  # the right identity opens fine
+
+
+def test_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="not a microlora store"):
+        AdapterStore(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()  # nothing created by a failed open
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "data.mdb").write_bytes(b"this is not lmdb" * 100)
+    with pytest.raises(StoreError, match="not a readable microlora store"):
+        AdapterStore(tmp_path / "plain", readonly=True)
+    with pytest.raises(StoreError, match="already a store"):
+        AdapterStore.create(tmp_path / "plain", HEADER)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not empty"):
+        AdapterStore.create(tmp_path / "notes", HEADER)
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
+
+
+def test_other_format_version_is_refused(store):
+    store.close()
+    env = lmdb.open(str(store.path), max_dbs=4)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"__meta__", txn=txn)
+        txn.put(b"header", json.dumps({**HEADER.__dict__, "format_version": 99}).encode(),
+                db=meta)
+    env.close()
+    with pytest.raises(StoreError, match="v99.*upgrade microlora"):
+        AdapterStore(store.path)
+
+
+def test_verify_names_the_corrupt_atom(store):
+    recs = make_records(5)
+    store.put("docs", recs)
+    assert store.verify().ok and store.verify().checked == 5
+    victim = recs[3]
+    A = victim.adapter["model.layers.2.mlp.down_proj"][0].to(torch.bfloat16)
+    flip_byte_inside(store.path, A.view(torch.int16).numpy().tobytes()[:64])
+    report = store.verify()
+    assert [(ns, i) for ns, i, _ in report.bad] == [("docs", victim.id)]
+    assert "checksum" in report.bad[0][2]
+
+
+def test_index_search_matches_brute_force(store):
+    recs = make_records(40)
+    store.put("docs", recs[:25])
+    store.put("docs", recs[25:])  # the second put extends the cached index in place
+    queries = unit_vectors(5, DIM, seed=9)
+    mat = np.stack([r.embedding for r in recs])
+    want = np.argsort(-(queries @ mat.T), axis=1)[:, :4]
+    got = store.search("docs", queries, k=4)
+    assert [[i for i, _ in row] for row in got] == [[recs[j].id for j in row] for row in want]
+    for row, q in zip(got, queries):
+        assert [s for _, s in row] == pytest.approx(
+            [float(q @ store.get("docs", [i])[0].embedding) for i, _ in row], abs=1e-5)
+    assert store.index("docs").exact
+
+
+def test_index_is_rebuilt_when_stale_or_missing(store):
+    recs = make_records(10)
+    store.put("docs", recs)
+    store.search("docs", recs[0].embedding, k=1)
+    store.delete("docs", [recs[0].id])
+    assert store.search("docs", recs[0].embedding, k=10)[0][0][0] != recs[0].id
+    assert len(store.search("docs", recs[0].embedding, k=10)[0]) == 9
+    store.close()
+    for f in (store.path / "index").iterdir():
+        f.write_bytes(b"garbage")
+    with AdapterStore(store.path) as again:
+        assert again.search("docs", recs[1].embedding, k=1)[0][0][0] == recs[1].id
+
+
+def test_large_namespaces_use_an_approximate_index(tmp_path):
+    n = 600
+    with AdapterStore.create(tmp_path / "s", HEADER, exact_limit=100) as s:
+        recs = make_records(n)
+        s.put("docs", recs)
+        assert not s.index("docs").exact
+        queries = unit_vectors(50, DIM, seed=5)
+        mat = np.stack([r.embedding for r in recs])
+        exact = np.argsort(-(queries @ mat.T), axis=1)[:, :8]
+        got = s.search("docs", queries, k=8)
+        hits = sum(len({recs[j].id for j in e} & {i for i, _ in g}) for e, g in zip(exact, got))
+        assert hits / exact.size >= 0.95
+        assert {r.index for r in s.stats()} == {"hnsw"}
+
+
+def test_readonly_open_changes_nothing(store):
+    recs = make_records(5)
+    store.put("docs", recs)
+    store.delete("docs", [recs[0].id])  # leaves the index stale
+    store.close()
+    before = tree_bytes(store.path)
+    with AdapterStore(store.path, readonly=True) as ro:
+        assert ro.search("docs", recs[1].embedding, k=1)[0][0][0] == recs[1].id
+        ro.verify()
+        ro.stats()
+        with pytest.raises(StoreError, match="read-only"):
+            ro.put("docs", make_records(1, seed=7))
+    after = tree_bytes(store.path)
+    assert {p: b for p, b in after.items() if p.name != "lock.mdb"} == {
+        p: b for p, b in before.items() if p.name != "lock.mdb"}
