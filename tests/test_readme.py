@@ -1,0 +1,12 @@
+"""The README's test command is what CI runs."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_test_command_is_ci():
+    ci_command = [line for line in (ROOT / ".ci/run").read_text().splitlines()
+                  if line.startswith("python3 -m venv")]
+    assert len(ci_command) == 1
+    assert f"\n{ci_command[0]}\n" in (ROOT / "README.md").read_text()
