@@ -17,8 +17,11 @@ puts the original modules back.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -237,6 +240,84 @@ def combine_adapters(atoms: Sequence[Adapter], weights: Sequence[float] | None =
     atoms' deltas: what ``MultiLoraModel.merge`` takes."""
     stacked = stack_adapters([atoms], weights=None if weights is None else [weights], **kwargs)
     return {name: (A[0], B[0]) for name, (A, B) in stacked.items()}
+
+
+@dataclass(frozen=True)
+class PackLayout:
+    """How one atom's adapter is laid out as a single flat vector, for storage and fast fetch.
+
+    Modules of one shape form a group (gate and up projections of every adapted layer, say);
+    a group is stored as the A's of its modules, each (r, in), then their B's transposed, each
+    (r, out). Unpacking one atom is views only, and k atoms fetched together compose with one
+    stack per group rather than a copy per module (see ``compose_packed``).
+    modules: (name, rank, in_features, out_features) per target module, in pack order.
+    """
+
+    modules: tuple[tuple[str, int, int, int], ...]
+
+    @classmethod
+    def of(cls, adapter: Adapter) -> PackLayout:
+        dims = [(A.shape[0], A.shape[1], B.shape[0], name) for name, (A, B) in adapter.items()]
+        return cls(tuple((name, r, d_in, d_out) for r, d_in, d_out, name in sorted(dims)))
+
+    @functools.cached_property
+    def groups(self) -> tuple[tuple[tuple[str, ...], int, int, int, int, int], ...]:
+        """(names, r, in, out, offset of the group's A's, offset of its B's) per shape group."""
+        out, o = [], 0
+        for (r, d_in, d_out), members in itertools.groupby(self.modules, key=lambda m: m[1:]):
+            names = tuple(m[0] for m in members)
+            out.append((names, r, d_in, d_out, o, o + len(names) * r * d_in))
+            o += len(names) * r * (d_in + d_out)
+        return tuple(out)
+
+    @property
+    def size(self) -> int:
+        return sum(r * (d_in + d_out) for _, r, d_in, d_out in self.modules)
+
+    def pack(self, adapter: Adapter, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        parts = []
+        for names, *_ in self.groups:
+            parts += [adapter[name][0].detach().reshape(-1) for name in names]
+            parts += [adapter[name][1].detach().T.reshape(-1) for name in names]
+        return torch.cat(parts).to("cpu", dtype)
+
+    def unpack(self, flat: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Views into ``flat`` (size,): module -> (A (r, in), B (out, r))."""
+        out = {}
+        for names, r, d_in, d_out, oa, ob in self.groups:
+            A = flat[oa:oa + len(names) * r * d_in].view(len(names), r, d_in)
+            Bt = flat[ob:ob + len(names) * r * d_out].view(len(names), r, d_out)
+            out.update({name: (A[j], Bt[j].T) for j, name in enumerate(names)})
+        return out
+
+
+def compose_packed(requests: Sequence[Sequence[Tensor]], layout: PackLayout,
+                   weights: Tensor | None = None, dtype: torch.dtype | None = None
+                   ) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-request adapters for the kernel from packed atoms (flat vectors of ``layout``, e.g.
+    zero-copy views into the store): request n composes its k atoms, concatenated along the
+    rank (the sum of their deltas), atom i weighted by ``weights[n, i]``. Every request has the
+    same k (use ``stack_adapters`` for ragged requests). Returns module -> (A (N, k*r, in),
+    B (N, out, k*r)); B is a transposed view, the layout the kernel multiplies by. The data is
+    copied once, by one stack per shape group and side."""
+    n, k = len(requests), len(requests[0])
+    if any(len(atoms) != k for atoms in requests):
+        raise AdapterError("compose_packed needs the same number of atoms in every request")
+    flats = [flat for atoms in requests for flat in atoms]
+    out = {}
+    for names, r, d_in, d_out, oa, ob in layout.groups:
+        m = len(names)
+        # stacking every atom's (m, r, in) block along dim 1 puts each module's atoms one
+        # after another: (m, N*k, r, in) is already (m, N, k*r, in) in memory
+        A = torch.stack([f[oa:oa + m * r * d_in].view(m, r, d_in) for f in flats], dim=1)
+        Bt = torch.stack([f[ob:ob + m * r * d_out].view(m, r, d_out) for f in flats], dim=1)
+        A, Bt = A.view(m, n, k * r, d_in), Bt.view(m, n, k * r, d_out)
+        if dtype is not None:
+            A, Bt = A.to(dtype), Bt.to(dtype)
+        if weights is not None:
+            Bt = Bt * weights.to(Bt.dtype).repeat_interleave(r, dim=1)[None, :, :, None]
+        out.update({name: (A[j], Bt[j].transpose(1, 2)) for j, name in enumerate(names)})
+    return out
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

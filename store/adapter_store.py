@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from microlora.errors import StoreError, StoreMismatchError, UnknownNamespaceError
+from microlora.lora import PackLayout
 from store import record as rec
 from store.index import EXACT_LIMIT, VectorIndex
 
@@ -118,6 +119,7 @@ class AdapterStore:
         self.header = StoreHeader(**header)
         self._dbs: dict[str, object] = {}
         self._indexes: dict[str, VectorIndex] = {}
+        self._unsaved: set[str] = set()
 
     @classmethod
     def create(cls, path: str | Path, header: StoreHeader, **kwargs) -> AdapterStore:
@@ -147,6 +149,13 @@ class AdapterStore:
         return store
 
     def close(self) -> None:
+        """Save the indexes that puts extended in memory, then close LMDB. (A process that dies
+        before this leaves index files stamped with an older generation: rebuilt on use.)"""
+        for namespace in sorted(self._unsaved):
+            index = self._indexes.get(namespace)
+            if index is not None:
+                index.save(self._index_path(namespace))
+        self._unsaved.clear()
         self._env.close()
 
     def __enter__(self) -> AdapterStore:
@@ -226,6 +235,7 @@ class AdapterStore:
             txn.delete(b"gen:" + namespace.encode(), db=self._meta)
         del self._dbs[namespace]
         self._indexes.pop(namespace, None)
+        self._unsaved.discard(namespace)
         self._index_path(namespace).unlink(missing_ok=True)
         return n
 
@@ -339,8 +349,8 @@ class AdapterStore:
             return  # stale or changing kind: rebuilt lazily by index()
         index.add(np.stack([np.asarray(r.embedding, np.float32).reshape(-1) for r in added]),
                   [r.id for r in added], gen)
-        index.save(self._index_path(namespace))
         self._indexes[namespace] = index
+        self._unsaved.add(namespace)  # saved on close(): saving after every put is O(n^2)
 
     def _index_path(self, namespace: str) -> Path:
         return self.path / "index" / f"{quote(namespace, safe='')}.npz"
@@ -396,24 +406,50 @@ class Reader:
         return self._txn.get(atom_id.encode()) is not None
 
     def get(self, atom_id: str, *, copy: bool = False) -> rec.AtomRecord:
-        value = self._txn.get(atom_id.encode())
-        if value is None:
-            raise StoreError(f"atom {atom_id} is not in namespace {self.namespace!r} of "
-                             f"store {self._store.path}")
-        try:
+        value = self._value(atom_id)
+        with self._explained(atom_id):
             return rec.decode(value, copy=copy)
-        except StoreError as e:
-            raise StoreError(f"atom {atom_id} in {self.namespace!r} is corrupt ({e}); "
-                             "run `microlora store verify` and re-compile it") from e
+
+    def gather(self, ids: Sequence[str]) -> tuple[list[torch.Tensor], PackLayout]:
+        """The packed adapters of ``ids``: zero-copy flat views valid inside this ``with``
+        block, and their common layout. ``microlora.lora.compose_packed`` turns them into the
+        kernel's per-request tensors with one copy."""
+        if not ids:
+            raise StoreError("gather needs at least one atom id")
+        flats, layout = [], None
+        for atom_id in ids:
+            value = self._value(atom_id)
+            with self._explained(atom_id):
+                flat, atom_layout = rec.decode_packed(value)
+            if layout is None:
+                layout = atom_layout
+            elif atom_layout != layout:
+                raise StoreError(f"atom {atom_id} was compiled with other targets or rank than "
+                                 f"{ids[0]}; compose such atoms with stack_adapters instead")
+            flats.append(flat)
+        return flats, layout
 
     def items(self) -> Iterator[tuple[str, rec.AtomRecord]]:
         for key, value in self._txn.cursor():
             atom_id = bytes(key).decode()
-            try:
-                yield atom_id, rec.decode(value, copy=False)
-            except StoreError as e:
-                raise StoreError(f"atom {atom_id} in {self.namespace!r} is corrupt ({e}); "
-                                 "run `microlora store verify` and re-compile it") from e
+            with self._explained(atom_id):
+                record = rec.decode(value, copy=False)
+            yield atom_id, record
+
+    def _value(self, atom_id: str):
+        value = self._txn.get(atom_id.encode())
+        if value is None:
+            raise StoreError(f"atom {atom_id} is not in namespace {self.namespace!r} of "
+                             f"store {self._store.path}")
+        return value
+
+    @contextmanager
+    def _explained(self, atom_id: str) -> Iterator[None]:
+        try:
+            yield
+        except StoreError as e:
+            raise StoreError(f"atom {atom_id} in {self.namespace!r} is corrupt ({e}); "
+                             "run `microlora store verify` and re-compile it") from e
 
 
 def _lock_is_writable(path: Path) -> bool:

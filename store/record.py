@@ -1,14 +1,16 @@
 """One atom on disk: its adapter, embedding, text and provenance in a single LMDB value.
 
-A value is a 24-byte prefix (magic, format version, BLAKE2b-128 checksum of the rest) followed
-by a standard safetensors payload: PEFT's tensor names (``base_model.model.<module>.lora_A.
-weight``), the embedding as ``microlora.embedding``, and everything else as JSON in the
-safetensors metadata. Decoding reads tensors straight out of the buffer (LMDB's memory map)
-without copying; verification recomputes the checksum.
+A value is a 24-byte prefix (magic, record version, BLAKE2b-128 checksum of the rest) followed
+by a standard safetensors payload with two tensors: ``microlora.adapter``, the whole adapter as
+one flat bf16/fp16 vector in ``PackLayout`` order (so k atoms compose with a single stack), and
+``microlora.embedding``; the layout, text, provenance and config are JSON in the safetensors
+metadata. Decoding reads tensors straight out of the buffer (LMDB's memory map) without
+copying; verification recomputes the checksum.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import struct
@@ -22,13 +24,13 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from microlora.errors import StoreError
+from microlora.lora import PackLayout
 
 MAGIC = b"MLA\x00"
 RECORD_VERSION = 1
 _PREFIX = struct.Struct("<4sI16s")  # magic, record version, checksum: 24 bytes keeps 8-alignment
 EMBEDDING_KEY = "microlora.embedding"
-_LORA_A, _LORA_B = ".lora_A.weight", ".lora_B.weight"
-_PEFT_PREFIX = "base_model.model."
+ADAPTER_KEY = "microlora.adapter"
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
@@ -65,15 +67,14 @@ def encode(record: AtomRecord, dtype: torch.dtype = torch.bfloat16) -> bytes:
     """Serialise a record; adapter tensors are stored in ``dtype`` (bf16 or fp16)."""
     if dtype not in (torch.bfloat16, torch.float16):
         raise StoreError(f"adapters are stored as bf16 or fp16, not {dtype}")
-    tensors: dict[str, Tensor] = {}
-    for name, (A, B) in record.adapter.items():
-        tensors[_PEFT_PREFIX + name + _LORA_A] = A.detach().to("cpu", dtype).contiguous()
-        tensors[_PEFT_PREFIX + name + _LORA_B] = B.detach().to("cpu", dtype).contiguous()
-    tensors[EMBEDDING_KEY] = torch.as_tensor(np.asarray(record.embedding, np.float32)).reshape(-1)
+    layout = PackLayout.of(record.adapter)
+    tensors = {ADAPTER_KEY: layout.pack(record.adapter, dtype),
+               EMBEDDING_KEY: torch.as_tensor(np.asarray(record.embedding, np.float32)).reshape(-1)}
     meta = {"id": record.id, "text": record.text, "source": record.source,
             "start": record.start, "end": record.end, "config": record.config,
             "base_fingerprint": record.base_fingerprint, "extra": record.extra}
-    payload = save_safetensors(tensors, metadata={"microlora": json.dumps(meta)})
+    payload = save_safetensors(tensors, metadata={"microlora": json.dumps(meta),
+                                                  "microlora.layout": _layout_json(layout)})
     return _PREFIX.pack(MAGIC, RECORD_VERSION, checksum(payload)) + payload
 
 
@@ -96,36 +97,75 @@ def decode(value: bytes | memoryview, *, copy: bool = True, check: bool = False)
     only as long as the buffer is (for LMDB: the read transaction)."""
     if check and (problem := verify(value)):
         raise StoreError(problem)
-    buf = memoryview(value)[_PREFIX.size:]
-    (n,) = struct.unpack_from("<Q", buf)
+    header, tensors = _parse(value)
     try:
-        header = json.loads(bytes(buf[8:8 + n]))
-        meta = json.loads(header.pop("__metadata__")["microlora"])
-    except (ValueError, KeyError, UnicodeDecodeError) as e:
-        raise StoreError(f"unreadable record header: {e}") from e
-    data = buf[8 + n:]
-    tensors = {key: _tensor(data, spec, copy) for key, spec in header.items()}
-    adapter = {}
-    for key, A in tensors.items():
-        if key.endswith(_LORA_A):
-            name = key[len(_PEFT_PREFIX):-len(_LORA_A)]
-            adapter[name] = (A, tensors[_PEFT_PREFIX + name + _LORA_B])
+        meta = json.loads(header["microlora"])
+        embedding = tensors[EMBEDDING_KEY]
+    except (ValueError, KeyError) as e:
+        raise StoreError(f"unreadable record metadata: {e}") from e
+    flat, layout = _adapter(header, tensors)
+    if copy:
+        flat, embedding = flat.clone(), embedding.clone()
     return AtomRecord(
-        id=meta["id"], text=meta["text"], adapter=adapter,
-        embedding=tensors[EMBEDDING_KEY].numpy(), base_fingerprint=meta["base_fingerprint"],
+        id=meta["id"], text=meta["text"], adapter=layout.unpack(flat),
+        embedding=embedding.numpy(), base_fingerprint=meta["base_fingerprint"],
         source=meta["source"], start=meta["start"], end=meta["end"], config=meta["config"],
         extra=meta.get("extra", {}),
     )
 
 
-def _tensor(data: memoryview, spec: dict, copy: bool) -> Tensor:
+def decode_packed(value: bytes | memoryview) -> tuple[Tensor, PackLayout]:
+    """Just the flat adapter (a zero-copy view) and its layout: the fetch fast path, which
+    skips the text and provenance."""
+    return _adapter(*_parse(value))
+
+
+def _parse(value: bytes | memoryview) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The safetensors metadata and zero-copy views of the tensors."""
+    buf = memoryview(value)[_PREFIX.size:]
+    try:
+        (n,) = struct.unpack_from("<Q", buf)
+        header = json.loads(bytes(buf[8:8 + n]))
+        metadata = header.pop("__metadata__")
+        data = buf[8 + n:]
+        return metadata, {key: _tensor(data, spec) for key, spec in header.items()}
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+        raise StoreError(f"unreadable record header: {e}") from e
+
+
+def _adapter(metadata: dict[str, str], tensors: dict[str, Tensor]) -> tuple[Tensor, PackLayout]:
+    try:
+        layout, flat = _layout(metadata["microlora.layout"]), tensors[ADAPTER_KEY]
+    except (ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"unreadable adapter layout: {e}") from e
+    if flat.numel() != layout.size:
+        raise StoreError(f"adapter has {flat.numel()} values, its layout needs {layout.size}")
+    return flat, layout
+
+
+def _layout_json(layout: PackLayout) -> str:
+    return json.dumps([list(m) for m in layout.modules])
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(text: str) -> PackLayout:
+    """Layouts repeat across a store (one per compile config): parse each once."""
+    return PackLayout(tuple((str(n), int(r), int(i), int(o)) for n, r, i, o in json.loads(text)))
+
+
+def _tensor(data: memoryview, spec: dict) -> Tensor:
     start, end = spec["data_offsets"]
     dtype = _DTYPES.get(spec["dtype"])
     if dtype is None:
         raise StoreError(f"unsupported tensor dtype {spec['dtype']} in record")
     if start == end:
         return torch.empty(spec["shape"], dtype=dtype)
-    with warnings.catch_warnings():  # LMDB's map is read-only; the views are never written
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.frombuffer(data[start:end], dtype=dtype).view(spec["shape"])
-    return t.clone() if copy else t
+    return torch.frombuffer(data[start:end], dtype=dtype).view(spec["shape"])
+
+
+# torch warns (once per process) that a view of a read-only buffer is not writable. LMDB's map
+# is read-only by design and the views are never written, so spend that one warning here,
+# silenced, instead of paying for a warnings filter on every decode.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    torch.frombuffer(memoryview(bytes(2)), dtype=torch.uint8)

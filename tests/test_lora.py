@@ -8,7 +8,14 @@ import torch
 from conftest import random_adapter, tiny_model
 
 from microlora.errors import AdapterError
-from microlora.lora import MultiLoraLinear, MultiLoraModel, combine_adapters, stack_adapters
+from microlora.lora import (
+    MultiLoraLinear,
+    MultiLoraModel,
+    PackLayout,
+    combine_adapters,
+    compose_packed,
+    stack_adapters,
+)
 from microlora.targets import TargetSpec, select_targets
 
 SPEC = TargetSpec(last_layers=2)
@@ -182,3 +189,38 @@ def test_shape_errors_are_clear():
     with pytest.raises(AdapterError, match="NaN"):
         lora.merge({name: (torch.full((1, d_in), float("inf")), torch.ones(d_out, 1))})
     assert not any(layer.merged for layer in lora.layers.values())
+
+
+def test_pack_round_trip_is_views():
+    model = tiny_model("gpt2")
+    lora = MultiLoraModel(model, SPEC)
+    adapter = random_adapter(lora.shapes(), rank=2, seed=5)
+    layout = PackLayout.of(adapter)
+    flat = layout.pack(adapter, torch.float32)
+    assert flat.shape == (layout.size,)
+    for name, (A, B) in layout.unpack(flat).items():
+        assert torch.equal(A, adapter[name][0]) and torch.equal(B, adapter[name][1])
+        assert A.data_ptr() >= flat.data_ptr() and B.untyped_storage().data_ptr() == \
+            flat.untyped_storage().data_ptr()
+
+
+def test_compose_packed_equals_stack_adapters():
+    model = tiny_model("llama")
+    lora = MultiLoraModel(model, SPEC)
+    pool = [random_adapter(lora.shapes(), rank=2, seed=s) for s in range(6)]
+    layout = PackLayout.of(pool[0])
+    requests = [[pool[0], pool[1], pool[2]], [pool[3], pool[4], pool[5]]]
+    weights = torch.tensor([[1.0, 0.5, 0.25], [2.0, 1.0, 0.0]])
+    packed = compose_packed([[layout.pack(a, torch.float32) for a in atoms] for atoms in requests],
+                            layout, weights)
+    reference = stack_adapters(requests, weights=weights.tolist())
+    assert packed.keys() == reference.keys()
+    for name in packed:
+        torch.testing.assert_close(packed[name][0], reference[name][0])
+        torch.testing.assert_close(packed[name][1], reference[name][1])
+    ids = IDS.repeat(2, 1)
+    with lora.adapters(packed):
+        a = logits(model, ids)
+    with lora.adapters(reference):
+        b = logits(model, ids)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

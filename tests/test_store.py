@@ -223,3 +223,41 @@ def test_readonly_open_changes_nothing(store):
     after = tree_bytes(store.path)
     assert {p: b for p, b in after.items() if p.name != "lock.mdb"} == {
         p: b for p, b in before.items() if p.name != "lock.mdb"}
+
+
+def test_index_extended_by_puts_is_saved_on_close(store):
+    store.put("docs", make_records(3, seed=0))
+    store.search("docs", unit_vectors(1, DIM), k=1)  # builds and saves the index
+    store.put("docs", make_records(3, seed=1))  # extends it in memory
+    store.close()
+    with AdapterStore(store.path, readonly=True) as again:
+        assert [s.index for s in again.stats()] == ["exact"]  # fresh on disk, not stale
+        assert len(again.index("docs").ids) == 6
+
+
+def test_gather_stacks_packed_adapters_for_composition(store):
+    from microlora.lora import compose_packed, stack_adapters
+
+    recs = make_records(5)
+    store.put("docs", recs)
+    pick = [recs[3].id, recs[0].id, recs[4].id]
+    with store.read("docs") as reader:
+        flats, layout = reader.gather(pick)
+        composed = compose_packed([flats], layout)
+        with pytest.raises(StoreError, match="not in namespace"):
+            reader.gather([recs[0].id, "missing"])
+    want = stack_adapters([[{n: (A.bfloat16(), B.bfloat16()) for n, (A, B) in r.adapter.items()}
+                            for r in (recs[3], recs[0], recs[4])]], dtype=torch.bfloat16)
+    assert [f.shape for f in flats] == [(layout.size,)] * 3 and composed.keys() == want.keys()
+    for name in want:
+        assert torch.equal(composed[name][0], want[name][0])
+        assert torch.equal(composed[name][1], want[name][1])
+
+
+def test_gather_refuses_mixed_layouts(store):
+    rank2 = make_records(1, seed=0)[0]
+    rank1 = make_records(1, seed=1)[0]
+    rank1.adapter = {n: (A[:1], B[:, :1]) for n, (A, B) in rank1.adapter.items()}
+    store.put("docs", [rank2, rank1])
+    with store.read("docs") as reader, pytest.raises(StoreError, match="stack_adapters"):
+        reader.gather([rank2.id, rank1.id])

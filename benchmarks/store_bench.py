@@ -1,0 +1,177 @@
+"""Store benchmark: batched k=8 adapter fetches, microlora's LMDB store vs one safetensors file
+per adapter (how PEFT users keep adapters), side by side in one run.
+
+    python benchmarks/store_bench.py [--quick] --out results/store.json
+
+Both layouts hold the same synthetic rank-2 bf16 adapters with the default model's default
+target shapes. A fetch picks k random atoms and ends with the tensors the kernel consumes (the
+atoms composed into one rank-k*r adapter per module, checked equal on both sides), so both do
+the same final work; each side takes its natural route there (the store: zero-copy views of
+packed adapters, composed with one copy; the files: ``load_file`` per adapter, then
+``stack_adapters``).
+Fetches alternate between the layouts so that noise and page-cache state hit both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from microlora.lora import compose_packed, stack_adapters
+from microlora.models import default_model_dir, ensure_default_model
+from microlora.targets import TargetSpec, select_targets
+from store import AdapterStore, AtomRecord, StoreHeader
+
+RANK = 2
+EMBED_DIM = 384
+PEFT_KEY = "base_model.model.{}.lora_{}.weight"
+
+
+def default_target_shapes() -> dict[str, tuple[int, int]]:
+    """(in, out) of every default target of the default model, from its config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ensure_default_model()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(default_model_dir()))
+    return {name: (m.in_features, m.out_features)
+            for name, m in select_targets(model, TargetSpec()).items()}
+
+
+def synthetic_atoms(n: int, shapes, seed: int, batch: int):
+    """Batches of random atoms; bf16 like a compiled store."""
+    g = torch.Generator().manual_seed(seed)
+    for start in range(0, n, batch):
+        recs = []
+        for i in range(start, min(n, start + batch)):
+            adapter = {name: (torch.randn(RANK, d_in, generator=g, dtype=torch.bfloat16),
+                              torch.randn(d_out, RANK, generator=g, dtype=torch.bfloat16))
+                       for name, (d_in, d_out) in shapes.items()}
+            emb = torch.randn(EMBED_DIM, generator=g)
+            recs.append(AtomRecord(id=f"{i:012x}", text=f"synthetic atom {i}", adapter=adapter,
+                                   embedding=(emb / emb.norm()).numpy(), base_fingerprint="bench",
+                                   source="synthetic", config={"rank": RANK, "scale": 1.0}))
+        yield recs
+
+
+def write_peft_dir(root: Path, rec: AtomRecord) -> None:
+    d = root / rec.id
+    d.mkdir()
+    tensors = {}
+    for name, (A, B) in rec.adapter.items():
+        tensors[PEFT_KEY.format(name, "A")] = A.contiguous()
+        tensors[PEFT_KEY.format(name, "B")] = B.contiguous()
+    save_file(tensors, d / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": RANK,
+              "target_modules": sorted(rec.adapter)}
+    (d / "adapter_config.json").write_text(json.dumps(config))
+
+
+def fetch_store(store: AdapterStore, ids: list[str]):
+    with store.read("bench") as reader:
+        flats, layout = reader.gather(ids)  # zero-copy views into the memory map
+        return compose_packed([flats], layout)  # the one copy
+
+
+def fetch_files(root: Path, ids: list[str], names: list[str]):
+    atoms = []
+    for i in ids:
+        t = load_file(root / i / "adapter_model.safetensors")
+        atoms.append({n: (t[PEFT_KEY.format(n, "A")], t[PEFT_KEY.format(n, "B")]) for n in names})
+    return stack_adapters([atoms], dtype=torch.bfloat16)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="10,000 atoms instead of 100,000")
+    ap.add_argument("--atoms", type=int, help="override the number of atoms")
+    ap.add_argument("--fetches", type=int, default=2000, help="random fetches per layout")
+    ap.add_argument("-k", type=int, default=8, help="atoms per fetch")
+    ap.add_argument("--workdir", type=Path, help="where to build both layouts [temp dir]")
+    ap.add_argument("--out", type=Path, required=True, help="JSON results file")
+    args = ap.parse_args()
+    n = args.atoms or (10_000 if args.quick else 100_000)
+    torch.set_num_threads(1)  # fetching is latency work; keep the comparison single-threaded
+
+    shapes = default_target_shapes()
+    names = list(shapes)
+    work = Path(tempfile.mkdtemp(dir=args.workdir))
+    try:
+        header = StoreHeader("bench", "synthetic", "bench-emb", "synthetic", EMBED_DIM)
+        store = AdapterStore.create(work / "store", header)
+        files = work / "peft"
+        files.mkdir()
+        t_store = t_files = 0.0
+        for recs in tqdm(synthetic_atoms(n, shapes, seed=0, batch=500), total=-(-n // 500),
+                         desc="writing", unit="batch"):
+            t0 = time.perf_counter()
+            store.put("bench", recs)
+            t1 = time.perf_counter()
+            for r in recs:
+                write_peft_dir(files, r)
+            t2 = time.perf_counter()
+            t_store += t1 - t0
+            t_files += t2 - t1
+        stats = store.stats()[0]
+        disk = sum(f.stat().st_size for f in (work / "store").rglob("*") if f.is_file())
+        files_disk = sum(f.stat().st_size for f in files.rglob("*") if f.is_file())
+
+        rng = random.Random(1)
+        ids = store.ids("bench")
+        lat_store, lat_files = [], []
+        for _ in tqdm(range(args.fetches), desc="fetching", unit="fetch"):
+            pick = rng.sample(ids, args.k)
+            t0 = time.perf_counter()
+            a = fetch_store(store, pick)
+            t1 = time.perf_counter()
+            b = fetch_files(files, pick, names)
+            t2 = time.perf_counter()
+            lat_store.append((t1 - t0) * 1e3)
+            lat_files.append((t2 - t1) * 1e3)
+        assert all(torch.equal(a[m][0], b[m][0]) and torch.equal(a[m][1], b[m][1]) for m in a)
+        store.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "atoms": n, "k": args.k, "rank": RANK, "target_modules": len(shapes),
+        "adapter_bytes": sum((i + o) * RANK * 2 for i, o in shapes.values()),
+        "bytes_per_atom": disk / n,
+        "record_bytes_per_atom": stats.bytes_per_atom,
+        "files_bytes_per_atom": files_disk / n,
+        "write_atoms_per_s": n / t_store,
+        "files_write_atoms_per_s": n / t_files,
+        "fetch_k8_p50_ms": percentile(lat_store, 50),
+        "fetch_k8_p99_ms": percentile(lat_store, 99),
+        "files_fetch_k8_p50_ms": percentile(lat_files, 50),
+        "files_fetch_k8_p99_ms": percentile(lat_files, 99),
+        "fetch_speedup_vs_files": statistics.median(lat_files) / statistics.median(lat_store),
+        "fetch_speedup_vs_files_p99": percentile(lat_files, 99) / percentile(lat_store, 99),
+        "fetches": args.fetches,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread, "
+                   f"torch {torch.__version__}",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    for key, value in result.items():
+        print(f"{key:>28}: {value:.3f}" if isinstance(value, float) else f"{key:>28}: {value}")
+
+
+if __name__ == "__main__":
+    main()
