@@ -108,8 +108,13 @@ class AdapterStore:
         if raw is None:
             self._env.close()
             raise StoreError(f"{self.path} has no microlora header; it is not a microlora store")
-        header = json.loads(raw)
-        version = header.get("format_version")
+        try:
+            header = json.loads(raw)
+            version = header.get("format_version")
+        except (ValueError, AttributeError):
+            self._env.close()
+            raise StoreError(f"{self.path} has a corrupt header; restore the store from a "
+                             "backup or re-compile it") from None
         if version != FORMAT_VERSION:
             self._env.close()
             hint = ("upgrade microlora" if isinstance(version, int) and version > FORMAT_VERSION
@@ -144,8 +149,12 @@ class AdapterStore:
         path = Path(path)
         store = cls(path, **kwargs) if (path / "data.mdb").exists() else cls.create(
             path, header, **kwargs)
-        store.check_compatible(header.base_fingerprint, header.embedder_fingerprint,
-                               base_name=header.base_name, embedder_name=header.embedder_name)
+        try:
+            store.check_compatible(header.base_fingerprint, header.embedder_fingerprint,
+                                   base_name=header.base_name, embedder_name=header.embedder_name)
+        except StoreMismatchError:
+            store.close()
+            raise
         return store
 
     def close(self) -> None:
@@ -190,25 +199,29 @@ class AdapterStore:
         with self._env.begin(db=self._meta) as txn:
             return [k[3:].decode() for k, _ in txn.cursor() if k.startswith(b"ns:")]
 
-    def _db(self, namespace: str, *, create: bool = False):
+    def _db(self, namespace: str):
+        """The handle of an existing namespace's database."""
         validate_namespace(namespace)
-        if namespace in self._dbs:
-            return self._dbs[namespace]
-        with self._env.begin(db=self._meta) as txn:
-            known = txn.get(b"ns:" + namespace.encode()) is not None
-        if not known:
-            if not create:
+        if namespace not in self._dbs:
+            with self._env.begin(db=self._meta) as txn:
+                known = txn.get(b"ns:" + namespace.encode()) is not None
+            if not known:
                 have = ", ".join(self.namespaces()) or "none"
                 raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r} "
                                             f"(it has: {have})")
-            self._guard_writable()
-            with self._env.begin(write=True) as txn:
-                db = self._env.open_db(namespace.encode(), txn=txn)
-                txn.put(b"ns:" + namespace.encode(), b"{}", db=self._meta)
-                txn.put(b"gen:" + namespace.encode(), b"0", db=self._meta)
-        else:
-            db = self._env.open_db(namespace.encode(), create=False)
-        self._dbs[namespace] = db
+            self._dbs[namespace] = self._env.open_db(namespace.encode(), create=False)
+        return self._dbs[namespace]
+
+    def _db_for_write(self, txn, namespace: str):
+        """The namespace's handle inside write transaction ``txn``, registering the namespace
+        if it is new (so a failed first put leaves no empty namespace behind)."""
+        validate_namespace(namespace)
+        if namespace in self._dbs:
+            return self._dbs[namespace]
+        db = self._env.open_db(namespace.encode(), txn=txn)
+        if txn.get(b"ns:" + namespace.encode(), db=self._meta) is None:
+            txn.put(b"ns:" + namespace.encode(), b"{}", db=self._meta)
+            txn.put(b"gen:" + namespace.encode(), b"0", db=self._meta)
         return db
 
     def generation(self, namespace: str) -> int:
@@ -255,15 +268,22 @@ class AdapterStore:
             if np.asarray(r.embedding).size != self.header.embedding_dim:
                 raise StoreError(f"atom {r.id} has a {np.asarray(r.embedding).size}-d embedding;"
                                  f" the store's embedder gives {self.header.embedding_dim}-d")
+            if not 0 < len(r.id.encode()) <= 256:
+                raise StoreError(f"atom id {r.id[:40]!r} must be 1-256 bytes")
         values = [(r.id.encode(), rec.encode(r, dtype)) for r in records]
-        db = self._db(namespace, create=True)
         added: list[rec.AtomRecord] = []
-        with self._env.begin(write=True) as txn:
-            for r, (key, value) in zip(records, values):
-                if txn.put(key, value, db=db, overwrite=False):
-                    added.append(r)
-            gen_before = int(txn.get(b"gen:" + namespace.encode(), db=self._meta))
-            gen = self._bump(txn, namespace) if added else gen_before
+        try:
+            with self._env.begin(write=True) as txn:
+                db = self._db_for_write(txn, namespace)
+                for r, (key, value) in zip(records, values):
+                    if txn.put(key, value, db=db, overwrite=False):
+                        added.append(r)
+                gen_before = int(txn.get(b"gen:" + namespace.encode(), db=self._meta))
+                gen = self._bump(txn, namespace) if added else gen_before
+        except lmdb.MapFullError as e:
+            raise StoreError(f"store {self.path} reached its map size ({e}); nothing from this "
+                             "batch was written. Open it with a larger map_size") from e
+        self._dbs[namespace] = db  # only now: a handle opened in an aborted txn is invalid
         if added:
             self._extend_index(namespace, added, gen_before, gen)
         return len(added)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
 
 from microlora.paths import HOME_ENV
 from store import AtomRecord, StoreHeader
@@ -27,6 +34,15 @@ def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]())
     return model.eval().requires_grad_(False)
+
+
+def save_tiny(path, arch="llama", seed=0):
+    tiny_model(arch, seed).save_pretrained(path)
+    vocab = {f"w{i}": i for i in range(127)} | {"<unk>": 127}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
+    return path
 
 
 def random_adapter(shapes: dict[str, tuple[int, int]], rank: int, seed: int,

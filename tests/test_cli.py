@@ -4,10 +4,10 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import HEADER, flip_byte_inside, make_records, tree_bytes
+from conftest import HEADER, flip_byte_inside, make_records, save_tiny, tiny_model, tree_bytes
 
 from microlora.cli import cli
-from store import AdapterStore
+from store import AdapterStore, StoreHeader
 
 
 def run(*args, input=None):
@@ -71,3 +71,18 @@ def test_user_errors_are_one_clean_line(tmp_path, store_dir):
     assert "(it has: docs, user:bob)" in result.output
     result = run("store", "verify", "--store", store_dir, "-n", "bad name")
     assert result.exit_code == 1 and "invalid namespace" in result.output
+
+
+def test_verify_against_a_base_model(tmp_path):
+    from microlora.models import fingerprint_model
+
+    ours, other = save_tiny(tmp_path / "ours", seed=0), save_tiny(tmp_path / "other", seed=1)
+    header = StoreHeader(**{**HEADER.__dict__,
+                            "base_fingerprint": fingerprint_model(tiny_model("llama", seed=0))})
+    with AdapterStore.create(tmp_path / "s", header) as s:
+        s.put("docs", make_records(1, fingerprint=header.base_fingerprint))
+    result = run("store", "verify", "--store", tmp_path / "s", "--base-model", ours)
+    assert result.exit_code == 0 and "belongs to base model ours" in result.output
+    result = run("store", "verify", "--store", tmp_path / "s", "--base-model", other)
+    assert result.exit_code == 1 and "compiled for base model" in result.output
+    assert "--base-model" in result.output

@@ -2,21 +2,10 @@
 
 import pytest
 import torch
-from conftest import tiny_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from conftest import save_tiny, tiny_model
 
 from microlora.errors import ModelLoadError
 from microlora.models import fingerprint_model, load_base_model
-
-
-def save_tiny(path, arch="llama", seed=0):
-    tiny_model(arch, seed).save_pretrained(path)
-    vocab = {f"w{i}": i for i in range(127)} | {"<unk>": 127}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
-    return path
 
 
 def test_load_any_local_folder(tmp_path, arch):

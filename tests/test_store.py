@@ -261,3 +261,16 @@ def test_gather_refuses_mixed_layouts(store):
     store.put("docs", [rank2, rank1])
     with store.read("docs") as reader, pytest.raises(StoreError, match="stack_adapters"):
         reader.gather([rank2.id, rank1.id])
+
+
+def test_a_failed_first_put_leaves_no_namespace(tmp_path):
+    with AdapterStore.create(tmp_path / "s", HEADER, map_size=256 * 1024) as small:
+        with pytest.raises(StoreError, match="map size.*nothing from this batch"):
+            small.put("fresh", make_records(200))
+        assert small.namespaces() == []
+        small.put("fresh", make_records(2))  # the store still works afterwards
+        assert small.count("fresh") == 2
+    with AdapterStore.create(tmp_path / "t", HEADER) as s, pytest.raises(StoreError, match="id"):
+        bad = make_records(1)[0]
+        bad.id = ""
+        s.put("docs", [bad])

@@ -62,9 +62,21 @@ def stats(store_dir: Path, as_json: bool) -> None:
 @store.command()
 @store_option
 @click.option("--namespace", "-n", multiple=True, help="Only these namespaces [default: all].")
-def verify(store_dir: Path, namespace: tuple[str, ...]) -> None:
-    """Recompute every atom's checksum and name the atoms that are corrupt (exit code 1)."""
+@click.option("--base-model", type=click.Path(exists=True, file_okay=False),
+              help="Also check that the store was compiled for this base model folder.")
+def verify(store_dir: Path, namespace: tuple[str, ...], base_model: str | None) -> None:
+    """Recompute every atom's checksum and name the atoms that are corrupt (exit code 1).
+
+    With --base-model, also fail unless the store's adapters belong to that model.
+    """
     with _open(store_dir) as s:
+        if base_model is not None:
+            from microlora.models import load_base_model
+
+            base = load_base_model(base_model, device="cpu")
+            s.check_compatible(base.fingerprint, base_name=base.name)
+            click.echo(f"ok: the store belongs to base model {base.name} "
+                       f"({base.fingerprint[:12]})")
         report = s.verify(list(namespace) or None)
     for ns, atom_id, why in report.bad:
         click.echo(f"BAD {ns}/{atom_id}: {why}")
