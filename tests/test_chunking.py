@@ -1,0 +1,113 @@
+"""Reading documents and cutting them into atoms."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from compiler.chunking import ChunkConfig, chunk_document
+from compiler.documents import Document, read_documents
+
+
+def word_tokenizer():
+    """Whitespace/punctuation tokens: token counts are easy to reason about in tests."""
+    tok = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+TOK = word_tokenizer()
+TEXT = ("Madge Blake was born in Kinsley, Kansas. She moved to California in 1900.\n\n"
+        "# Career\n\nDr. Smith met J. R. R. Tolkien at Oxford. See below.\n"
+        "Her first film role came in 1950, at the age of 51.")
+
+
+def atoms_of(text, **kw):
+    return chunk_document(Document("doc.txt", text), TOK, ChunkConfig(**kw))
+
+
+def test_one_sentence_per_atom_with_exact_offsets():
+    atoms = atoms_of(TEXT)
+    assert [a.text for a in atoms] == [
+        "Madge Blake was born in Kinsley, Kansas.",
+        "She moved to California in 1900.",
+        "# Career\n\nDr. Smith met J. R. R. Tolkien at Oxford.",  # heading joins across
+        "See below.\nHer first film role came in 1950, at the age of 51.",
+    ]
+    for a in atoms:
+        assert TEXT[a.start:a.end] == a.text and a.source == "doc.txt"
+
+
+def test_long_sentences_split_at_clauses_then_tokens():
+    clauses = ", ".join(f"clause number {i} has five words" for i in range(12)) + "."
+    atoms = atoms_of(clauses, max_tokens=16)
+    assert len(atoms) > 1
+    assert all(len(a.text.split()) <= 16 for a in atoms)
+    assert all(a.text.endswith((",", ".")) for a in atoms)  # cut after a comma, not mid-clause
+    run_on = " ".join(f"w{i}" for i in range(50)) + "."
+    atoms = atoms_of(run_on, max_tokens=16)
+    assert [len(a.text.split()) for a in atoms] == [16, 16, 16, 2]
+
+
+sentence = st.builds(lambda body, end: body.strip() + end,
+                     st.text(st.sampled_from("abcdefgh XYZ,;"), min_size=1, max_size=60),
+                     st.sampled_from(".!?"))
+documents = st.lists(st.tuples(sentence, st.sampled_from([" ", "  ", "\n", "\n\n"])),
+                     min_size=1, max_size=12).map(lambda parts: "".join(s + w for s, w in parts))
+
+
+@settings(max_examples=60, deadline=None)
+@given(documents, st.integers(8, 20), st.integers(0, 40))
+def test_chunker_invariants(text, max_tokens, min_chars):
+    atoms = atoms_of(text, max_tokens=max_tokens, min_chars=min_chars)
+    covered = set()
+    for a in atoms:
+        assert text[a.start:a.end] == a.text and a.text == a.text.strip() and a.text
+        assert len(TOK(a.text, add_special_tokens=False)["input_ids"]) <= max_tokens
+        covered.update(range(a.start, a.end))
+    assert all(i in covered for i, ch in enumerate(text) if not ch.isspace())
+    assert [a.start for a in atoms] == sorted(a.start for a in atoms)
+    assert all(x.end <= y.start for x, y in zip(atoms, atoms[1:]))
+
+
+def test_read_documents_reports_bad_inputs_and_keeps_the_rest(tmp_path):
+    (tmp_path / "good.txt").write_text("A fine fact about Kinsley.")
+    (tmp_path / "notes.md").write_text("# Kansas\n\nKinsley is in Kansas.")
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "binary.txt").write_bytes(b"\x00\x01\x02abc")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "big.txt").write_bytes(b"a" * (2 * 2**20))
+    (tmp_path / "rows.jsonl").write_text("\n".join([
+        json.dumps({"id": "q1", "title": "Madge", "text": "Madge was born in 1899."}),
+        "{not json",
+        json.dumps({"id": "q2"}),
+        json.dumps({"text": "Row without id."}),
+    ]))
+    (tmp_path / "ignored.pdf").write_bytes(b"%PDF")
+    (tmp_path / "nothing").mkdir()
+    docs, skipped = read_documents([tmp_path, tmp_path / "missing.txt", tmp_path / "nothing",
+                                    tmp_path / "ignored.pdf"], max_file_mb=1)
+    by_source = {d.source: d for d in docs}
+    assert set(by_source) == {str(tmp_path / "good.txt"), str(tmp_path / "notes.md"),
+                              f"{tmp_path / 'rows.jsonl'}#q1", f"{tmp_path / 'rows.jsonl'}:4"}
+    assert by_source[str(tmp_path / "notes.md")].title == "Kansas"
+    assert by_source[f"{tmp_path / 'rows.jsonl'}#q1"].title == "Madge"
+    reasons = {s.source.replace(str(tmp_path), ""): s.reason for s in skipped}
+    assert reasons["/empty.txt"] == "empty file"
+    assert reasons["/binary.txt"].startswith("binary file")
+    assert reasons["/latin1.txt"].startswith("not UTF-8 (invalid byte at offset 3)")
+    assert "over the 1 MB limit" in reasons["/big.txt"]
+    assert "not valid JSON" in reasons["/rows.jsonl:2"]
+    assert '"text"' in reasons["/rows.jsonl:3"]
+    assert reasons["/missing.txt"] == "no such file or directory"
+    assert reasons["/nothing"].startswith("no .txt, .md, .jsonl files")
+    assert reasons["/ignored.pdf"].startswith("unsupported file type .pdf")
+
+
+@pytest.mark.parametrize("bad", [0, 7])
+def test_chunk_config_names_the_flag(bad):
+    with pytest.raises(ValueError, match="--max-atom-tokens"):
+        ChunkConfig(max_tokens=bad)
