@@ -20,7 +20,7 @@ from store import AtomRecord, StoreHeader
 TINY_CONFIGS = {
     "gemma": lambda: Gemma3TextConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8),
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8, initializer_range=0.3),
     "llama": lambda: LlamaConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=1),

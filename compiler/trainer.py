@@ -1,0 +1,297 @@
+"""The batched atom trainer: many atoms per optimiser step, each with its own rank-r adapter.
+
+One forward/backward trains a whole batch through ``microlora.lora``'s per-sample kernel
+(sample b is atom b). What makes it fast and makes the adapters compose:
+
+- late-stage reuse: blocks below the first adapted one are frozen and unadapted, so their
+  output is computed once per batch and replayed at every step;
+- vocabulary-chunked loss: the 262k-way output layer is applied to target positions only, a
+  few hundred rows at a time under activation checkpointing, so full-batch logits never exist;
+- composition in the loop: each atom is trained with other atoms' adapters (frozen) composed
+  beside its own, the way it will be used at query time (DESIGN.md: adapters trained alone
+  destroy each other when summed; trained this way, sums keep working);
+- adaptive budget: an atom stops once every target token has probability > ``stop_prob``
+  under its composed adapter (enough for greedy recall), or at ``max_steps``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from microlora.lora import Adapter, MultiLoraModel, stack_adapters
+from microlora.targets import TargetSpec, find_blocks
+
+_LOSS_CHUNK_ROWS = 256  # target positions per output-layer chunk: ~0.5 GB of bf16 logits
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The compile recipe; every field is part of an atom's id, so changing one retrains.
+
+    rank: adapter rank per atom, 1 or 2 (``--rank``).
+    scale: s in W + s·BA (PEFT's alpha / r).
+    targets: which linears get adapters (``--targets``, ``--last-layers``).
+    lr, max_steps: Adam learning rate and the step budget per atom (``--lr``, ``--steps``).
+    stop_prob: an atom stops when every target token has at least this probability.
+    neighbours: other atoms' adapters composed beside each atom while it trains.
+    batch_atoms: atoms trained together in one step (``--batch-size``).
+    bf16: autocast matmuls to bf16 (AMX on CPU, tensor cores on GPU).
+    title_context: prefix each atom with its document title (not trained on, only read).
+    """
+
+    rank: int = 2
+    scale: float = 1.0
+    targets: TargetSpec = field(default_factory=TargetSpec)
+    lr: float = 5e-3
+    max_steps: int = 25
+    stop_prob: float = 0.5
+    neighbours: int = 3
+    batch_atoms: int = 16
+    seed: int = 0
+    bf16: bool = True
+    title_context: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank not in (1, 2, 4, 8):
+            raise ValueError(f"--rank must be 1, 2, 4 or 8 (micro-adapters), got {self.rank}")
+        if self.max_steps < 1 or self.batch_atoms < 1 or self.neighbours < 0:
+            raise ValueError("--steps and --batch-size must be >= 1 and neighbours >= 0")
+
+    def key(self) -> str:
+        """A stable text form of the recipe for atom ids (batch size and seed excluded:
+        they change how fast atoms train, not what they are)."""
+        d = asdict(self)
+        d.pop("batch_atoms")
+        return json.dumps(d, sort_keys=True)
+
+
+@dataclass
+class TrainedAtom:
+    adapter: dict[str, tuple[Tensor, Tensor]]  # module -> (A (r, in), B (out, r)), fp32 CPU
+    steps: int
+    final_loss: float
+
+
+class AtomTrainer:
+    """Trains batches of atoms on one frozen base model (attached once, removed by close())."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: TrainConfig = TrainConfig()):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.lora = MultiLoraModel(model, config.targets)
+        prefix, self.blocks = find_blocks(model)
+        self.first_block = min(int(name[len(prefix) + 1:].split(".")[0])
+                               for name in self.lora.layers)
+        self.device = next(model.parameters()).device
+
+    def close(self) -> None:
+        self.lora.remove()
+
+    def __enter__(self) -> AtomTrainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- data --------------------------------------------------------------------------------
+
+    def encode(self, texts: Sequence[str], contexts: Sequence[str] | None = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        """input ids (B, T), attention mask (B, T) and target mask (B, T): which positions are
+        predicted (the atom's own tokens, not its BOS or title context)."""
+        rows, targets = [], []
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        for i, text in enumerate(texts):
+            ctx = self.tokenizer(contexts[i], add_special_tokens=False)["input_ids"] \
+                if contexts and contexts[i] else []
+            body = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            rows.append(bos + ctx + body)
+            targets.append([0] * (len(bos) + len(ctx)) + [1] * len(body))
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        tgt = torch.tensor([t + [0] * (width - len(t)) for t in targets], dtype=torch.bool)
+        return ids.to(self.device), mask.to(self.device), tgt.to(self.device)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def train(self, texts: Sequence[str], keys: Sequence[str], *,
+              contexts: Sequence[str] | None = None,
+              frozen_neighbours: Sequence[Sequence[Adapter]] | None = None) -> list[TrainedAtom]:
+        """Train one adapter per text. ``keys`` (atom ids) seed each atom's initialisation, so
+        an atom starts the same whatever batch it lands in. ``frozen_neighbours[b]`` are stored
+        atoms composed beside atom b (retrieved by similarity: its query-time company)."""
+        cfg = self.config
+        n = len(texts)
+        ids, mask, tgt = self.encode(texts, contexts)
+        params = self._init_params(keys)
+        frozen = self._frozen(frozen_neighbours, n)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        opt = torch.optim.Adam([p for pair in params.values() for p in pair], lr=cfg.lr)
+
+        with torch.no_grad(), self._autocast():
+            prefix = self._prefix_hidden(ids, mask)  # (B, T, d): block inputs, computed once
+        done = torch.zeros(n, dtype=torch.bool)
+        steps = torch.zeros(n, dtype=torch.long)
+        final = torch.zeros(n)
+        snapshot: dict[str, tuple[Tensor, Tensor]] = {k: (A.detach().clone(), B.detach().clone())
+                                                      for k, (A, B) in params.items()}
+        for step in range(cfg.max_steps + 1):
+            active = (~done).nonzero().squeeze(1)
+            if len(active) == 0:
+                break
+            nbrs = self._batch_neighbours(n, active, gen)
+            adapters = self._compose(params, active, nbrs, frozen)
+            with self.lora.adapters(adapters, cfg.scale), self._replay(prefix[active]), \
+                    self._autocast():
+                hidden = self.model.base_model(input_ids=ids[active],
+                                               attention_mask=mask[active]).last_hidden_state
+                loss_per_atom, min_prob = self._loss(hidden, ids[active], tgt[active])
+            finished = (min_prob > cfg.stop_prob) | (step == cfg.max_steps)
+            for j in finished.nonzero().squeeze(1).tolist():
+                b = active[j].item()
+                done[b], steps[b], final[b] = True, step, loss_per_atom[j].item()
+                for k, (A, B) in params.items():  # keep the adapter as it was when it passed
+                    snapshot[k][0][b] = A[b].detach()
+                    snapshot[k][1][b] = B[b].detach()
+            training = ~finished
+            if not training.any():
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss_per_atom[training].sum().backward()  # sum: each atom's gradient is its own
+            opt.step()
+        return [TrainedAtom({k: (A[b].float().cpu(), B[b].float().cpu())
+                             for k, (A, B) in snapshot.items()}, int(steps[b]), float(final[b]))
+                for b in range(n)]
+
+    def _init_params(self, keys: Sequence[str]) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+        """PEFT's init per atom: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0, seeded by the atom."""
+        r = self.config.rank
+        shapes = self.lora.shapes()
+        As = {name: torch.empty(len(keys), r, d_in) for name, (d_in, _) in shapes.items()}
+        for b, key in enumerate(keys):
+            seed = int.from_bytes(hashlib.sha256(f"{self.config.seed}:{key}".encode()).digest()[:8],
+                                  "little") >> 1
+            g = torch.Generator().manual_seed(seed)
+            for name, (d_in, _) in shapes.items():
+                bound = 1 / math.sqrt(d_in)
+                As[name][b] = torch.rand(r, d_in, generator=g) * 2 * bound - bound
+        return {name: (nn.Parameter(As[name].to(self.device)),
+                       nn.Parameter(torch.zeros(len(keys), d_out, r, device=self.device)))
+                for name, (_, d_out) in shapes.items()}
+
+    def _frozen(self, neighbours: Sequence[Sequence[Adapter]] | None, n: int):
+        if not neighbours or not any(neighbours):
+            return {}
+        return stack_adapters(neighbours, device=self.device)  # (B, F*r, in), (B, out, F*r)
+
+    def _batch_neighbours(self, n: int, active: Tensor, gen: torch.Generator) -> Tensor:
+        """For each active atom, m other atoms of the batch: (len(active), m) indices."""
+        m = min(self.config.neighbours, n - 1)
+        if m <= 0:
+            return torch.empty(len(active), 0, dtype=torch.long)
+        rows = []
+        for b in active.tolist():
+            others = torch.randperm(n - 1, generator=gen)[:m]
+            rows.append(others + (others >= b).long())  # skip b itself
+        return torch.stack(rows)
+
+    def _compose(self, params, active: Tensor, nbrs: Tensor, frozen) -> dict[str, tuple]:
+        """Per active atom: its own trainable adapter, then batch neighbours (detached), then
+        stored neighbours, concatenated along the rank."""
+        out = {}
+        for name, (A, B) in params.items():
+            parts_a, parts_b = [A[active]], [B[active]]
+            if nbrs.shape[1]:
+                k = nbrs.shape[1]
+                na = A.detach()[nbrs]  # (B, k, r, in)
+                nb = B.detach()[nbrs]  # (B, k, out, r)
+                parts_a.append(na.reshape(len(active), k * A.shape[1], A.shape[2]))
+                parts_b.append(nb.permute(0, 2, 1, 3).reshape(len(active), B.shape[1], -1))
+            if name in frozen:
+                fa, fb = frozen[name]
+                parts_a.append(fa[active])
+                parts_b.append(fb[active])
+            out[name] = (torch.cat(parts_a, 1), torch.cat(parts_b, 2))
+        return out
+
+    def _loss(self, hidden: Tensor, ids: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy per atom over its target tokens, and the smallest target-token
+        probability per atom, without materialising (B, T, vocab) logits."""
+        pos = tgt[:, 1:].nonzero()  # (n, 2): rows b, positions t whose next token is a target
+        h = hidden[pos[:, 0], pos[:, 1]]  # (n, d): the states that predict them
+        labels = ids[pos[:, 0], pos[:, 1] + 1]
+        ce = torch.cat([checkpoint(self._chunk_ce, h[i:i + _LOSS_CHUNK_ROWS],
+                                   labels[i:i + _LOSS_CHUNK_ROWS], use_reentrant=False)
+                        for i in range(0, len(labels), _LOSS_CHUNK_ROWS)])
+        atoms = pos[:, 0]
+        count = torch.zeros(len(ids), device=ce.device).index_add_(0, atoms, torch.ones_like(ce))
+        loss = torch.zeros(len(ids), device=ce.device).index_add_(0, atoms, ce) / count
+        max_ce = torch.zeros(len(ids), device=ce.device).scatter_reduce(
+            0, atoms, ce.detach(), "amax", include_self=False)
+        return loss, torch.exp(-max_ce).cpu()
+
+    def _chunk_ce(self, h: Tensor, labels: Tensor) -> Tensor:
+        logits = self.model.get_output_embeddings()(h).float()  # (rows, vocab)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return nn.functional.cross_entropy(logits, labels, reduction="none")
+
+    def _prefix_hidden(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """The hidden states entering the first adapted block, from one no-grad forward that
+        stops there."""
+        captured = {}
+
+        def grab(_module, args, kwargs):
+            captured["h"] = args[0] if args else kwargs["hidden_states"]
+            raise _StopForward
+
+        handle = self.blocks[self.first_block].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model.base_model(input_ids=ids, attention_mask=mask)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["h"].detach()
+
+    @contextmanager
+    def _replay(self, hidden: Tensor) -> Iterator[None]:
+        """Skip the frozen blocks below the first adapted one: the first returns the cached
+        states, the rest pass them through."""
+        originals = [self.blocks[i] for i in range(self.first_block)]
+        for i in range(self.first_block):
+            self.blocks[i] = _Replay(hidden if i == 0 else None)
+        try:
+            yield
+        finally:
+            for i, block in enumerate(originals):
+                self.blocks[i] = block
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Replay(nn.Module):
+    """Stands in for a frozen block: returns cached states (or passes its input through)."""
+
+    def __init__(self, hidden: Tensor | None):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        return hidden_states if self.hidden is None else self.hidden

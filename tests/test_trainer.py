@@ -1,0 +1,102 @@
+"""The batched atom trainer on a tiny random Gemma."""
+
+import pytest
+import torch
+from conftest import save_tiny
+
+from compiler.trainer import AtomTrainer, TrainConfig
+from microlora.lora import MultiLoraModel, stack_adapters
+from microlora.models import load_base_model
+from microlora.targets import TargetSpec
+
+TEXTS = ["w1 w2 w3 w4 w5", "w9 w8 w7", "w3 w3 w3 w3 w1 w2", "w40 w41 w42 w43"]
+KEYS = ["a", "b", "c", "d"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return load_base_model(save_tiny(tmp_path_factory.mktemp("m") / "tiny", "gemma"))
+
+
+def config(**kw):
+    defaults = dict(targets=TargetSpec(last_layers=2), lr=2e-2, bf16=False, neighbours=0)
+    return TrainConfig(**{**defaults, **kw})
+
+
+def train(base, texts=TEXTS, keys=KEYS, **kw):
+    with AtomTrainer(base.model, base.tokenizer, config(**kw)) as trainer:
+        return trainer.train(texts, keys)
+
+
+def test_training_lowers_every_atoms_loss_and_leaves_the_base_alone(base):
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    initial = train(base, stop_prob=0.0)  # everyone "passes" at step 0: the untrained loss
+    trained = train(base, max_steps=40, stop_prob=0.99)
+    assert all(a.steps == 0 for a in initial)
+    for first, last in zip(initial, trained):
+        assert last.final_loss < 0.5 * first.final_loss
+    after = base.model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_trained_adapter_reproduces_the_recorded_loss(base):
+    atom = train(base, texts=TEXTS[:1], keys=KEYS[:1], max_steps=15, stop_prob=0.99)[0]
+    ids = base.tokenizer(TEXTS[0], return_tensors="pt").input_ids
+    ids = torch.cat([torch.tensor([[base.tokenizer.bos_token_id or 0]]), ids], 1) \
+        if base.tokenizer.bos_token_id is not None else ids
+    lora = MultiLoraModel(base.model, config().targets)
+    try:
+        with torch.no_grad(), lora.adapters(stack_adapters([[atom.adapter]])):
+            loss = base.model(input_ids=ids, labels=ids).loss.item()
+    finally:
+        lora.remove()
+    assert loss == pytest.approx(atom.final_loss, rel=1e-4)
+
+
+def test_batched_equals_alone_without_composition(base):
+    together = train(base, max_steps=8, stop_prob=0.99)
+    for i in range(len(TEXTS)):
+        alone = train(base, texts=[TEXTS[i]], keys=[KEYS[i]], max_steps=8, stop_prob=0.99)[0]
+        assert alone.steps == together[i].steps
+        for name, (A, B) in alone.adapter.items():
+            torch.testing.assert_close(together[i].adapter[name][0], A, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(together[i].adapter[name][1], B, atol=2e-5, rtol=1e-4)
+
+
+def test_adaptive_budget_stops_atoms_that_have_learned(base):
+    out = train(base, max_steps=60, stop_prob=0.5)
+    early = [a for a in out if a.steps < 60]
+    assert early, "some atom should reach p > 0.5 on every token within 60 steps"
+    # p > 0.5 on every target token means a mean cross-entropy below ln 2
+    assert all(a.final_loss < 0.6932 for a in early)
+    capped = train(base, max_steps=3, stop_prob=0.999)
+    assert [a.steps for a in capped] == [3] * 4
+
+
+def test_composition_in_the_loop_is_deterministic_and_changes_training(base):
+    plain = train(base, max_steps=5, stop_prob=0.99)
+    composed = train(base, max_steps=5, stop_prob=0.99, neighbours=2)
+    again = train(base, max_steps=5, stop_prob=0.99, neighbours=2)
+    name = next(iter(plain[0].adapter))
+    assert not torch.allclose(plain[0].adapter[name][1], composed[0].adapter[name][1])
+    assert all(torch.equal(a.adapter[name][1], b.adapter[name][1])
+               for a, b in zip(composed, again))
+
+
+def test_frozen_store_neighbours_are_composed(base):
+    cfg = config(max_steps=5, stop_prob=0.99)
+    with AtomTrainer(base.model, base.tokenizer, cfg) as trainer:
+        neighbour = trainer.train(TEXTS[3:], KEYS[3:])[0].adapter
+        alone = trainer.train(TEXTS[:2], KEYS[:2])
+        beside = trainer.train(TEXTS[:2], KEYS[:2], frozen_neighbours=[[neighbour], []])
+    name = next(iter(neighbour))
+    assert not torch.allclose(alone[0].adapter[name][1], beside[0].adapter[name][1])
+    torch.testing.assert_close(alone[1].adapter[name][1], beside[1].adapter[name][1])
+
+
+def test_bad_recipes_name_the_flag():
+    with pytest.raises(ValueError, match="--rank"):
+        TrainConfig(rank=3)
+    with pytest.raises(ValueError, match="--steps"):
+        TrainConfig(max_steps=0)
