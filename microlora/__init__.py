@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _LAZY = {
+    "compile": "microlora.api",
     "MicroloraError": "microlora.errors",
     "BaseModel": "microlora.models",
     "load_base_model": "microlora.models",
@@ -32,6 +33,7 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from microlora.api import compile
     from microlora.embedder import Embedder, load_embedder
     from microlora.errors import MicroloraError
     from microlora.lora import MultiLoraLinear, MultiLoraModel, combine_adapters, stack_adapters

@@ -37,18 +37,22 @@ def cli(home: str | None, verbose: int) -> None:
 
     \b
     Start with:
-      microlora doctor                  check the default base model and embedder
-      microlora store stats --store DIR inspect a store
+      microlora doctor                        check the default base model and embedder
+      microlora compile DOCS --store DIR      compile documents into adapters
+      microlora store stats --store DIR       inspect a store
     """
     if home:
         os.environ[HOME_ENV] = home  # the library reads the cache dir from the environment
+    # transformers' per-load "Loading weights" bars are noise here; microlora shows its own.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
 
 
 def _register() -> None:
-    from microlora.commands import doctor, store
+    from microlora.commands import compile, doctor, store
 
+    cli.add_command(compile.compile_command)
     cli.add_command(doctor.doctor)
     cli.add_command(store.store)
 

@@ -20,7 +20,8 @@ from store import AtomRecord, StoreHeader
 TINY_CONFIGS = {
     "gemma": lambda: Gemma3TextConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8, initializer_range=0.3),
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+        initializer_range=0.3),  # sharp enough logits that a rank-2 adapter can fit text
     "llama": lambda: LlamaConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=1),
@@ -102,3 +103,31 @@ def microlora_home(tmp_path_factory, monkeypatch):
 @pytest.fixture(params=["gemma", "llama", "gpt2"])
 def arch(request) -> str:
     return request.param
+
+
+def save_tiny_embedder(path):
+    """A randomly initialised 1-layer BERT saved as a sentence-transformers folder."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import models as st_models
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    raw = path / "bert"
+    BertModel(BertConfig(vocab_size=132, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32)).save_pretrained(raw)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3} | {f"w{i}": i + 4 for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                            cls_token="[CLS]", sep_token="[SEP]").save_pretrained(raw)
+    word = st_models.Transformer(str(raw), max_seq_length=64)
+    model = SentenceTransformer(modules=[word, st_models.Pooling(16)], device="cpu")
+    model.save(str(path / "embedder"))
+    return path / "embedder"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """(base model folder, embedder folder) of tiny random models, saved once per session."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return save_tiny(root / "lm", "gemma"), save_tiny_embedder(root)

@@ -1,0 +1,42 @@
+"""The Python API: what the CLI does, as functions. It imports the stages lazily (compiler,
+composer) because those import microlora's core."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from microlora.targets import TargetSpec
+
+
+def compile(  # noqa: A001 - mirrors the CLI verb
+    paths: Sequence[str | Path],
+    store: str | Path,
+    *,
+    namespace: str = "default",
+    base_model: str | Path | None = None,
+    embedder: str | Path | None = None,
+    device: str | None = None,
+    prune: bool = False,
+    dry_run: bool = False,
+    max_atom_tokens: int = 64,
+    targets: TargetSpec | None = None,
+    **recipe,
+):
+    """Compile documents (files or directories of .txt, .md, .jsonl) into a store namespace.
+
+    ``recipe`` takes ``compiler.trainer.TrainConfig`` fields (rank, lr, max_steps, neighbours,
+    batch_atoms, ...). Returns a ``compiler.pipeline.CompileReport``.
+    """
+    from compiler.chunking import ChunkConfig
+    from compiler.pipeline import compile_corpus
+    from compiler.trainer import TrainConfig
+    from microlora.embedder import load_embedder
+    from microlora.models import load_base_model
+
+    config = TrainConfig(**recipe, **({"targets": targets} if targets else {}))
+    return compile_corpus(
+        paths, store, base=load_base_model(base_model, device=device),
+        embedder=load_embedder(embedder, device=device), namespace=namespace,
+        train_config=config, chunk_config=ChunkConfig(max_tokens=max_atom_tokens),
+        prune=prune, dry_run=dry_run)

@@ -1,0 +1,106 @@
+"""``microlora compile``: documents -> atoms -> adapters in a store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from compiler.documents import MAX_FILE_MB
+
+
+@click.command("compile")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--store", "store_dir", required=True, type=click.Path(path_type=Path,
+              file_okay=False), help="Store directory (created if it does not exist).")
+@click.option("--namespace", "-n", default="default", show_default=True,
+              help="Namespace to compile into: a corpus name, or user:NAME.")
+@click.option("--base-model", type=click.Path(exists=True, file_okay=False),
+              help="Local Hugging Face causal-LM folder [default: packaged Gemma 3 270M].")
+@click.option("--embedder", type=click.Path(exists=True, file_okay=False),
+              help="Local sentence-transformers folder [default: packaged all-MiniLM-L6-v2].")
+@click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda if present, else cpu].")
+@click.option("--rank", default=2, show_default=True, type=click.IntRange(1, 8),
+              help="Adapter rank per atom.")
+@click.option("--steps", "max_steps", default=25, show_default=True, type=click.IntRange(1),
+              help="Most optimiser steps per atom (atoms that have learned stop earlier).")
+@click.option("--lr", default=5e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Adam learning rate.")
+@click.option("--neighbours", default=3, show_default=True, type=click.IntRange(0),
+              help="Other atoms composed beside each atom while it trains.")
+@click.option("--batch-size", "batch_atoms", default=16, show_default=True,
+              type=click.IntRange(1), help="Atoms trained together per step.")
+@click.option("--last-layers", default=6, show_default=True, type=click.IntRange(1),
+              help="Adapt the MLPs of the last N layers.")
+@click.option("--targets", "modules", default="mlp.*", show_default=True,
+              help="Comma-separated module patterns inside a layer, e.g. 'mlp.*,self_attn.o_proj'.")
+@click.option("--max-atom-tokens", default=64, show_default=True, type=click.IntRange(8),
+              help="Split sentences longer than this (base-model tokens).")
+@click.option("--max-file-mb", default=MAX_FILE_MB, show_default=True, type=float,
+              help="Skip files larger than this.")
+@click.option("--prune", is_flag=True,
+              help="Delete atoms of the namespace that these documents no longer produce.")
+@click.option("--dry-run", is_flag=True, help="List the atoms to train and estimate the time.")
+def compile_command(paths, store_dir, namespace, base_model, embedder, device, rank, max_steps,
+                    lr, neighbours, batch_atoms, last_layers, modules, max_atom_tokens,
+                    max_file_mb, prune, dry_run) -> None:
+    """Compile documents into tiny LoRA adapters, one per sentence-sized atom.
+
+    PATHS are files or directories of .txt, .md and .jsonl (a "text" field per line, optional
+    "id" and "title"). Atoms already in the store are skipped, so re-running after an edit
+    trains only the changed sentences, and an interrupted compile resumes where it stopped.
+
+    \b
+    Example:
+      microlora compile notes/ --store ~/kb --namespace notes
+    """
+    from tqdm import tqdm
+
+    from compiler.chunking import ChunkConfig
+    from compiler.pipeline import compile_corpus
+    from compiler.trainer import TrainConfig
+    from microlora.embedder import load_embedder
+    from microlora.models import load_base_model
+    from microlora.targets import TargetSpec
+    from store import validate_namespace
+
+    validate_namespace(namespace)
+    try:
+        config = TrainConfig(rank=rank, lr=lr, max_steps=max_steps, neighbours=neighbours,
+                             batch_atoms=batch_atoms, targets=TargetSpec(
+                                 modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
+                                 last_layers=last_layers))
+        chunking = ChunkConfig(max_tokens=max_atom_tokens)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    base = load_base_model(base_model, device=device)
+    emb = load_embedder(embedder, device=device)
+    bar = tqdm(total=0, unit="atom", desc="compiling", disable=dry_run)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        report = compile_corpus(paths, store_dir, base=base, embedder=emb, namespace=namespace,
+                                train_config=config, chunk_config=chunking, prune=prune,
+                                dry_run=dry_run, max_file_mb=max_file_mb, progress=progress)
+    finally:
+        bar.close()
+    for problem in report.problems:
+        click.echo(f"skipped {problem.source}: {problem.reason}", err=True)
+    if dry_run:
+        for p in report.planned:
+            click.echo(f"{p.id[:12]}  {p.atom.source}:{p.atom.start}-{p.atom.end}  "
+                       f"{p.atom.text[:90]!r}")
+        click.echo(f"{report.documents} documents, {report.atoms} atoms: "
+                   f"{report.already_compiled} already compiled, {len(report.planned)} to train "
+                   f"(about {report.estimated_seconds / 60:.1f} min on {base.device.type})")
+        return
+    if report.documents == 0:
+        raise click.ClickException("nothing to compile: no readable documents in " +
+                                   ", ".join(map(str, paths)))
+    click.echo(f"{report.documents} documents, {report.atoms} atoms: {report.trained} trained "
+               f"({report.atoms_per_s:.2f} atoms/s, mean final loss "
+               f"{report.mean_final_loss:.3f}), {report.already_compiled} already compiled"
+               + (f", {report.pruned} pruned" if prune else "") + f" -> {store_dir} [{namespace}]")

@@ -1,0 +1,165 @@
+"""The compile pipeline end to end on tiny models: incremental, prune, dry run, bad inputs,
+identity checks, and a compile killed with SIGKILL that resumes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from compiler.chunking import ChunkConfig
+from compiler.pipeline import compile_corpus
+from compiler.trainer import TrainConfig
+from microlora.cli import cli
+from microlora.embedder import load_embedder
+from microlora.errors import StoreMismatchError
+from microlora.models import load_base_model
+from microlora.targets import TargetSpec
+from store import AdapterStore
+
+RECIPE = TrainConfig(targets=TargetSpec(last_layers=2), max_steps=3, lr=2e-2, bf16=False,
+                     batch_atoms=4, neighbours=1)
+DOC_A = ("w1 w2 w3 w4 w5 w6 w7 w8. w9 w10 w11 w12 w13 w14 w15.\n\n"
+         "w16 w17 w18 w19 w20 w21 w22. w23 w24 w25 w26 w27 w28 w29.")
+DOC_B = "w30 w31 w32 w33 w34 w35 w36. w37 w38 w39 w40 w41 w42 w43."
+CHUNK = ChunkConfig(max_tokens=16, min_chars=10)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    lm, emb = tiny_models
+    return load_base_model(lm), load_embedder(emb)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    d = tmp_path / "docs"
+    d.mkdir()
+    (d / "a.txt").write_text(DOC_A)
+    (d / "b.md").write_text(DOC_B)
+    return d
+
+
+def run(paths, store, models, **kw):
+    base, emb = models
+    return compile_corpus(paths, store, base=base, embedder=emb, namespace="docs",
+                          train_config=kw.pop("train_config", RECIPE), chunk_config=CHUNK, **kw)
+
+
+def test_compile_writes_verified_atoms_with_provenance(tmp_path, corpus, models):
+    report = run([corpus], tmp_path / "s", models)
+    assert (report.documents, report.atoms, report.trained) == (2, 6, 6)
+    assert report.atom_steps > 0 and report.problems == []
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        assert s.verify().ok and s.count("docs") == 6
+        with s.read("docs") as reader:
+            for _, r in reader.items():
+                doc = (corpus / ("a.txt" if r.source.endswith("a.txt") else "b.md")).read_text()
+                assert doc[r.start:r.end] == r.text
+                assert r.extra["steps"] <= RECIPE.max_steps and r.config["rank"] == 2
+        query = models[1].encode(["w30 w31 w32 w33 w34 w35 w36."])
+        top = s.search("docs", query, k=1)[0][0][0]
+        assert s.get("docs", [top])[0].text == "w30 w31 w32 w33 w34 w35 w36."
+
+
+def test_recompiling_is_free_and_edits_retrain_only_what_changed(tmp_path, corpus, models):
+    run([corpus], tmp_path / "s", models)
+    again = run([corpus], tmp_path / "s", models)
+    assert (again.trained, again.already_compiled) == (0, 6)
+    (corpus / "a.txt").write_text(DOC_A.replace("w24 w25", "w24 w99 w25"))
+    edited = run([corpus], tmp_path / "s", models)
+    assert (edited.trained, edited.already_compiled, edited.pruned) == (1, 5, 0)
+    pruned = run([corpus], tmp_path / "s", models, prune=True)
+    assert (pruned.trained, pruned.pruned) == (0, 1)
+    (corpus / "b.md").unlink()
+    gone = run([corpus], tmp_path / "s", models, prune=True)
+    assert gone.pruned == 2
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        assert s.count("docs") == 4 and s.verify().ok
+
+
+def test_dry_run_plans_without_writing(tmp_path, corpus, models):
+    report = run([corpus], tmp_path / "s", models, dry_run=True)
+    assert report.trained == 0 and len(report.planned) == 6 and report.estimated_seconds > 0
+    assert not (tmp_path / "s").exists()
+
+
+def test_bad_inputs_are_reported_and_the_rest_compiles(tmp_path, corpus, models):
+    (corpus / "empty.txt").write_text("")
+    (corpus / "blob.txt").write_bytes(b"\x00\xff" * 10)
+    report = run([corpus, tmp_path / "missing.md"], tmp_path / "s", models)
+    assert report.trained == 6
+    assert sorted(p.reason.split(" ")[0] for p in report.problems) == ["binary", "empty", "no"]
+
+
+def test_a_store_of_another_base_model_is_refused(tmp_path, corpus, models, tiny_models):
+    run([corpus], tmp_path / "s", models)
+    before = sorted((tmp_path / "s").rglob("*"))
+    other = load_base_model(tiny_models[0].parent / "lm", dtype="bf16")  # same model: fine
+    assert other.fingerprint == models[0].fingerprint
+    from conftest import save_tiny
+
+    stranger = load_base_model(save_tiny(tmp_path / "other", "gemma", seed=7))
+    with pytest.raises(StoreMismatchError, match="--base-model"):
+        compile_corpus([corpus], tmp_path / "s", base=stranger, embedder=models[1],
+                       namespace="docs", train_config=RECIPE, chunk_config=CHUNK)
+    assert sorted((tmp_path / "s").rglob("*")) == before
+
+
+def test_cli_compile_and_dry_run(tmp_path, corpus, tiny_models):
+    lm, emb = tiny_models
+    args = ["compile", str(corpus), "--store", str(tmp_path / "s"), "--base-model", str(lm),
+            "--embedder", str(emb), "--last-layers", "2", "--steps", "2",
+            "--max-atom-tokens", "16"]
+    dry = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "2 documents, 4 atoms: 0 already compiled, 4 to train" in dry.output  # CLI min_chars 30
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    assert "4 trained" in done.output and "[default]" in done.output
+    nothing = CliRunner().invoke(cli, [*args[:1], str(tmp_path / "nope"), *args[2:]])
+    assert nothing.exit_code == 1
+    assert "no such file or directory" in nothing.output and "nothing to compile" in nothing.output
+    bad = CliRunner().invoke(cli, [*args, "--rank", "3"])
+    assert bad.exit_code == 2 and "--rank" in bad.output
+
+
+def test_sigkill_mid_compile_leaves_a_clean_store_that_resumes(tmp_path, tiny_models):
+    lm, emb = tiny_models
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(12):  # 24 atoms, one per batch: plenty of commits to interrupt
+        words = [f"w{(7 * i + j) % 120}" for j in range(20)]  # sentences over min_chars
+        (docs / f"d{i:02d}.txt").write_text(" ".join(words[:10]) + ". " + " ".join(words[10:]) +
+                                            ".")
+    cmd = [sys.executable, "-m", "microlora", "compile", str(docs), "--store",
+           str(tmp_path / "s"), "--base-model", str(lm), "--embedder", str(emb),
+           "--last-layers", "2", "--steps", "3", "--batch-size", "1", "--max-atom-tokens", "16"]
+    env = {**os.environ, "MICROLORA_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    committed = 0
+    while time.monotonic() < deadline and proc.poll() is None and committed < 3:
+        time.sleep(0.05)  # polling for a condition, not a timing assertion
+        if (tmp_path / "s" / "data.mdb").exists():
+            try:
+                with AdapterStore(tmp_path / "s", readonly=True) as s:
+                    committed = s.count("default") if "default" in s.namespaces() else 0
+            except Exception:  # the header may not be written yet
+                committed = 0
+    assert proc.poll() is None, "the compile finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        partial = s.count("default")
+        assert 3 <= partial < 24 and s.verify().ok
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{24 - partial} trained" in resumed.stdout
+    assert f"{partial} already compiled" in resumed.stdout
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        assert s.count("default") == 24 and s.verify().ok
+        assert len(s.index("default").ids) == 24  # the stale index was rebuilt
