@@ -80,7 +80,7 @@ def test_namespaces_delete_drop_and_stats(store):
     stats = {s.namespace: s for s in store.stats()}
     assert stats["docs"].atoms == 3 and stats["user:alice"].atoms == 2
     adapter_bytes = make_records(1)[0].nbytes() // 2  # fp32 in memory, bf16 on disk
-    assert adapter_bytes < stats["docs"].bytes_per_atom < adapter_bytes + 2048
+    assert adapter_bytes < stats["docs"].bytes_per_atom <= adapter_bytes + 4096  # + a page
     assert store.drop("user:alice") == 2
     assert store.namespaces() == ["docs"]
     with pytest.raises(UnknownNamespaceError, match="docs"):
