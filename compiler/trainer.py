@@ -6,7 +6,8 @@ One forward/backward trains a whole batch through ``microlora.lora``'s per-sampl
 - late-stage reuse: blocks below the first adapted one are frozen and unadapted, so their
   output is computed once per batch and replayed at every step;
 - vocabulary-chunked loss: the 262k-way output layer is applied to target positions only, a
-  few hundred rows at a time under activation checkpointing, so full-batch logits never exist;
+  few hundred rows at a time, with the gradient formed in the same pass, so full-batch logits
+  never exist and nothing is recomputed (``linear_cross_entropy``);
 - composition in the loop: each atom is trained with other atoms' adapters (frozen) composed
   beside its own, the way it will be used at query time (DESIGN.md: adapters trained alone
   destroy each other when summed; trained this way, sums keep working);
@@ -25,12 +26,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from microlora.lora import Adapter, MultiLoraModel, stack_adapters
 from microlora.targets import TargetSpec, find_blocks
 
-_LOSS_CHUNK_ROWS = 256  # target positions per output-layer chunk: ~0.5 GB of bf16 logits
+_LOSS_CHUNK_ROWS = 256  # target positions per output-layer chunk: ~0.3 GB of fp32 logits
 
 
 @dataclass(frozen=True)
@@ -230,9 +230,8 @@ class AtomTrainer:
         pos = tgt[:, 1:].nonzero()  # (n, 2): rows b, positions t whose next token is a target
         h = hidden[pos[:, 0], pos[:, 1]]  # (n, d): the states that predict them
         labels = ids[pos[:, 0], pos[:, 1] + 1]
-        ce = torch.cat([checkpoint(self._chunk_ce, h[i:i + _LOSS_CHUNK_ROWS],
-                                   labels[i:i + _LOSS_CHUNK_ROWS], use_reentrant=False)
-                        for i in range(0, len(labels), _LOSS_CHUNK_ROWS)])
+        ce = linear_cross_entropy(h, self._output_weight(), labels,
+                                  getattr(self.model.config, "final_logit_softcapping", None))
         atoms = pos[:, 0]
         count = torch.zeros(len(ids), device=ce.device).index_add_(0, atoms, torch.ones_like(ce))
         loss = torch.zeros(len(ids), device=ce.device).index_add_(0, atoms, ce) / count
@@ -240,12 +239,14 @@ class AtomTrainer:
             0, atoms, ce.detach(), "amax", include_self=False)
         return loss, torch.exp(-max_ce).cpu()
 
-    def _chunk_ce(self, h: Tensor, labels: Tensor) -> Tensor:
-        logits = self.model.get_output_embeddings()(h).float()  # (rows, vocab)
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return nn.functional.cross_entropy(logits, labels, reduction="none")
+    def _output_weight(self) -> Tensor:
+        """The output layer's weight (V, d), in bf16 when training in bf16 (converted once)."""
+        weight = self.model.get_output_embeddings().weight
+        if not self.config.bf16 or weight.dtype == torch.bfloat16:
+            return weight
+        if getattr(self, "_bf16_weight", None) is None:
+            self._bf16_weight = weight.detach().to(torch.bfloat16)
+        return self._bf16_weight
 
     def _prefix_hidden(self, ids: Tensor, mask: Tensor) -> Tensor:
         """The hidden states entering the first adapted block, from one no-grad forward that
@@ -280,6 +281,47 @@ class AtomTrainer:
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor,
+                         softcap: float | None = None) -> Tensor:
+    """Per-row cross-entropy of ``h @ weight.T`` against ``labels``, computed in row chunks
+    with the gradient w.r.t. ``h`` formed in the same pass (softmax minus one-hot, times the
+    weight), so neither the (rows, vocab) logits nor a recomputation are ever kept: two
+    vocabulary-sized matmuls per row instead of three. ``weight`` is frozen."""
+    return _LinearCrossEntropy.apply(h, weight, labels, softcap)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, softcap: float | None):
+        losses = torch.empty(len(h), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) \
+            if h.requires_grad else None
+        rows = torch.arange(len(h), device=h.device)
+        for i in range(0, len(h), _LOSS_CHUNK_ROWS):
+            hc, yc, r = h[i:i + _LOSS_CHUNK_ROWS], labels[i:i + _LOSS_CHUNK_ROWS], \
+                rows[:min(_LOSS_CHUNK_ROWS, len(h) - i)]
+            logits = (hc.to(weight.dtype) @ weight.T).float()  # (rows, vocab)
+            if softcap:
+                t = torch.tanh(logits / softcap)
+                logits = t * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            losses[i:i + len(hc)] = lse - logits[r, yc]
+            if grad_h is not None:
+                dlogits = torch.exp(logits - lse[:, None])  # softmax, then minus one-hot
+                dlogits[r, yc] -= 1
+                if softcap:
+                    dlogits *= 1 - t * t
+                grad_h[i:i + len(hc)] = (dlogits.to(weight.dtype) @ weight).float()
+        ctx.save_for_backward(grad_h if grad_h is not None else h.new_empty(0))
+        ctx.h_dtype = h.dtype
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_losses[:, None]).to(ctx.h_dtype), None, None, None
 
 
 class _StopForward(Exception):

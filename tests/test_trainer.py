@@ -100,3 +100,27 @@ def test_bad_recipes_name_the_flag():
         TrainConfig(rank=3)
     with pytest.raises(ValueError, match="--steps"):
         TrainConfig(max_steps=0)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_linear_cross_entropy_matches_the_plain_loss_and_gradient(softcap):
+    from compiler.trainer import _LOSS_CHUNK_ROWS, linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    n = _LOSS_CHUNK_ROWS + 37  # more than one chunk
+    h = torch.randn(n, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g)
+    labels = torch.randint(0, 300, (n,), generator=g)
+    weights = torch.rand(n, generator=g)  # an arbitrary upstream gradient
+
+    ours = linear_cross_entropy(h, w, labels, softcap)
+    (ours * weights).sum().backward()
+    grad_ours, h.grad = h.grad.clone(), None
+
+    logits = h @ w.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    plain = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(ours, plain.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_ours, h.grad, atol=1e-5, rtol=1e-5)
