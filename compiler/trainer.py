@@ -46,6 +46,10 @@ class TrainConfig:
     batch_atoms: atoms trained together in one step (``--batch-size``).
     bf16: autocast matmuls to bf16 (AMX on CPU, tensor cores on GPU).
     title_context: prefix each atom with its document title (not trained on, only read).
+    vocab_candidates: train against a candidate vocabulary, the union of the base model's
+        top-N tokens at every target position plus the targets, instead of all 262k tokens
+        (0 = the full softmax). Whether an atom has learned, and its recorded loss, are always
+        decided with the full softmax.
     """
 
     rank: int = 2
@@ -59,6 +63,7 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True
     title_context: bool = False
+    vocab_candidates: int = 256
 
     def __post_init__(self) -> None:
         if self.rank not in (1, 2, 4, 8):
@@ -140,6 +145,8 @@ class AtomTrainer:
 
         with torch.no_grad(), self._autocast():
             prefix = self._prefix_hidden(ids, mask)  # (B, T, d): block inputs, computed once
+            with self._replay(prefix):
+                vocab = self._candidate_vocab(ids, mask, tgt)
         done = torch.zeros(n, dtype=torch.bool)
         steps = torch.zeros(n, dtype=torch.long)
         final = torch.zeros(n)
@@ -155,11 +162,13 @@ class AtomTrainer:
                     self._autocast():
                 hidden = self.model.base_model(input_ids=ids[active],
                                                attention_mask=mask[active]).last_hidden_state
-                loss_per_atom, min_prob = self._loss(hidden, ids[active], tgt[active])
+                loss_per_atom, scored, min_prob = self._loss(
+                    hidden, ids[active], tgt[active], vocab, cfg.stop_prob,
+                    last=step == cfg.max_steps)
             finished = (min_prob > cfg.stop_prob) | (step == cfg.max_steps)
             for j in finished.nonzero().squeeze(1).tolist():
                 b = active[j].item()
-                done[b], steps[b], final[b] = True, step, loss_per_atom[j].item()
+                done[b], steps[b], final[b] = True, step, scored[j].item()
                 for k, (A, B) in params.items():  # keep the adapter as it was when it passed
                     snapshot[k][0][b] = A[b].detach()
                     snapshot[k][1][b] = B[b].detach()
@@ -224,20 +233,60 @@ class AtomTrainer:
             out[name] = (torch.cat(parts_a, 1), torch.cat(parts_b, 2))
         return out
 
-    def _loss(self, hidden: Tensor, ids: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy per atom over its target tokens, and the smallest target-token
-        probability per atom, without materialising (B, T, vocab) logits."""
+    def _loss(self, hidden: Tensor, ids: Tensor, tgt: Tensor, vocab: Tensor | None,
+              stop_prob: float, last: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Per atom: the training loss (mean cross-entropy over its target tokens, with a
+        gradient), the scored loss and the smallest target-token probability, all without
+        materialising (B, T, vocab) logits.
+
+        With a candidate ``vocab`` the training loss covers those tokens only. Atoms that look
+        learned under it, and every atom on the ``last`` step, are re-scored with the full
+        softmax (the candidate one flatters: its denominator is smaller), so whether an atom
+        stops, and the loss recorded for it, always come from the full softmax.
+        """
         pos = tgt[:, 1:].nonzero()  # (n, 2): rows b, positions t whose next token is a target
         h = hidden[pos[:, 0], pos[:, 1]]  # (n, d): the states that predict them
         labels = ids[pos[:, 0], pos[:, 1] + 1]
-        ce = linear_cross_entropy(h, self._output_weight(), labels,
-                                  getattr(self.model.config, "final_logit_softcapping", None))
         atoms = pos[:, 0]
-        count = torch.zeros(len(ids), device=ce.device).index_add_(0, atoms, torch.ones_like(ce))
-        loss = torch.zeros(len(ids), device=ce.device).index_add_(0, atoms, ce) / count
-        max_ce = torch.zeros(len(ids), device=ce.device).scatter_reduce(
-            0, atoms, ce.detach(), "amax", include_self=False)
-        return loss, torch.exp(-max_ce).cpu()
+        weight = self._output_weight()
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if vocab is None:
+            ce = linear_cross_entropy(h, weight, labels, softcap)
+        else:
+            ce = linear_cross_entropy(h, weight[vocab], torch.searchsorted(vocab, labels),
+                                      softcap)
+        loss = _per_atom(ce, atoms, len(ids), "mean")
+        scored = loss.detach().clone()
+        min_prob = torch.exp(-_per_atom(ce.detach(), atoms, len(ids), "amax"))
+        if vocab is not None:
+            rescore = torch.ones_like(min_prob, dtype=torch.bool) if last else min_prob > stop_prob
+            if rescore.any():
+                rows = rescore[atoms]
+                with torch.no_grad():
+                    full = linear_cross_entropy(h[rows].detach(), weight, labels[rows], softcap)
+                scored = torch.where(rescore, _per_atom(full, atoms[rows], len(ids), "mean"),
+                                     scored)
+                min_prob = torch.where(rescore, torch.exp(-_per_atom(full, atoms[rows],
+                                                                      len(ids), "amax")),
+                                       min_prob)
+        return loss, scored, min_prob.cpu()
+
+    @torch.no_grad()
+    def _candidate_vocab(self, ids: Tensor, mask: Tensor, tgt: Tensor) -> Tensor | None:
+        """Sorted token ids: the base model's top ``vocab_candidates`` at each target position,
+        plus every target. The adapters move probability onto the targets, which are in it,
+        and the strongest competitors are there too; the other ~260k tokens carry little mass
+        and cost most of the time."""
+        n = self.config.vocab_candidates
+        if n <= 0:
+            return None
+        hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pos = tgt[:, 1:].nonzero()
+        h = hidden[pos[:, 0], pos[:, 1]]
+        weight = self._output_weight()
+        top = torch.cat([(h[i:i + _LOSS_CHUNK_ROWS].to(weight.dtype) @ weight.T).topk(n).indices
+                         for i in range(0, len(h), _LOSS_CHUNK_ROWS)])
+        return torch.unique(torch.cat([top.reshape(-1), ids[pos[:, 0], pos[:, 1] + 1]]))
 
     def _output_weight(self) -> Tensor:
         """The output layer's weight (V, d), in bf16 when training in bf16 (converted once)."""
@@ -281,6 +330,15 @@ class AtomTrainer:
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+
+def _per_atom(values: Tensor, atoms: Tensor, n: int, how: str) -> Tensor:
+    """Reduce per-row values to per-atom values (mean or max over each atom's rows)."""
+    out = torch.zeros(n, device=values.device, dtype=values.dtype)
+    if how == "mean":
+        count = torch.zeros(n, device=values.device).index_add_(0, atoms, torch.ones_like(values))
+        return out.index_add(0, atoms, values) / count.clamp(min=1)
+    return out.scatter_reduce(0, atoms, values, "amax", include_self=False)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor,
