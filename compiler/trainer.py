@@ -278,8 +278,8 @@ class AtomTrainer:
         and the strongest competitors are there too; the other ~260k tokens carry little mass
         and cost most of the time."""
         n = self.config.vocab_candidates
-        if n <= 0:
-            return None
+        if n <= 0 or n * 4 >= self._output_weight().shape[0]:
+            return None  # a small vocabulary: the full softmax costs little
         hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         pos = tgt[:, 1:].nonzero()
         h = hidden[pos[:, 0], pos[:, 1]]
