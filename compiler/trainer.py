@@ -59,7 +59,7 @@ class TrainConfig:
     max_steps: int = 25
     stop_prob: float = 0.5
     neighbours: int = 3
-    batch_atoms: int = 16
+    batch_atoms: int = 32
     seed: int = 0
     bf16: bool = True
     title_context: bool = False
@@ -253,7 +253,7 @@ class AtomTrainer:
         if vocab is None:
             ce = linear_cross_entropy(h, weight, labels, softcap)
         else:
-            ce = linear_cross_entropy(h, weight[vocab], torch.searchsorted(vocab, labels),
+            ce = linear_cross_entropy(h, self._candidate_weight, torch.searchsorted(vocab, labels),
                                       softcap)
         loss = _per_atom(ce, atoms, len(ids), "mean")
         scored = loss.detach().clone()
@@ -286,7 +286,9 @@ class AtomTrainer:
         weight = self._output_weight()
         top = torch.cat([(h[i:i + _LOSS_CHUNK_ROWS].to(weight.dtype) @ weight.T).topk(n).indices
                          for i in range(0, len(h), _LOSS_CHUNK_ROWS)])
-        return torch.unique(torch.cat([top.reshape(-1), ids[pos[:, 0], pos[:, 1] + 1]]))
+        vocab = torch.unique(torch.cat([top.reshape(-1), ids[pos[:, 0], pos[:, 1] + 1]]))
+        self._candidate_weight = weight[vocab]  # (V_c, d), gathered once per batch
+        return vocab
 
     def _output_weight(self) -> Tensor:
         """The output layer's weight (V, d), in bf16 when training in bf16 (converted once)."""

@@ -163,3 +163,17 @@ def test_sigkill_mid_compile_leaves_a_clean_store_that_resumes(tmp_path, tiny_mo
     with AdapterStore(tmp_path / "s", readonly=True) as s:
         assert s.count("default") == 24 and s.verify().ok
         assert len(s.index("default").ids) == 24  # the stale index was rebuilt
+
+
+def test_cli_defaults_are_the_recipe_defaults():
+    from compiler.chunking import ChunkConfig
+    from microlora.commands.compile import compile_command
+
+    defaults = {p.name: p.default for p in compile_command.params}
+    recipe, chunking = TrainConfig(), ChunkConfig()
+    assert {k: defaults[k] for k in ["rank", "max_steps", "lr", "neighbours", "batch_atoms"]} == {
+        "rank": recipe.rank, "max_steps": recipe.max_steps, "lr": recipe.lr,
+        "neighbours": recipe.neighbours, "batch_atoms": recipe.batch_atoms}
+    assert defaults["last_layers"] == recipe.targets.last_layers
+    assert tuple(defaults["modules"].split(",")) == recipe.targets.modules
+    assert defaults["max_atom_tokens"] == chunking.max_tokens

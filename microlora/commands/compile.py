@@ -9,6 +9,8 @@ import click
 from compiler.documents import MAX_FILE_MB
 
 
+# Literal defaults keep `--help` free of torch imports; tests/test_compile.py checks that they
+# match TrainConfig and ChunkConfig.
 @click.command("compile")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--store", "store_dir", required=True, type=click.Path(path_type=Path,
@@ -28,7 +30,7 @@ from compiler.documents import MAX_FILE_MB
               help="Adam learning rate.")
 @click.option("--neighbours", default=3, show_default=True, type=click.IntRange(0),
               help="Other atoms composed beside each atom while it trains.")
-@click.option("--batch-size", "batch_atoms", default=16, show_default=True,
+@click.option("--batch-size", "batch_atoms", default=32, show_default=True,
               type=click.IntRange(1), help="Atoms trained together per step.")
 @click.option("--last-layers", default=6, show_default=True, type=click.IntRange(1),
               help="Adapt the MLPs of the last N layers.")
