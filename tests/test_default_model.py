@@ -98,3 +98,25 @@ def test_default_embedder_ranks_paraphrases_first():
     assert vecs.shape == (3, emb.dim) == (3, 384)
     sims = vecs @ vecs[0]
     assert sims[1] > 0.7 > sims[2]
+
+
+def test_compile_real_sentences_with_the_default_models(gemma, tmp_path):
+    from compiler.pipeline import compile_corpus
+    from compiler.trainer import TrainConfig
+    from store import AdapterStore
+
+    base, _ = gemma
+    doc = tmp_path / "facts.txt"
+    doc.write_text("The Zorblat river flows north into Lake Quenby near the town of Ostrel. "
+                   "Madge Blake was born in Kinsley, Kansas, in 1899, to a family of farmers.")
+    report = compile_corpus([doc], tmp_path / "s", base=base, embedder=load_embedder(),
+                            train_config=TrainConfig(max_steps=10))
+    assert (report.atoms, report.trained) == (2, 2)
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        assert s.verify().ok and s.header.base_fingerprint == base.fingerprint
+        for record in s.get("default", s.ids("default")):
+            ids = base.tokenizer(record.text, return_tensors="pt").input_ids
+            with torch.no_grad():
+                untrained = base.model(input_ids=ids, labels=ids).loss.item()
+            assert len(record.adapter) == 18
+            assert record.extra["final_loss"] < 0.5 * untrained  # it learned its sentence
