@@ -29,6 +29,17 @@ def train(base, texts=TEXTS, keys=KEYS, **kw):
         return trainer.train(texts, keys)
 
 
+def full_loss(base, text, adapter) -> float:
+    """The stock HF loss of ``text`` (the tiny tokenizer adds no BOS) with ``adapter`` alone."""
+    ids = base.tokenizer(text, return_tensors="pt").input_ids
+    lora = MultiLoraModel(base.model, config().targets)
+    try:
+        with torch.no_grad(), lora.adapters(stack_adapters([[adapter]])):
+            return base.model(input_ids=ids, labels=ids).loss.item()
+    finally:
+        lora.remove()
+
+
 def test_training_lowers_every_atoms_loss_and_leaves_the_base_alone(base):
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     initial = train(base, stop_prob=0.0)  # everyone "passes" at step 0: the untrained loss
@@ -43,16 +54,7 @@ def test_training_lowers_every_atoms_loss_and_leaves_the_base_alone(base):
 
 def test_trained_adapter_reproduces_the_recorded_loss(base):
     atom = train(base, texts=TEXTS[:1], keys=KEYS[:1], max_steps=15, stop_prob=0.99)[0]
-    ids = base.tokenizer(TEXTS[0], return_tensors="pt").input_ids
-    ids = torch.cat([torch.tensor([[base.tokenizer.bos_token_id or 0]]), ids], 1) \
-        if base.tokenizer.bos_token_id is not None else ids
-    lora = MultiLoraModel(base.model, config().targets)
-    try:
-        with torch.no_grad(), lora.adapters(stack_adapters([[atom.adapter]])):
-            loss = base.model(input_ids=ids, labels=ids).loss.item()
-    finally:
-        lora.remove()
-    assert loss == pytest.approx(atom.final_loss, rel=1e-4)
+    assert full_loss(base, TEXTS[0], atom.adapter) == pytest.approx(atom.final_loss, rel=1e-4)
 
 
 def test_batched_equals_alone_without_composition(base):
@@ -135,11 +137,4 @@ def test_candidate_vocabulary_trains_nearly_as_well_and_scores_with_the_full_sof
     # the recorded loss is the full-softmax loss of the returned adapter
     atom = train(base, texts=TEXTS[:1], keys=KEYS[:1], max_steps=10, stop_prob=0.99,
                  vocab_candidates=8)[0]
-    ids = base.tokenizer(TEXTS[0], return_tensors="pt").input_ids
-    lora = MultiLoraModel(base.model, config().targets)
-    try:
-        with torch.no_grad(), lora.adapters(stack_adapters([[atom.adapter]])):
-            loss = base.model(input_ids=ids, labels=ids).loss.item()
-    finally:
-        lora.remove()
-    assert loss == pytest.approx(atom.final_loss, rel=1e-4)
+    assert full_loss(base, TEXTS[0], atom.adapter) == pytest.approx(atom.final_loss, rel=1e-4)
