@@ -139,7 +139,7 @@ class AtomTrainer:
         n = len(texts)
         ids, mask, tgt = self.encode(texts, contexts)
         params = self._init_params(keys)
-        frozen = self._frozen(frozen_neighbours, n)
+        frozen = self._frozen(frozen_neighbours)
         gen = torch.Generator().manual_seed(cfg.seed)
         opt = torch.optim.Adam([p for pair in params.values() for p in pair], lr=cfg.lr)
 
@@ -178,6 +178,10 @@ class AtomTrainer:
             opt.zero_grad(set_to_none=True)
             loss_per_atom[training].sum().backward()  # sum: each atom's gradient is its own
             opt.step()
+            with torch.no_grad():  # Adam's momentum would still move finished atoms: pin them,
+                for k, (A, B) in params.items():  # as they stay composed beside the others
+                    A[done] = snapshot[k][0][done]
+                    B[done] = snapshot[k][1][done]
         return [TrainedAtom({k: (A[b].float().cpu(), B[b].float().cpu())
                              for k, (A, B) in snapshot.items()}, int(steps[b]), float(final[b]))
                 for b in range(n)]
@@ -198,7 +202,7 @@ class AtomTrainer:
                        nn.Parameter(torch.zeros(len(keys), d_out, r, device=self.device)))
                 for name, (_, d_out) in shapes.items()}
 
-    def _frozen(self, neighbours: Sequence[Sequence[Adapter]] | None, n: int):
+    def _frozen(self, neighbours: Sequence[Sequence[Adapter]] | None):
         if not neighbours or not any(neighbours):
             return {}
         return stack_adapters(neighbours, device=self.device)  # (B, F*r, in), (B, out, F*r)
