@@ -13,9 +13,7 @@ transaction: it lands whole or not at all.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import mmap
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -98,8 +96,11 @@ class AdapterStore:
             raise StoreError(f"{self.path} is not a microlora store (no data.mdb there); "
                              "create one with `microlora compile ... --store DIR`")
         try:
+            # Read-ahead stays on (LMDB's default): an atom is ~200 KB of contiguous overflow
+            # pages, and without it a cold atom faulted in 4 KB at a time (2.4x slower than
+            # reading a file; benchmarks/RESULTS.md).
             self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=max_namespaces + 1,
-                                  readonly=readonly, create=False, readahead=False,
+                                  readonly=readonly, create=False, readahead=True,
                                   lock=not readonly or _lock_is_writable(self.path))
             self._meta = self._env.open_db(_META_DB, create=False)
             with self._env.begin(db=self._meta) as txn:
@@ -440,10 +441,9 @@ class Reader:
         kernel's per-request tensors with one copy."""
         if not ids:
             raise StoreError("gather needs at least one atom id")
-        values = [self._value(atom_id) for atom_id in ids]
-        prefetch(values)  # fetch all k from disk at once, not one page fault at a time
         flats, layout = [], None
-        for atom_id, value in zip(ids, values):
+        for atom_id in ids:
+            value = self._value(atom_id)
             with self._explained(atom_id):
                 flat, atom_layout = rec.decode_packed(value)
             if layout is None:
@@ -475,30 +475,6 @@ class Reader:
         except StoreError as e:
             raise StoreError(f"atom {atom_id} in {self.namespace!r} is corrupt ({e}); "
                              "run `microlora store verify` and re-compile it") from e
-
-
-_PAGE = mmap.PAGESIZE
-_MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
-try:
-    _madvise = ctypes.CDLL(None, use_errno=True).madvise
-    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-except (OSError, AttributeError):  # not a POSIX libc: reads just fault pages in as usual
-    _madvise = None
-
-
-def prefetch(values: Sequence[memoryview]) -> None:
-    """Ask the kernel to read these memory-mapped values in, all at once and asynchronously.
-
-    With the map larger than RAM, touching a cold 200 KB value faults its pages in one by one;
-    announcing every value of a fetch first lets the reads overlap. Only advice: a no-op where
-    madvise is unavailable, and harmless when the pages are already in memory.
-    """
-    if _madvise is None or _MADV_WILLNEED is None:
-        return
-    for value in values:
-        addr = np.frombuffer(value, dtype=np.uint8).ctypes.data  # the address; nothing read
-        start = addr - addr % _PAGE
-        _madvise(start, addr + len(value) - start, _MADV_WILLNEED)
 
 
 def _lock_is_writable(path: Path) -> bool:
