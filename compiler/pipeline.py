@@ -128,6 +128,8 @@ def compile_corpus(
         report.estimated_seconds = len(todo) / rate
         return report
 
+    if not todo and not (prune and existing):
+        return report  # nothing to train or prune: do not create or touch a store
     t0 = time.perf_counter()
     losses: list[float] = []
     with AdapterStore.open_or_create(store_path, store_header(base, embedder)) as store, \

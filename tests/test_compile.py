@@ -120,9 +120,11 @@ def test_cli_compile_and_dry_run(tmp_path, corpus, tiny_models):
     done = CliRunner().invoke(cli, args)
     assert done.exit_code == 0, done.output
     assert "4 trained" in done.output and "[default]" in done.output
-    nothing = CliRunner().invoke(cli, [*args[:1], str(tmp_path / "nope"), *args[2:]])
+    nothing = CliRunner().invoke(cli, [*args[:1], str(tmp_path / "nope"), "--store",
+                                       str(tmp_path / "s2"), *args[4:]])
     assert nothing.exit_code == 1
     assert "no such file or directory" in nothing.output and "nothing to compile" in nothing.output
+    assert not (tmp_path / "s2").exists()
     bad = CliRunner().invoke(cli, [*args, "--rank", "3"])
     assert bad.exit_code == 2 and "--rank" in bad.output
 
