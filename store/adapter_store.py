@@ -306,17 +306,10 @@ class AdapterStore:
         with self._env.begin(db=db) as txn:
             return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
 
-    def __len__(self) -> int:
-        return sum(self.count(ns) for ns in self.namespaces())
-
     def count(self, namespace: str) -> int:
         db = self._db(namespace)  # open the handle before the transaction that uses it
         with self._env.begin() as txn:
             return txn.stat(db)["entries"]
-
-    def contains(self, namespace: str, atom_id: str) -> bool:
-        with self.read(namespace) as reader:
-            return atom_id in reader
 
     def get(self, namespace: str, ids: Sequence[str]) -> list[rec.AtomRecord]:
         """Records by id, with tensors copied out of the store (safe to keep)."""

@@ -92,11 +92,9 @@ def verify(value: bytes | memoryview) -> str | None:
     return None
 
 
-def decode(value: bytes | memoryview, *, copy: bool = True, check: bool = False) -> AtomRecord:
-    """Parse a record. With ``copy=False`` the tensors are views into ``value`` (no copy), valid
-    only as long as the buffer is (for LMDB: the read transaction)."""
-    if check and (problem := verify(value)):
-        raise StoreError(problem)
+def decode(value: bytes | memoryview, *, copy: bool = True) -> AtomRecord:
+    """Parse a record (``verify`` checks it). With ``copy=False`` the tensors are views into
+    ``value`` (no copy), valid only as long as the buffer is (for LMDB: the read transaction)."""
     header, tensors = _parse(value)
     try:
         meta = json.loads(header["microlora"])
