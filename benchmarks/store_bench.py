@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from microlora.lora import compose_packed, stack_adapters
 from microlora.models import default_model_dir, ensure_default_model
+from microlora.paths import dir_bytes
 from microlora.targets import TargetSpec, select_targets
 from store import AdapterStore, AtomRecord, StoreHeader
 
@@ -131,8 +132,7 @@ def main() -> None:
             t_store += t1 - t0
             t_files += t2 - t1
         stats = store.stats()[0]
-        disk = sum(f.stat().st_size for f in (work / "store").rglob("*") if f.is_file())
-        files_disk = sum(f.stat().st_size for f in files.rglob("*") if f.is_file())
+        disk, files_disk = dir_bytes(work / "store"), dir_bytes(files)
 
         rng = random.Random(1)
         ids = store.ids("bench")

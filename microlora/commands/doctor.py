@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import click
 
-
-def _dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+from microlora.paths import dir_bytes
 
 
 @click.command()
@@ -48,7 +45,7 @@ def doctor(base_model: str | None, embedder: str | None, device: str | None) -> 
     click.echo(f"torch {torch.__version__}, device {base.device}, "
                f"dtype {next(base.model.parameters()).dtype}")
     click.echo(f"base model  {base.name}: {base.num_parameters / 1e6:.1f}M parameters, "
-               f"{_dir_size(base.path) / 2**20:.0f} MiB on disk at {base.path}")
+               f"{dir_bytes(base.path) / 2**20:.0f} MiB on disk at {base.path}")
     click.echo(f"            fingerprint {base.fingerprint}, loaded in {t_base:.1f} s")
     click.echo(f"embedder    {emb.name}: {emb.dim}-d, fingerprint {emb.fingerprint}, "
                f"loaded in {t_emb:.1f} s")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from microlora.paths import dir_bytes
+
 store_option = click.option(
     "--store", "store_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
     help="The store directory (made by `microlora compile --store DIR`).")
@@ -43,7 +45,7 @@ def stats(store_dir: Path, as_json: bool) -> None:
     """Atoms, bytes per atom and index kind per namespace, and what the store is for."""
     with _open(store_dir) as s:
         rows = s.stats()
-        disk = sum(f.stat().st_size for f in store_dir.rglob("*") if f.is_file())
+        disk = dir_bytes(store_dir)
         if as_json:
             click.echo(json.dumps({"header": asdict(s.header), "disk_bytes": disk, "namespaces": [
                 {**asdict(r), "bytes_per_atom": r.bytes_per_atom} for r in rows]}, indent=2))
