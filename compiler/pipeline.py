@@ -139,13 +139,14 @@ def compile_corpus(
             batch = todo[start:start + size]
             texts = [p.atom.text for p in batch]
             vectors = embedder.encode(texts)
-            neighbours = _store_neighbours(store, namespace, vectors, train_config.neighbours)
+            neighbours = _store_neighbours(store, namespace, vectors, train_config)
             contexts = ([f"{p.atom.title}\n" if p.atom.title else "" for p in batch]
                         if train_config.title_context else None)
             trained = trainer.train(texts, [p.id for p in batch], contexts=contexts,
                                     frozen_neighbours=neighbours)
             store.put(namespace, [
-                AtomRecord(id=p.id, text=p.atom.text, adapter=t.adapter, embedding=vectors[i],
+                AtomRecord(id=p.id, text=p.atom.text,
+                           adapter=_with_scale(t.adapter, train_config.scale), embedding=vectors[i],
                            base_fingerprint=base.fingerprint, source=p.atom.source,
                            start=p.atom.start, end=p.atom.end,
                            config={**asdict(train_config), **asdict(chunk_config)},
@@ -167,11 +168,20 @@ def compile_corpus(
     return report
 
 
-def _store_neighbours(store: AdapterStore, namespace: str, vectors, m: int):
-    """The m stored atoms most similar to each new atom: its likely company at query time,
-    composed (frozen) beside it while it trains. None while the namespace is empty."""
+def _with_scale(adapter, scale: float):
+    """Stored adapters carry their scale in B (delta = B A), so composing atoms of different
+    recipes, or exporting them, needs no per-atom scale."""
+    return adapter if scale == 1.0 else {k: (A, B * scale) for k, (A, B) in adapter.items()}
+
+
+def _store_neighbours(store: AdapterStore, namespace: str, vectors, config: TrainConfig):
+    """The stored atoms most similar to each new atom: its likely company at query time,
+    composed (frozen) beside it while it trains, in the trainer's convention (the trainer
+    applies the scale). None while the namespace is empty."""
+    m = config.neighbours
     if m == 0 or namespace not in store.namespaces() or store.count(namespace) == 0:
         return None
     hits = store.search(namespace, vectors, m)
     with store.read(namespace) as reader:
-        return [[reader.get(atom_id, copy=True).adapter for atom_id, _ in row] for row in hits]
+        return [[_with_scale(reader.get(atom_id, copy=True).adapter, 1 / config.scale)
+                 for atom_id, _ in row] for row in hits]

@@ -1,6 +1,8 @@
-"""The composer: question -> retrieved atoms -> composed adapter -> answer.
+"""The composer: question -> retrieved atoms (FAISS) -> their adapters composed into the
+frozen base model for this request (stacked or merged) -> answer."""
 
-Not built yet: it is the subject of the issue "Composer: question -> retrieved atoms ->
-composed adapter -> answer". It will retrieve through ``store``'s FAISS index and apply
-adapters through ``microlora.lora``; it never imports ``compiler``.
-"""
+from composer.composer import Answer, AskConfig, Composer, Source
+from composer.prompts import Mode
+from composer.retrieval import Hit, retrieve
+
+__all__ = ["Answer", "AskConfig", "Composer", "Hit", "Mode", "Source", "retrieve"]

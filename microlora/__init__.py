@@ -13,6 +13,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "compile": "microlora.api",
+    "ask": "microlora.api",
+    "Composer": "composer",
+    "AskConfig": "composer",
+    "Answer": "composer",
     "MicroloraError": "microlora.errors",
     "BaseModel": "microlora.models",
     "load_base_model": "microlora.models",
@@ -33,7 +37,8 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from microlora.api import compile
+    from composer import Answer, AskConfig, Composer
+    from microlora.api import ask, compile
     from microlora.embedder import Embedder, load_embedder
     from microlora.errors import MicroloraError
     from microlora.lora import MultiLoraLinear, MultiLoraModel, combine_adapters, stack_adapters

@@ -40,3 +40,26 @@ def compile(  # noqa: A001 - mirrors the CLI verb
         embedder=load_embedder(embedder, device=device), namespace=namespace,
         train_config=config, chunk_config=ChunkConfig(max_tokens=max_atom_tokens),
         prune=prune, dry_run=dry_run)
+
+
+def ask(
+    question: str,
+    store: str | Path,
+    *,
+    namespaces: Sequence[str] | None = None,
+    base_model: str | Path | None = None,
+    embedder: str | Path | None = None,
+    device: str | None = None,
+    **config,
+):
+    """Answer one question from a store: retrieve its atoms, compose their adapters, generate.
+
+    ``config`` takes ``composer.AskConfig`` fields (mode, k, min_score, weighting,
+    composition, max_new_tokens). This loads the models on every call; to ask many questions,
+    keep a ``microlora.Composer.open(store)`` and call its ``ask``. Returns a
+    ``composer.Answer`` (text, sources with scores, timing).
+    """
+    from composer import AskConfig, Composer
+
+    with Composer.open(store, base_model=base_model, embedder=embedder, device=device) as c:
+        return c.ask(question, namespaces, AskConfig(**config))

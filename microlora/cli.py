@@ -37,9 +37,11 @@ def cli(home: str | None, verbose: int) -> None:
 
     \b
     Start with:
-      microlora doctor                        check the default base model and embedder
+      microlora quickstart                    compile a tiny corpus, answer from it
       microlora compile DOCS --store DIR      compile documents into adapters
+      microlora ask "QUESTION" --store DIR    answer from composed adapters
       microlora store stats --store DIR       inspect a store
+      microlora doctor                        check the default base model and embedder
     """
     if home:
         os.environ[HOME_ENV] = home  # the library reads the cache dir from the environment
@@ -50,8 +52,10 @@ def cli(home: str | None, verbose: int) -> None:
 
 
 def _register() -> None:
-    from microlora.commands import compile, doctor, store
+    from microlora.commands import ask, compile, doctor, quickstart, store
 
+    cli.add_command(quickstart.quickstart)
+    cli.add_command(ask.ask_command)
     cli.add_command(compile.compile_command)
     cli.add_command(doctor.doctor)
     cli.add_command(store.store)

@@ -292,14 +292,15 @@ class PackLayout:
 
 
 def compose_packed(requests: Sequence[Sequence[Tensor]], layout: PackLayout,
-                   weights: Tensor | None = None, dtype: torch.dtype | None = None
-                   ) -> dict[str, tuple[Tensor, Tensor]]:
+                   weights: Tensor | None = None, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-request adapters for the kernel from packed atoms (flat vectors of ``layout``, e.g.
     zero-copy views into the store): request n composes its k atoms, concatenated along the
     rank (the sum of their deltas), atom i weighted by ``weights[n, i]``. Every request has the
     same k (use ``stack_adapters`` for ragged requests). Returns module -> (A (N, k*r, in),
     B (N, out, k*r)); B is a transposed view, the layout the kernel multiplies by. The data is
-    copied once, by one stack per shape group and side."""
+    copied once, by one stack per shape group and side (and moved to ``device`` as one block
+    per group)."""
     n, k = len(requests), len(requests[0])
     if any(len(atoms) != k for atoms in requests):
         raise AdapterError("compose_packed needs the same number of atoms in every request")
@@ -312,10 +313,10 @@ def compose_packed(requests: Sequence[Sequence[Tensor]], layout: PackLayout,
         A = torch.stack([f[oa:oa + m * r * d_in].view(m, r, d_in) for f in flats], dim=1)
         Bt = torch.stack([f[ob:ob + m * r * d_out].view(m, r, d_out) for f in flats], dim=1)
         A, Bt = A.view(m, n, k * r, d_in), Bt.view(m, n, k * r, d_out)
-        if dtype is not None:
-            A, Bt = A.to(dtype), Bt.to(dtype)
+        A, Bt = A.to(device=device, dtype=dtype), Bt.to(device=device, dtype=dtype)
         if weights is not None:
-            Bt = Bt * weights.to(Bt.dtype).repeat_interleave(r, dim=1)[None, :, :, None]
+            w = weights.to(device=Bt.device, dtype=Bt.dtype)
+            Bt = Bt * w.repeat_interleave(r, dim=1)[None, :, :, None]
         out.update({name: (A[j], Bt[j].transpose(1, 2)) for j, name in enumerate(names)})
     return out
 

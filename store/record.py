@@ -38,7 +38,8 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 class AtomRecord:
     """A knowledge atom as the store keeps it.
 
-    adapter: module name -> (A: (r, in), B: (out, r)), PEFT's layout and scaling convention.
+    adapter: module name -> (A: (r, in), B: (out, r)), PEFT's layout, with the compile scale
+        folded into B: the atom's delta is exactly B @ A.
     embedding: the atom text's unit-norm vector (what the FAISS index is rebuilt from).
     source, start, end: where the text came from (character offsets into the source).
     config: the compile config that produced the adapter (rank, scale, targets, ...).

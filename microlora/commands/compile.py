@@ -7,21 +7,17 @@ from pathlib import Path
 import click
 
 from compiler.documents import MAX_FILE_MB
+from microlora.commands.options import model_options, store_option
 
 
 # Literal defaults keep `--help` free of torch imports; tests/test_compile.py checks that they
 # match TrainConfig and ChunkConfig.
 @click.command("compile")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--store", "store_dir", required=True, type=click.Path(path_type=Path,
-              file_okay=False), help="Store directory (created if it does not exist).")
+@store_option(help="Store directory (created if it does not exist).")
 @click.option("--namespace", "-n", default="default", show_default=True,
               help="Namespace to compile into: a corpus name, or user:NAME.")
-@click.option("--base-model", type=click.Path(exists=True, file_okay=False),
-              help="Local Hugging Face causal-LM folder [default: packaged Gemma 3 270M].")
-@click.option("--embedder", type=click.Path(exists=True, file_okay=False),
-              help="Local sentence-transformers folder [default: packaged all-MiniLM-L6-v2].")
-@click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda if present, else cpu].")
+@model_options
 @click.option("--rank", default=2, show_default=True, type=click.IntRange(1, 8),
               help="Adapter rank per atom.")
 @click.option("--steps", "max_steps", default=25, show_default=True, type=click.IntRange(1),

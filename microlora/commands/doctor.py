@@ -6,15 +6,12 @@ import time
 
 import click
 
+from microlora.commands.options import model_options
 from microlora.paths import dir_bytes
 
 
 @click.command()
-@click.option("--base-model", type=click.Path(exists=True, file_okay=False),
-              help="A local Hugging Face causal-LM folder [default: packaged Gemma 3 270M].")
-@click.option("--embedder", type=click.Path(exists=True, file_okay=False),
-              help="A local sentence-transformers folder [default: packaged all-MiniLM-L6-v2].")
-@click.option("--device", help="cpu, cuda, cuda:1 ... [default: cuda if present, else cpu].")
+@model_options
 def doctor(base_model: str | None, embedder: str | None, device: str | None) -> None:
     """Load the base model and the embedder, and print their fingerprints, sizes and load times.
 

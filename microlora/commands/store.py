@@ -8,11 +8,10 @@ from pathlib import Path
 
 import click
 
+from microlora.commands.options import store_option
 from microlora.paths import dir_bytes
 
-store_option = click.option(
-    "--store", "store_dir", required=True, type=click.Path(path_type=Path, file_okay=False),
-    help="The store directory (made by `microlora compile --store DIR`).")
+store_option = store_option(help="The store directory (made by `microlora compile --store DIR`).")
 
 
 def _open(store_dir: Path, readonly: bool = True):

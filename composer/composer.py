@@ -1,0 +1,224 @@
+"""The composer: question -> retrieved atoms -> their adapters composed into the base model
+for this request -> answer.
+
+Two ways to apply the composed adapter, with the same outputs:
+
+- ``stacked`` (default): the atoms' low-rank factors go through the per-sample kernel; base
+  weights are never touched, and one batch can carry requests with different atom sets;
+- ``merged``: W += sum of the atoms' deltas for one request, restored exactly afterwards (even
+  if generation raises); no per-token cost, one request at a time.
+
+The model is shared by every request, so calls into it are serialised by a lock; concurrency
+comes from batching requests (``ask_batch``), not from threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from composer.generation import encode_prompts, generate
+from composer.prompts import Mode, build_prompt, has_chat_template, stop_strings
+from composer.retrieval import Hit, default_namespaces, retrieve
+from microlora.embedder import Embedder
+from microlora.errors import MicroloraError
+from microlora.lora import MultiLoraModel, PackLayout, compose_packed, stack_adapters
+from microlora.models import BaseModel
+from store import AdapterStore
+
+COMPOSITIONS = ("stacked", "merged")
+
+
+@dataclass(frozen=True)
+class AskConfig:
+    """How a question is answered.
+
+    k: atoms composed per question (measured: benchmarks/RESULTS.md, "choosing k").
+    min_score: drop retrieved atoms with a lower cosine similarity (None keeps all k).
+    weighting: "uniform" (every atom at weight 1, as trained) or "score".
+    composition: "stacked" or "merged" (same outputs; see the module docstring).
+    """
+
+    mode: Mode = Mode.PARAMETRIC
+    k: int = 4
+    min_score: float | None = None
+    weighting: str = "uniform"
+    composition: str = "stacked"
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode(self.mode))
+        if self.composition not in COMPOSITIONS:
+            raise MicroloraError(f"composition must be one of {COMPOSITIONS}, "
+                                 f"got {self.composition!r}")
+        if self.max_new_tokens < 1:
+            raise MicroloraError("max_new_tokens must be at least 1")
+
+
+@dataclass
+class Source:
+    """A composed atom, as ``--explain`` shows it."""
+
+    hit: Hit
+    text: str
+    source: str
+    start: int
+    end: int
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    mode: Mode
+    sources: list[Source] = field(default_factory=list)
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+
+class Composer:
+    """Answers questions from one store with one base model and embedder (the store's)."""
+
+    def __init__(self, store: AdapterStore, base: BaseModel, embedder: Embedder):
+        store.check_compatible(base.fingerprint, embedder.fingerprint, base_name=base.name,
+                               embedder_name=embedder.name)
+        self.store, self.base, self.embedder = store, base, embedder
+        self.lora = MultiLoraModel(base.model, {})
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, store_dir: str | Path, *, base_model: str | Path | None = None,
+             embedder: str | Path | None = None, device: str | None = None) -> Composer:
+        """Open a store read-only and load the models it was compiled with (the packaged
+        defaults unless paths are given)."""
+        from microlora.embedder import load_embedder
+        from microlora.models import load_base_model
+
+        store = AdapterStore(store_dir, readonly=True)
+        try:
+            return cls(store, load_base_model(base_model, device=device),
+                       load_embedder(embedder, device=device))
+        except BaseException:
+            store.close()
+            raise
+
+    def close(self) -> None:
+        self.lora.remove()
+        self.store.close()
+
+    def __enter__(self) -> Composer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the stages --------------------------------------------------------------------------
+
+    def retrieve(self, questions: Sequence[str], namespaces: Sequence[str] | None = None,
+                 config: AskConfig = AskConfig()) -> list[list[Hit]]:
+        namespaces = list(namespaces) if namespaces else default_namespaces(self.store)
+        vectors = self.embedder.encode(list(questions))
+        return retrieve(self.store, vectors, namespaces, config.k, min_score=config.min_score,
+                        weighting=config.weighting)
+
+    def compose(self, requests: Sequence[Sequence[Hit]]) -> dict[str, tuple[torch.Tensor,
+                                                                           torch.Tensor]]:
+        """The kernel's per-request tensors (module -> (A (N, R, in), B (N, out, R))) for the
+        hits of each request, read zero-copy from the store and copied once."""
+        model = self.base.model
+        dtype, device = next(model.parameters()).dtype, self.base.device
+        with ExitStack() as stack:
+            readers = {ns: stack.enter_context(self.store.read(ns))
+                       for ns in sorted({h.namespace for hits in requests for h in hits})}
+            packed = [[_gather_one(readers[h.namespace], h.id) for h in hits]
+                      for hits in requests]
+            layouts = {layout for row in packed for _, layout in row}
+            for layout in layouts:
+                self._attach(layout)
+            weights = [[h.weight for h in hits] for hits in requests]
+            if len(layouts) == 1 and len({len(row) for row in packed}) == 1:
+                flats = [[flat for flat, _ in row] for row in packed]
+                return compose_packed(flats, layouts.pop(), torch.tensor(weights),
+                                      dtype=dtype, device=device)
+            # ragged requests, or atoms of different recipes: unpack and pad per module
+            unpacked = [[layout.unpack(flat) for flat, layout in row] for row in packed]
+            return stack_adapters(unpacked, weights=weights, dtype=dtype, device=device)
+
+    def _attach(self, layout: PackLayout) -> None:
+        """Wrap the linears this layout adapts (once; the wrappers are free when idle)."""
+        missing = [name for name, *_ in layout.modules if name not in self.lora.layers]
+        if missing:
+            try:
+                modules = {name: self.base.model.get_submodule(name) for name in missing}
+            except AttributeError as e:
+                raise MicroloraError(f"the store's adapters target {missing[0]}, which the "
+                                     "base model does not have") from e
+            self.lora.layers.update(MultiLoraModel(self.base.model, modules).layers)
+
+    # -- answering ---------------------------------------------------------------------------
+
+    def ask(self, question: str, namespaces: Sequence[str] | None = None,
+            config: AskConfig = AskConfig(), *,
+            on_text: Callable[[str], None] | None = None) -> Answer:
+        """Answer one question; ``on_text`` receives the answer as it is generated."""
+        return self.ask_batch([question], namespaces, config, on_text=on_text)[0]
+
+    def ask_batch(self, questions: Sequence[str], namespaces: Sequence[str] | None = None,
+                  config: AskConfig = AskConfig(), *,
+                  on_text: Callable[[str], None] | None = None) -> list[Answer]:
+        """Answer several questions in one generation batch, each with its own atoms."""
+        if not questions or any(not isinstance(q, str) or not q.strip() for q in questions):
+            raise MicroloraError("every question must be a non-empty string")
+        if config.composition == "merged" and len(questions) > 1 and config.mode.uses_adapters:
+            raise MicroloraError("merged composition answers one question at a time; use "
+                                 "stacked for batches")
+        t0 = time.perf_counter()
+        hits = (self.retrieve(questions, namespaces, config) if config.mode.retrieves
+                else [[] for _ in questions])
+        sources = self._sources(hits) if config.mode.retrieves else [[] for _ in questions]
+        tok = self.base.tokenizer
+        prompts = [build_prompt(tok, q, [s.text for s in srcs] if config.mode.uses_passages
+                                else ()) for q, srcs in zip(questions, sources)]
+        ids, mask = encode_prompts(tok, prompts, self.base.device, chat=has_chat_template(tok))
+        with self._lock, self._adapters_for(hits, config):
+            outs = generate(self.base.model, tok, ids, mask,
+                            max_new_tokens=config.max_new_tokens, stop=stop_strings(tok),
+                            on_text=on_text)
+        seconds = time.perf_counter() - t0
+        return [Answer(q, o.text, config.mode, srcs, o.new_tokens, seconds)
+                for q, o, srcs in zip(questions, outs, sources)]
+
+    @contextmanager
+    def _adapters_for(self, hits: list[list[Hit]], config: AskConfig):
+        if not config.mode.uses_adapters or not any(hits):
+            yield
+            return
+        adapters = self.compose(hits)
+        if config.composition == "merged":
+            ctx = self.lora.merged({name: (A[0], B[0]) for name, (A, B) in adapters.items()})
+        else:
+            ctx = self.lora.adapters(adapters)
+        with ctx:
+            yield
+
+    def _sources(self, hits: list[list[Hit]]) -> list[list[Source]]:
+        """The text and provenance of every hit (metadata only; no adapter is copied)."""
+        with ExitStack() as stack:
+            readers = {ns: stack.enter_context(self.store.read(ns))
+                       for ns in sorted({h.namespace for row in hits for h in row})}
+            out = []
+            for row in hits:
+                records = [(h, readers[h.namespace].get(h.id)) for h in row]
+                out.append([Source(h, r.text, r.source, r.start, r.end) for h, r in records])
+            return out
+
+
+def _gather_one(reader, atom_id: str) -> tuple[torch.Tensor, PackLayout]:
+    (flat,), layout = reader.gather([atom_id])
+    return flat, layout

@@ -1,0 +1,109 @@
+"""Greedy decoding of a batch of prompts with ``transformers``' ``generate``, cut at stop
+strings, optionally streamed.
+
+Whatever adapters are active on the model (per-sample stacked ones, or a merge) apply: this
+module only turns prompts into text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import TextStreamer
+
+
+@dataclass
+class Generated:
+    text: str
+    new_tokens: int  # tokens generated, including any that the stop string cut off
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device,
+                   chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded input ids and attention mask. BOS is added once (a chat template already
+    writes it)."""
+    bos = [] if chat or tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    rows = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(map(len, rows))
+    pad = _pad_id(tokenizer)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
+             max_new_tokens: int = 32, stop: Sequence[str] = (), min_new_tokens: int = 0,
+             on_text: Callable[[str], None] | None = None) -> list[Generated]:
+    """Greedy continuation of each row, cut before the first stop string. ``on_text`` (batch
+    of one only) receives the answer piece by piece as it is decoded."""
+    if on_text is not None and len(ids) != 1:
+        raise ValueError("streaming needs a batch of one")
+    kwargs = {}
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    if on_text is not None:
+        kwargs["streamer"] = _StopStreamer(tokenizer, stop, on_text)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                             pad_token_id=_pad_id(tokenizer), **kwargs)
+    results = []
+    for row in out[:, ids.shape[1]:].tolist():
+        n = len(row)
+        eos = _eos_ids(model, tokenizer)
+        while row and (row[-1] in eos or row[-1] == _pad_id(tokenizer)):
+            row = row[:-1]
+        results.append(Generated(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True),
+                                              stop), n))
+    if on_text is not None:
+        kwargs["streamer"].close()
+    return results
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the first stop string, stripped."""
+    for s in stop:
+        if s in text:
+            text = text[:text.index(s)]
+    return text.strip()
+
+
+class _StopStreamer(TextStreamer):
+    """``TextStreamer`` that hands text to a callback and swallows everything from the first
+    stop string on (the model keeps going a token or two past it)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], on_text: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stop, self.on_text = tuple(stop), on_text
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.stopped:
+            return
+        self.text += text
+        visible = self.text.lstrip()
+        cut = min((visible.index(s) for s in self.stop if s in visible), default=None)
+        if cut is not None:
+            visible, self.stopped = visible[:cut].rstrip(), True
+        if len(visible) > self.emitted:
+            self.on_text(visible[self.emitted:])
+            self.emitted = len(visible)
+
+    def close(self) -> None:
+        self.stopped = True
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

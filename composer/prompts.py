@@ -1,0 +1,70 @@
+"""Answer modes and the prompts they use.
+
+A base model (no chat template) gets a short few-shot QA prompt, which makes it answer in a
+few words on one line, so a newline ends the answer; a model with a chat template gets its
+template and stops at its end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+
+class Mode(str, Enum):
+    """Where the knowledge comes from when answering."""
+
+    PARAMETRIC = "parametric"  # the retrieved atoms' adapters, no passage text: the default
+    CONTEXT = "context"  # classic RAG: the atoms' text in the prompt, no adapters
+    HYBRID = "hybrid"  # both
+    NONE = "none"  # closed book: the base model alone
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self in (Mode.PARAMETRIC, Mode.HYBRID)
+
+    @property
+    def uses_passages(self) -> bool:
+        return self in (Mode.CONTEXT, Mode.HYBRID)
+
+    @property
+    def retrieves(self) -> bool:
+        return self is not Mode.NONE
+
+
+# Two worked examples of common knowledge teach a base model the answer format; each has a
+# passage, shown only in the modes that put passages in the prompt.
+_EXAMPLES = (
+    ("The Eiffel Tower is a wrought-iron tower in Paris, the capital of France.",
+     "In which city is the Eiffel Tower?", "Paris"),
+    ("Water boils at 100 degrees Celsius at sea level.",
+     "At what temperature does water boil at sea level?", "100 degrees Celsius"),
+)
+BASE_STOP = ("\n",)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_prompt(tokenizer, question: str, passages: Sequence[str] = ()) -> str:
+    """The text to continue: ``passages`` (empty unless the mode shows them) go before the
+    question."""
+    question = " ".join(question.split())
+    if has_chat_template(tokenizer):
+        context = "".join(f"{p}\n" for p in passages)
+        header = "Context:\n" if passages else ""
+        content = f"Answer in a few words.\n{header}{context}Question: {question}"
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             tokenize=False, add_generation_prompt=True)
+    shots = []
+    for passage, q, a in _EXAMPLES:
+        shots.append((f"Context: {passage}\n" if passages else "") + f"Question: {q}\nAnswer: {a}")
+    context = f"Context: {' '.join(passages)}\n" if passages else ""
+    return "\n\n".join(shots) + f"\n\n{context}Question: {question}\nAnswer:"
+
+
+def stop_strings(tokenizer) -> tuple[str, ...]:
+    """Where an answer ends: a newline for the few-shot prompt; the template's end-of-turn
+    token (handled by generation itself) for chat models."""
+    return () if has_chat_template(tokenizer) else BASE_STOP

@@ -1,0 +1,80 @@
+"""``microlora ask``: answer a question from a store's composed adapters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from microlora.commands.options import model_options, store_option
+
+MODES = ("parametric", "context", "hybrid", "none")
+
+
+# Literal defaults keep `--help` free of torch imports; tests/test_composer.py checks that
+# they match composer.AskConfig.
+@click.command("ask")
+@click.argument("question")
+@store_option(help="The store to answer from (made by `microlora compile`).")
+@click.option("--namespace", "-n", "namespaces", multiple=True,
+              help="Namespace to search; repeat to layer several (e.g. -n user:ana -n wiki) "
+                   "[default: every shared namespace, no user:* ones].")
+@click.option("--mode", type=click.Choice(MODES), default="parametric", show_default=True,
+              help="parametric: composed adapters only; context: the atoms' text in the "
+                   "prompt (classic RAG); hybrid: both; none: the base model, closed book.")
+@click.option("-k", "k", default=4, show_default=True, type=click.IntRange(1),
+              help="Atoms to retrieve and compose.")
+@click.option("--min-score", type=float,
+              help="Drop atoms whose cosine similarity to the question is below this.")
+@click.option("--weighting", type=click.Choice(["uniform", "score"]), default="uniform",
+              show_default=True, help="Weight of each atom's delta: 1, or its score "
+                                      "normalised to mean 1.")
+@click.option("--composition", type=click.Choice(["stacked", "merged"]), default="stacked",
+              show_default=True, help="stacked: per-request adapters beside the frozen "
+                                      "weights; merged: W += delta, restored after.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1),
+              help="Longest answer, in tokens.")
+@click.option("--explain", is_flag=True, help="List the atoms used, with scores and sources.")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
+@model_options
+def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weighting,
+                composition, max_new_tokens, explain, as_json, base_model, embedder,
+                device) -> None:
+    """Answer QUESTION from the adapters of the atoms it retrieves.
+
+    The question is embedded, the k most similar atoms are found in the store's FAISS
+    indexes, their adapters are summed into the base model for this one question, and the
+    answer is streamed as it is generated.
+
+    \b
+    Examples:
+      microlora ask "Who founded Brightwater Clockworks?" --store ~/kb --explain
+      microlora ask "..." --store ~/kb -n user:ana -n wiki --mode hybrid
+    """
+    from composer import AskConfig, Composer
+
+    config = AskConfig(mode=mode, k=k, min_score=min_score, weighting=weighting,
+                       composition=composition, max_new_tokens=max_new_tokens)
+    with Composer.open(store_dir, base_model=base_model, embedder=embedder,
+                       device=device) as composer:
+        stream = None if as_json else (lambda text: click.echo(text, nl=False))
+        answer = composer.ask(question, namespaces or None, config, on_text=stream)
+    if as_json:
+        click.echo(json.dumps({
+            "question": answer.question, "answer": answer.text, "mode": answer.mode.value,
+            "seconds": round(answer.seconds, 3), "new_tokens": answer.new_tokens,
+            "sources": [{**asdict(s.hit), "text": s.text, "source": s.source,
+                         "start": s.start, "end": s.end} for s in answer.sources]}))
+        return
+    click.echo()
+    if explain:
+        used = "composed" if config.mode.uses_adapters else "in the prompt"
+        if not answer.sources:
+            click.echo(f"(no atoms: mode {mode})", err=True)
+        else:
+            click.echo(f"\n{len(answer.sources)} atoms {used} ({mode}, {composition}):", err=True)
+        for i, s in enumerate(answer.sources, 1):
+            click.echo(f"{i:3d}. {s.hit.score:.3f}  w={s.hit.weight:.2f}  [{s.hit.namespace}] "
+                       f"{s.source}:{s.start}-{s.end}  {s.text[:80]!r}", err=True)
