@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import TextStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 
 @dataclass
@@ -42,7 +42,8 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
         raise ValueError("streaming needs a batch of one")
     kwargs = {}
     if stop:
-        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+        kwargs["stopping_criteria"] = StoppingCriteriaList(
+            [_StopOnText(tokenizer, stop, ids.shape[1])])
     if on_text is not None:
         kwargs["streamer"] = _StopStreamer(tokenizer, stop, on_text)
     with torch.inference_mode():
@@ -68,6 +69,22 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
         if s in text:
             text = text[:text.index(s)]
     return text.strip()
+
+
+class _StopOnText(StoppingCriteria):
+    """Stops each row once its new text contains a stop string. (``generate``'s own
+    ``stop_strings`` needs a byte-level or SentencePiece vocabulary; this works with any
+    tokenizer, at the cost of decoding the few new tokens of each row per step.)"""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, tuple(stop), prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:],
+                                            skip_special_tokens=True)
+        # a stop string counts once the answer has begun: a leading newline is not an end
+        done = [any(s in t.lstrip() for s in self.stop) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class _StopStreamer(TextStreamer):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -53,6 +55,19 @@ def random_adapter(shapes: dict[str, tuple[int, int]], rank: int, seed: int,
     return {name: (torch.randn(rank, d_in, generator=g) * scale,
                    torch.randn(d_out, rank, generator=g) * scale)
             for name, (d_in, d_out) in shapes.items()}
+
+
+def with_deltas_added(model, atoms, scale=1.0):
+    """Reference: a copy of the model whose target weights have sum_i s * B_i A_i added by hand.
+    Works on a model that already carries wrappers (it adds to the wrapped base weight)."""
+    ref = copy.deepcopy(model)
+    for atom in atoms:
+        for name, (A, B) in atom.items():
+            layer = ref.get_submodule(name)
+            layer = getattr(layer, "base_layer", layer)
+            delta = scale * B @ A  # (out, in)
+            layer.weight.data += delta.T if type(layer).__name__ == "Conv1D" else delta
+    return ref
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:

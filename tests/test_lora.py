@@ -1,11 +1,10 @@
 """The multi-adapter kernel: PEFT parity, stacked == sum of deltas == merged, exact unmerge,
 per-sample independence, gradients only into adapters."""
 
-import copy
 
 import pytest
 import torch
-from conftest import random_adapter, tiny_model
+from conftest import random_adapter, tiny_model, with_deltas_added
 
 from microlora.errors import AdapterError
 from microlora.lora import (
@@ -25,19 +24,6 @@ IDS = torch.tensor([[5, 17, 3, 99, 42, 7, 1, 64]])
 def logits(model, ids=IDS):
     with torch.no_grad():
         return model(input_ids=ids).logits
-
-
-def with_deltas_added(model, atoms, scale=1.0):
-    """Reference: a copy of the model whose target weights have sum_i s * B_i A_i added by hand.
-    Works on a model that already carries wrappers (it adds to the wrapped base weight)."""
-    ref = copy.deepcopy(model)
-    for atom in atoms:
-        for name, (A, B) in atom.items():
-            layer = ref.get_submodule(name)
-            layer = getattr(layer, "base_layer", layer)
-            delta = scale * B @ A  # (out, in)
-            layer.weight.data += delta.T if type(layer).__name__ == "Conv1D" else delta
-    return ref
 
 
 def test_same_logits_as_peft(arch):

@@ -26,7 +26,7 @@ MODES = ("parametric", "context", "hybrid", "none")
                    "prompt (classic RAG); hybrid: both; none: the base model, closed book.")
 @click.option("-k", "k", default=4, show_default=True, type=click.IntRange(1),
               help="Atoms to retrieve and compose.")
-@click.option("--min-score", type=float,
+@click.option("--min-score", type=float, default=None,
               help="Drop atoms whose cosine similarity to the question is below this.")
 @click.option("--weighting", type=click.Choice(["uniform", "score"]), default="uniform",
               show_default=True, help="Weight of each atom's delta: 1, or its score "

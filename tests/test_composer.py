@@ -1,0 +1,274 @@
+"""The composer: retrieval across namespaces, stacked == merged == summed deltas, mixed batches,
+exact restore after merges, user isolation, and the errors a user can hit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import random_adapter, save_tiny, with_deltas_added
+
+from compiler.pipeline import store_header
+from composer import AskConfig, Composer, Mode
+from composer.generation import cut_at_stop, encode_prompts
+from microlora.cli import cli
+from microlora.embedder import load_embedder
+from microlora.errors import MicroloraError, StoreMismatchError, UnknownNamespaceError
+from microlora.lora import MultiLoraModel
+from microlora.models import load_base_model
+from microlora.targets import TargetSpec
+from store import AdapterStore, AtomRecord
+
+CORPUS = {
+    "wiki": [f"w{i} w{i + 1} w{i + 2} w{i + 3}" for i in range(0, 80, 10)],
+    "user:ana": ["w3 w5 w7 w9", "w11 w13 w15", "w21 w23 w25"],
+    "user:bob": ["w3 w5 w7 w8", "w11 w13 w16", "w90 w91 w92"],
+}
+QUESTIONS = ["w1 w2 w3", "w41 w42", "w70 w71 w72 w73 w74"]
+ONE_ATOM = {"model.layers.2.mlp.up_proj": (torch.zeros(1, 32), torch.zeros(64, 1))}
+
+
+@pytest.fixture(scope="module")
+def kit(tiny_models, tmp_path_factory):
+    """(base model, embedder, store path) with random rank-2 atoms in three namespaces."""
+    lm, emb_path = tiny_models
+    base, emb = load_base_model(lm), load_embedder(emb_path)
+    lora = MultiLoraModel(base.model, TargetSpec(last_layers=2))
+    shapes = lora.shapes()
+    lora.remove()
+    path = tmp_path_factory.mktemp("composer") / "kb"
+    with AdapterStore.create(path, store_header(base, emb)) as s:
+        for n, (ns, texts) in enumerate(CORPUS.items()):
+            vectors = emb.encode(texts)
+            s.put(ns, [AtomRecord(id=f"{ns.replace(':', '-')}-{i}", text=t,
+                                  adapter=random_adapter(shapes, 2, seed=100 * n + i, scale=0.4),
+                                  embedding=vectors[i], base_fingerprint=base.fingerprint,
+                                  source=f"{ns}.txt", start=i, end=i + len(t))
+                       for i, t in enumerate(texts)])
+    return base, emb, path
+
+
+def open_composer(kit) -> Composer:
+    base, emb, path = kit
+    return Composer(AdapterStore(path, readonly=True), base, emb)
+
+
+def last_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits[:, -1]
+
+
+def test_stacked_merged_and_the_sum_of_deltas_agree(kit):
+    base = kit[0]
+    with open_composer(kit) as c:
+        hits = c.retrieve(["w1 w2 w3"], ["wiki"], AskConfig(k=3))[0]
+        stored = [r.adapter for r in c.store.get("wiki", [h.id for h in hits])]
+        ids, mask = encode_prompts(base.tokenizer, ["w1 w2 w3 w4 w5"], base.device)
+        plain = last_logits(base.model, ids, mask)
+        reference = last_logits(with_deltas_added(
+            base.model, [{k: (A.float(), B.float()) for k, (A, B) in a.items()}
+                         for a in stored]), ids, mask)
+        adapters = c.compose([hits])
+        with c.lora.adapters(adapters):
+            stacked = last_logits(base.model, ids, mask)
+        with c.lora.merged({name: (A[0], B[0]) for name, (A, B) in adapters.items()}):
+            merged = last_logits(base.model, ids, mask)
+        assert not torch.allclose(plain, reference, atol=1e-3)  # the atoms do change outputs
+        torch.testing.assert_close(stacked, reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged, reference, atol=1e-5, rtol=1e-5)
+        # and through the whole ask path, both compositions answer the same
+        answers = {comp: c.ask("w1 w2 w3", ["wiki"], AskConfig(k=3, composition=comp,
+                                                                 max_new_tokens=6)).text
+                   for comp in ("stacked", "merged")}
+        assert answers["stacked"] == answers["merged"]
+
+
+def test_score_weighting_scales_each_delta(kit):
+    base = kit[0]
+    with open_composer(kit) as c:
+        hits = c.retrieve(["w1 w2 w3"], ["wiki"], AskConfig(k=3, weighting="score"))[0]
+        assert sum(h.weight for h in hits) == pytest.approx(3.0)
+        assert len({round(h.weight, 6) for h in hits}) > 1
+        stored = [r.adapter for r in c.store.get("wiki", [h.id for h in hits])]
+        weighted = [{k: (A.float(), B.float() * h.weight) for k, (A, B) in a.items()}
+                    for a, h in zip(stored, hits)]
+        ids, mask = encode_prompts(base.tokenizer, ["w1 w2 w3"], base.device)
+        with c.lora.adapters(c.compose([hits])):
+            ours = last_logits(base.model, ids, mask)
+        torch.testing.assert_close(ours, last_logits(with_deltas_added(base.model, weighted),
+                                                     ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_a_mixed_batch_equals_each_request_alone(kit):
+    base = kit[0]
+    with open_composer(kit) as c:
+        hits = c.retrieve(QUESTIONS, ["wiki"], AskConfig(k=2))
+        assert len({tuple(h.id for h in row) for row in hits}) == 3  # three different sets
+        ids, mask = encode_prompts(base.tokenizer, QUESTIONS, base.device)  # left-padded
+        with c.lora.adapters(c.compose(hits)):
+            together = last_logits(base.model, ids, mask)
+        for i, q in enumerate(QUESTIONS):
+            one_ids, one_mask = encode_prompts(base.tokenizer, [q], base.device)
+            with c.lora.adapters(c.compose([hits[i]])):
+                alone = last_logits(base.model, one_ids, one_mask)
+            torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+        config = AskConfig(k=2, max_new_tokens=6)
+        batched = [a.text for a in c.ask_batch(QUESTIONS, ["wiki"], config)]
+        assert batched == [c.ask(q, ["wiki"], config).text for q in QUESTIONS]
+
+
+def test_ragged_requests_compose_with_padding(kit):
+    """min_score can leave requests with different numbers of atoms, or none."""
+    base = kit[0]
+    with open_composer(kit) as c:
+        hits = c.retrieve(QUESTIONS, ["wiki"], AskConfig(k=3))
+        ragged = [hits[0][:1], hits[1], []]
+        ids, mask = encode_prompts(base.tokenizer, QUESTIONS, base.device)
+        plain = last_logits(base.model, ids, mask)
+        with c.lora.adapters(c.compose(ragged)):
+            together = last_logits(base.model, ids, mask)
+        torch.testing.assert_close(together[2], plain[2])  # no atoms: exactly the base model
+        one_ids, one_mask = encode_prompts(base.tokenizer, QUESTIONS[:1], base.device)
+        with c.lora.adapters(c.compose([ragged[0]])):
+            alone = last_logits(base.model, one_ids, one_mask)
+        torch.testing.assert_close(together[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_restores_the_base_weights_exactly_even_when_generation_fails(kit, monkeypatch):
+    import composer.composer as composer_module
+
+    base = kit[0]
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    seen = {}
+
+    def failing_generate(model, *args, **kwargs):
+        now = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()}
+        seen["changed"] = any(not torch.equal(now[k], before[k]) for k in before)
+        raise RuntimeError("generation blew up")
+
+    with open_composer(kit) as c:
+        monkeypatch.setattr(composer_module, "generate", failing_generate)
+        with pytest.raises(RuntimeError, match="blew up"):
+            c.ask("w1 w2 w3", ["wiki"], AskConfig(k=3, composition="merged"))
+        assert seen["changed"]  # the merge really happened inside the request
+        assert not any(layer.merged for layer in c.lora.layers.values())
+        with pytest.raises(RuntimeError):
+            c.ask("w1 w2 w3", ["wiki"], AskConfig(k=3))
+        assert all(layer.lora_A is None for layer in c.lora.layers.values())
+    after = base.model.state_dict()
+    assert after.keys() == before.keys()  # the wrappers are gone after close()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_user_never_sees_another_users_atoms(kit):
+    with open_composer(kit) as c:
+        layered = c.retrieve(CORPUS["user:bob"], ["user:ana", "wiki"],
+                             AskConfig(k=len(CORPUS["user:ana"]) + len(CORPUS["wiki"])))
+        assert {h.namespace for row in layered for h in row} == {"user:ana", "wiki"}
+        shared = c.retrieve(CORPUS["user:ana"] + CORPUS["user:bob"], None,
+                            AskConfig(k=len(CORPUS["wiki"])))
+        assert {h.namespace for row in shared for h in row} == {"wiki"}
+        answer = c.ask(CORPUS["user:bob"][0], ["user:ana"], AskConfig(k=3, max_new_tokens=2))
+        assert {s.hit.namespace for s in answer.sources} == {"user:ana"}
+        assert {s.text for s in answer.sources} == set(CORPUS["user:ana"])
+
+
+def test_modes_decide_what_is_used(kit):
+    base = kit[0]
+    with open_composer(kit) as c:
+        none = c.ask("w1 w2 w3", ["wiki"], AskConfig(mode="none", max_new_tokens=4))
+        assert none.sources == []
+        ctx = c.ask("w1 w2 w3", ["wiki"], AskConfig(mode="context", k=2, max_new_tokens=4))
+        assert len(ctx.sources) == 2 and ctx.mode is Mode.CONTEXT
+        # context mode puts passages in the prompt and no adapters in the model
+        from composer.prompts import build_prompt
+        prompt = build_prompt(base.tokenizer, "w1 w2 w3", [s.text for s in ctx.sources])
+        assert all(s.text in prompt for s in ctx.sources)
+        assert all(layer.lora_A is None for layer in c.lora.layers.values())
+
+
+def test_streamed_text_is_the_answer(kit):
+    pieces = []
+    with open_composer(kit) as c:
+        answer = c.ask("w1 w2 w3", ["wiki"], AskConfig(k=2, max_new_tokens=8),
+                       on_text=pieces.append)
+    assert answer.text and "".join(pieces) == answer.text
+
+
+def test_cut_at_stop():
+    assert cut_at_stop(" Port Anselm\nQuestion: x", ["\n"]) == "Port Anselm"
+    assert cut_at_stop("no stop here ", ["\n"]) == "no stop here"
+
+
+@pytest.mark.parametrize("make_error", ["empty_store", "emptied_namespace", "k_too_large",
+                                        "unknown_namespace", "blank_question"])
+def test_clear_errors(kit, tmp_path, make_error):
+    base, emb, path = kit
+    if make_error in ("empty_store", "emptied_namespace"):
+        path = tmp_path / "kb"
+        with AdapterStore.create(path, store_header(base, emb)) as s:
+            if make_error == "emptied_namespace":
+                s.put("wiki", [AtomRecord(id="a", text="w1", adapter=ONE_ATOM, embedding=emb.encode(
+                    ["w1"])[0], base_fingerprint=base.fingerprint)])
+                s.delete("wiki", ["a"])
+    expected = {"empty_store": (MicroloraError, "no shared namespaces"),
+                "emptied_namespace": (MicroloraError, "hold no atoms"),
+                "k_too_large": (MicroloraError, "-k 8 or less"),
+                "unknown_namespace": (UnknownNamespaceError, "it has: user:ana, user:bob, wiki"),
+                "blank_question": (MicroloraError, "non-empty")}[make_error]
+    question = "  " if make_error == "blank_question" else "w1 w2"
+    k = 9 if make_error == "k_too_large" else 2
+    namespaces = ["nope"] if make_error == "unknown_namespace" else None
+    with Composer(AdapterStore(path, readonly=True), base, emb) as c, \
+            pytest.raises(expected[0], match=expected[1]):
+        c.ask(question, namespaces, AskConfig(k=k))
+
+
+def test_a_store_of_another_base_model_is_refused(kit, tmp_path):
+    _, emb, path = kit
+    stranger = load_base_model(save_tiny(tmp_path / "other", "gemma", seed=7))
+    store = AdapterStore(path, readonly=True)
+    with pytest.raises(StoreMismatchError, match="--base-model"):
+        Composer(store, stranger, emb)
+    store.close()
+
+
+def test_cli_ask_explain_and_json(kit, tiny_models):
+    _, _, path = kit
+    lm, emb = tiny_models
+    common = ["--store", str(path), "--base-model", str(lm), "--embedder", str(emb)]
+    result = CliRunner().invoke(cli, ["ask", "w1 w2 w3", *common, "-k", "2", "--explain",
+                                      "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert "2 atoms composed (parametric, stacked)" in result.output
+    assert "[wiki] wiki.txt:" in result.output
+    result = CliRunner().invoke(cli, ["ask", "w1 w2", *common, "-n", "user:ana", "--json",
+                                      "--mode", "hybrid", "-k", "3", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["mode"] == "hybrid" and len(data["sources"]) == 3
+    assert {s["namespace"] for s in data["sources"]} == {"user:ana"}
+
+
+def test_cli_ask_errors_are_one_clean_line(kit, tiny_models, tmp_path):
+    lm, emb = tiny_models
+    missing = tmp_path / "nowhere"
+    result = CliRunner().invoke(cli, ["ask", "w1", "--store", str(missing), "--base-model",
+                                      str(lm), "--embedder", str(emb)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "Error:" in result.output and not missing.exists()
+    result = CliRunner().invoke(cli, ["ask", "w1", "--store", str(kit[2]), "--base-model",
+                                      str(lm), "--embedder", str(emb), "-k", "50"])
+    assert result.exit_code == 1 and "-k 8 or less" in result.output
+
+
+def test_cli_defaults_are_the_ask_defaults():
+    from microlora.commands.ask import ask_command
+
+    defaults = {p.name: p.default for p in ask_command.params}
+    config = AskConfig()
+    assert defaults["mode"] == config.mode.value
+    for name in ("k", "min_score", "weighting", "composition", "max_new_tokens"):
+        assert defaults[name] == getattr(config, name), name
