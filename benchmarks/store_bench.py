@@ -53,14 +53,14 @@ def default_target_shapes() -> dict[str, tuple[int, int]]:
             for name, m in select_targets(model, TargetSpec()).items()}
 
 
-def synthetic_atoms(n: int, shapes, seed: int, batch: int):
+def synthetic_atoms(n: int, shapes, seed: int, batch: int, std: float = 1.0):
     """Batches of random atoms; bf16 like a compiled store."""
     g = torch.Generator().manual_seed(seed)
     for start in range(0, n, batch):
         recs = []
         for i in range(start, min(n, start + batch)):
-            adapter = {name: (torch.randn(RANK, d_in, generator=g, dtype=torch.bfloat16),
-                              torch.randn(d_out, RANK, generator=g, dtype=torch.bfloat16))
+            adapter = {name: ((torch.randn(RANK, d_in, generator=g) * std).bfloat16(),
+                              (torch.randn(d_out, RANK, generator=g) * std).bfloat16())
                        for name, (d_in, d_out) in shapes.items()}
             emb = torch.randn(EMBED_DIM, generator=g)
             recs.append(AtomRecord(id=f"{i:012x}", text=f"synthetic atom {i}", adapter=adapter,

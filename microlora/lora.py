@@ -99,13 +99,18 @@ class MultiLoraLinear(nn.Module):
             raise AdapterError(f"cannot merge A{tuple(A.shape)} B{tuple(B.shape)} into a "
                                f"linear {self.in_features}->{self.out_features}")
         w = self.base_layer.weight
-        delta = scale * (B.to(w.device, torch.float32) @ A.to(w.device, torch.float32))
-        delta = delta.T if self.transposed else delta  # (out, in), or (in, out) for Conv1D
-        merged = w.data.float() + delta
-        if not torch.isfinite(merged).all():
+        A, B = A.to(w.device, torch.float32), B.to(w.device, torch.float32)
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):  # W is too big to scan
             raise AdapterError("merging would put NaN or inf into the base weight; refused")
         self._unmerged_weight = w.data.clone()
-        w.data.copy_(merged.to(w.dtype))
+        if w.dtype == torch.float32:  # in place: one pass over W
+            if self.transposed:  # Conv1D keeps W as (in, out)
+                w.data.addmm_(A.T, B.T, alpha=scale)
+            else:
+                w.data.addmm_(B, A, alpha=scale)
+        else:  # add in fp32, round once
+            delta = scale * (B @ A)
+            w.data.copy_(w.data.float() + (delta.T if self.transposed else delta))
 
     def unmerge(self) -> None:
         if self._unmerged_weight is None:

@@ -120,3 +120,25 @@ def test_compile_real_sentences_with_the_default_models(gemma, tmp_path):
                 untrained = base.model(input_ids=ids, labels=ids).loss.item()
             assert len(record.adapter) == 18
             assert record.extra["final_loss"] < 0.5 * untrained  # it learned its sentence
+
+
+def test_quickstart_answers_from_composed_adapters(gemma, tmp_path):
+    """README's first command on the real models: the packaged invented facts are unknown to
+    the base model closed book, and composed adapters answer some of them."""
+    import re
+
+    from click.testing import CliRunner
+
+    from microlora.cli import cli
+
+    _, marker = gemma
+    home = marker.parent.parent.parent
+    result = CliRunner().invoke(cli, ["--home", str(home), "quickstart", "--store",
+                                      str(tmp_path / "qs")])
+    assert result.exit_code == 0, result.output
+    closed, composed = map(int, re.search(
+        r"closed book (\d+)/6, composed adapters (\d+)/6", result.stdout).groups())
+    assert composed > closed
+    again = CliRunner().invoke(cli, ["--home", str(home), "quickstart", "--store",
+                                     str(tmp_path / "qs")])
+    assert "already compiled" in again.stdout  # a second run trains nothing

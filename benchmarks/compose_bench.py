@@ -1,0 +1,214 @@
+"""Compose benchmark: assembling k stored atoms into the base model, microlora vs PEFT, and the
+cost of composed adapters while decoding, side by side in one run on the default model.
+
+    python benchmarks/compose_bench.py [--quick] --out results/compose.json
+
+- assembly: time to make k in {1, 4, 8, 16} stored atoms active. microlora: retrieve nothing,
+  read the atoms zero-copy from the LMDB store, compose them (one copy) and set them on the
+  per-sample layers (``Composer.compose`` + ``MultiLoraModel.adapters``). PEFT: the same atoms
+  as PEFT adapter folders, ``load_adapter`` for each, ``add_weighted_adapter(
+  combination_type="cat")`` and ``set_adapter`` (undone, untimed, between trials). Both are
+  checked to give the same logits.
+- decoding: one request, 64 new tokens (no stopping), k=8 atoms composed vs the base model
+  alone. A request's time includes composing its adapters (and, merged, the merge and the
+  restore), so the overheads are end to end.
+- mixed batch: 8 requests with 8 different sets of 8 atoms decoded together vs 8 base-model
+  requests batched.
+
+Atoms are synthetic rank-2 bf16 adapters of the default targets with small weights (std
+0.02), so the model still produces ordinary text; timings do not depend on what they encode.
+Trials run interleaved (ABC CBA ...) and medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from store_bench import synthetic_atoms, write_peft_dir
+from tqdm import tqdm
+
+from compiler.pipeline import store_header
+from composer import Composer, Hit
+from composer.generation import encode_prompts, generate
+from composer.prompts import build_prompt
+from microlora.embedder import load_embedder
+from microlora.models import load_base_model
+from microlora.targets import TargetSpec, select_targets
+from store import AdapterStore
+
+KS = (1, 4, 8, 16)
+NEW_TOKENS = 64
+QUESTION = "Which company made the first pocket watch that winds itself with body heat?"
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def peft_assembly(peft_model, folders: list[Path]) -> float:
+    """PEFT's route to k composed adapters; returns seconds, leaves the model as it found it."""
+    names = [f"atom{i}" for i in range(len(folders))]
+    t0 = time.perf_counter()
+    for name, folder in zip(names, folders):
+        peft_model.load_adapter(str(folder), adapter_name=name)
+    peft_model.add_weighted_adapter(names, [1.0] * len(names), adapter_name="combo",
+                                    combination_type="cat")
+    peft_model.set_adapter("combo")
+    seconds = time.perf_counter() - t0
+    return seconds
+
+
+def peft_reset(peft_model, k: int) -> None:
+    peft_model.set_adapter("base")
+    for name in [f"atom{i}" for i in range(k)] + ["combo"]:
+        peft_model.delete_adapter(name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer trials")
+    ap.add_argument("--out", type=Path, required=True, help="JSON results file")
+    args = ap.parse_args()
+    trials = 3 if args.quick else 7
+    assembly_trials = 5 if args.quick else 20
+
+    base = load_base_model()
+    emb = load_embedder()
+    shapes = {name: (m.in_features, m.out_features)
+              for name, m in select_targets(base.model, TargetSpec()).items()}
+    n_atoms = max(KS) + 8 * 8
+    work = Path(tempfile.mkdtemp())
+    try:
+        records = [r for batch in synthetic_atoms(n_atoms, shapes, seed=0, batch=64, std=0.02)
+                   for r in batch]
+        for r in records:
+            r.base_fingerprint = base.fingerprint
+        with AdapterStore.create(work / "store", store_header(base, emb)) as s:
+            s.put("bench", records)
+        (work / "peft").mkdir()
+        for r in records[:max(KS)]:
+            write_peft_dir(work / "peft", r)
+        ids = [r.id for r in records]
+        result = run(base, emb, work, ids, trials, assembly_trials)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["machine"] = (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                         f"torch {torch.__version__}, {next(base.model.parameters()).dtype}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    for key, value in result.items():
+        print(f"{key:>34}: {value:.4f}" if isinstance(value, float) else f"{key:>34}: {value}")
+
+
+def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int) -> dict:
+    from peft import PeftModel
+
+    result: dict = {"new_tokens": NEW_TOKENS, "trials": trials,
+                    "assembly_trials": assembly_trials}
+    tok = base.tokenizer
+    one_ids, one_mask = encode_prompts(tok, [build_prompt(tok, QUESTION)], base.device)
+    composer = Composer(AdapterStore(work / "store", readonly=True), base, emb)
+    hits_of = {k: [Hit("bench", i, 1.0) for i in ids[:k]] for k in KS}
+
+    # -- assembly ------------------------------------------------------------------------------
+    peft_base = load_base_model().model  # a second copy: PEFT rewrites the modules it wraps
+    peft_model = PeftModel.from_pretrained(peft_base, str(work / "peft" / ids[0]),
+                                           adapter_name="base")
+    peft_model.eval()
+    for k in KS:
+        folders = [work / "peft" / i for i in ids[:k]]
+
+        def ours(k: int = k) -> None:
+            with composer.lora.adapters(composer.compose([hits_of[k]])):
+                pass
+
+        ours()  # warm up (first use wraps the target layers)
+        t_ours = [timed(ours) for _ in range(assembly_trials)]
+        t_peft = []
+        for _ in tqdm(range(max(3, assembly_trials // 4)), desc=f"PEFT assembly k={k}"):
+            t_peft.append(peft_assembly(peft_model, folders))
+            if k == 4 and len(t_peft) == 1:  # the two routes compose the same adapter
+                with torch.no_grad():
+                    base_logits = base.model(input_ids=one_ids).logits[0, -1]
+                    with composer.lora.adapters(composer.compose([hits_of[k]])):
+                        ours_logits = base.model(input_ids=one_ids).logits[0, -1]
+                    peft_logits = peft_model(input_ids=one_ids).logits[0, -1]
+                result["assembly_max_logit_diff_k4"] = float(
+                    (ours_logits - peft_logits).abs().max())
+                # how far the 4 atoms move the logits: the diff above is small against this
+                result["assembly_max_logit_change_k4"] = float(
+                    (ours_logits - base_logits).abs().max())
+            peft_reset(peft_model, k)
+        result[f"assembly_ms_k{k}"] = statistics.median(t_ours) * 1e3
+        result[f"peft_assembly_ms_k{k}"] = statistics.median(t_peft) * 1e3
+        result[f"assembly_speedup_vs_peft_k{k}"] = statistics.median(t_peft) / statistics.median(
+            t_ours)
+    del peft_model, peft_base
+
+    # -- decoding one request --------------------------------------------------------------------
+    def decode(ids_, mask_):
+        generate(base.model, tok, ids_, mask_, max_new_tokens=NEW_TOKENS,
+                 min_new_tokens=NEW_TOKENS)
+
+    def request_base():
+        decode(one_ids, one_mask)
+
+    def request_stacked():
+        with composer.lora.adapters(composer.compose([hits_of[8]])):
+            decode(one_ids, one_mask)
+
+    def request_merged():
+        adapters = composer.compose([hits_of[8]])
+        with composer.lora.merged({n: (A[0], B[0]) for n, (A, B) in adapters.items()}):
+            decode(one_ids, one_mask)
+
+    runs = {"base": [], "stacked": [], "merged": []}
+    fns = {"base": request_base, "stacked": request_stacked, "merged": request_merged}
+    request_base()  # warm up
+    for t in tqdm(range(trials), desc="decoding"):
+        order = list(fns) if t % 2 == 0 else list(fns)[::-1]
+        for name in order:
+            runs[name].append(timed(fns[name]))
+    t_base = statistics.median(runs["base"])
+    result["base_tokens_per_s"] = NEW_TOKENS / t_base
+    for name in ("stacked", "merged"):
+        result[f"{name}_tokens_per_s"] = NEW_TOKENS / statistics.median(runs[name])
+        result[f"{name}_overhead"] = statistics.median(runs[name]) / t_base - 1
+
+    # -- a mixed batch of 8 requests ---------------------------------------------------------
+    questions = [f"{QUESTION} ({i})" for i in range(8)]
+    b_ids, b_mask = encode_prompts(tok, [build_prompt(tok, q) for q in questions], base.device)
+    sets = [[Hit("bench", i, 1.0) for i in ids[max(KS) + 8 * j:max(KS) + 8 * (j + 1)]]
+            for j in range(8)]
+
+    def batch_base():
+        decode(b_ids, b_mask)
+
+    def batch_mixed():
+        with composer.lora.adapters(composer.compose(sets)):
+            decode(b_ids, b_mask)
+
+    t_mixed, t_bbase = [], []
+    for t in tqdm(range(trials), desc="mixed batch"):
+        for name in (["base", "mixed"] if t % 2 == 0 else ["mixed", "base"]):
+            (t_bbase if name == "base" else t_mixed).append(
+                timed(batch_base if name == "base" else batch_mixed))
+    result["batch8_base_tokens_per_s"] = 8 * NEW_TOKENS / statistics.median(t_bbase)
+    result["batch8_mixed_tokens_per_s"] = 8 * NEW_TOKENS / statistics.median(t_mixed)
+    result["mixed_batch_vs_base"] = statistics.median(t_bbase) / statistics.median(t_mixed)
+    composer.close()
+    return result
+
+
+if __name__ == "__main__":
+    main()
