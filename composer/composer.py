@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from composer.generation import encode_prompts, generate
-from composer.prompts import Mode, build_prompt, has_chat_template, stop_strings
+from composer.prompts import TEMPLATES, Mode, build_prompt, stop_pattern, uses_chat
 from composer.retrieval import Hit, default_namespaces, retrieve
 from microlora.embedder import Embedder
 from microlora.errors import MicroloraError
@@ -51,9 +51,12 @@ class AskConfig:
     weighting: str = "uniform"
     composition: str = "stacked"
     max_new_tokens: int = 32
+    template: str = "qa"  # or "completion": continue the question as plain text
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))
+        if self.template not in TEMPLATES:
+            raise MicroloraError(f"template must be one of {TEMPLATES}, got {self.template!r}")
         if self.composition not in COMPOSITIONS:
             raise MicroloraError(f"composition must be one of {COMPOSITIONS}, "
                                  f"got {self.composition!r}")
@@ -171,31 +174,39 @@ class Composer:
 
     def ask_batch(self, questions: Sequence[str], namespaces: Sequence[str] | None = None,
                   config: AskConfig = AskConfig(), *,
-                  on_text: Callable[[str], None] | None = None) -> list[Answer]:
-        """Answer several questions in one generation batch, each with its own atoms."""
+                  on_text: Callable[[str], None] | None = None,
+                  hits: Sequence[Sequence[Hit]] | None = None) -> list[Answer]:
+        """Answer several questions in one generation batch, each with its own atoms
+        (retrieved, or ``hits`` when given: e.g. the gold atoms, for an oracle)."""
         if not questions or any(not isinstance(q, str) or not q.strip() for q in questions):
             raise MicroloraError("every question must be a non-empty string")
         if config.composition == "merged" and len(questions) > 1 and config.mode.uses_adapters:
             raise MicroloraError("merged composition answers one question at a time; use "
                                  "stacked for batches")
         t0 = time.perf_counter()
-        hits = (self.retrieve(questions, namespaces, config) if config.mode.retrieves
-                else [[] for _ in questions])
-        sources = self._sources(hits) if config.mode.retrieves else [[] for _ in questions]
+        if not config.mode.retrieves:
+            hits = [[] for _ in questions]
+        elif hits is None:
+            hits = self.retrieve(questions, namespaces, config)
+        elif len(hits) != len(questions):
+            raise MicroloraError("hits must hold one list of atoms per question")
+        sources = self._sources(hits)
         tok = self.base.tokenizer
         prompts = [build_prompt(tok, q, [s.text for s in srcs] if config.mode.uses_passages
-                                else ()) for q, srcs in zip(questions, sources)]
-        ids, mask = encode_prompts(tok, prompts, self.base.device, chat=has_chat_template(tok))
+                                else (), config.template)
+                   for q, srcs in zip(questions, sources)]
+        ids, mask = encode_prompts(tok, prompts, self.base.device,
+                                   chat=uses_chat(tok, config.template))
         with self._lock, self._adapters_for(hits, config):
             outs = generate(self.base.model, tok, ids, mask,
-                            max_new_tokens=config.max_new_tokens, stop=stop_strings(tok),
-                            on_text=on_text)
+                            max_new_tokens=config.max_new_tokens,
+                            stop=stop_pattern(tok, config.template), on_text=on_text)
         seconds = time.perf_counter() - t0
         return [Answer(q, o.text, config.mode, srcs, o.new_tokens, seconds)
                 for q, o, srcs in zip(questions, outs, sources)]
 
     @contextmanager
-    def _adapters_for(self, hits: list[list[Hit]], config: AskConfig):
+    def _adapters_for(self, hits: Sequence[Sequence[Hit]], config: AskConfig):
         if not config.mode.uses_adapters or not any(hits):
             yield
             return
@@ -207,7 +218,7 @@ class Composer:
         with ctx:
             yield
 
-    def _sources(self, hits: list[list[Hit]]) -> list[list[Source]]:
+    def _sources(self, hits: Sequence[Sequence[Hit]]) -> list[list[Source]]:
         """The text and provenance of every hit (metadata only; no adapter is copied)."""
         with ExitStack() as stack:
             readers = {ns: stack.enter_context(self.store.read(ns))

@@ -1,5 +1,5 @@
-"""Greedy decoding of a batch of prompts with ``transformers``' ``generate``, cut at stop
-strings, optionally streamed.
+"""Greedy decoding of a batch of prompts with ``transformers``' ``generate``, cut where a
+stop pattern matches, optionally streamed.
 
 Whatever adapters are active on the model (per-sample stacked ones, or a merge) apply: this
 module only turns prompts into text.
@@ -7,6 +7,7 @@ module only turns prompts into text.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 @dataclass
 class Generated:
     text: str
-    new_tokens: int  # tokens generated, including any that the stop string cut off
+    new_tokens: int  # tokens generated, including any that the stop pattern cut off
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device,
@@ -34,14 +35,14 @@ def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device,
 
 
 def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
-             max_new_tokens: int = 32, stop: Sequence[str] = (), min_new_tokens: int = 0,
+             max_new_tokens: int = 32, stop: re.Pattern | None = None, min_new_tokens: int = 0,
              on_text: Callable[[str], None] | None = None) -> list[Generated]:
-    """Greedy continuation of each row, cut before the first stop string. ``on_text`` (batch
+    """Greedy continuation of each row, cut where ``stop`` first matches. ``on_text`` (batch
     of one only) receives the answer piece by piece as it is decoded."""
     if on_text is not None and len(ids) != 1:
         raise ValueError("streaming needs a batch of one")
     kwargs = {}
-    if stop:
+    if stop is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList(
             [_StopOnText(tokenizer, stop, ids.shape[1])])
     if on_text is not None:
@@ -63,37 +64,42 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
     return results
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The text before the first stop string, stripped."""
-    for s in stop:
-        if s in text:
-            text = text[:text.index(s)]
-    return text.strip()
+def cut_at_stop(text: str, stop: re.Pattern | None) -> str:
+    """The answer: the text before the first match of ``stop`` (once the answer has begun:
+    leading whitespace is skipped), stripped."""
+    text = text.lstrip()
+    at = stop_index(text, stop)
+    return (text if at is None else text[:at]).strip()
+
+
+def stop_index(text: str, stop: re.Pattern | None) -> int | None:
+    m = stop.search(text) if stop is not None else None
+    return m.start() if m else None
 
 
 class _StopOnText(StoppingCriteria):
-    """Stops each row once its new text contains a stop string. (``generate``'s own
-    ``stop_strings`` needs a byte-level or SentencePiece vocabulary; this works with any
-    tokenizer, at the cost of decoding the few new tokens of each row per step.)"""
+    """Stops each row once its new text matches the stop pattern. (``generate``'s own
+    ``stop_strings`` takes no patterns and needs a byte-level or SentencePiece vocabulary; this
+    works with any tokenizer, at the cost of decoding the few new tokens of each row per
+    step.)"""
 
-    def __init__(self, tokenizer, stop: Sequence[str], prompt_length: int):
-        self.tokenizer, self.stop, self.prompt_length = tokenizer, tuple(stop), prompt_length
+    def __init__(self, tokenizer, stop: re.Pattern, prompt_length: int):
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:],
                                             skip_special_tokens=True)
-        # a stop string counts once the answer has begun: a leading newline is not an end
-        done = [any(s in t.lstrip() for s in self.stop) for t in texts]
+        done = [stop_index(t.lstrip(), self.stop) is not None for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 class _StopStreamer(TextStreamer):
     """``TextStreamer`` that hands text to a callback and swallows everything from the first
-    stop string on (the model keeps going a token or two past it)."""
+    stop match on (the model keeps going a token or two past it)."""
 
-    def __init__(self, tokenizer, stop: Sequence[str], on_text: Callable[[str], None]):
+    def __init__(self, tokenizer, stop: re.Pattern | None, on_text: Callable[[str], None]):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.stop, self.on_text = tuple(stop), on_text
+        self.stop, self.on_text = stop, on_text
         self.text, self.emitted, self.stopped = "", 0, False
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -101,7 +107,7 @@ class _StopStreamer(TextStreamer):
             return
         self.text += text
         visible = self.text.lstrip()
-        cut = min((visible.index(s) for s in self.stop if s in visible), default=None)
+        cut = stop_index(visible, self.stop)
         if cut is not None:
             visible, self.stopped = visible[:cut].rstrip(), True
         if len(visible) > self.emitted:

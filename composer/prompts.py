@@ -7,6 +7,7 @@ template and stops at its end-of-turn token.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from enum import Enum
 
@@ -40,17 +41,29 @@ _EXAMPLES = (
     ("Water boils at 100 degrees Celsius at sea level.",
      "At what temperature does water boil at sea level?", "100 degrees Celsius"),
 )
-BASE_STOP = ("\n",)
+# Where a short answer ends: a line break, a comma or semicolon, an opening parenthesis, or a
+# full stop that ends a word of two or more letters (so "John F. Kelly" and "U.S." survive).
+ANSWER_END = re.compile(r"\n|[,;]|\s\(|(?<=[^\s.]{2})\s?\.(?=\s|$)")
+LINE_END = re.compile(r"\n")
 
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def build_prompt(tokenizer, question: str, passages: Sequence[str] = ()) -> str:
+TEMPLATES = ("qa", "completion")
+
+
+def build_prompt(tokenizer, question: str, passages: Sequence[str] = (),
+                 template: str = "qa") -> str:
     """The text to continue: ``passages`` (empty unless the mode shows them) go before the
-    question."""
+    question. The "completion" template continues ``question`` as plain text (a sentence
+    to finish, as in cloze-style probes) instead of answering it."""
     question = " ".join(question.split())
+    if template == "completion":
+        return (" ".join(passages) + "\n\n" if passages else "") + question
+    if template != "qa":
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
     if has_chat_template(tokenizer):
         context = "".join(f"{p}\n" for p in passages)
         header = "Context:\n" if passages else ""
@@ -64,7 +77,14 @@ def build_prompt(tokenizer, question: str, passages: Sequence[str] = ()) -> str:
     return "\n\n".join(shots) + f"\n\n{context}Question: {question}\nAnswer:"
 
 
-def stop_strings(tokenizer) -> tuple[str, ...]:
-    """Where an answer ends: a newline for the few-shot prompt; the template's end-of-turn
-    token (handled by generation itself) for chat models."""
-    return () if has_chat_template(tokenizer) else BASE_STOP
+def uses_chat(tokenizer, template: str) -> bool:
+    return template == "qa" and has_chat_template(tokenizer)
+
+
+def stop_pattern(tokenizer, template: str = "qa") -> re.Pattern | None:
+    """Where an answer ends: the end of the short answer for the few-shot QA prompt, the end
+    of the line for completions; for chat models, the template's end-of-turn token (handled
+    by generation itself)."""
+    if uses_chat(tokenizer, template):
+        return None
+    return ANSWER_END if template == "qa" else LINE_END

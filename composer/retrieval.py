@@ -66,11 +66,13 @@ def retrieve(store: AdapterStore, queries: np.ndarray, namespaces: Sequence[str]
         row = sorted(row, key=lambda h: -h.score)[:k]
         if min_score is not None:
             row = [h for h in row if h.score >= min_score]
-        out.append(_weighted(row, weighting))
+        out.append(weigh(row, weighting))
     return out
 
 
-def _weighted(hits: list[Hit], weighting: str) -> list[Hit]:
+def weigh(hits: Sequence[Hit], weighting: str) -> list[Hit]:
+    """The hits with weights set: all 1 ("uniform"), or cosine normalised to mean 1 ("score")."""
+    hits = list(hits)
     if weighting == "uniform" or not hits:
         return hits
     scores = np.array([max(h.score, 0.0) for h in hits])

@@ -52,11 +52,12 @@ def cli(home: str | None, verbose: int) -> None:
 
 
 def _register() -> None:
-    from microlora.commands import ask, compile, doctor, quickstart, store
+    from microlora.commands import ask, compile, doctor, eval, quickstart, store
 
     cli.add_command(quickstart.quickstart)
     cli.add_command(ask.ask_command)
     cli.add_command(compile.compile_command)
+    cli.add_command(eval.eval_command)
     cli.add_command(doctor.doctor)
     cli.add_command(store.store)
 

@@ -13,6 +13,7 @@ from conftest import random_adapter, save_tiny, with_deltas_added
 from compiler.pipeline import store_header
 from composer import AskConfig, Composer, Mode
 from composer.generation import cut_at_stop, encode_prompts
+from composer.prompts import ANSWER_END
 from microlora.cli import cli
 from microlora.embedder import load_embedder
 from microlora.errors import MicroloraError, StoreMismatchError, UnknownNamespaceError
@@ -197,9 +198,18 @@ def test_streamed_text_is_the_answer(kit):
     assert answer.text and "".join(pieces) == answer.text
 
 
-def test_cut_at_stop():
-    assert cut_at_stop(" Port Anselm\nQuestion: x", ["\n"]) == "Port Anselm"
-    assert cut_at_stop("no stop here ", ["\n"]) == "no stop here"
+@pytest.mark.parametrize("raw, answer", [
+    (" Port Anselm\nQuestion: x", "Port Anselm"),
+    (" Joseph Schumpeter , begun in 1941", "Joseph Schumpeter"),
+    (" John F. Kelly . It was announced", "John F. Kelly"),
+    (" the U.S. Army. Later", "the U.S. Army"),
+    (" between 1588 and 1592.", "between 1588 and 1592"),
+    (" Nathan Bedford Forrest III (born 1921)", "Nathan Bedford Forrest III"),
+    ("\n Drevik", "Drevik"),
+    ("no stop here ", "no stop here"),
+])
+def test_short_answers_end_where_the_answer_does(raw, answer):
+    assert cut_at_stop(raw, ANSWER_END) == answer
 
 
 @pytest.mark.parametrize("make_error", ["empty_store", "emptied_namespace", "k_too_large",

@@ -7,33 +7,16 @@ from pathlib import Path
 import click
 
 from compiler.documents import MAX_FILE_MB
-from microlora.commands.options import model_options, store_option
+from microlora.commands.options import build_recipe, model_options, recipe_options, store_option
 
 
-# Literal defaults keep `--help` free of torch imports; tests/test_compile.py checks that they
-# match TrainConfig and ChunkConfig.
 @click.command("compile")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @store_option(help="Store directory (created if it does not exist).")
 @click.option("--namespace", "-n", default="default", show_default=True,
               help="Namespace to compile into: a corpus name, or user:NAME.")
 @model_options
-@click.option("--rank", default=2, show_default=True, type=click.IntRange(1, 8),
-              help="Adapter rank per atom.")
-@click.option("--steps", "max_steps", default=25, show_default=True, type=click.IntRange(1),
-              help="Most optimiser steps per atom (atoms that have learned stop earlier).")
-@click.option("--lr", default=5e-3, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Adam learning rate.")
-@click.option("--neighbours", default=3, show_default=True, type=click.IntRange(0),
-              help="Other atoms composed beside each atom while it trains.")
-@click.option("--batch-size", "batch_atoms", default=32, show_default=True,
-              type=click.IntRange(1), help="Atoms trained together per step.")
-@click.option("--last-layers", default=6, show_default=True, type=click.IntRange(1),
-              help="Adapt the MLPs of the last N layers.")
-@click.option("--targets", "modules", default="mlp.*", show_default=True,
-              help="Comma-separated module patterns inside a layer, e.g. 'mlp.*,self_attn.o_proj'.")
-@click.option("--max-atom-tokens", default=64, show_default=True, type=click.IntRange(8),
-              help="Split sentences longer than this (base-model tokens).")
+@recipe_options
 @click.option("--max-file-mb", default=MAX_FILE_MB, show_default=True, type=float,
               help="Skip files larger than this.")
 @click.option("--prune", is_flag=True,
@@ -54,23 +37,14 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
     """
     from tqdm import tqdm
 
-    from compiler.chunking import ChunkConfig
     from compiler.pipeline import compile_corpus
-    from compiler.trainer import TrainConfig
     from microlora.embedder import load_embedder
     from microlora.models import load_base_model
-    from microlora.targets import TargetSpec
     from store import validate_namespace
 
     validate_namespace(namespace)
-    try:
-        config = TrainConfig(rank=rank, lr=lr, max_steps=max_steps, neighbours=neighbours,
-                             batch_atoms=batch_atoms, targets=TargetSpec(
-                                 modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
-                                 last_layers=last_layers))
-        chunking = ChunkConfig(max_tokens=max_atom_tokens)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
+    config, chunking = build_recipe(rank, max_steps, lr, neighbours, batch_atoms, last_layers,
+                                    modules, max_atom_tokens)
     base = load_base_model(base_model, device=device)
     emb = load_embedder(embedder, device=device)
     bar = tqdm(total=0, unit="atom", desc="compiling", disable=dry_run)

@@ -22,3 +22,51 @@ def model_options(f):
 def store_option(required: bool = True, help: str = "The store directory."):
     return click.option("--store", "store_dir", required=required,
                         type=click.Path(path_type=Path, file_okay=False), help=help)
+
+
+
+# Literal defaults keep `--help` free of torch imports; tests/test_compile.py checks that they
+# match TrainConfig and ChunkConfig.
+_RECIPE_OPTIONS = [
+    click.option("--rank", default=2, show_default=True, type=click.IntRange(1, 8),
+                 help="Adapter rank per atom."),
+    click.option("--steps", "max_steps", default=25, show_default=True, type=click.IntRange(1),
+                 help="Most optimiser steps per atom (atoms that have learned stop earlier)."),
+    click.option("--lr", default=5e-3, show_default=True,
+                 type=click.FloatRange(0, min_open=True), help="Adam learning rate."),
+    click.option("--neighbours", default=3, show_default=True, type=click.IntRange(0),
+                 help="Other atoms composed beside each atom while it trains."),
+    click.option("--batch-size", "batch_atoms", default=32, show_default=True,
+                 type=click.IntRange(1), help="Atoms trained together per step."),
+    click.option("--last-layers", default=6, show_default=True, type=click.IntRange(1),
+                 help="Adapt the MLPs of the last N layers."),
+    click.option("--targets", "modules", default="mlp.*", show_default=True,
+                 help="Comma-separated module patterns inside a layer, "
+                      "e.g. 'mlp.*,self_attn.o_proj'."),
+    click.option("--max-atom-tokens", default=64, show_default=True, type=click.IntRange(8),
+                 help="Split sentences longer than this (base-model tokens)."),
+]
+
+
+def recipe_options(f):
+    """The compile recipe's options (see ``build_recipe``)."""
+    for option in reversed(_RECIPE_OPTIONS):
+        f = option(f)
+    return f
+
+
+def build_recipe(rank: int, max_steps: int, lr: float, neighbours: int, batch_atoms: int,
+                 last_layers: int, modules: str, max_atom_tokens: int):
+    """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
+    from compiler.chunking import ChunkConfig
+    from compiler.trainer import TrainConfig
+    from microlora.targets import TargetSpec
+
+    try:
+        spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
+                          last_layers=last_layers)
+        return (TrainConfig(rank=rank, lr=lr, max_steps=max_steps, neighbours=neighbours,
+                            batch_atoms=batch_atoms, targets=spec),
+                ChunkConfig(max_tokens=max_atom_tokens))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e

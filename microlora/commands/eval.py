@@ -1,0 +1,98 @@
+"""``microlora eval``: how well do composed adapters answer questions about their passages?"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from microlora.commands.options import build_recipe, model_options, recipe_options
+
+SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
+
+
+@click.command("eval")
+@click.option("--data", "data_path", required=True, type=click.Path(exists=True,
+              dir_okay=False, path_type=Path),
+              help="cpkc-style JSONL (id, question, context, answer[, original_answer]) or "
+                   "fictional_knowledge.json.")
+@click.option("--dataset", "kind", type=click.Choice(["cpkc", "fictional"]), default=None,
+              help="Format of --data [default: fictional for .json, else cpkc].")
+@click.option("--split", type=click.Choice(["eval", "tune", "all"]), default="eval",
+              show_default=True, help="Rows to draw from: tune (the last 100 cpkc / 30 "
+                                      "fictional rows) to choose settings, eval to report.")
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True,
+              help="Passages to ask about (cpkc: one question each; fictional: 15 probes).")
+@click.option("--distractors", type=click.IntRange(0), default=50, show_default=True,
+              help="Extra passages compiled into the same store but never asked about.")
+@click.option("--seed", default=0, show_default=True, help="Which rows are drawn.")
+@click.option("-k", "k", type=click.IntRange(1), default=None,
+              help="Atoms per question [default: microlora ask's].")
+@click.option("--sweep", default="", help="More k values for rag/parametric/hybrid, e.g. 1,2,8.")
+@click.option("--systems", default=",".join(SYSTEM_NAMES), show_default=True,
+              help="Which systems to run.")
+@click.option("--weighting", type=click.Choice(["uniform", "score"]), default="uniform",
+              show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="RESULT.json; .answers.jsonl, .md and .png are written beside it.")
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the compiled store here [default: a temporary directory].")
+@recipe_options
+@model_options
+def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, systems,
+                 weighting, out, workdir, rank, max_steps, lr, neighbours, batch_atoms,
+                 last_layers, modules, max_atom_tokens, base_model, embedder, device) -> None:
+    """Compile the passages of a QA dataset into one fresh store and answer every question
+    with each system: closed_book (base model), rag (atom text in the prompt), parametric
+    (composed adapters, no text), hybrid (both) and oracle (the gold passage's adapters).
+
+    Scores are exact match and token F1 after SQuAD normalisation, "contains" (the answer
+    appears in the output), and for counterfactual data the rate at which the real-world
+    answer comes out instead. The recipe options are the compile recipe under test.
+
+    \b
+    Example (about 15 minutes on 2 CPU cores):
+      microlora eval --data benchmarks/data/cpkc_dev.jsonl --limit 100 --out results/qa.json
+    """
+    from tqdm import tqdm
+
+    from composer import AskConfig
+    from microlora.embedder import load_embedder
+    from microlora.evaluation import EvalConfig, run_eval
+    from microlora.evaluation.datasets import load_dataset
+    from microlora.evaluation.report import markdown, write_report
+    from microlora.models import load_base_model
+
+    kind = kind or ("fictional" if data_path.suffix == ".json" else "cpkc")
+    try:
+        ks = tuple(int(x) for x in sweep.split(",") if x.strip())
+    except ValueError as e:
+        raise click.BadParameter(f"--sweep takes integers like 1,2,8 ({e})") from e
+    chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
+    if not chosen or set(chosen) - set(SYSTEM_NAMES):
+        raise click.BadParameter(f"--systems: choose from {', '.join(SYSTEM_NAMES)}")
+    train, chunk = build_recipe(rank, max_steps, lr, neighbours, batch_atoms, last_layers,
+                                modules, max_atom_tokens)
+    dataset = load_dataset(data_path, kind, limit=limit, distractors=distractors, seed=seed,
+                           split=split)
+    config = EvalConfig(k=k or AskConfig.k, sweep=ks, systems=chosen, weighting=weighting,
+                        train=train, chunk=chunk)
+    base = load_base_model(base_model, device=device)
+    emb = load_embedder(embedder, device=device)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.setdefault(stage, tqdm(total=total, desc=stage, unit="atom"
+                                          if stage == "compile" else "answer"))
+        bar.total = total
+        bar.update(done - bar.n)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        summary, rows = run_eval(dataset, workdir or tmp, base, emb, config, progress)
+    for bar in bars.values():
+        bar.close()
+    summary.update(split=split, seed=seed, data=str(data_path))
+    written = write_report(summary, rows, out)
+    click.echo(markdown(summary))
+    click.echo("wrote " + ", ".join(map(str, written)))

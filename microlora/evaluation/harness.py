@@ -1,0 +1,168 @@
+"""Compile a dataset's passages into one fresh store, then answer every question with every
+system on the same prompt and decoding, and score the answers.
+
+Systems: ``closed_book`` (the base model alone), ``rag`` (the top-k atoms' text in the prompt),
+``parametric`` (the top-k atoms' adapters composed, no text), ``hybrid`` (both) and
+``oracle`` (the adapters of the gold passage's atoms only: the ceiling of the parametric path,
+retrieval taken out).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from compiler.chunking import ChunkConfig
+from compiler.pipeline import compile_corpus
+from compiler.trainer import TrainConfig
+from composer import AskConfig, Composer, Hit, Mode
+from composer.retrieval import weigh
+from microlora.embedder import Embedder
+from microlora.evaluation import metrics
+from microlora.evaluation.datasets import Dataset, Item
+from microlora.models import BaseModel
+from store import AdapterStore
+
+NAMESPACE = "eval"
+SYSTEMS = {"closed_book": Mode.NONE, "rag": Mode.CONTEXT, "parametric": Mode.PARAMETRIC,
+           "hybrid": Mode.HYBRID, "oracle": Mode.PARAMETRIC}
+RETRIEVING = ("rag", "parametric", "hybrid")  # the systems whose answers depend on k
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """k: atoms per question (the composer's default); sweep: more k values to try for the
+    retrieving systems; the compile recipe is ``train`` and ``chunk``."""
+
+    k: int = AskConfig.k
+    sweep: tuple[int, ...] = ()
+    systems: tuple[str, ...] = tuple(SYSTEMS)
+    weighting: str = "uniform"
+    batch_size: int = 8
+    max_new_tokens: int = 24
+    train: TrainConfig = field(default_factory=TrainConfig)
+    chunk: ChunkConfig = field(default_factory=ChunkConfig)
+
+
+def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: Embedder,
+             config: EvalConfig = EvalConfig(),
+             progress: Callable[[str, int, int], None] | None = None
+             ) -> tuple[dict, list[dict]]:
+    """Returns (the summary, one row per question and system). ``progress(stage, done,
+    total)`` reports compiling and answering."""
+    unknown = set(config.systems) - set(SYSTEMS)
+    if unknown:
+        raise ValueError(f"unknown systems {sorted(unknown)}; choose from {list(SYSTEMS)}")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    corpus = workdir / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": pid, "text": text}) + "\n"
+                              for pid, text in dataset.passages.items()), encoding="utf-8")
+    report = compile_corpus([corpus], workdir / "store", base=base, embedder=embedder,
+                            namespace=NAMESPACE, train_config=config.train,
+                            chunk_config=config.chunk,
+                            progress=progress and (lambda d, t: progress("compile", d, t)))
+    items = dataset.items
+    questions = [it.question for it in items]
+    ks = sorted({config.k, *config.sweep})
+    summary: dict = {
+        "dataset": dataset.name, "n": len(items), "passages": len(dataset.passages),
+        "distractors": len(dataset.distractors), "k": config.k,
+        "compile": {"atoms": report.atoms, "trained": report.trained,
+                    "atom_steps": report.atom_steps, "seconds": round(report.seconds, 1),
+                    "atoms_per_s": round(report.atoms_per_s, 3),
+                    "mean_final_loss": round(report.mean_final_loss, 4)},
+        "config": {"train": _jsonable(asdict(config.train)), "chunk": asdict(config.chunk),
+                   "weighting": config.weighting, "max_new_tokens": config.max_new_tokens},
+        "systems": {}, "sweep": {},
+    }
+    rows: list[dict] = []
+    with Composer(AdapterStore(workdir / "store", readonly=True), base, embedder) as composer:
+        gold = _gold_atoms(composer.store, dataset)
+        retrieved = composer.retrieve(questions, [NAMESPACE], AskConfig(k=max(ks)))
+        for k in ks:
+            top = [[h.id for h in row[:k]] for row in retrieved]
+            summary["sweep"].setdefault(str(k), {}).update({
+                "recall_at_k": _mean([bool(set(t) & set(gold[it.passage_id]))
+                                      for t, it in zip(top, items)])})
+        summary["recall_at_k"] = summary["sweep"][str(config.k)]["recall_at_k"]
+        runs = [(s, config.k) for s in config.systems]
+        runs += [(s, k) for k in ks if k != config.k for s in config.systems if s in RETRIEVING]
+        done = 0
+        for system, k in runs:
+            if system == "oracle":
+                hits = [[Hit(NAMESPACE, a, 1.0) for a in gold[it.passage_id]] for it in items]
+            else:
+                hits = [weigh(row[:k], config.weighting) for row in retrieved]
+            ask = AskConfig(mode=SYSTEMS[system], k=k, weighting=config.weighting,
+                            max_new_tokens=config.max_new_tokens, template=dataset.template)
+            t0 = time.perf_counter()
+            answers = []
+            for start in range(0, len(items), config.batch_size):
+                batch = slice(start, start + config.batch_size)
+                answers += composer.ask_batch(questions[batch], [NAMESPACE], ask,
+                                              hits=hits[batch])
+                done += len(answers[batch])
+                if progress:
+                    progress("answer", done, len(runs) * len(items))
+            seconds = time.perf_counter() - t0
+            scored = [_score(it, a.text, dataset.template) for it, a in zip(items, answers)]
+            stats = _aggregate(items, scored) | {"latency_s": round(seconds / len(items), 3)}
+            if k == config.k:
+                summary["systems"][system] = stats
+            if system in RETRIEVING:
+                summary["sweep"][str(k)][system] = {m: stats[m] for m in ("em", "f1", "contains")}
+            rows += [{"id": it.id, "system": system, "k": k, "kind": it.kind,
+                      "question": it.question, "answer": it.answer, "prediction": a.text,
+                      **s} for it, a, s in zip(items, answers, scored)]
+    return summary, rows
+
+
+def _gold_atoms(store: AdapterStore, dataset: Dataset) -> dict[str, list[str]]:
+    """Each passage's atoms: those whose text occurs in it (atoms are deduplicated across
+    passages, so provenance alone would miss a sentence two passages share)."""
+    with store.read(NAMESPACE) as reader:
+        atoms = [(atom_id, metrics.normalize(r.text)) for atom_id, r in reader.items()]
+    out = {}
+    for pid, passage in dataset.passages.items():
+        text = metrics.normalize(passage)
+        out[pid] = [atom_id for atom_id, t in atoms if t and t in text]
+    return out
+
+
+def _score(item: Item, prediction: str, template: str) -> dict:
+    if template == "completion":  # probes: the continuation's first words are the answer
+        n = len(metrics.normalize(item.answer).split())
+        head = " ".join(metrics.normalize(prediction).split()[:n])
+        return {"em": metrics.exact_match(head, item.answer), "f1": metrics.f1(head, item.answer),
+                "contains": metrics.contains(prediction, item.answer)}
+    out = {"em": metrics.exact_match(prediction, item.answer),
+           "f1": metrics.f1(prediction, item.answer),
+           "contains": metrics.contains(prediction, item.answer)}
+    if item.original_answer:
+        out["original"] = metrics.contains(prediction, item.original_answer)
+    return out
+
+
+def _aggregate(items: Sequence[Item], scored: Sequence[dict]) -> dict:
+    stats = {m: _mean([s[m] for s in scored]) for m in ("em", "f1", "contains")}
+    originals = [s["original"] for s in scored if "original" in s]
+    if originals:
+        stats["original_rate"] = _mean(originals)
+    kinds = sorted({it.kind for it in items})
+    if kinds != ["qa"]:
+        stats["by_kind"] = {kind: {m: _mean([s[m] for it, s in zip(items, scored)
+                                             if it.kind == kind])
+                                   for m in ("em", "f1", "contains")} for kind in kinds}
+    return stats
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return round(sum(xs) / len(xs), 4) if xs else 0.0
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))

@@ -1,0 +1,79 @@
+"""Writing an evaluation: the summary JSON, per-question JSONL, a markdown table and a PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def write_report(summary: dict, rows: list[dict], out: Path) -> list[Path]:
+    """RESULT.json plus RESULT.answers.jsonl, RESULT.md and (with matplotlib) RESULT.png
+    beside it; returns the paths written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    answers = out.with_suffix(".answers.jsonl")
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = out.with_suffix(".md")
+    table.write_text(markdown(summary))
+    written = [out, answers, table]
+    chart = out.with_suffix(".png")
+    if bar_chart(summary, chart):
+        written.append(chart)
+    return written
+
+
+def markdown(summary: dict) -> str:
+    """The systems table (and the k sweep, if any) as markdown."""
+    systems = summary["systems"]
+    has_original = any("original_rate" in s for s in systems.values())
+    kinds = sorted({k for s in systems.values() for k in s.get("by_kind", {})})
+    head = ["system", "EM", "F1", "contains"] + (["original"] if has_original else []) \
+        + [f"{k} EM" for k in kinds] + ["s/question"]
+    lines = [f"{summary['dataset']}: {summary['n']} questions, {summary['passages']} passages "
+             f"({summary['distractors']} distractors), {summary['compile']['atoms']} atoms, "
+             f"k={summary['k']}, recall@k {summary['recall_at_k']:.2f}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in systems.items():
+        cells = [name, f"{s['em']:.3f}", f"{s['f1']:.3f}", f"{s['contains']:.3f}"]
+        if has_original:
+            cells.append(f"{s.get('original_rate', 0):.3f}")
+        cells += [f"{s['by_kind'][k]['em']:.3f}" for k in kinds]
+        cells.append(f"{s['latency_s']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    sweep = summary.get("sweep", {})
+    if len(sweep) > 1:
+        lines += ["", "| k | recall@k | " + " | ".join(
+            f"{s} EM" for s in ("rag", "parametric", "hybrid")) + " |", "|---|---|---|---|---|"]
+        for k, row in sorted(sweep.items(), key=lambda kv: int(kv[0])):
+            cells = [k, f"{row['recall_at_k']:.2f}"] + [
+                f"{row[s]['em']:.3f}" if s in row else "" for s in ("rag", "parametric", "hybrid")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(summary: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no chart (pip install 'microlora[eval]')")
+        return False
+    names = list(summary["systems"])
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.2))
+    width = 0.38
+    for i, metric in enumerate(("em", "f1")):
+        ax.bar([x + (i - 0.5) * width for x in range(len(names))],
+               [summary["systems"][n][metric] for n in names], width, label=metric.upper())
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title(f"{summary['dataset']}, n={summary['n']}, k={summary['k']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
