@@ -43,14 +43,16 @@ class AskConfig:
     min_score: drop retrieved atoms with a lower cosine similarity (None keeps all k).
     weighting: "uniform" (every atom at weight 1, as trained) or "score".
     composition: "stacked" or "merged" (same outputs; see the module docstring).
+    no_repeat_ngram: > 0 bans repeating an n-gram of the answer (composed adapters can loop).
     """
 
     mode: Mode = Mode.PARAMETRIC
-    k: int = 4
+    k: int = 2
     min_score: float | None = None
     weighting: str = "uniform"
     composition: str = "stacked"
     max_new_tokens: int = 32
+    no_repeat_ngram: int = 0
     template: str = "qa"  # or "completion": continue the question as plain text
 
     def __post_init__(self) -> None:
@@ -200,7 +202,8 @@ class Composer:
         with self._lock, self._adapters_for(hits, config):
             outs = generate(self.base.model, tok, ids, mask,
                             max_new_tokens=config.max_new_tokens,
-                            stop=stop_pattern(tok, config.template), on_text=on_text)
+                            stop=stop_pattern(tok, config.template),
+                            no_repeat_ngram=config.no_repeat_ngram, on_text=on_text)
         seconds = time.perf_counter() - t0
         return [Answer(q, o.text, config.mode, srcs, o.new_tokens, seconds)
                 for q, o, srcs in zip(questions, outs, sources)]

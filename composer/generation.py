@@ -12,7 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextStreamer,
+)
 
 
 @dataclass
@@ -36,9 +42,11 @@ def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device,
 
 def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
              max_new_tokens: int = 32, stop: re.Pattern | None = None, min_new_tokens: int = 0,
+             no_repeat_ngram: int = 0,
              on_text: Callable[[str], None] | None = None) -> list[Generated]:
-    """Greedy continuation of each row, cut where ``stop`` first matches. ``on_text`` (batch
-    of one only) receives the answer piece by piece as it is decoded."""
+    """Greedy continuation of each row, cut where ``stop`` first matches. ``no_repeat_ngram``
+    > 0 forbids repeating an n-gram of the answer itself (not of the prompt, which an answer may
+    quote). ``on_text`` (batch of one only) receives the answer piece by piece."""
     if on_text is not None and len(ids) != 1:
         raise ValueError("streaming needs a batch of one")
     kwargs = {}
@@ -47,6 +55,9 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
             [_StopOnText(tokenizer, stop, ids.shape[1])])
     if on_text is not None:
         kwargs["streamer"] = _StopStreamer(tokenizer, stop, on_text)
+    if no_repeat_ngram:
+        kwargs["logits_processor"] = LogitsProcessorList(
+            [_NoRepeatInAnswer(no_repeat_ngram, ids.shape[1])])
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                              max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
@@ -91,6 +102,26 @@ class _StopOnText(StoppingCriteria):
                                             skip_special_tokens=True)
         done = [stop_index(t.lstrip(), self.stop) is not None for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _NoRepeatInAnswer(LogitsProcessor):
+    """Bans the token that would repeat an n-gram of the generated text (``generate``'s own
+    ``no_repeat_ngram_size`` also counts the prompt, and would stop RAG answers from quoting
+    their passage)."""
+
+    def __init__(self, n: int, prompt_length: int):
+        self.n, self.prompt_length = n, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n = self.n
+        for b, row in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            if len(row) < n:
+                continue
+            tail = row[len(row) - n + 1:]
+            banned = [row[i + n - 1] for i in range(len(row) - n + 1) if row[i:i + n - 1] == tail]
+            if banned:
+                scores[b, banned] = float("-inf")
+        return scores
 
 
 class _StopStreamer(TextStreamer):

@@ -173,8 +173,10 @@ def test_cli_defaults_are_the_recipe_defaults():
 
     defaults = {p.name: p.default for p in compile_command.params}
     recipe, chunking = TrainConfig(), ChunkConfig()
-    assert {k: defaults[k] for k in ["rank", "max_steps", "lr", "neighbours", "batch_atoms"]} == {
-        "rank": recipe.rank, "max_steps": recipe.max_steps, "lr": recipe.lr,
+    assert {k: defaults[k] for k in ["rank", "max_steps", "stop_prob", "lr", "neighbours",
+                                     "batch_atoms"]} == {
+        "rank": recipe.rank, "max_steps": recipe.max_steps, "stop_prob": recipe.stop_prob,
+        "lr": recipe.lr,
         "neighbours": recipe.neighbours, "batch_atoms": recipe.batch_atoms}
     assert defaults["last_layers"] == recipe.targets.last_layers
     assert tuple(defaults["modules"].split(",")) == recipe.targets.modules

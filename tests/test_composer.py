@@ -282,3 +282,6 @@ def test_cli_defaults_are_the_ask_defaults():
     assert defaults["mode"] == config.mode.value
     for name in ("k", "min_score", "weighting", "composition", "max_new_tokens"):
         assert defaults[name] == getattr(config, name), name
+    from microlora.commands.quickstart import quickstart
+
+    assert {p.name: p.default for p in quickstart.params}["k"] == config.k

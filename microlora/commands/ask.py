@@ -24,7 +24,7 @@ MODES = ("parametric", "context", "hybrid", "none")
 @click.option("--mode", type=click.Choice(MODES), default="parametric", show_default=True,
               help="parametric: composed adapters only; context: the atoms' text in the "
                    "prompt (classic RAG); hybrid: both; none: the base model, closed book.")
-@click.option("-k", "k", default=4, show_default=True, type=click.IntRange(1),
+@click.option("-k", "k", default=2, show_default=True, type=click.IntRange(1),
               help="Atoms to retrieve and compose.")
 @click.option("--min-score", type=float, default=None,
               help="Drop atoms whose cosine similarity to the question is below this.")

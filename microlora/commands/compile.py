@@ -23,8 +23,8 @@ from microlora.commands.options import build_recipe, model_options, recipe_optio
               help="Delete atoms of the namespace that these documents no longer produce.")
 @click.option("--dry-run", is_flag=True, help="List the atoms to train and estimate the time.")
 def compile_command(paths, store_dir, namespace, base_model, embedder, device, rank, max_steps,
-                    lr, neighbours, batch_atoms, last_layers, modules, max_atom_tokens,
-                    max_file_mb, prune, dry_run) -> None:
+                    stop_prob, lr, neighbours, batch_atoms, last_layers, modules,
+                    max_atom_tokens, max_file_mb, prune, dry_run) -> None:
     """Compile documents into tiny LoRA adapters, one per sentence-sized atom.
 
     PATHS are files or directories of .txt, .md and .jsonl (a "text" field per line, optional
@@ -43,8 +43,8 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
     from store import validate_namespace
 
     validate_namespace(namespace)
-    config, chunking = build_recipe(rank, max_steps, lr, neighbours, batch_atoms, last_layers,
-                                    modules, max_atom_tokens)
+    config, chunking = build_recipe(rank, max_steps, stop_prob, lr, neighbours,
+                                batch_atoms, last_layers, modules, max_atom_tokens)
     base = load_base_model(base_model, device=device)
     emb = load_embedder(embedder, device=device)
     bar = tqdm(total=0, unit="atom", desc="compiling", disable=dry_run)

@@ -34,6 +34,8 @@ SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
               help="Which systems to run.")
 @click.option("--weighting", type=click.Choice(["uniform", "score"]), default="uniform",
               show_default=True)
+@click.option("--no-repeat-ngram", type=click.IntRange(0), default=None,
+              help="Ban repeating an n-gram of the answer [default: microlora ask's].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="RESULT.json; .answers.jsonl, .md and .png are written beside it.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
@@ -41,8 +43,9 @@ SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
 @recipe_options
 @model_options
 def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, systems,
-                 weighting, out, workdir, rank, max_steps, lr, neighbours, batch_atoms,
-                 last_layers, modules, max_atom_tokens, base_model, embedder, device) -> None:
+                 weighting, no_repeat_ngram, out, workdir, rank, max_steps, stop_prob, lr,
+                 neighbours, batch_atoms, last_layers, modules, max_atom_tokens, base_model,
+                 embedder, device) -> None:
     """Compile the passages of a QA dataset into one fresh store and answer every question
     with each system: closed_book (base model), rag (atom text in the prompt), parametric
     (composed adapters, no text), hybrid (both) and oracle (the gold passage's adapters).
@@ -72,19 +75,24 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
     chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
     if not chosen or set(chosen) - set(SYSTEM_NAMES):
         raise click.BadParameter(f"--systems: choose from {', '.join(SYSTEM_NAMES)}")
-    train, chunk = build_recipe(rank, max_steps, lr, neighbours, batch_atoms, last_layers,
-                                modules, max_atom_tokens)
+    train, chunk = build_recipe(rank, max_steps, stop_prob, lr, neighbours,
+                                batch_atoms, last_layers, modules, max_atom_tokens)
     dataset = load_dataset(data_path, kind, limit=limit, distractors=distractors, seed=seed,
                            split=split)
     config = EvalConfig(k=k or AskConfig.k, sweep=ks, systems=chosen, weighting=weighting,
-                        train=train, chunk=chunk)
+                        train=train, chunk=chunk, no_repeat_ngram=AskConfig.no_repeat_ngram
+                        if no_repeat_ngram is None else no_repeat_ngram)
     base = load_base_model(base_model, device=device)
     emb = load_embedder(embedder, device=device)
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
-        bar = bars.setdefault(stage, tqdm(total=total, desc=stage, unit="atom"
-                                          if stage == "compile" else "answer"))
+        if stage not in bars:
+            for other in bars.values():  # a stage ends when the next begins
+                other.close()
+            bars[stage] = tqdm(total=total, desc=stage,
+                               unit="atom" if stage == "compile" else "answer")
+        bar = bars[stage]
         bar.total = total
         bar.update(done - bar.n)
 

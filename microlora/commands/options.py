@@ -32,6 +32,9 @@ _RECIPE_OPTIONS = [
                  help="Adapter rank per atom."),
     click.option("--steps", "max_steps", default=25, show_default=True, type=click.IntRange(1),
                  help="Most optimiser steps per atom (atoms that have learned stop earlier)."),
+    click.option("--stop-prob", default=0.5, show_default=True,
+                 type=click.FloatRange(0, 1, max_open=True),
+                 help="An atom has learned once each of its tokens has this probability."),
     click.option("--lr", default=5e-3, show_default=True,
                  type=click.FloatRange(0, min_open=True), help="Adam learning rate."),
     click.option("--neighbours", default=3, show_default=True, type=click.IntRange(0),
@@ -55,8 +58,8 @@ def recipe_options(f):
     return f
 
 
-def build_recipe(rank: int, max_steps: int, lr: float, neighbours: int, batch_atoms: int,
-                 last_layers: int, modules: str, max_atom_tokens: int):
+def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbours: int,
+                 batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int):
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     from compiler.chunking import ChunkConfig
     from compiler.trainer import TrainConfig
@@ -65,8 +68,8 @@ def build_recipe(rank: int, max_steps: int, lr: float, neighbours: int, batch_at
     try:
         spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
                           last_layers=last_layers)
-        return (TrainConfig(rank=rank, lr=lr, max_steps=max_steps, neighbours=neighbours,
-                            batch_atoms=batch_atoms, targets=spec),
+        return (TrainConfig(rank=rank, lr=lr, max_steps=max_steps, stop_prob=stop_prob,
+                            neighbours=neighbours, batch_atoms=batch_atoms, targets=spec),
                 ChunkConfig(max_tokens=max_atom_tokens))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

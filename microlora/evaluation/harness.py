@@ -43,6 +43,7 @@ class EvalConfig:
     weighting: str = "uniform"
     batch_size: int = 8
     max_new_tokens: int = 24
+    no_repeat_ngram: int = AskConfig.no_repeat_ngram
     train: TrainConfig = field(default_factory=TrainConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
 
@@ -76,7 +77,8 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
                     "atoms_per_s": round(report.atoms_per_s, 3),
                     "mean_final_loss": round(report.mean_final_loss, 4)},
         "config": {"train": _jsonable(asdict(config.train)), "chunk": asdict(config.chunk),
-                   "weighting": config.weighting, "max_new_tokens": config.max_new_tokens},
+                   "weighting": config.weighting, "max_new_tokens": config.max_new_tokens,
+                   "no_repeat_ngram": config.no_repeat_ngram},
         "systems": {}, "sweep": {},
     }
     rows: list[dict] = []
@@ -98,7 +100,8 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
             else:
                 hits = [weigh(row[:k], config.weighting) for row in retrieved]
             ask = AskConfig(mode=SYSTEMS[system], k=k, weighting=config.weighting,
-                            max_new_tokens=config.max_new_tokens, template=dataset.template)
+                            max_new_tokens=config.max_new_tokens, template=dataset.template,
+                            no_repeat_ngram=config.no_repeat_ngram)
             t0 = time.perf_counter()
             answers = []
             for start in range(0, len(items), config.batch_size):
