@@ -285,3 +285,15 @@ def test_cli_defaults_are_the_ask_defaults():
     from microlora.commands.quickstart import quickstart
 
     assert {p.name: p.default for p in quickstart.params}["k"] == config.k
+
+
+def test_no_repeat_bans_only_repeats_of_the_answer_itself():
+    from composer.generation import _NoRepeatInAnswer
+
+    ban = _NoRepeatInAnswer(2, prompt_length=3)
+    # prompt 7 8 9, answer so far 5 6 5: the bigram (5, 6) was generated, so 6 is banned next;
+    # the prompt's bigram (8, 9) is not the answer's, so nothing else is
+    scores = ban(torch.tensor([[7, 8, 9, 5, 6, 5]]), torch.zeros(1, 10))
+    assert (scores[0] == float("-inf")).nonzero().flatten().tolist() == [6]
+    scores = ban(torch.tensor([[7, 8, 9, 8]]), torch.zeros(1, 10))
+    assert torch.isfinite(scores).all()

@@ -42,7 +42,7 @@ class EvalConfig:
     systems: tuple[str, ...] = tuple(SYSTEMS)
     weighting: str = "uniform"
     batch_size: int = 8
-    max_new_tokens: int = 24
+    max_new_tokens: int | None = None  # 24 for questions, 12 for completion probes
     no_repeat_ngram: int = AskConfig.no_repeat_ngram
     train: TrainConfig = field(default_factory=TrainConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
@@ -68,6 +68,7 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
                             progress=progress and (lambda d, t: progress("compile", d, t)))
     items = dataset.items
     questions = [it.question for it in items]
+    max_new = config.max_new_tokens or (24 if dataset.template == "qa" else 12)
     ks = sorted({config.k, *config.sweep})
     summary: dict = {
         "dataset": dataset.name, "n": len(items), "passages": len(dataset.passages),
@@ -77,7 +78,7 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
                     "atoms_per_s": round(report.atoms_per_s, 3),
                     "mean_final_loss": round(report.mean_final_loss, 4)},
         "config": {"train": _jsonable(asdict(config.train)), "chunk": asdict(config.chunk),
-                   "weighting": config.weighting, "max_new_tokens": config.max_new_tokens,
+                   "weighting": config.weighting, "max_new_tokens": max_new,
                    "no_repeat_ngram": config.no_repeat_ngram},
         "systems": {}, "sweep": {},
     }
@@ -100,7 +101,7 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
             else:
                 hits = [weigh(row[:k], config.weighting) for row in retrieved]
             ask = AskConfig(mode=SYSTEMS[system], k=k, weighting=config.weighting,
-                            max_new_tokens=config.max_new_tokens, template=dataset.template,
+                            max_new_tokens=max_new, template=dataset.template,
                             no_repeat_ngram=config.no_repeat_ngram)
             t0 = time.perf_counter()
             answers = []
