@@ -62,9 +62,10 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
     corpus = workdir / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": pid, "text": text}) + "\n"
                               for pid, text in dataset.passages.items()), encoding="utf-8")
+    # prune: a reused workdir then holds exactly this recipe's atoms, never another's as well
     report = compile_corpus([corpus], workdir / "store", base=base, embedder=embedder,
                             namespace=NAMESPACE, train_config=config.train,
-                            chunk_config=config.chunk,
+                            chunk_config=config.chunk, prune=True,
                             progress=progress and (lambda d, t: progress("compile", d, t)))
     items = dataset.items
     questions = [it.question for it in items]
