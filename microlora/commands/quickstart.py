@@ -41,6 +41,7 @@ def quickstart(store_dir: Path | None, fresh: bool, k: int, base_model, embedder
     from microlora.embedder import load_embedder
     from microlora.models import default_model_dir, load_base_model
     from microlora.paths import microlora_home
+    from store import AdapterStore
 
     store_dir = Path(store_dir or microlora_home() / "quickstart").expanduser()
     if fresh and store_dir.exists():
@@ -67,8 +68,6 @@ def quickstart(store_dir: Path | None, fresh: bool, k: int, base_model, embedder
     click.echo(f"2. ask {len(questions)} questions: closed book vs {k} composed atoms "
                "(no passage text in the prompt)\n")
     asked = [q["question"] for q in questions]
-    from store import AdapterStore
-
     with Composer(AdapterStore(store_dir, readonly=True), base, emb) as composer:
         closed = composer.ask_batch(asked, config=AskConfig(mode="none"))
         composed = composer.ask_batch(asked, [NAMESPACE], AskConfig(k=k))
