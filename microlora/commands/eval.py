@@ -55,7 +55,7 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
     answer comes out instead. The recipe options are the compile recipe under test.
 
     \b
-    Example (about 15 minutes on 2 CPU cores):
+    Example (15-20 minutes on 2 CPU cores):
       microlora eval --data benchmarks/data/cpkc_dev.jsonl --limit 100 --out results/qa.json
     """
     from tqdm import tqdm
