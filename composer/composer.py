@@ -30,7 +30,7 @@ from microlora.embedder import Embedder
 from microlora.errors import MicroloraError
 from microlora.lora import MultiLoraModel, PackLayout, compose_packed, stack_adapters
 from microlora.models import BaseModel
-from store import AdapterStore
+from store import AdapterStore, Reader
 
 COMPOSITIONS = ("stacked", "merged")
 
@@ -139,8 +139,7 @@ class Composer:
         model = self.base.model
         dtype, device = next(model.parameters()).dtype, self.base.device
         with ExitStack() as stack:
-            readers = {ns: stack.enter_context(self.store.read(ns))
-                       for ns in sorted({h.namespace for hits in requests for h in hits})}
+            readers = self._readers(stack, requests)
             packed = [[_gather_one(readers[h.namespace], h.id) for h in hits]
                       for hits in requests]
             layouts = {layout for row in packed for _, layout in row}
@@ -154,6 +153,11 @@ class Composer:
             # ragged requests, or atoms of different recipes: unpack and pad per module
             unpacked = [[layout.unpack(flat) for flat, layout in row] for row in packed]
             return stack_adapters(unpacked, weights=weights, dtype=dtype, device=device)
+
+    def _readers(self, stack: ExitStack, requests: Sequence[Sequence[Hit]]) -> dict[str, Reader]:
+        """One read transaction per namespace the hits come from, open until ``stack`` closes."""
+        return {ns: stack.enter_context(self.store.read(ns))
+                for ns in sorted({h.namespace for hits in requests for h in hits})}
 
     def _attach(self, layout: PackLayout) -> None:
         """Wrap the linears this layout adapts (once; the wrappers are free when idle)."""
@@ -224,8 +228,7 @@ class Composer:
     def _sources(self, hits: Sequence[Sequence[Hit]]) -> list[list[Source]]:
         """The text and provenance of every hit (metadata only; no adapter is copied)."""
         with ExitStack() as stack:
-            readers = {ns: stack.enter_context(self.store.read(ns))
-                       for ns in sorted({h.namespace for row in hits for h in row})}
+            readers = self._readers(stack, hits)
             out = []
             for row in hits:
                 records = [(h, readers[h.namespace].get(h.id)) for h in row]
@@ -233,6 +236,6 @@ class Composer:
             return out
 
 
-def _gather_one(reader, atom_id: str) -> tuple[torch.Tensor, PackLayout]:
+def _gather_one(reader: Reader, atom_id: str) -> tuple[torch.Tensor, PackLayout]:
     (flat,), layout = reader.gather([atom_id])
     return flat, layout

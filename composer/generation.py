@@ -63,10 +63,10 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
                              max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                              pad_token_id=_pad_id(tokenizer), **kwargs)
     results = []
+    trailing = _eos_ids(model, tokenizer) | {_pad_id(tokenizer)}
     for row in out[:, ids.shape[1]:].tolist():
         n = len(row)
-        eos = _eos_ids(model, tokenizer)
-        while row and (row[-1] in eos or row[-1] == _pad_id(tokenizer)):
+        while row and row[-1] in trailing:
             row = row[:-1]
         results.append(Generated(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True),
                                               stop), n))
