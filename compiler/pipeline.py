@@ -12,15 +12,18 @@ import hashlib
 import logging
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compiler.chunking import Atom, ChunkConfig, chunk_document
-from compiler.documents import MAX_FILE_MB, Skipped, read_documents
+from compiler.documents import MAX_FILE_MB, Document, Skipped, read_documents
 from compiler.trainer import AtomTrainer, TrainConfig
 from microlora.embedder import Embedder
+from microlora.errors import QuotaExceededError
 from microlora.models import BaseModel
+from microlora.targets import select_targets
 from store import AdapterStore, AtomRecord, StoreHeader
 
 log = logging.getLogger(__name__)
@@ -67,21 +70,25 @@ def atom_id(atom: Atom, base_fingerprint: str, config: TrainConfig) -> str:
     return h.hexdigest()[:32]
 
 
-def plan(paths: Sequence[str | Path], tokenizer, base_fingerprint: str,
-         train_config: TrainConfig, chunk_config: ChunkConfig = ChunkConfig(),
-         max_file_mb: float = MAX_FILE_MB) -> tuple[list[PlannedAtom], list[Skipped], int]:
-    """The corpus's distinct atoms with their ids, the inputs that were skipped, and how many
-    documents were read."""
-    docs, problems = read_documents(paths, max_file_mb)
+def plan(docs: Sequence[Document], tokenizer, base_fingerprint: str,
+         train_config: TrainConfig, chunk_config: ChunkConfig = ChunkConfig()
+         ) -> tuple[list[PlannedAtom], list[Skipped], dict[str, list[str]]]:
+    """The documents' distinct atoms with their ids, the documents that gave no atom, and a
+    manifest per document (its source -> its atom ids)."""
+    problems: list[Skipped] = []
     seen: dict[str, PlannedAtom] = {}
+    manifests: dict[str, list[str]] = {}
     for doc in docs:
         atoms = chunk_document(doc, tokenizer, chunk_config)
         if not atoms:
             problems.append(Skipped(doc.source, "no text to compile"))
+            continue
+        ids = manifests.setdefault(doc.source, [])
         for atom in atoms:
             pid = atom_id(atom, base_fingerprint, train_config)
             seen.setdefault(pid, PlannedAtom(pid, atom))
-    return list(seen.values()), problems, len(docs)
+            ids.append(pid)
+    return list(seen.values()), problems, manifests
 
 
 def store_header(base: BaseModel, embedder: Embedder) -> StoreHeader:
@@ -89,9 +96,27 @@ def store_header(base: BaseModel, embedder: Embedder) -> StoreHeader:
                        embedder.dim)
 
 
-def compile_corpus(
-    paths: Sequence[str | Path],
-    store_dir: str | Path,
+@dataclass(frozen=True)
+class Quota:
+    """Limits on one namespace (a user's personal store); None = unlimited."""
+
+    max_atoms: int | None = None
+    max_bytes: int | None = None
+
+
+def compile_corpus(paths: Sequence[str | Path], store_dir: str | Path, *,
+                   max_file_mb: float = MAX_FILE_MB, **kwargs) -> CompileReport:
+    """Compile the documents under ``paths`` (files or directories) into the store at
+    ``store_dir`` (created if needed); the keyword arguments are ``compile_documents``'s."""
+    docs, problems = read_documents(paths, max_file_mb)
+    report = compile_documents(docs, store_dir, **kwargs)
+    report.problems[:0] = problems
+    return report
+
+
+def compile_documents(
+    docs: Sequence[Document],
+    store: AdapterStore | str | Path,
     *,
     base: BaseModel,
     embedder: Embedder,
@@ -100,72 +125,134 @@ def compile_corpus(
     chunk_config: ChunkConfig = ChunkConfig(),
     prune: bool = False,
     dry_run: bool = False,
-    max_file_mb: float = MAX_FILE_MB,
+    quota: Quota = Quota(),
     progress: Callable[[int, int], None] | None = None,
 ) -> CompileReport:
-    """Compile documents into ``namespace`` of the store at ``store_dir`` (created if needed).
+    """Compile documents into ``namespace`` of ``store`` (an open, writable store, or a
+    directory: opened, or created, and closed again).
 
-    ``progress(done, total)`` is called after every batch. With ``prune``, atoms of the
-    namespace that the corpus no longer produces (deleted or edited text) are removed.
+    ``progress(done, total)`` is called after every batch. With ``prune``, atoms and document
+    manifests of the namespace that these documents no longer produce are removed. A
+    ``quota`` that the namespace would exceed fails before anything is trained.
     """
-    report = CompileReport()
-    planned, report.problems, report.documents = plan(
-        paths, base.tokenizer, base.fingerprint, train_config, chunk_config, max_file_mb)
+    report = CompileReport(documents=len(docs))
+    planned, report.problems, manifests = plan(docs, base.tokenizer, base.fingerprint,
+                                               train_config, chunk_config)
     report.atoms = len(planned)
-    store_path = Path(store_dir)
-    existing: set[str] = set()
-    if (store_path / "data.mdb").exists():
-        with AdapterStore(store_path, readonly=True) as s:
-            s.check_compatible(base.fingerprint, embedder.fingerprint, base_name=base.name,
-                               embedder_name=embedder.name)
-            if namespace in s.namespaces():
-                existing = set(s.ids(namespace))
-    todo = [p for p in planned if p.id not in existing]
-    report.already_compiled = len(planned) - len(todo)
-    if dry_run:
-        report.planned = todo
-        rate = _ASSUMED_ATOMS_PER_S.get(base.device.type, 1.0)
-        report.estimated_seconds = len(todo) / rate
-        return report
-
-    if not todo and not (prune and existing):
-        return report  # nothing to train or prune: do not create or touch a store
-    t0 = time.perf_counter()
-    losses: list[float] = []
-    with AdapterStore.open_or_create(store_path, store_header(base, embedder)) as store, \
-            AtomTrainer(base.model, base.tokenizer, train_config) as trainer:
-        size = train_config.batch_atoms
-        for start in range(0, len(todo), size):
-            batch = todo[start:start + size]
-            texts = [p.atom.text for p in batch]
-            vectors = embedder.encode(texts)
-            neighbours = _store_neighbours(store, namespace, vectors, train_config)
-            contexts = ([f"{p.atom.title}\n" if p.atom.title else "" for p in batch]
-                        if train_config.title_context else None)
-            trained = trainer.train(texts, [p.id for p in batch], contexts=contexts,
-                                    frozen_neighbours=neighbours)
-            store.put(namespace, [
-                AtomRecord(id=p.id, text=p.atom.text,
-                           adapter=_with_scale(t.adapter, train_config.scale), embedding=vectors[i],
-                           base_fingerprint=base.fingerprint, source=p.atom.source,
-                           start=p.atom.start, end=p.atom.end,
-                           config={**asdict(train_config), **asdict(chunk_config)},
-                           extra={"title": p.atom.title, "steps": t.steps,
-                                  "final_loss": t.final_loss})
-                for i, (p, t) in enumerate(zip(batch, trained))])
-            report.trained += len(batch)
-            report.atom_steps += sum(t.steps for t in trained)
-            losses += [t.final_loss for t in trained]
-            if progress:
-                progress(report.trained, len(todo))
-        if prune and namespace in store.namespaces():
-            keep = {p.id for p in planned}
-            report.pruned = store.delete(namespace, [i for i in store.ids(namespace)
-                                                     if i not in keep])
-    report.seconds = time.perf_counter() - t0
+    with _opened(store, base, embedder, create=bool(planned) and not dry_run,
+                 readonly=dry_run) as store:
+        existing: set[str] = set()
+        if store is not None and namespace in store.namespaces():
+            existing = set(store.ids(namespace))
+        todo = [p for p in planned if p.id not in existing]
+        report.already_compiled = len(planned) - len(todo)
+        if dry_run:
+            report.planned = todo
+            report.estimated_seconds = len(todo) / _ASSUMED_ATOMS_PER_S.get(base.device.type, 1.0)
+            return report
+        if store is None or not (todo or (prune and existing) or manifests):
+            return report  # nothing to train, prune or record
+        check_quota(store, namespace, todo, base, train_config, quota)
+        t0 = time.perf_counter()
+        losses: list[float] = []
+        if todo:
+            with AtomTrainer(base.model, base.tokenizer, train_config) as trainer:
+                for start in range(0, len(todo), train_config.batch_atoms):
+                    batch = todo[start:start + train_config.batch_atoms]
+                    trained = _train_batch(store, trainer, batch, base, embedder, namespace,
+                                           train_config, chunk_config)
+                    report.trained += len(batch)
+                    report.atom_steps += sum(t.steps for t in trained)
+                    losses += [t.final_loss for t in trained]
+                    if progress:
+                        progress(report.trained, len(todo))
+        if namespace in store.namespaces():
+            store.put_documents(namespace, manifests)
+            if prune:
+                keep = {p.id for p in planned}
+                report.pruned = store.delete(namespace, [i for i in store.ids(namespace)
+                                                         if i not in keep])
+                for doc_id in set(store.documents(namespace)) - set(manifests):
+                    store.delete_document(namespace, doc_id)
+        report.seconds = time.perf_counter() - t0
     if losses:
         report.mean_final_loss = sum(losses) / len(losses)
     return report
+
+
+@contextmanager
+def _opened(store: AdapterStore | str | Path, base: BaseModel, embedder: Embedder, *,
+            create: bool, readonly: bool) -> Iterator[AdapterStore | None]:
+    """An open store checked against the models: the caller's (left open), or the one at a
+    path (created only if ``create``; None when there is none), closed afterwards."""
+    if isinstance(store, AdapterStore):
+        store.check_compatible(base.fingerprint, embedder.fingerprint, base_name=base.name,
+                               embedder_name=embedder.name)
+        yield store
+        return
+    path = Path(store)
+    if not (path / "data.mdb").exists() and not create:
+        yield None
+        return
+    with AdapterStore.open_or_create(path, store_header(base, embedder),
+                                     readonly=readonly) as opened:
+        yield opened
+
+
+def _train_batch(store: AdapterStore, trainer: AtomTrainer, batch: list[PlannedAtom],
+                 base: BaseModel, embedder: Embedder, namespace: str, train_config: TrainConfig,
+                 chunk_config: ChunkConfig):
+    """Train, embed and store one batch of atoms (one transaction)."""
+    texts = [p.atom.text for p in batch]
+    vectors = embedder.encode(texts)
+    neighbours = _store_neighbours(store, namespace, vectors, train_config)
+    contexts = ([f"{p.atom.title}\n" if p.atom.title else "" for p in batch]
+                if train_config.title_context else None)
+    trained = trainer.train(texts, [p.id for p in batch], contexts=contexts,
+                            frozen_neighbours=neighbours)
+    store.put(namespace, [
+        AtomRecord(id=p.id, text=p.atom.text,
+                   adapter=_with_scale(t.adapter, train_config.scale), embedding=vectors[i],
+                   base_fingerprint=base.fingerprint, source=p.atom.source,
+                   start=p.atom.start, end=p.atom.end,
+                   config={**asdict(train_config), **asdict(chunk_config)},
+                   extra={"title": p.atom.title, "steps": t.steps,
+                          "final_loss": t.final_loss})
+        for i, (p, t) in enumerate(zip(batch, trained))])
+    return trained
+
+
+def check_quota(store: AdapterStore, namespace: str, atoms: Sequence[PlannedAtom],
+                base: BaseModel, config: TrainConfig, quota: Quota) -> None:
+    """Raise ``QuotaExceededError`` if storing ``atoms`` (those not stored yet) would take the
+    namespace past its quota; called before anything is trained. Bytes are estimated from the
+    adapter shapes (rank x (in + out) bf16 values per target) plus text and embedding."""
+    if quota.max_atoms is None and quota.max_bytes is None:
+        return
+    have_ids = set(store.ids(namespace)) if namespace in store.namespaces() else set()
+    todo = [p for p in {p.id: p for p in atoms}.values() if p.id not in have_ids]
+    if not todo:
+        return
+    have = len(have_ids)
+    if quota.max_atoms is not None and have + len(todo) > quota.max_atoms:
+        raise QuotaExceededError(
+            f"namespace {namespace!r} would hold {have + len(todo)} atoms, over its quota of "
+            f"{quota.max_atoms} ({have} stored, {len(todo)} new); delete documents first")
+    if quota.max_bytes is not None:
+        per_atom = 2 * config.rank * sum(
+            _features(m) for m in select_targets(base.model, config.targets).values())
+        stored = next((s.bytes for s in store.stats() if s.namespace == namespace), 0)
+        new = sum(per_atom + len(p.atom.text.encode()) + 4 * store.header.embedding_dim
+                  for p in todo)
+        if stored + new > quota.max_bytes:
+            raise QuotaExceededError(
+                f"namespace {namespace!r} would take about {(stored + new) / 2**20:.2f} MiB, "
+                f"over its quota of {quota.max_bytes / 2**20:.2f} MiB; delete documents first")
+
+
+def _features(module) -> int:
+    weight = module.weight
+    return weight.shape[0] + weight.shape[1]
 
 
 def _with_scale(adapter, scale: float):

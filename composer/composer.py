@@ -85,6 +85,8 @@ class Answer:
     sources: list[Source] = field(default_factory=list)
     new_tokens: int = 0
     seconds: float = 0.0
+    prompt_tokens: int = 0
+    finished: bool = True  # False when max_new_tokens cut the answer short
 
 
 class Composer:
@@ -95,7 +97,7 @@ class Composer:
                                embedder_name=embedder.name)
         self.store, self.base, self.embedder = store, base, embedder
         self.lora = MultiLoraModel(base.model, {})
-        self._lock = threading.Lock()
+        self.model_lock = threading.Lock()  # held while the model generates
 
     @classmethod
     def open(cls, store_dir: str | Path, *, base_model: str | Path | None = None,
@@ -176,14 +178,17 @@ class Composer:
             config: AskConfig = AskConfig(), *,
             on_text: Callable[[str], None] | None = None) -> Answer:
         """Answer one question; ``on_text`` receives the answer as it is generated."""
-        return self.ask_batch([question], namespaces, config, on_text=on_text)[0]
+        stream = None if on_text is None else (lambda _row, piece: on_text(piece))
+        return self.ask_batch([question], namespaces, config, on_text=stream)[0]
 
     def ask_batch(self, questions: Sequence[str], namespaces: Sequence[str] | None = None,
                   config: AskConfig = AskConfig(), *,
-                  on_text: Callable[[str], None] | None = None,
+                  on_text: Callable[[int, str], None] | None = None,
                   hits: Sequence[Sequence[Hit]] | None = None) -> list[Answer]:
         """Answer several questions in one generation batch, each with its own atoms
-        (retrieved, or ``hits`` when given: e.g. the gold atoms, for an oracle)."""
+        (retrieved, or ``hits`` when given: e.g. the gold atoms, for an oracle, or a server's
+        requests retrieved each from their own namespaces). ``on_text(i, piece)`` streams
+        question i's answer."""
         if not questions or any(not isinstance(q, str) or not q.strip() for q in questions):
             raise MicroloraError("every question must be a non-empty string")
         if config.composition == "merged" and len(questions) > 1 and config.mode.uses_adapters:
@@ -203,14 +208,15 @@ class Composer:
                    for q, srcs in zip(questions, sources)]
         ids, mask = encode_prompts(tok, prompts, self.base.device,
                                    chat=uses_chat(tok, config.template))
-        with self._lock, self._adapters_for(hits, config):
+        with self.model_lock, self._adapters_for(hits, config):
             outs = generate(self.base.model, tok, ids, mask,
                             max_new_tokens=config.max_new_tokens,
                             stop=stop_pattern(tok, config.template),
                             no_repeat_ngram=config.no_repeat_ngram, on_text=on_text)
         seconds = time.perf_counter() - t0
-        return [Answer(q, o.text, config.mode, srcs, o.new_tokens, seconds)
-                for q, o, srcs in zip(questions, outs, sources)]
+        prompt_tokens = mask.sum(1).tolist()
+        return [Answer(q, o.text, config.mode, srcs, o.new_tokens, seconds, n, o.finished)
+                for q, o, srcs, n in zip(questions, outs, sources, prompt_tokens)]
 
     @contextmanager
     def _adapters_for(self, hits: Sequence[Sequence[Hit]], config: AskConfig):

@@ -17,14 +17,15 @@ from transformers import (
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
-    TextStreamer,
 )
+from transformers.generation.streamers import BaseStreamer
 
 
 @dataclass
 class Generated:
     text: str
     new_tokens: int  # tokens generated, including any that the stop pattern cut off
+    finished: bool = True  # ended by the stop pattern or end-of-sequence, not max_new_tokens
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device,
@@ -43,18 +44,17 @@ def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device,
 def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
              max_new_tokens: int = 32, stop: re.Pattern | None = None, min_new_tokens: int = 0,
              no_repeat_ngram: int = 0,
-             on_text: Callable[[str], None] | None = None) -> list[Generated]:
+             on_text: Callable[[int, str], None] | None = None) -> list[Generated]:
     """Greedy continuation of each row, cut where ``stop`` first matches. ``no_repeat_ngram``
     > 0 forbids repeating an n-gram of the answer itself (not of the prompt, which an answer may
-    quote). ``on_text`` (batch of one only) receives the answer piece by piece."""
-    if on_text is not None and len(ids) != 1:
-        raise ValueError("streaming needs a batch of one")
+    quote). ``on_text(row, piece)`` receives each row's answer piece by piece as it is
+    decoded (every row of the batch streams at once)."""
     kwargs = {}
     if stop is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList(
             [_StopOnText(tokenizer, stop, ids.shape[1])])
     if on_text is not None:
-        kwargs["streamer"] = _StopStreamer(tokenizer, stop, on_text)
+        kwargs["streamer"] = _BatchStreamer(tokenizer, stop, on_text)
     if no_repeat_ngram:
         kwargs["logits_processor"] = LogitsProcessorList(
             [_NoRepeatInAnswer(no_repeat_ngram, ids.shape[1])])
@@ -68,8 +68,9 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
         n = len(row)
         while row and row[-1] in trailing:
             row = row[:-1]
-        results.append(Generated(cut_at_stop(tokenizer.decode(row, skip_special_tokens=True),
-                                              stop), n))
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        ended = len(row) < n or stop_index(text.lstrip(), stop) is not None
+        results.append(Generated(cut_at_stop(text, stop), n, ended))
     if on_text is not None:
         kwargs["streamer"].close()
     return results
@@ -124,29 +125,44 @@ class _NoRepeatInAnswer(LogitsProcessor):
         return scores
 
 
-class _StopStreamer(TextStreamer):
-    """``TextStreamer`` that hands text to a callback and swallows everything from the first
-    stop match on (the model keeps going a token or two past it)."""
+class _BatchStreamer(BaseStreamer):
+    """Streams every row of a batch: ``generate`` hands over one new token per row per step;
+    each row's text so far is decoded and whatever became visible is passed on, up to the
+    first stop match. (transformers' ``TextStreamer`` takes a batch of one only.)"""
 
-    def __init__(self, tokenizer, stop: re.Pattern | None, on_text: Callable[[str], None]):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.stop, self.on_text = stop, on_text
-        self.text, self.emitted, self.stopped = "", 0, False
+    def __init__(self, tokenizer, stop: re.Pattern | None,
+                 on_text: Callable[[int, str], None]):
+        self.tokenizer, self.stop, self.on_text = tokenizer, stop, on_text
+        self.tokens: list[list[int]] | None = None  # None until the prompt has gone by
+        self.emitted: list[int] = []
+        self.stopped: list[bool] = []
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if self.stopped:
+    def put(self, value: torch.Tensor) -> None:
+        if self.tokens is None:  # the first call carries the prompt
+            rows = value.shape[0] if value.dim() > 1 else 1
+            self.tokens, self.emitted, self.stopped = [[] for _ in range(rows)], \
+                [0] * rows, [False] * rows
             return
-        self.text += text
-        visible = self.text.lstrip()
-        cut = stop_index(visible, self.stop)
-        if cut is not None:
-            visible, self.stopped = visible[:cut].rstrip(), True
-        if len(visible) > self.emitted:
-            self.on_text(visible[self.emitted:])
-            self.emitted = len(visible)
+        for b, token in enumerate(value.reshape(-1).tolist()):
+            if self.stopped[b]:
+                continue
+            self.tokens[b].append(token)
+            text = self.tokenizer.decode(self.tokens[b], skip_special_tokens=True)
+            visible = text.lstrip()
+            cut = stop_index(visible, self.stop)
+            if cut is not None:
+                visible, self.stopped[b] = visible[:cut].rstrip(), True
+            elif visible.endswith("\ufffd"):  # half a character: wait for the rest
+                continue
+            if len(visible) > self.emitted[b]:
+                self.on_text(b, visible[self.emitted[b]:])
+                self.emitted[b] = len(visible)
+
+    def end(self) -> None:
+        self.stopped = [True] * len(self.stopped)
 
     def close(self) -> None:
-        self.stopped = True
+        self.end()
 
 
 def _pad_id(tokenizer) -> int:

@@ -41,6 +41,7 @@ def cli(home: str | None, verbose: int) -> None:
       microlora compile DOCS --store DIR      compile documents into adapters
       microlora ask "QUESTION" --store DIR    answer from composed adapters
       microlora store stats --store DIR       inspect a store
+      microlora serve --store DIR             OpenAI-compatible server (keys: microlora keys)
       microlora doctor                        check the default base model and embedder
     """
     if home:
@@ -52,7 +53,7 @@ def cli(home: str | None, verbose: int) -> None:
 
 
 def _register() -> None:
-    from microlora.commands import ask, compile, doctor, eval, quickstart, store
+    from microlora.commands import ask, compile, doctor, eval, quickstart, serve, store
 
     cli.add_command(quickstart.quickstart)
     cli.add_command(ask.ask_command)
@@ -60,6 +61,8 @@ def _register() -> None:
     cli.add_command(eval.eval_command)
     cli.add_command(doctor.doctor)
     cli.add_command(store.store)
+    cli.add_command(serve.serve_command)
+    cli.add_command(serve.keys)
 
 
 _register()

@@ -31,3 +31,11 @@ class StoreMismatchError(StoreError):
 
 class UnknownNamespaceError(StoreError):
     """A namespace that the store does not hold."""
+
+
+class UnknownDocumentError(StoreError):
+    """A document id that the namespace does not hold."""
+
+
+class QuotaExceededError(StoreError):
+    """A compile would take a namespace past its atom or byte quota."""

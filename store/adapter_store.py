@@ -6,9 +6,13 @@ Layout of a store directory::
     index/<namespace>.npz     FAISS index per namespace (a cache, rebuilt from LMDB)
 
 The ``__meta__`` database holds the header (format version, base-model and embedder identity),
-the namespace registry and a generation counter per namespace that every write bumps; an
-index file built from an older generation is stale and rebuilt. Every write is one LMDB
+the namespace registry, a generation counter per namespace that every write bumps (an index
+file built from an older generation is stale and rebuilt), and a manifest per compiled
+document (its atom ids, so a document can be forgotten). Every write is one LMDB
 transaction: it lands whole or not at all.
+
+One ``AdapterStore`` may be shared by threads (a server answering while it compiles): LMDB
+transactions are per thread, and a lock guards the in-memory FAISS indexes.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -26,7 +31,12 @@ import lmdb
 import numpy as np
 import torch
 
-from microlora.errors import StoreError, StoreMismatchError, UnknownNamespaceError
+from microlora.errors import (
+    StoreError,
+    StoreMismatchError,
+    UnknownDocumentError,
+    UnknownNamespaceError,
+)
 from microlora.lora import PackLayout
 from store import record as rec
 from store.index import EXACT_LIMIT, VectorIndex
@@ -128,6 +138,7 @@ class AdapterStore:
         self._dbs: dict[str, object] = {}
         self._indexes: dict[str, VectorIndex] = {}
         self._unsaved: set[str] = set()
+        self._lock = threading.RLock()  # the cached FAISS indexes and db handles
 
     @classmethod
     def create(cls, path: str | Path, header: StoreHeader, **kwargs) -> AdapterStore:
@@ -243,16 +254,19 @@ class AdapterStore:
     def drop(self, namespace: str) -> int:
         """Delete a namespace with all its atoms and its index; returns how many atoms."""
         self._guard_writable()
-        db = self._db(namespace)
-        with self._env.begin(write=True) as txn:
-            n = txn.stat(db)["entries"]
-            txn.drop(db, delete=True)
-            txn.delete(b"ns:" + namespace.encode(), db=self._meta)
-            txn.delete(b"gen:" + namespace.encode(), db=self._meta)
-        del self._dbs[namespace]
-        self._indexes.pop(namespace, None)
-        self._unsaved.discard(namespace)
-        self._index_path(namespace).unlink(missing_ok=True)
+        with self._lock:
+            db = self._db(namespace)
+            with self._env.begin(write=True) as txn:
+                n = txn.stat(db)["entries"]
+                txn.drop(db, delete=True)
+                txn.delete(b"ns:" + namespace.encode(), db=self._meta)
+                txn.delete(b"gen:" + namespace.encode(), db=self._meta)
+                for key in list(self._document_keys(txn, namespace)):
+                    txn.delete(key, db=self._meta)
+            del self._dbs[namespace]
+            self._indexes.pop(namespace, None)
+            self._unsaved.discard(namespace)
+            self._index_path(namespace).unlink(missing_ok=True)
         return n
 
     # -- atoms -------------------------------------------------------------------------------
@@ -301,6 +315,55 @@ class AdapterStore:
                 self._bump(txn, namespace)
         return n
 
+    # -- documents ---------------------------------------------------------------------------
+
+    def put_documents(self, namespace: str, manifests: dict[str, list[str]]) -> None:
+        """Record which atoms each document produced (replacing earlier manifests of the same
+        documents), so that ``delete_document`` can forget one document."""
+        self._guard_writable()
+        self._db(namespace)
+        with self._env.begin(write=True) as txn:
+            for doc_id, atom_ids in manifests.items():
+                txn.put(_document_key(namespace, doc_id), json.dumps(atom_ids).encode(),
+                        db=self._meta)
+
+    def documents(self, namespace: str) -> dict[str, list[str]]:
+        """Document id -> the ids of the atoms it produced."""
+        self._db(namespace)
+        with self._env.begin(db=self._meta) as txn:
+            return {key.split(b"\x00", 1)[1].decode(): json.loads(value)
+                    for key, value in self._document_items(txn, namespace)}
+
+    def delete_document(self, namespace: str, doc_id: str) -> int:
+        """Forget a document: its manifest and every atom of it that no other document of the
+        namespace also produced, in one transaction. Returns how many atoms were deleted."""
+        self._guard_writable()
+        db = self._db(namespace)
+        key = _document_key(namespace, doc_id)
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(key, db=self._meta)
+            if raw is None:
+                raise UnknownDocumentError(f"namespace {namespace!r} has no document {doc_id!r}")
+            txn.delete(key, db=self._meta)
+            shared = {a for _, value in self._document_items(txn, namespace)
+                      for a in json.loads(value)}
+            n = sum(txn.delete(a.encode(), db=db) for a in json.loads(raw) if a not in shared)
+            if n:
+                self._bump(txn, namespace)
+        return n
+
+    def _document_items(self, txn, namespace: str) -> Iterator[tuple[bytes, bytes]]:
+        prefix = _document_key(namespace, "")
+        cursor = txn.cursor(db=self._meta)
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if not key.startswith(prefix):
+                    break
+                yield key, value
+
+    def _document_keys(self, txn, namespace: str) -> Iterator[bytes]:
+        return (key for key, _ in self._document_items(txn, namespace))
+
     def ids(self, namespace: str) -> list[str]:
         db = self._db(namespace)
         with self._env.begin(db=db) as txn:
@@ -329,10 +392,15 @@ class AdapterStore:
     def search(self, namespace: str, queries: np.ndarray, k: int
                ) -> list[list[tuple[str, float]]]:
         """Top-k atoms (id, cosine) for each query vector, best first."""
-        return self.index(namespace).search(queries, k)
+        with self._lock:  # FAISS indexes are not safe to search while another thread adds
+            return self.index(namespace).search(queries, k)
 
     def index(self, namespace: str) -> VectorIndex:
         """The namespace's FAISS index, rebuilt from LMDB if the cached one is stale."""
+        with self._lock:
+            return self._fresh_index(namespace)
+
+    def _fresh_index(self, namespace: str) -> VectorIndex:
         gen = self.generation(namespace)
         cached = self._indexes.get(namespace)
         if cached is None or cached.generation != gen:
@@ -359,6 +427,11 @@ class AdapterStore:
                       gen: int) -> None:
         """Append new atoms to an up-to-date index instead of rebuilding it. An exact index
         that grows past the limit is rebuilt as HNSW on its next use."""
+        with self._lock:
+            self._extend_cached_index(namespace, added, gen_before, gen)
+
+    def _extend_cached_index(self, namespace: str, added: list[rec.AtomRecord], gen_before: int,
+                             gen: int) -> None:
         index = self._indexes.get(namespace) or VectorIndex.load(self._index_path(namespace))
         if index is None or index.generation != gen_before or (
                 index.exact and len(index.ids) + len(added) > self.exact_limit):
@@ -468,6 +541,10 @@ class Reader:
         except StoreError as e:
             raise StoreError(f"atom {atom_id} in {self.namespace!r} is corrupt ({e}); "
                              "run `microlora store verify` and re-compile it") from e
+
+
+def _document_key(namespace: str, doc_id: str) -> bytes:
+    return b"doc:" + namespace.encode() + b"\x00" + doc_id.encode()
 
 
 def _lock_is_writable(path: Path) -> bool:

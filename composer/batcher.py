@@ -1,0 +1,151 @@
+"""Concurrent requests -> one generation batch: the serving loop behind ``microlora serve``.
+
+Callers (server threads) submit a question with its own namespaces and settings and get a
+future. One worker thread owns the model: it takes every request waiting (up to
+``max_batch``), retrieves each request's atoms from its own namespaces, and decodes the
+requests that share settings together through the per-sample adapter kernel, each row with
+its own composed atoms. Requests that arrive while a batch decodes wait for the next one
+(batching per request, not per token: simple, and on a CPU the batch is what pays).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from composer.composer import AskConfig, Composer
+from composer.retrieval import retrieve
+
+
+@dataclass
+class _Request:
+    question: str
+    namespaces: list[str]
+    config: AskConfig
+    on_text: Callable[[str], None] | None
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatchStats:
+    """What the worker has done (read by the server's /metrics)."""
+
+    batches: int = 0
+    requests: int = 0
+    largest_batch: int = 0
+
+
+class Batcher:
+    """Batches concurrent ``ask`` requests for one ``Composer`` on a worker thread."""
+
+    def __init__(self, composer: Composer, *, max_batch: int = 16, wait_s: float = 0.005,
+                 on_batch: Callable[[int], None] | None = None):
+        self.composer, self.max_batch, self.wait_s = composer, max_batch, wait_s
+        self.on_batch = on_batch
+        self.stats = BatchStats()
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="microlora-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, question: str, namespaces: Sequence[str], config: AskConfig = AskConfig(),
+               on_text: Callable[[str], None] | None = None) -> Future:
+        """Queue one question, answered from ``namespaces``; the future's result is an
+        ``Answer`` (or the ``MicroloraError`` that retrieval or generation raised)."""
+        if not self.alive:
+            raise RuntimeError("the batcher is closed")
+        request = _Request(question, list(namespaces), config, on_text)
+        self._queue.put(request)
+        return request.future
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.wait_s
+            closing = False
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    closing = True
+                    break
+                batch.append(more)
+            groups: dict[AskConfig, list[_Request]] = {}
+            for request in batch:
+                groups.setdefault(request.config, []).append(request)
+            for config, group in groups.items():
+                self._answer(config, group)
+            if closing:
+                return
+
+    def _answer(self, config: AskConfig, group: list[_Request]) -> None:
+        live = [r for r in group if r.future.set_running_or_notify_cancel()]
+        if config.mode.retrieves:
+            live, hits = self._retrieve(config, live)
+        else:
+            hits = [[] for _ in live]
+        if not live:
+            return
+        streams = [r.on_text for r in live]
+
+        def on_text(row: int, piece: str) -> None:
+            if streams[row] is not None:
+                streams[row](piece)
+
+        try:
+            answers = self.composer.ask_batch([r.question for r in live], config=config,
+                                              hits=hits, on_text=on_text)
+        except Exception as e:  # noqa: BLE001 - handed to every caller of this batch
+            for r in live:
+                r.future.set_exception(e)
+            return
+        self.stats.batches += 1
+        self.stats.requests += len(live)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(live))
+        if self.on_batch:
+            self.on_batch(len(live))
+        for r, answer in zip(live, answers):
+            r.future.set_result(answer)
+
+    def _retrieve(self, config: AskConfig, requests: list[_Request]
+                  ) -> tuple[list[_Request], list[list]]:
+        """Each request's atoms from its own namespaces (one embedding batch for all); a
+        request whose retrieval fails gets its error and leaves the batch."""
+        if not requests:
+            return [], []
+        try:
+            vectors = self.composer.embedder.encode([r.question for r in requests])
+        except Exception as e:  # noqa: BLE001
+            for r in requests:
+                r.future.set_exception(e)
+            return [], []
+        kept, hits = [], []
+        for r, vector in zip(requests, vectors):
+            try:
+                found = retrieve(self.composer.store, vector[None], r.namespaces, config.k,
+                                 min_score=config.min_score, weighting=config.weighting)[0]
+            except Exception as e:  # noqa: BLE001
+                r.future.set_exception(e)
+                continue
+            kept.append(r)
+            hits.append(found)
+        return kept, hits
+

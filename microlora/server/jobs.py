@@ -1,0 +1,119 @@
+"""Background compile jobs for ``POST /v1/documents``: one worker thread, one job at a time.
+
+The worker trains on its own copy of the base model (made on the first job), so compiling
+never touches the model that is answering requests; both share the one open store (LMDB
+serialises the writes, and each batch of atoms lands in one transaction).
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from compiler.chunking import ChunkConfig
+from compiler.documents import Document
+from compiler.pipeline import Quota, compile_documents
+from compiler.trainer import TrainConfig
+from microlora.embedder import Embedder
+from microlora.models import BaseModel
+from store import AdapterStore
+
+
+@dataclass
+class Job:
+    id: str
+    namespace: str
+    documents: list[str]
+    status: str = "queued"  # queued -> running -> done | failed
+    atoms_done: int = 0
+    atoms_total: int = 0
+    trained: int = 0
+    already_compiled: int = 0
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def public(self) -> dict:
+        return {"id": self.id, "object": "microlora.job", "status": self.status,
+                "namespace": self.namespace, "documents": self.documents,
+                "atoms_done": self.atoms_done, "atoms_total": self.atoms_total,
+                "trained": self.trained, "already_compiled": self.already_compiled,
+                "error": self.error, "created": int(self.created),
+                "finished": None if self.finished is None else int(self.finished)}
+
+
+class CompileJobs:
+    """Queue of compile jobs and their progress, by id."""
+
+    def __init__(self, store: AdapterStore, base: BaseModel, embedder: Embedder, *,
+                 model_lock: threading.Lock, train_config: TrainConfig = TrainConfig(),
+                 chunk_config: ChunkConfig = ChunkConfig(),
+                 on_done: Callable[[Job], None] | None = None):
+        self.store, self.embedder, self.on_done = store, embedder, on_done
+        self.train_config, self.chunk_config = train_config, chunk_config
+        self._base, self._model_lock = base, model_lock
+        self._own_base: BaseModel | None = None
+        self._jobs: dict[str, Job] = {}
+        self._queue: queue.Queue[tuple[Job, list[Document], Quota] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="microlora-compile",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, namespace: str, docs: list[Document], quota: Quota) -> Job:
+        job = Job(f"job-{uuid.uuid4().hex[:16]}", namespace, [d.source for d in docs])
+        self._jobs[job.id] = job
+        self._queue.put((job, docs, quota))
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def counts(self) -> dict[str, int]:
+        out = {"queued": 0, "running": 0, "done": 0, "failed": 0}
+        for job in list(self._jobs.values()):
+            out[job.status] += 1
+        return out
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            job, docs, quota = item
+            job.status = "running"
+
+            def progress(done: int, total: int, job: Job = job) -> None:
+                job.atoms_done, job.atoms_total = done, total
+
+            try:
+                report = compile_documents(docs, self.store, base=self._training_base(),
+                                           embedder=self.embedder, namespace=job.namespace,
+                                           train_config=self.train_config,
+                                           chunk_config=self.chunk_config, quota=quota,
+                                           progress=progress)
+            except Exception as e:  # noqa: BLE001 - reported through GET /v1/jobs/{id}
+                job.status, job.error = "failed", str(e) or type(e).__name__
+            else:
+                job.status = "done"
+                job.trained, job.already_compiled = report.trained, report.already_compiled
+                job.atoms_total = job.atoms_done = report.trained
+                if report.problems and not report.atoms:
+                    job.status = "failed"
+                    job.error = "; ".join(f"{p.source}: {p.reason}" for p in report.problems)
+            job.finished = time.time()
+            if self.on_done:
+                self.on_done(job)
+
+    def _training_base(self) -> BaseModel:
+        """A private copy of the base model, taken while no request is using the shared one
+        (its adapter wrappers are idle then)."""
+        if self._own_base is None:
+            with self._model_lock:
+                self._own_base = copy.deepcopy(self._base)
+        return self._own_base

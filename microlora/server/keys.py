@@ -1,0 +1,144 @@
+"""API keys for ``microlora serve``: each key maps to one user's namespace plus read access to
+the shared corpora it is granted, and carries that user's quota.
+
+Keys live in ``<store>/keys.json`` (mode 0600), stored as SHA-256 hashes: a key is 32 random
+bytes, so a fast hash is enough (slow password hashes exist for guessable secrets). The
+plaintext is shown once, by ``microlora keys add``. Writes replace the file atomically; the
+server re-reads it when it changes, so keys added or revoked apply without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from composer.retrieval import USER_PREFIX
+from microlora.errors import MicroloraError
+
+KEYS_FILE = "keys.json"
+ALL_SHARED = "*"  # a grant of every shared namespace, present and future
+_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_KEY_RE = re.compile(r"^mlk-([0-9a-f]{8})-[A-Za-z0-9_-]{20,}$")
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """One API key, without its secret."""
+
+    id: str  # the key's public part, shown by `keys ls` and used by `keys revoke`
+    user: str
+    grants: tuple[str, ...] = (ALL_SHARED,)
+    max_atoms: int | None = None
+    max_bytes: int | None = None
+    created: float = field(default_factory=time.time)
+    sha256: str = ""
+
+    @property
+    def namespace(self) -> str:
+        """The user's personal namespace: the only one this key can write or delete."""
+        return USER_PREFIX + self.user
+
+    def can_read(self, namespace: str, shared: list[str]) -> bool:
+        """Own namespace, or a shared corpus this key was granted (never another user's)."""
+        if namespace == self.namespace:
+            return True
+        if namespace.startswith(USER_PREFIX):
+            return False
+        return ALL_SHARED in self.grants and namespace in shared or namespace in self.grants
+
+    def readable_shared(self, shared: list[str]) -> list[str]:
+        return [ns for ns in shared if self.can_read(ns, shared)]
+
+
+class KeyStore:
+    """The keys of one store directory."""
+
+    def __init__(self, store_dir: str | Path):
+        self.path = Path(store_dir) / KEYS_FILE
+        self._records: dict[str, KeyRecord] = {}
+        self._mtime: float | None = None
+
+    def add(self, user: str, grants: tuple[str, ...] = (ALL_SHARED,), *,
+            max_atoms: int | None = None, max_bytes: int | None = None
+            ) -> tuple[str, KeyRecord]:
+        """Create a key for ``user``; returns (the plaintext key, shown once, and its record)."""
+        if not _USER_RE.match(user or ""):
+            raise MicroloraError(f"invalid user name {user!r}: use 1-64 letters, digits and "
+                                 "'._@-', starting with a letter or digit")
+        for ns in grants:
+            if ns.startswith(USER_PREFIX):
+                raise MicroloraError(f"cannot grant {ns!r}: a key reads only its own user "
+                                     "namespace and shared corpora")
+        if any(v is not None and v < 1 for v in (max_atoms, max_bytes)):
+            raise MicroloraError("quotas must be positive")
+        records = self._load(force=True)
+        key_id = secrets.token_hex(4)
+        while key_id in records:
+            key_id = secrets.token_hex(4)
+        plaintext = f"mlk-{key_id}-{secrets.token_urlsafe(32)}"
+        record = KeyRecord(key_id, user, tuple(grants) or (ALL_SHARED,), max_atoms, max_bytes,
+                           sha256=_hash(plaintext))
+        self._save({**records, key_id: record})
+        return plaintext, record
+
+    def revoke(self, key_id: str) -> KeyRecord:
+        records = self._load(force=True)
+        if key_id not in records:
+            raise MicroloraError(f"no key with id {key_id!r}; `microlora keys ls` lists them")
+        record = records.pop(key_id)
+        self._save(records)
+        return record
+
+    def list(self) -> list[KeyRecord]:
+        return sorted(self._load(force=True).values(), key=lambda r: (r.user, r.created))
+
+    def authenticate(self, plaintext: str | None) -> KeyRecord | None:
+        """The record of a valid key, else None (constant-time comparison of the hash)."""
+        m = _KEY_RE.match(plaintext or "")
+        if not m:
+            return None
+        record = self._load().get(m.group(1))
+        if record is None or not hmac.compare_digest(record.sha256, _hash(plaintext)):
+            return None
+        return record
+
+    def _load(self, force: bool = False) -> dict[str, KeyRecord]:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            self._records, self._mtime = {}, None
+            return self._records
+        if force or mtime != self._mtime:
+            try:
+                raw = json.loads(self.path.read_text())
+                self._records = {r["id"]: KeyRecord(**{**r, "grants": tuple(r["grants"])})
+                                 for r in raw["keys"]}
+            except (ValueError, KeyError, TypeError) as e:
+                raise MicroloraError(f"{self.path} is corrupt ({e}); restore it or delete it "
+                                     "and add the keys again") from e
+            self._mtime = mtime
+        return self._records
+
+    def _save(self, records: dict[str, KeyRecord]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        body = json.dumps({"version": 1, "keys": [asdict(r) for r in records.values()]},
+                          indent=1)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._records, self._mtime = dict(records), self.path.stat().st_mtime_ns
+
+
+def _hash(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode()).hexdigest()

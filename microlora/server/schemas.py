@@ -1,0 +1,114 @@
+"""Request bodies of the HTTP API: OpenAI's shapes, plus microlora's own optional fields.
+
+Unknown fields are rejected (400) rather than silently ignored, so a typo such as ``"kk": 4``
+is caught. OpenAI fields that greedy decoding has no use for (temperature, top_p, seed,
+penalties) are accepted and ignored, so stock clients work; ones whose meaning microlora cannot
+honour (n > 1, logprobs, stop, echo) are refused with a clear message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from composer.prompts import Mode
+
+MAX_K = 16
+MAX_TOKENS = 256
+MAX_DOCUMENTS = 256
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Generation(_Strict):
+    """Fields common to both completion endpoints."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="one answer per prompt (decoding is greedy)")
+    # accepted for compatibility, no effect on greedy decoding
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    # refused: not supported
+    stop: None = Field(None, description="not supported: answers end at the QA stop pattern")
+    logprobs: None = None
+    # microlora
+    k: int | None = Field(None, ge=1, le=MAX_K, description="atoms composed per answer")
+    mode: Mode | None = None
+    namespaces: list[str] | None = Field(
+        None, max_length=32,
+        description="shared corpora to search (each must be granted to the key); the "
+                    "caller's own namespace is always searched")
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str] = Field(..., description="a question, or a list of them")
+    echo: Literal[False] = False
+    suffix: None = None
+    best_of: Literal[1] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v: str | list[str]) -> str | list[str]:
+        items = [v] if isinstance(v, str) else v
+        if not items or len(items) > 16:
+            raise ValueError("give 1 to 16 prompts")
+        if any(not p.strip() for p in items):
+            raise ValueError("prompts must not be empty")
+        return v
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # OpenAI's content parts: keep the text ones
+            return " ".join(str(p.get("text", "")) for p in self.content
+                            if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(_Generation):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+
+    def question(self) -> str:
+        """The last user message: what is answered (earlier turns are not composed in)."""
+        for message in reversed(self.messages):
+            if message.role == "user" and message.text().strip():
+                return message.text()
+        raise ValueError("messages need a non-empty user message")
+
+
+class DocumentIn(_Strict):
+    text: str = Field(..., max_length=4_000_000)
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$")
+    title: str = Field("", max_length=500)
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("binary content (NUL bytes): send UTF-8 text")
+        if not v.strip():
+            raise ValueError("empty document")
+        return v
+
+
+class DocumentsRequest(_Strict):
+    documents: list[DocumentIn] = Field(..., min_length=1, max_length=MAX_DOCUMENTS)

@@ -1,0 +1,419 @@
+"""`microlora serve` on tiny models: a real uvicorn server on 127.0.0.1, a real HTTP client.
+
+Round trips (plain HTTP and the openai client), streaming, API keys and user isolation on
+every endpoint, documents compiled into a user's namespace and forgotten again, quotas,
+malformed requests, batching of concurrent requests, and a bounded load test."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+from click.testing import CliRunner
+from conftest import random_adapter
+
+from compiler.chunking import ChunkConfig
+from compiler.pipeline import store_header
+from compiler.trainer import TrainConfig
+from composer import AskConfig, Composer
+from microlora.cli import cli
+from microlora.embedder import load_embedder
+from microlora.lora import MultiLoraModel
+from microlora.models import load_base_model
+from microlora.server.app import ServeConfig, Service, create_app
+from microlora.server.keys import KeyStore
+from microlora.targets import TargetSpec
+from store import AdapterStore, AtomRecord
+
+SHARED = {
+    "wiki": [f"w{i} w{i + 1} w{i + 2} w{i + 3}" for i in range(0, 80, 10)],
+    "news": ["w100 w101 w102", "w110 w111 w112"],
+}
+RECIPE = TrainConfig(targets=TargetSpec(last_layers=2), max_steps=3, lr=2e-2, bf16=False,
+                     batch_atoms=8, neighbours=1)
+CHUNK = ChunkConfig(max_tokens=16, min_chars=10)
+DOC_1 = "w1 w2 w3 w4 w5 w6 w7 w8. w9 w10 w11 w12 w13 w14 w15."
+DOC_2 = "w20 w21 w22 w23 w24 w25. w30 w31 w32 w33 w34 w35."
+ASK = AskConfig(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tmp_path_factory):
+    """(base url, service, keys by user): ana reads every shared corpus, bob only wiki, carol
+    has a quota of 2 atoms."""
+    lm, emb_path = tiny_models
+    base, emb = load_base_model(lm), load_embedder(emb_path)
+    lora = MultiLoraModel(base.model, TargetSpec(last_layers=2))
+    shapes = lora.shapes()
+    lora.remove()
+    path = tmp_path_factory.mktemp("serve") / "kb"
+    with AdapterStore.create(path, store_header(base, emb)) as s:
+        for n, (ns, texts) in enumerate(SHARED.items()):
+            vectors = emb.encode(texts)
+            s.put(ns, [AtomRecord(id=f"{ns}-{i}", text=t, embedding=vectors[i],
+                                  adapter=random_adapter(shapes, 2, seed=10 * n + i, scale=0.4),
+                                  base_fingerprint=base.fingerprint, source=f"{ns}.txt")
+                       for i, t in enumerate(texts)])
+    keys = KeyStore(path)
+    tokens = {"ana": keys.add("ana")[0], "bob": keys.add("bob", ("wiki",))[0],
+              "carol": keys.add("carol", max_atoms=2)[0]}
+    service = Service(Composer(AdapterStore(path), base, emb),
+                      ServeConfig(max_body_bytes=64 << 10, ask=ASK, train=RECIPE, chunk=CHUNK))
+    uv = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning",
+                                       lifespan="off"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", service, tokens
+    uv.should_exit = True
+    thread.join(10)
+    service.close()
+
+
+def client(server, user: str | None = None, token: str | None = None) -> httpx.Client:
+    url, _, tokens = server
+    key = token if token is not None else tokens[user] if user else None
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=60)
+
+
+def chat(c: httpx.Client, question: str, **extra) -> httpx.Response:
+    return c.post("/v1/chat/completions", json={
+        "model": "microlora", "messages": [{"role": "user", "content": question}], **extra})
+
+
+def upload(c: httpx.Client, docs: list[dict]) -> dict:
+    """POST documents and wait for the job to finish; the finished job."""
+    r = c.post("/v1/documents", json={"documents": docs})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job"]["id"]
+    deadline = time.time() + 120
+    while True:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed"):
+            return job
+        assert time.time() < deadline, job
+        time.sleep(0.05)
+
+
+def sse(response: httpx.Response) -> list[dict | str]:
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+def test_health_and_metrics_need_no_key(server):
+    with client(server) as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+        with client(server, "ana") as a:
+            assert chat(a, "w1 w2 w3").status_code == 200
+        text = c.get("/metrics").text
+    assert 'microlora_requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert "microlora_batch_size_bucket" in text and "microlora_generated_tokens_total" in text
+
+
+def test_chat_round_trip_names_its_atoms_and_matches_the_composer(server):
+    _, service, _ = server
+    with client(server, "bob") as c:
+        r = chat(c, "w1 w2 w3", k=2)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+    assert choice["finish_reason"] in ("stop", "length")
+    assert [a["namespace"] for a in choice["atoms"]] == ["wiki", "wiki"]
+    assert body["usage"]["completion_tokens"] > 0 and body["usage"]["prompt_tokens"] > 0
+    direct = service.composer.ask("w1 w2 w3", ["wiki"], AskConfig(k=2, max_new_tokens=6))
+    assert choice["message"]["content"] == direct.text
+    assert [a["id"] for a in choice["atoms"]] == [s.hit.id for s in direct.sources]
+
+
+def test_completions_answer_each_prompt(server):
+    with client(server, "ana") as c:
+        r = c.post("/v1/completions", json={"prompt": ["w1 w2", "w41 w42"], "k": 1,
+                                            "mode": "hybrid", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [ch["index"] for ch in choices] == [0, 1]
+    assert all(isinstance(ch["text"], str) and len(ch["atoms"]) == 1 for ch in choices)
+    assert r.json()["usage"]["completion_tokens"] <= 8
+
+
+def test_streaming_gives_the_same_answer_piece_by_piece(server):
+    with client(server, "bob") as c:
+        plain = chat(c, "w41 w42 w43").json()["choices"][0]
+        with c.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "w41 w42 w43"}], "stream": True,
+                "stream_options": {"include_usage": True}}) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = sse(r)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks)
+    assert text == plain["message"]["content"]
+    last = chunks[-1]["choices"][0]
+    assert last["finish_reason"] == plain["finish_reason"] and last["atoms"] == plain["atoms"]
+    assert events[-2]["usage"]["completion_tokens"] > 0
+
+
+def test_the_openai_client_works_unchanged(server):
+    openai = pytest.importorskip("openai")
+    url, _, tokens = server
+    oa = openai.OpenAI(base_url=url + "/v1", api_key=tokens["bob"])
+    with client(server, "bob") as c:
+        expected = chat(c, "w61 w62", k=1).json()["choices"][0]["message"]["content"]
+    got = oa.chat.completions.create(model="microlora", extra_body={"k": 1},
+                                     messages=[{"role": "user", "content": "w61 w62"}])
+    assert got.choices[0].message.content == expected
+    streamed = oa.chat.completions.create(model="microlora", extra_body={"k": 1}, stream=True,
+                                          messages=[{"role": "user", "content": "w61 w62"}])
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) \
+        == expected
+    assert oa.models.list().data[0].id == server[1].composer.base.name
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="mlk-00000000-" + "x" * 40) \
+            .chat.completions.create(model="m", messages=[{"role": "user", "content": "w1"}])
+
+
+# -- keys and isolation -----------------------------------------------------------------------
+
+ENDPOINTS = [("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}]}),
+             ("POST", "/v1/completions", {"prompt": "w1"}),
+             ("POST", "/v1/documents", {"documents": [{"text": DOC_1}]}),
+             ("GET", "/v1/documents", None), ("GET", "/v1/jobs/job-1", None),
+             ("GET", "/v1/atoms/wiki-0", None), ("DELETE", "/v1/documents/d1", None),
+             ("DELETE", "/v1/namespace", None), ("GET", "/v1/models", None)]
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Basic YW5hOnB3", "wrong-key",
+                                    "Bearer mlk-00000000-" + "a" * 43])
+def test_every_endpoint_refuses_a_missing_or_wrong_key(server, header):
+    url, service, _ = server
+    before = {ns: service.store.count(ns) for ns in service.store.namespaces()}
+    headers = {"Authorization": header} if header else {}
+    with httpx.Client(base_url=url, headers=headers) as c:
+        for method, path, body in ENDPOINTS:
+            r = c.request(method, path, json=body)
+            assert r.status_code == 401, (method, path, r.text)
+            assert r.json()["error"]["type"] == "authentication_error"
+    assert {ns: service.store.count(ns) for ns in service.store.namespaces()} == before
+
+
+def test_another_users_key_reads_and_changes_nothing(server):
+    _, service, _ = server
+    with client(server, "ana") as ana, client(server, "bob") as bob:
+        job = upload(ana, [{"id": "ana-notes", "text": DOC_1}])
+        assert job["status"] == "done", job
+        atoms = service.store.documents("user:ana")["ana-notes"]
+        before = service.store.count("user:ana")
+        assert bob.get(f"/v1/jobs/{job['id']}").status_code == 403
+        assert bob.get(f"/v1/atoms/{atoms[0]}").status_code == 403
+        assert bob.delete("/v1/documents/ana-notes").status_code == 403
+        for extra in ({"namespaces": ["user:ana"]}, {"namespaces": ["news"]}):
+            r = chat(bob, "w1 w2 w3", **extra)
+            assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        r = chat(bob, "w1 w2 w3 w4 w5 w6 w7 w8", k=4)  # ana's sentence, word for word
+        assert {a["namespace"] for a in r.json()["choices"][0]["atoms"]} == {"wiki"}
+        assert bob.delete("/v1/namespace").json()["atoms_deleted"] == 0
+        assert bob.get("/v1/documents").json()["data"] == []
+        # ana still has everything, and her own key reads it
+        assert service.store.count("user:ana") == before
+        assert ana.get(f"/v1/atoms/{atoms[0]}").json()["namespace"] == "user:ana"
+        own = chat(ana, "w1 w2 w3 w4 w5 w6 w7 w8", k=2, namespaces=[]).json()
+        assert {a["namespace"] for a in own["choices"][0]["atoms"]} == {"user:ana"}
+        ana.delete("/v1/namespace")
+
+
+def test_revoked_key_is_refused_by_the_running_server(server, tmp_path):
+    url, service, _ = server
+    keys = KeyStore(service.store.path)
+    token, record = keys.add("dave")
+    with client(server, token=token) as c:
+        assert c.get("/v1/documents").status_code == 200
+        keys.revoke(record.id)
+        assert c.get("/v1/documents").status_code == 401
+
+
+# -- documents and forgetting -----------------------------------------------------------------
+
+def test_uploaded_documents_are_answered_from_and_forgotten(server):
+    _, service, _ = server
+    store = service.store
+    with client(server, "ana") as c:
+        job = upload(c, [{"id": "d1", "text": DOC_1}, {"id": "d2", "text": DOC_2,
+                                                        "title": "second"}])
+        assert job["status"] == "done" and job["trained"] == 4, job
+        listed = {d["id"]: d["atoms"] for d in c.get("/v1/documents").json()["data"]}
+        assert listed == {"d1": 2, "d2": 2}
+        d1 = store.documents("user:ana")["d1"]
+        r = chat(c, "w1 w2 w3 w4 w5 w6 w7 w8", k=1, namespaces=[]).json()
+        assert r["choices"][0]["atoms"][0]["id"] in d1
+        atom = c.get(f"/v1/atoms/{d1[0]}").json()
+        assert atom["text"].startswith("w") and atom["source"] == "d1"
+
+        assert c.delete("/v1/documents/d1").json()["atoms_deleted"] == 2
+        assert c.delete("/v1/documents/d1").status_code == 404
+        for atom_id in d1:
+            assert c.get(f"/v1/atoms/{atom_id}").status_code == 404
+            assert atom_id not in store.ids("user:ana")
+        hits = store.search("user:ana", service.composer.embedder.encode([DOC_1]), 10)[0]
+        assert {h for h, _ in hits}.isdisjoint(d1) and len(hits) == 2  # d2's atoms remain
+        r = chat(c, "w1 w2 w3 w4 w5 w6 w7 w8", k=2, namespaces=[]).json()
+        assert {a["id"] for a in r["choices"][0]["atoms"]}.isdisjoint(d1)
+
+        assert c.delete("/v1/namespace").json()["atoms_deleted"] == 2
+        assert "user:ana" not in store.namespaces()
+        assert c.get("/v1/documents").json()["data"] == []
+        r = chat(c, "w20 w21 w22", k=2).json()
+        assert all(a["namespace"] != "user:ana" for a in r["choices"][0]["atoms"])
+        r = chat(c, "w20 w21 w22", namespaces=[])
+        assert r.status_code == 400 and "nothing to search" in r.json()["error"]["message"]
+
+
+def test_quota_is_refused_before_any_training(server):
+    _, service, _ = server
+    with client(server, "carol") as c:
+        r = c.post("/v1/documents", json={"documents": [{"text": DOC_1 + " " + DOC_2}]})
+        assert r.status_code == 429, r.text
+        assert "quota of 2" in r.json()["error"]["message"]
+        assert "user:carol" not in service.store.namespaces()
+        assert upload(c, [{"text": DOC_1}])["status"] == "done"
+        assert c.post("/v1/documents", json={"documents": [{"text": DOC_2}]}).status_code == 429
+        c.delete("/v1/namespace")
+
+
+# -- malformed requests -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "malformed JSON"),
+    ({"messages": [{"role": "user", "content": "w1"}], "kk": 3}, 400, "unknown field 'kk'"),
+    ({"messages": [{"role": "user", "content": "w1"}], "k": 0}, 400, "k:"),
+    ({"messages": [{"role": "user", "content": "w1"}], "k": 99}, 400, "k:"),
+    ({"messages": [{"role": "user", "content": "w1"}], "k": 16}, 400, "ask with -k"),
+    ({"messages": [{"role": "user", "content": "w1"}], "n": 2}, 400, "n:"),
+    ({"messages": [{"role": "user", "content": "w1"}], "mode": "magic"}, 400, "mode:"),
+    ({"messages": []}, 400, "messages:"),
+    ({"messages": [{"role": "assistant", "content": "w1"}]}, 400, "non-empty user message"),
+    ({"messages": [{"role": "user", "content": "w1"}], "max_tokens": 100000}, 400,
+     "max_tokens:"),
+    ({"messages": [{"role": "user", "content": "w1 " * 40000}]}, 413, "limit"),
+])
+def test_malformed_requests_get_a_clear_4xx_and_the_server_stays_up(server, body, status,
+                                                                    message):
+    with client(server, "bob") as c:
+        kw = {"content": body, "headers": {"Content-Type": "application/json"}} \
+            if isinstance(body, bytes) else {"json": body}
+        r = c.post("/v1/chat/completions", **kw)
+        assert r.status_code == status, r.text
+        assert message in r.json()["error"]["message"]
+        assert c.get("/healthz").status_code == 200
+        assert chat(c, "w1 w2").status_code == 200
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"text": "   "}, "empty document"), ({"text": "w1\x00w2"}, "binary"),
+    ({"text": "w1 w2", "colour": "red"}, "unknown field"), ({"text": "w1", "id": "../x"}, "id"),
+])
+def test_bad_documents_are_refused(server, doc, message):
+    with client(server, "bob") as c:
+        r = c.post("/v1/documents", json={"documents": [doc]})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_chunked_upload_over_the_limit_is_refused(server):
+    def body():
+        for _ in range(100):
+            yield b"x" * 1024
+
+    with client(server, "bob") as c:
+        r = c.post("/v1/documents", content=body(),
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+def test_concurrent_requests_are_decoded_in_one_batch_with_their_own_atoms(server):
+    _, service, _ = server
+    questions = [f"w{i} w{i + 1} w{i + 2}" for i in range(0, 80, 5)]
+    with client(server, "bob") as c:
+        alone = {q: chat(c, q, k=1).json()["choices"][0] for q in questions[:4]}
+        largest = service.batcher.stats.largest_batch
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(lambda q: chat(c, q, k=1).json()["choices"][0], questions))
+    assert service.batcher.stats.largest_batch > max(largest, 1)
+    for q, choice in zip(questions, together):
+        if q in alone:
+            assert choice["message"]["content"] == alone[q]["message"]["content"]
+            assert choice["atoms"] == alone[q]["atoms"]
+    assert len({tuple(a["id"] for a in ch["atoms"]) for ch in together}) > 4
+
+
+def test_load_200_requests_16_concurrent_two_users(server):
+    url, service, tokens = server
+    with client(server, "ana") as ana:
+        assert upload(ana, [{"id": "mine", "text": DOC_2}])["status"] == "done"
+    ana_atoms = set(service.store.ids("user:ana"))
+
+    def one(i: int):
+        user = ("ana", "bob")[i % 2]
+        with client(server, user) as c:
+            r = chat(c, f"w{20 + i % 40} w{21 + i % 40}", k=2)
+        return user, r
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(200)))
+    for user, r in results:
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert isinstance(choice["message"]["content"], str)
+        assert choice["finish_reason"] in ("stop", "length") and len(choice["atoms"]) == 2
+        spaces = {a["namespace"] for a in choice["atoms"]}
+        if user == "bob":
+            assert spaces <= {"wiki"} and not {a["id"] for a in choice["atoms"]} & ana_atoms
+        else:
+            assert spaces <= {"wiki", "news", "user:ana"}
+    assert any("user:ana" in {a["namespace"] for a in r.json()["choices"][0]["atoms"]}
+               for u, r in results if u == "ana")
+    with client(server) as c:
+        assert c.get("/healthz").json()["batcher_alive"] is True
+    with client(server, "ana") as ana:
+        ana.delete("/v1/namespace")
+
+
+# -- the keys CLI -----------------------------------------------------------------------------
+
+def test_keys_cli_adds_lists_and_revokes(server):
+    _, service, _ = server
+    runner = CliRunner()
+    store = str(service.store.path)
+    r = runner.invoke(cli, ["keys", "add", "erin", "--store", store, "--grant", "wiki",
+                            "--max-atoms", "5"])
+    assert r.exit_code == 0, r.output
+    token = r.stdout.strip().splitlines()[0]
+    record = KeyStore(store).authenticate(token)
+    assert record.user == "erin" and record.grants == ("wiki",) and record.max_atoms == 5
+    listed = runner.invoke(cli, ["keys", "ls", "--store", store]).output
+    assert record.id in listed and token not in listed
+    assert token not in (service.store.path / "keys.json").read_text()
+    assert runner.invoke(cli, ["keys", "revoke", record.id, "--store", store]).exit_code == 0
+    assert KeyStore(store).authenticate(token) is None
+    bad = runner.invoke(cli, ["keys", "add", "x", "--store", store, "--grant", "user:ana"])
+    assert bad.exit_code != 0 and "cannot grant" in bad.output
