@@ -42,9 +42,13 @@ class BatchStats:
 class Batcher:
     """Batches concurrent ``ask`` requests for one ``Composer`` on a worker thread."""
 
-    def __init__(self, composer: Composer, *, max_batch: int = 16, wait_s: float = 0.005,
-                 on_batch: Callable[[int], None] | None = None):
-        self.composer, self.max_batch, self.wait_s = composer, max_batch, wait_s
+    def __init__(self, composer: Composer, *, max_batch: int = 16, gap_s: float = 0.02,
+                 max_wait_s: float = 0.1, on_batch: Callable[[int], None] | None = None):
+        """A batch closes at ``max_batch`` requests, when no new request came for ``gap_s``,
+        or ``max_wait_s`` after its first request: a lone request waits ``gap_s``, a burst
+        of clients (whose requests trickle in over tens of ms) decodes as one batch."""
+        self.composer, self.max_batch = composer, max_batch
+        self.gap_s, self.max_wait_s = gap_s, max_wait_s
         self.on_batch = on_batch
         self.stats = BatchStats()
         self._queue: queue.Queue[_Request | None] = queue.Queue()
@@ -77,11 +81,12 @@ class Batcher:
             if first is None:
                 return
             batch = [first]
-            deadline = time.monotonic() + self.wait_s
+            deadline = time.monotonic() + self.max_wait_s
             closing = False
             while len(batch) < self.max_batch:
+                wait = min(self.gap_s, deadline - time.monotonic())
                 try:
-                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    more = self._queue.get(timeout=max(0.0, wait))
                 except queue.Empty:
                     break
                 if more is None:

@@ -212,7 +212,8 @@ class Composer:
             outs = generate(self.base.model, tok, ids, mask,
                             max_new_tokens=config.max_new_tokens,
                             stop=stop_pattern(tok, config.template),
-                            no_repeat_ngram=config.no_repeat_ngram, on_text=on_text)
+                            no_repeat_ngram=config.no_repeat_ngram, on_text=on_text,
+                            on_rows=self.lora.select_samples)
         seconds = time.perf_counter() - t0
         prompt_tokens = mask.sum(1).tolist()
         return [Answer(q, o.text, config.mode, srcs, o.new_tokens, seconds, n, o.finished)

@@ -1,24 +1,23 @@
-"""Greedy decoding of a batch of prompts with ``transformers``' ``generate``, cut where a
-stop pattern matches, optionally streamed.
+"""Greedy decoding of a batch of prompts, cut where a stop pattern matches, optionally
+streamed.
 
-Whatever adapters are active on the model (per-sample stacked ones, or a merge) apply: this
-module only turns prompts into text.
+A plain loop over the model's forward with a KV cache rather than ``transformers``'
+``generate``: a row leaves the batch the moment its answer ends (stop pattern or EOS), so one
+rambling answer does not make every other row of the batch pay for its steps, which is what
+decides throughput when a server batches many short answers. Whatever adapters are active on
+the model apply; ``on_rows`` lets the caller shrink per-row state (the composed adapters)
+in step with the batch.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
-from transformers.generation.streamers import BaseStreamer
+from transformers import DynamicCache
 
 
 @dataclass
@@ -41,39 +40,118 @@ def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device,
     return ids, mask
 
 
+@torch.inference_mode()
 def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
              max_new_tokens: int = 32, stop: re.Pattern | None = None, min_new_tokens: int = 0,
-             no_repeat_ngram: int = 0,
-             on_text: Callable[[int, str], None] | None = None) -> list[Generated]:
-    """Greedy continuation of each row, cut where ``stop`` first matches. ``no_repeat_ngram``
-    > 0 forbids repeating an n-gram of the answer itself (not of the prompt, which an answer may
-    quote). ``on_text(row, piece)`` receives each row's answer piece by piece as it is
-    decoded (every row of the batch streams at once)."""
-    kwargs = {}
-    if stop is not None:
-        kwargs["stopping_criteria"] = StoppingCriteriaList(
-            [_StopOnText(tokenizer, stop, ids.shape[1])])
-    if on_text is not None:
-        kwargs["streamer"] = _BatchStreamer(tokenizer, stop, on_text)
-    if no_repeat_ngram:
-        kwargs["logits_processor"] = LogitsProcessorList(
-            [_NoRepeatInAnswer(no_repeat_ngram, ids.shape[1])])
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                             pad_token_id=_pad_id(tokenizer), **kwargs)
-    results = []
-    trailing = _eos_ids(model, tokenizer) | {_pad_id(tokenizer)}
-    for row in out[:, ids.shape[1]:].tolist():
-        n = len(row)
-        while row and row[-1] in trailing:
-            row = row[:-1]
-        text = tokenizer.decode(row, skip_special_tokens=True)
-        ended = len(row) < n or stop_index(text.lstrip(), stop) is not None
-        results.append(Generated(cut_at_stop(text, stop), n, ended))
-    if on_text is not None:
-        kwargs["streamer"].close()
-    return results
+             no_repeat_ngram: int = 0, on_text: Callable[[int, str], None] | None = None,
+             on_rows: Callable[[torch.Tensor], None] | None = None) -> list[Generated]:
+    """Greedy continuation of each row, cut where ``stop`` first matches.
+
+    ``min_new_tokens``: EOS is banned before then, and the stop pattern ignored (fixed-length
+    decoding, for benchmarks). ``no_repeat_ngram`` > 0 forbids repeating an n-gram of the
+    answer itself (not of the prompt, which an answer may quote). ``on_text(row, piece)``
+    receives each row's answer piece by piece. ``on_rows(keep)`` is called with the indices
+    (into the rows still decoding) that stay whenever some rows finish.
+    """
+    rows = [_Row(tokenizer, stop, i, on_text) for i in range(len(ids))]
+    eos = sorted(_eos_ids(model, tokenizer))
+    cache = _new_cache(model)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                   use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
+    active = torch.arange(len(ids), device=ids.device)
+    last = positions[:, -1]
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        if step < min_new_tokens and eos:
+            logits[:, eos] = float("-inf")
+        if no_repeat_ngram:
+            _ban_repeats(logits, [rows[b].tokens for b in active.tolist()], no_repeat_ngram)
+        tokens = logits.argmax(-1)
+        done = []
+        for j, (b, token) in enumerate(zip(active.tolist(), tokens.tolist())):
+            if token in eos:
+                rows[b].end(token)
+                done.append(j)
+            elif rows[b].add(token, check_stop=step + 1 >= min_new_tokens):
+                done.append(j)
+        if step == max_new_tokens - 1:
+            break
+        if done:
+            keep = torch.tensor([j for j in range(len(active)) if j not in set(done)],
+                                dtype=torch.long, device=ids.device)
+            if len(keep) == 0:
+                break
+            next(iter(cache.values())).batch_select_indices(keep)
+            active, tokens, mask, last = active[keep], tokens[keep], mask[keep], last[keep]
+            if on_rows is not None:
+                on_rows(keep)
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        last = last + 1
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
+                       use_cache=True, **cache).logits[:, -1]
+    return [row.result() for row in rows]
+
+
+class _Row:
+    """One row's answer as it grows: its tokens, whether the stop pattern has matched, and
+    what has been streamed of it."""
+
+    def __init__(self, tokenizer, stop: re.Pattern | None, index: int,
+                 on_text: Callable[[int, str], None] | None):
+        self.tokenizer, self.stop, self.index, self.on_text = tokenizer, stop, index, on_text
+        self.tokens: list[int] = []
+        self.new_tokens = 0
+        self.finished = False
+        self.emitted = ""
+
+    def add(self, token: int, check_stop: bool = True) -> bool:
+        """Append a token; True once the answer has ended (the stop pattern matched)."""
+        self.tokens.append(token)
+        self.new_tokens += 1
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if check_stop and stop_index(text.lstrip(), self.stop) is not None:
+            self.finished = True
+        self._stream(text)
+        return self.finished
+
+    def end(self, _eos: int) -> None:
+        self.new_tokens += 1
+        self.finished = True
+        self._stream(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+
+    def result(self) -> Generated:
+        text = cut_at_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True),
+                           self.stop)
+        if self.on_text is not None and text.startswith(self.emitted) and \
+                len(text) > len(self.emitted):
+            self.on_text(self.index, text[len(self.emitted):])
+        return Generated(text, self.new_tokens, self.finished)
+
+    def _stream(self, text: str) -> None:
+        """Pass on the text that is now certain: up to the stop match, without trailing
+        whitespace (the answer is stripped) or a half-decoded character."""
+        if self.on_text is None:
+            return
+        visible = cut_at_stop(text, self.stop) if self.finished else text.lstrip().rstrip()
+        if visible.endswith("\ufffd"):
+            return
+        if visible.startswith(self.emitted) and len(visible) > len(self.emitted):
+            self.on_text(self.index, visible[len(self.emitted):])
+            self.emitted = visible
+
+
+def _ban_repeats(logits: torch.Tensor, answers: list[list[int]], n: int) -> None:
+    """Ban the token that would repeat an n-gram of the row's own answer (``generate``'s
+    ``no_repeat_ngram_size`` also counts the prompt, and would stop RAG answers from quoting
+    their passage)."""
+    for b, row in enumerate(answers):
+        if len(row) < n:
+            continue
+        tail = row[len(row) - n + 1:]
+        banned = [row[i + n - 1] for i in range(len(row) - n + 1) if row[i:i + n - 1] == tail]
+        if banned:
+            logits[b, banned] = float("-inf")
 
 
 def cut_at_stop(text: str, stop: re.Pattern | None) -> str:
@@ -89,80 +167,15 @@ def stop_index(text: str, stop: re.Pattern | None) -> int | None:
     return m.start() if m else None
 
 
-class _StopOnText(StoppingCriteria):
-    """Stops each row once its new text matches the stop pattern. (``generate``'s own
-    ``stop_strings`` takes no patterns and needs a byte-level or SentencePiece vocabulary; this
-    works with any tokenizer, at the cost of decoding the few new tokens of each row per
-    step.)"""
-
-    def __init__(self, tokenizer, stop: re.Pattern, prompt_length: int):
-        self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:],
-                                            skip_special_tokens=True)
-        done = [stop_index(t.lstrip(), self.stop) is not None for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class _NoRepeatInAnswer(LogitsProcessor):
-    """Bans the token that would repeat an n-gram of the generated text (``generate``'s own
-    ``no_repeat_ngram_size`` also counts the prompt, and would stop RAG answers from quoting
-    their passage)."""
-
-    def __init__(self, n: int, prompt_length: int):
-        self.n, self.prompt_length = n, prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        n = self.n
-        for b, row in enumerate(input_ids[:, self.prompt_length:].tolist()):
-            if len(row) < n:
-                continue
-            tail = row[len(row) - n + 1:]
-            banned = [row[i + n - 1] for i in range(len(row) - n + 1) if row[i:i + n - 1] == tail]
-            if banned:
-                scores[b, banned] = float("-inf")
-        return scores
-
-
-class _BatchStreamer(BaseStreamer):
-    """Streams every row of a batch: ``generate`` hands over one new token per row per step;
-    each row's text so far is decoded and whatever became visible is passed on, up to the
-    first stop match. (transformers' ``TextStreamer`` takes a batch of one only.)"""
-
-    def __init__(self, tokenizer, stop: re.Pattern | None,
-                 on_text: Callable[[int, str], None]):
-        self.tokenizer, self.stop, self.on_text = tokenizer, stop, on_text
-        self.tokens: list[list[int]] | None = None  # None until the prompt has gone by
-        self.emitted: list[int] = []
-        self.stopped: list[bool] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.tokens is None:  # the first call carries the prompt
-            rows = value.shape[0] if value.dim() > 1 else 1
-            self.tokens, self.emitted, self.stopped = [[] for _ in range(rows)], \
-                [0] * rows, [False] * rows
-            return
-        for b, token in enumerate(value.reshape(-1).tolist()):
-            if self.stopped[b]:
-                continue
-            self.tokens[b].append(token)
-            text = self.tokenizer.decode(self.tokens[b], skip_special_tokens=True)
-            visible = text.lstrip()
-            cut = stop_index(visible, self.stop)
-            if cut is not None:
-                visible, self.stopped[b] = visible[:cut].rstrip(), True
-            elif visible.endswith("\ufffd"):  # half a character: wait for the rest
-                continue
-            if len(visible) > self.emitted[b]:
-                self.on_text(b, visible[self.emitted[b]:])
-                self.emitted[b] = len(visible)
-
-    def end(self) -> None:
-        self.stopped = [True] * len(self.stopped)
-
-    def close(self) -> None:
-        self.end()
+def _new_cache(model) -> dict[str, DynamicCache]:
+    """An empty KV cache, as the keyword this transformers version's forward takes it
+    (``cache`` since 5.x, ``past_key_values`` before)."""
+    try:
+        cache = DynamicCache(config=model.config)  # per-layer kinds (sliding window) from it
+    except TypeError:
+        cache = DynamicCache()
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
 
 
 def _pad_id(tokenizer) -> int:

@@ -67,6 +67,12 @@ class MultiLoraLinear(nn.Module):
     def clear_adapter(self) -> None:
         self.lora_A = self.lora_B = None
 
+    def select_samples(self, indices: Tensor) -> None:
+        """Keep the per-sample adapters of these samples only (the batch shrank)."""
+        if self.lora_A is not None and self.lora_A.shape[0] > 1:
+            idx = indices.to(self.lora_A.device)
+            self.lora_A, self.lora_B = self.lora_A[idx], self.lora_B[idx]
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
         if self.lora_A is None:
@@ -153,6 +159,11 @@ class MultiLoraModel:
     def clear(self) -> None:
         for layer in self.layers.values():
             layer.clear_adapter()
+
+    def select_samples(self, indices: Tensor) -> None:
+        """Follow a batch that lost rows: keep only these samples' adapters, in this order."""
+        for layer in self.layers.values():
+            layer.select_samples(indices)
 
     @contextmanager
     def adapters(self, adapters: BatchedAdapters, scale: float = 1.0) -> Iterator[None]:

@@ -127,6 +127,17 @@ def test_cli_compile_and_dry_run(tmp_path, corpus, tiny_models):
     assert not (tmp_path / "s2").exists()
     bad = CliRunner().invoke(cli, [*args, "--rank", "3"])
     assert bad.exit_code == 2 and "--rank" in bad.output
+    # each compiled file is a document that can be forgotten on its own
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        docs = s.documents("default")
+    a_txt = next(d for d in docs if d.endswith("a.txt"))
+    forgot = CliRunner().invoke(cli, ["store", "rm", "default", "--document", a_txt, "-y",
+                                      "--store", str(tmp_path / "s")])
+    assert forgot.exit_code == 0 and f"forgot {a_txt} ({len(docs[a_txt])} atoms)" in forgot.output
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        assert set(s.documents("default")) == set(docs) - {a_txt}
+        assert sorted(s.ids("default")) == sorted(i for d, ids in docs.items() if d != a_txt
+                                                  for i in ids)
 
 
 def test_sigkill_mid_compile_leaves_a_clean_store_that_resumes(tmp_path, tiny_models):

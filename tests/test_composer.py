@@ -4,6 +4,7 @@ exact restore after merges, user isolation, and the errors a user can hit."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -198,6 +199,15 @@ def test_streamed_text_is_the_answer(kit):
     assert answer.text and "".join(pieces) == answer.text
 
 
+def test_a_batch_streams_every_row_separately(kit):
+    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    with open_composer(kit) as c:
+        answers = c.ask_batch(QUESTIONS, ["wiki"], AskConfig(k=2, max_new_tokens=8),
+                              on_text=lambda row, piece: pieces[row].append(piece))
+    assert ["".join(p) for p in pieces.values()] == [a.text for a in answers]
+    assert all(a.prompt_tokens > 0 for a in answers)
+
+
 @pytest.mark.parametrize("raw, answer", [
     (" Port Anselm\nQuestion: x", "Port Anselm"),
     (" Joseph Schumpeter , begun in 1941", "Joseph Schumpeter"),
@@ -288,12 +298,42 @@ def test_cli_defaults_are_the_ask_defaults():
 
 
 def test_no_repeat_bans_only_repeats_of_the_answer_itself():
-    from composer.generation import _NoRepeatInAnswer
+    from composer.generation import _ban_repeats
 
-    ban = _NoRepeatInAnswer(2, prompt_length=3)
-    # prompt 7 8 9, answer so far 5 6 5: the bigram (5, 6) was generated, so 6 is banned next;
-    # the prompt's bigram (8, 9) is not the answer's, so nothing else is
-    scores = ban(torch.tensor([[7, 8, 9, 5, 6, 5]]), torch.zeros(1, 10))
-    assert (scores[0] == float("-inf")).nonzero().flatten().tolist() == [6]
-    scores = ban(torch.tensor([[7, 8, 9, 8]]), torch.zeros(1, 10))
-    assert torch.isfinite(scores).all()
+    # answer so far 5 6 5: the bigram (5, 6) was generated, so 6 is banned next
+    logits = torch.zeros(2, 10)
+    _ban_repeats(logits, [[5, 6, 5], [8, 9]], 2)
+    assert (logits[0] == float("-inf")).nonzero().flatten().tolist() == [6]
+    assert torch.isfinite(logits[1]).all()  # (8, 9) then nothing to repeat yet
+
+
+def test_decoding_loop_matches_transformers_generate(arch, tmp_path):
+    """The hand-written greedy loop (rows leave the batch when they end) gives exactly what
+    transformers' generate gives, left padding included, on every architecture."""
+    from composer.generation import generate
+
+    base = load_base_model(save_tiny(tmp_path / arch, arch))
+    tok = base.tokenizer
+    ids, mask = encode_prompts(tok, ["w1 w2 w3 w4 w5", "w9", "w7 w7 w8"], base.device)
+    eos = base.model.generation_config.eos_token_id
+    shrinks = []
+    ours = generate(base.model, tok, ids, mask, max_new_tokens=6,
+                    on_rows=lambda keep: shrinks.append(keep.tolist()))
+    with torch.no_grad():
+        ref = base.model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                  max_new_tokens=6, pad_token_id=tok.pad_token_id or 0,
+                                  eos_token_id=eos)
+    for row, out in zip(ref[:, ids.shape[1]:].tolist(), ours):
+        if eos is not None and eos in row:
+            row = row[:row.index(eos)]
+        assert out.text == tok.decode(row, skip_special_tokens=True).strip()
+    # a stop pattern ends rows early: the batch shrinks and the survivors are unaffected
+    stop = re.compile(r"w\d*[13579]\b")
+    cut = generate(base.model, tok, ids, mask, max_new_tokens=6, stop=stop,
+                   on_rows=lambda keep: shrinks.append(keep.tolist()))
+    alone = [generate(base.model, tok, *encode_prompts(tok, [p], base.device),
+                      max_new_tokens=6, stop=stop)[0]
+             for p in ["w1 w2 w3 w4 w5", "w9", "w7 w7 w8"]]
+    assert [c.text for c in cut] == [a.text for a in alone]
+    assert [c.new_tokens for c in cut] == [a.new_tokens for a in alone]
+    assert any(len(keep) < 3 for keep in shrinks)  # rows did leave the batch early

@@ -7,14 +7,11 @@ malformed requests, batching of concurrent requests, and a bounded load test."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
 from click.testing import CliRunner
 from conftest import random_adapter
 
@@ -26,7 +23,7 @@ from microlora.cli import cli
 from microlora.embedder import load_embedder
 from microlora.lora import MultiLoraModel
 from microlora.models import load_base_model
-from microlora.server.app import ServeConfig, Service, create_app
+from microlora.server.app import ServeConfig, Service, serve_in_thread
 from microlora.server.keys import KeyStore
 from microlora.targets import TargetSpec
 from store import AdapterStore, AtomRecord
@@ -65,19 +62,8 @@ def server(tiny_models, tmp_path_factory):
               "carol": keys.add("carol", max_atoms=2)[0]}
     service = Service(Composer(AdapterStore(path), base, emb),
                       ServeConfig(max_body_bytes=64 << 10, ask=ASK, train=RECIPE, chunk=CHUNK))
-    uv = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning",
-                                       lifespan="off"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", service, tokens
-    uv.should_exit = True
-    thread.join(10)
+    with serve_in_thread(service) as url:
+        yield url, service, tokens
     service.close()
 
 

@@ -17,7 +17,12 @@ from conftest import (
     unit_vectors,
 )
 
-from microlora.errors import StoreError, StoreMismatchError, UnknownNamespaceError
+from microlora.errors import (
+    StoreError,
+    StoreMismatchError,
+    UnknownDocumentError,
+    UnknownNamespaceError,
+)
 from store import AdapterStore, StoreHeader
 
 
@@ -274,3 +279,23 @@ def test_a_failed_first_put_leaves_no_namespace(tmp_path):
         bad = make_records(1)[0]
         bad.id = ""
         s.put("docs", [bad])
+
+
+def test_forgetting_a_document_keeps_atoms_another_document_shares(store):
+    records = make_records(4, seed=7)
+    store.put("user:ana", records)
+    a, b, c, d = (r.id for r in records)
+    store.put_documents("user:ana", {"one": [a, b, c], "two": [c, d]})
+    assert store.documents("user:ana") == {"one": [a, b, c], "two": [c, d]}
+    assert store.delete_document("user:ana", "one") == 2
+    assert sorted(store.ids("user:ana")) == sorted([c, d])
+    found = {i for i, _ in store.search("user:ana", np.stack([r.embedding for r in records]),
+                                        4)[0]}
+    assert found == {c, d}  # the index no longer returns what was forgotten
+    with pytest.raises(UnknownDocumentError, match="no document 'one'"):
+        store.delete_document("user:ana", "one")
+    store.put("user:anabel", make_records(1, seed=8))
+    store.put_documents("user:anabel", {"one": [make_records(1, seed=8)[0].id]})
+    assert store.drop("user:ana") == 2
+    assert "user:ana" not in store.namespaces()
+    assert list(store.documents("user:anabel")) == ["one"]  # a prefix is not the namespace

@@ -91,16 +91,26 @@ def verify(store_dir: Path, namespace: tuple[str, ...], base_model: str | None) 
 @store_option
 @click.argument("namespace")
 @click.option("--atom", "atoms", multiple=True, help="Delete only these atom ids.")
+@click.option("--document", "documents", multiple=True,
+              help="Forget only this document (its source path, or the id it was uploaded "
+                   "with): its atoms that no other document of the namespace shares.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def rm(store_dir: Path, namespace: str, atoms: tuple[str, ...], yes: bool) -> None:
-    """Delete a whole NAMESPACE, or only the atoms given with --atom."""
+def rm(store_dir: Path, namespace: str, atoms: tuple[str, ...], documents: tuple[str, ...],
+       yes: bool) -> None:
+    """Delete a whole NAMESPACE, or only the atoms or documents given."""
+    if atoms and documents:
+        raise click.UsageError("give --atom or --document, not both")
     with _open(store_dir, readonly=False) as s:
         count = s.count(namespace)  # fails clearly on an unknown namespace
-        what = f"{len(atoms)} atom(s) from {namespace!r}" if atoms else \
-            f"namespace {namespace!r} with {count} atoms"
+        what = (f"{len(atoms)} atom(s) from {namespace!r}" if atoms else
+                f"{len(documents)} document(s) from {namespace!r}" if documents else
+                f"namespace {namespace!r} with {count} atoms")
         if not yes:
             click.confirm(f"Delete {what}?", abort=True)
-        if atoms:
+        if documents:
+            for doc in documents:
+                click.echo(f"forgot {doc} ({s.delete_document(namespace, doc)} atoms)")
+        elif atoms:
             n = s.delete(namespace, atoms)
             click.echo(f"deleted {n} of {len(atoms)} atoms from {namespace!r}")
         else:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -38,7 +41,7 @@ from compiler.pipeline import Quota, check_quota, plan
 from compiler.trainer import TrainConfig
 from composer.batcher import Batcher
 from composer.composer import Answer, AskConfig, Composer
-from composer.retrieval import USER_PREFIX, default_namespaces
+from composer.retrieval import default_namespaces
 from microlora.errors import MicroloraError, QuotaExceededError, UnknownNamespaceError
 from microlora.server.jobs import CompileJobs
 from microlora.server.keys import KeyRecord, KeyStore
@@ -455,6 +458,33 @@ class _BodyLimit:
         return f"request body over the {self.limit / 2**20:g} MiB limit"
 
 
+@contextmanager
+def serve_in_thread(service: Service, host: str = "127.0.0.1", port: int = 0
+                    ) -> Iterator[str]:
+    """Run the server on a background thread (port 0: any free port) and yield its base URL;
+    used by tests and benchmarks, which need a real server and a real HTTP client."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning",
+                                           lifespan="off"))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
 def open_service(store_dir: str | Path, *, base_model: str | None = None,
                  embedder: str | None = None, device: str | None = None,
                  config: ServeConfig = ServeConfig()) -> Service:
@@ -470,4 +500,4 @@ def open_service(store_dir: str | Path, *, base_model: str | None = None,
     return Service(Composer(store, base, emb), config)
 
 
-__all__ = ["USER_PREFIX", "ServeConfig", "Service", "create_app", "open_service"]
+__all__ = ["ServeConfig", "Service", "create_app", "open_service", "serve_in_thread"]
