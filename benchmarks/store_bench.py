@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from microlora.lora import compose_packed, stack_adapters
@@ -36,6 +36,7 @@ from microlora.models import default_model_dir, ensure_default_model
 from microlora.paths import dir_bytes
 from microlora.targets import TargetSpec, select_targets
 from store import AdapterStore, AtomRecord, StoreHeader
+from store.peft import write_peft
 
 RANK = 2
 EMBED_DIM = 384
@@ -70,16 +71,8 @@ def synthetic_atoms(n: int, shapes, seed: int, batch: int, std: float = 1.0):
 
 
 def write_peft_dir(root: Path, rec: AtomRecord) -> None:
-    d = root / rec.id
-    d.mkdir()
-    tensors = {}
-    for name, (A, B) in rec.adapter.items():
-        tensors[PEFT_KEY.format(name, "A")] = A.contiguous()
-        tensors[PEFT_KEY.format(name, "B")] = B.contiguous()
-    save_file(tensors, d / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": RANK,
-              "target_modules": sorted(rec.adapter)}
-    (d / "adapter_config.json").write_text(json.dumps(config))
+    """The baseline's layout: one PEFT LoRA folder per atom (microlora's own PEFT writer)."""
+    write_peft(root / rec.id, rec.adapter)
 
 
 def fetch_store(store: AdapterStore, ids: list[str]):

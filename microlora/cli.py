@@ -53,7 +53,7 @@ def cli(home: str | None, verbose: int) -> None:
 
 
 def _register() -> None:
-    from microlora.commands import ask, compile, doctor, eval, quickstart, serve, store
+    from microlora.commands import ask, compile, doctor, eval, interop, quickstart, serve, store
 
     cli.add_command(quickstart.quickstart)
     cli.add_command(ask.ask_command)
@@ -63,6 +63,8 @@ def _register() -> None:
     cli.add_command(store.store)
     cli.add_command(serve.serve_command)
     cli.add_command(serve.keys)
+    cli.add_command(interop.export_command)
+    cli.add_command(interop.import_command)
 
 
 _register()
