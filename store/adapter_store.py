@@ -3,7 +3,8 @@
 Layout of a store directory::
 
     data.mdb, lock.mdb        LMDB: the source of truth
-    index/<namespace>.npz     FAISS index per namespace (a cache, rebuilt from LMDB)
+    index/<namespace>.*       FAISS index per namespace (a cache, rebuilt from LMDB; see
+                              store/index.py)
 
 The ``__meta__`` database holds the header (format version, base-model and embedder identity),
 the namespace registry, a generation counter per namespace that every write bumps (an index
@@ -65,7 +66,7 @@ class NamespaceStats:
     namespace: str
     atoms: int
     bytes: int
-    index: str  # "exact", "hnsw" or "stale"
+    index: str  # "exact", "ivf" or "stale"
 
     @property
     def bytes_per_atom(self) -> float:
@@ -266,7 +267,7 @@ class AdapterStore:
             del self._dbs[namespace]
             self._indexes.pop(namespace, None)
             self._unsaved.discard(namespace)
-            self._index_path(namespace).unlink(missing_ok=True)
+            VectorIndex.remove(self._index_path(namespace))
         return n
 
     # -- atoms -------------------------------------------------------------------------------
@@ -426,7 +427,7 @@ class AdapterStore:
     def _extend_index(self, namespace: str, added: list[rec.AtomRecord], gen_before: int,
                       gen: int) -> None:
         """Append new atoms to an up-to-date index instead of rebuilding it. An exact index
-        that grows past the limit is rebuilt as HNSW on its next use."""
+        that grows past the limit is rebuilt as IVF on its next use."""
         with self._lock:
             self._extend_cached_index(namespace, added, gen_before, gen)
 
@@ -442,7 +443,7 @@ class AdapterStore:
         self._unsaved.add(namespace)  # saved on close(): saving after every put is O(n^2)
 
     def _index_path(self, namespace: str) -> Path:
-        return self.path / "index" / f"{quote(namespace, safe='')}.npz"
+        return self.path / "index" / quote(namespace, safe="")
 
     # -- maintenance -------------------------------------------------------------------------
 
@@ -456,9 +457,11 @@ class AdapterStore:
                 st = txn.stat(db)
             n = st["entries"]
             size = st["psize"] * (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"])
-            cached = self._indexes.get(ns) or VectorIndex.load(self._index_path(ns))
-            fresh = cached is not None and cached.generation == self.generation(ns)
-            kind = ("exact" if cached.exact else "hnsw") if fresh else "stale"
+            cached = self._indexes.get(ns)
+            stamp = {"generation": cached.generation, "kind": cached.kind} if cached else \
+                VectorIndex.stamp(self._index_path(ns))
+            fresh = stamp is not None and stamp.get("generation") == self.generation(ns)
+            kind = stamp["kind"] if fresh else "stale"
             out.append(NamespaceStats(ns, n, size, kind))
         return out
 

@@ -1,0 +1,164 @@
+"""Scale benchmark: a store of a million synthetic atoms: disk, open time, retrieval + fetch
+latency at k=8, and the approximate index's recall against exact search, side by side.
+
+    python benchmarks/scale_bench.py [--quick] --out results/scale.json
+
+Atoms are rank-1 bf16 adapters on the MLP of the default model's last layer (16 KiB each: a
+million of them is 17 GB, where the default recipe's 190 KiB would be 190 GB; retrieval does not
+depend on adapter size, and store_bench measures fetches of full-size atoms). Embeddings are
+384-d and clustered like text embeddings are (unit vectors around 1 centre per 100 atoms);
+queries are stored vectors moved off by noise (a question near its atom). Reported:
+
+- ``open_s``: open the store and have its index ready to query (LMDB and the index files
+  memory-mapped, nothing read up front), in a fresh process-like state (new objects);
+- ``query_k8_p50_ms`` / ``p99``: one question's top-8 search plus reading those 8 atoms and
+  composing them into the kernel's tensors; ``exact_query_k8_*`` the same with exact (flat)
+  search over the same vectors, the baseline;
+- ``ann_recall_at_8``: overlap of the approximate top 8 with the exact top 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from store_bench import percentile
+from tqdm import tqdm
+
+from microlora.lora import compose_packed
+from microlora.paths import dir_bytes
+from store import AdapterStore, AtomRecord, StoreHeader
+from store.index import IVF_NPROBE, VectorIndex
+
+DIM = 384
+SHAPES = {"model.layers.17.mlp.gate_proj": (640, 2048), "model.layers.17.mlp.up_proj": (640, 2048),
+          "model.layers.17.mlp.down_proj": (2048, 640)}  # gemma-3-270m's last MLP
+NS = "scale"
+HEADER = StoreHeader("scale-bench", "synthetic", "e" * 32, "synthetic", DIM)
+
+
+def clustered(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 100), DIM)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    out = np.empty((n, DIM), np.float32)
+    for start in range(0, n, 100_000):
+        m = min(n, start + 100_000) - start
+        v = centres[rng.integers(0, len(centres), m)] + \
+            rng.standard_normal((m, DIM)).astype(np.float32) * (1.5 / np.sqrt(DIM))
+        out[start:start + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out
+
+
+def write(path: Path, vectors: np.ndarray, batch: int = 5000) -> float:
+    """Fill the store; returns atoms per second. One adapter per batch is drawn and shared
+    (the bytes are what matter here, not their values)."""
+    g = torch.Generator().manual_seed(0)
+    adapter = {name: ((torch.randn(1, i, generator=g) * 0.02).bfloat16(),
+                      (torch.randn(o, 1, generator=g) * 0.02).bfloat16())
+               for name, (i, o) in SHAPES.items()}
+    t0 = time.perf_counter()
+    with AdapterStore.create(path, HEADER) as s:
+        for start in tqdm(range(0, len(vectors), batch), desc="writing", unit="batch"):
+            s.put(NS, [AtomRecord(id=f"{i:012x}", text=f"synthetic atom {i}", adapter=adapter,
+                                  embedding=vectors[i], base_fingerprint="scale-bench",
+                                  source="synthetic", config={"rank": 1, "scale": 1.0})
+                       for i in range(start, min(len(vectors), start + batch))])
+    return len(vectors) / (time.perf_counter() - t0)
+
+
+def query_and_fetch(store: AdapterStore, index, q: np.ndarray) -> tuple[float, list[str]]:
+    t0 = time.perf_counter()
+    ids = [i for i, _ in index.search(q, 8)[0]]
+    with store.read(NS) as reader:
+        flats, layout = reader.gather(ids)
+        compose_packed([flats], layout)
+    return time.perf_counter() - t0, ids
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="100,000 atoms instead of 1,000,000")
+    ap.add_argument("--atoms", type=int, help="override the number of atoms")
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--workdir", type=Path, help="where to build the store [default: a temp dir]")
+    ap.add_argument("--out", type=Path, required=True, help="JSON results file")
+    args = ap.parse_args()
+    n = args.atoms or (100_000 if args.quick else 1_000_000)
+    work = Path(tempfile.mkdtemp(dir=args.workdir))
+    try:
+        result = run(work / "store", n, args.queries)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["machine"] = (f"{platform.machine()}, faiss {faiss.__version__} with "
+                         f"{faiss.omp_get_max_threads()} threads, torch {torch.__version__}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    for k, v in result.items():
+        print(f"{k:>26}: {v:.4f}" if isinstance(v, float) else f"{k:>26}: {v}")
+
+
+def run(path: Path, n: int, n_queries: int) -> dict:
+    vectors = clustered(n, seed=0)
+    write_rate = write(path, vectors)
+    t0 = time.perf_counter()
+    with AdapterStore(path) as s:  # builds the index from LMDB and saves it
+        kind = s.index(NS).kind
+    build_s = time.perf_counter() - t0
+
+    rng = np.random.default_rng(1)
+    picks = rng.integers(0, n, n_queries)
+    queries = vectors[picks] + rng.standard_normal((n_queries, DIM)).astype(np.float32) * (
+        0.8 / np.sqrt(DIM))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = faiss.IndexFlatIP(DIM)
+    exact.add(vectors)
+    exact_index = VectorIndex(exact, [f"{i:012x}" for i in range(n)], 0)
+    del vectors
+
+    opens = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        store = AdapterStore(path, readonly=True)
+        index = store.index(NS)
+        opens.append(time.perf_counter() - t0)
+        store.close()
+    with AdapterStore(path, readonly=True) as store:
+        index = store.index(NS)
+        for q in queries[:20]:  # warm-up: the first touches of the memory maps
+            query_and_fetch(store, index, q)
+        ann, exact_t, recall = [], [], []
+        for q in tqdm(queries, desc="querying", unit="q"):  # alternate: same cache state
+            t, got = query_and_fetch(store, index, q)
+            te, want = query_and_fetch(store, exact_index, q)
+            ann.append(t)
+            exact_t.append(te)
+            recall.append(len(set(got) & set(want)) / 8)
+        stats = store.stats()[0]
+    ms = [t * 1000 for t in ann]
+    exact_ms = [t * 1000 for t in exact_t]
+    return {
+        "atoms": n, "index": kind, "nlist": getattr(index.index, "nlist", None),
+        "nprobe": IVF_NPROBE if kind == "ivf" else None,
+        "disk_bytes": dir_bytes(path), "bytes_per_atom": dir_bytes(path) / n,
+        "lmdb_bytes": stats.bytes, "write_atoms_per_s": write_rate, "index_build_s": build_s,
+        "open_s": statistics.median(opens), "open_s_max": max(opens),
+        "query_k8_p50_ms": percentile(ms, 50), "query_k8_p99_ms": percentile(ms, 99),
+        "exact_query_k8_p50_ms": percentile(exact_ms, 50),
+        "exact_query_k8_p99_ms": percentile(exact_ms, 99),
+        "ann_speedup_p50": percentile(exact_ms, 50) / percentile(ms, 50),
+        "ann_recall_at_8": float(np.mean(recall)), "queries": n_queries,
+    }
+
+
+if __name__ == "__main__":
+    main()
