@@ -154,18 +154,9 @@ def compile_documents(
             return report  # nothing to train, prune or record
         check_quota(store, namespace, todo, base, train_config, quota)
         t0 = time.perf_counter()
-        losses: list[float] = []
-        if todo:
-            with AtomTrainer(base.model, base.tokenizer, train_config) as trainer:
-                for start in range(0, len(todo), train_config.batch_atoms):
-                    batch = todo[start:start + train_config.batch_atoms]
-                    trained = _train_batch(store, trainer, batch, base, embedder, namespace,
-                                           train_config, chunk_config)
-                    report.trained += len(batch)
-                    report.atom_steps += sum(t.steps for t in trained)
-                    losses += [t.final_loss for t in trained]
-                    if progress:
-                        progress(report.trained, len(todo))
+        losses = train_atoms(todo, store, store, base=base, embedder=embedder,
+                             namespace=namespace, train_config=train_config,
+                             chunk_config=chunk_config, report=report, progress=progress)
         if namespace in store.namespaces():
             store.put_documents(namespace, manifests)
             if prune:
@@ -199,27 +190,56 @@ def _opened(store: AdapterStore | str | Path, base: BaseModel, embedder: Embedde
         yield opened
 
 
-def _train_batch(store: AdapterStore, trainer: AtomTrainer, batch: list[PlannedAtom],
-                 base: BaseModel, embedder: Embedder, namespace: str, train_config: TrainConfig,
-                 chunk_config: ChunkConfig):
-    """Train, embed and store one batch of atoms (one transaction)."""
-    texts = [p.atom.text for p in batch]
-    vectors = embedder.encode(texts)
-    neighbours = _store_neighbours(store, namespace, vectors, train_config)
-    contexts = ([f"{p.atom.title}\n" if p.atom.title else "" for p in batch]
-                if train_config.title_context else None)
-    trained = trainer.train(texts, [p.id for p in batch], contexts=contexts,
-                            frozen_neighbours=neighbours)
-    store.put(namespace, [
-        AtomRecord(id=p.id, text=p.atom.text,
-                   adapter=_with_scale(t.adapter, train_config.scale), embedding=vectors[i],
-                   base_fingerprint=base.fingerprint, source=p.atom.source,
-                   start=p.atom.start, end=p.atom.end,
-                   config={**asdict(train_config), **asdict(chunk_config)},
-                   extra={"title": p.atom.title, "steps": t.steps,
-                          "final_loss": t.final_loss})
-        for i, (p, t) in enumerate(zip(batch, trained))])
-    return trained
+def batches(todo: Sequence[PlannedAtom], size: int) -> list[list[PlannedAtom]]:
+    """The training batches, in order: what each atom is trained beside (and so its adapter)
+    depends on this split, which is the same however many processes share the work."""
+    return [list(todo[i:i + size]) for i in range(0, len(todo), size)]
+
+
+def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterStore, *,
+                base: BaseModel, embedder: Embedder, namespace: str, train_config: TrainConfig,
+                chunk_config: ChunkConfig, report: CompileReport, share: slice = slice(None),
+                progress: Callable[[int, int], None] | None = None) -> list[float]:
+    """Train the batches ``share`` of ``todo`` (all by default; ``slice(rank, None, world)``
+    for one of several processes) and write them to ``out``, a batch per transaction.
+
+    Each atom's frozen store neighbours are looked up in ``store`` before anything is trained,
+    so they are the atoms stored *before* this compile: an atom's adapter depends on its batch
+    and that snapshot only, never on which process trained which batch first. Returns the
+    final losses; counts go into ``report``."""
+    mine = batches(todo, train_config.batch_atoms)[share]
+    if not mine:
+        return []
+    atoms = [p for batch in mine for p in batch]
+    vectors = embedder.encode([p.atom.text for p in atoms])
+    neighbour_ids = _snapshot_neighbours(store, namespace, vectors, train_config)
+    losses: list[float] = []
+    with AtomTrainer(base.model, base.tokenizer, train_config) as trainer:
+        start = 0
+        for batch in mine:
+            rows = slice(start, start + len(batch))
+            start += len(batch)
+            neighbours = None if neighbour_ids is None else \
+                _stored_adapters(store, namespace, neighbour_ids[rows], train_config)
+            contexts = ([f"{p.atom.title}\n" if p.atom.title else "" for p in batch]
+                        if train_config.title_context else None)
+            trained = trainer.train([p.atom.text for p in batch], [p.id for p in batch],
+                                    contexts=contexts, frozen_neighbours=neighbours)
+            out.put(namespace, [
+                AtomRecord(id=p.id, text=p.atom.text,
+                           adapter=_with_scale(t.adapter, train_config.scale),
+                           embedding=vectors[rows][i], base_fingerprint=base.fingerprint,
+                           source=p.atom.source, start=p.atom.start, end=p.atom.end,
+                           config={**asdict(train_config), **asdict(chunk_config)},
+                           extra={"title": p.atom.title, "steps": t.steps,
+                                  "final_loss": t.final_loss})
+                for i, (p, t) in enumerate(zip(batch, trained))])
+            report.trained += len(batch)
+            report.atom_steps += sum(t.steps for t in trained)
+            losses += [t.final_loss for t in trained]
+            if progress:
+                progress(report.trained, len(atoms))
+    return losses
 
 
 def check_quota(store: AdapterStore, namespace: str, atoms: Sequence[PlannedAtom],
@@ -261,14 +281,20 @@ def _with_scale(adapter, scale: float):
     return adapter if scale == 1.0 else {k: (A, B * scale) for k, (A, B) in adapter.items()}
 
 
-def _store_neighbours(store: AdapterStore, namespace: str, vectors, config: TrainConfig):
-    """The stored atoms most similar to each new atom: its likely company at query time,
-    composed (frozen) beside it while it trains, in the trainer's convention (the trainer
-    applies the scale). None while the namespace is empty."""
+def _snapshot_neighbours(store: AdapterStore, namespace: str, vectors, config: TrainConfig
+                         ) -> list[list[str]] | None:
+    """The ids of the stored atoms most similar to each new atom: its likely company at query
+    time. None while the namespace is empty (or neighbours are off)."""
     m = config.neighbours
     if m == 0 or namespace not in store.namespaces() or store.count(namespace) == 0:
         return None
-    hits = store.search(namespace, vectors, m)
+    return [[atom_id for atom_id, _ in row] for row in store.search(namespace, vectors, m)]
+
+
+def _stored_adapters(store: AdapterStore, namespace: str, ids: Sequence[Sequence[str]],
+                     config: TrainConfig):
+    """The adapters of ``ids`` (one list per atom), in the trainer's convention (it applies
+    the scale itself)."""
     with store.read(namespace) as reader:
         return [[_with_scale(reader.get(atom_id, copy=True).adapter, 1 / config.scale)
-                 for atom_id, _ in row] for row in hits]
+                 for atom_id in row if atom_id in reader] for row in ids]

@@ -28,7 +28,13 @@ from composer.prompts import TEMPLATES, Mode, build_prompt, stop_pattern, uses_c
 from composer.retrieval import Hit, default_namespaces, retrieve
 from microlora.embedder import Embedder
 from microlora.errors import MicroloraError
-from microlora.lora import MultiLoraModel, PackLayout, compose_packed, stack_adapters
+from microlora.lora import (
+    MultiLoraModel,
+    PackLayout,
+    compose_packed,
+    prepend_shared,
+    stack_adapters,
+)
 from microlora.models import BaseModel
 from store import AdapterStore, Reader
 
@@ -97,6 +103,7 @@ class Composer:
                                embedder_name=embedder.name)
         self.store, self.base, self.embedder = store, base, embedder
         self.lora = MultiLoraModel(base.model, {})
+        self.reader: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # see use_reader
         self.model_lock = threading.Lock()  # held while the model generates
 
     @classmethod
@@ -172,6 +179,13 @@ class Composer:
                                      "base model does not have") from e
             self.lora.layers.update(MultiLoraModel(self.base.model, modules).layers)
 
+    def use_reader(self, adapter: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        """Compose this shared reader adapter (``compiler.reader``) into every request that
+        uses atom adapters; None to stop."""
+        if adapter:
+            self._attach(PackLayout.of(adapter))
+        self.reader = adapter
+
     # -- answering ---------------------------------------------------------------------------
 
     def ask(self, question: str, namespaces: Sequence[str] | None = None,
@@ -225,6 +239,8 @@ class Composer:
             yield
             return
         adapters = self.compose(hits)
+        if self.reader:
+            adapters = prepend_shared(adapters, self.reader)
         if config.composition == "merged":
             ctx = self.lora.merged({name: (A[0], B[0]) for name, (A, B) in adapters.items()})
         else:

@@ -250,6 +250,23 @@ def stack_adapters(
     return out
 
 
+def prepend_shared(batched: BatchedAdapters, shared: Adapter) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every sample's adapters with one shared adapter (e.g. the reader) concatenated in front
+    along the rank: sample b's delta becomes shared + its own. Modules only one side adapts
+    keep just that side."""
+    n = next(iter(batched.values()))[0].shape[0] if batched else 1
+    ref = next(iter(batched.values()))[0] if batched else next(iter(shared.values()))[0]
+    out = dict(batched)
+    for name, (A, B) in shared.items():
+        A = A.to(ref.device, ref.dtype).expand(n, *A.shape)
+        B = B.to(ref.device, ref.dtype).expand(n, *B.shape)
+        if name in out:
+            out[name] = (torch.cat([A, out[name][0]], 1), torch.cat([B, out[name][1]], 2))
+        else:
+            out[name] = (A, B)
+    return out
+
+
 def combine_adapters(atoms: Sequence[Adapter], weights: Sequence[float] | None = None,
                      **kwargs) -> dict[str, tuple[Tensor, Tensor]]:
     """One adapter (module -> (A (R, in), B (out, R))) whose delta is the weighted sum of the

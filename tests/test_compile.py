@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from compiler.chunking import ChunkConfig
@@ -192,3 +193,38 @@ def test_cli_defaults_are_the_recipe_defaults():
     assert defaults["last_layers"] == recipe.targets.last_layers
     assert tuple(defaults["modules"].split(",")) == recipe.targets.modules
     assert defaults["max_atom_tokens"] == chunking.max_tokens
+
+
+def test_torchrun_on_two_processes_trains_what_one_process_trains(tmp_path, corpus,
+                                                                   tiny_models):
+    """2 CPU processes (gloo) and 1 process compile the same corpus over the same earlier
+    atoms: the same atom ids, equal adapters, and the shards merged away."""
+    lm, emb = tiny_models
+    common = ["-m", "microlora", "compile", "--base-model", str(lm), "--embedder", str(emb),
+              "--last-layers", "2", "--steps", "3", "--max-atom-tokens", "16",
+              "--batch-size", "2", "--neighbours", "1", "--lr", "0.02"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same arithmetic in every process
+
+    def run_compile(launcher: list[str], paths: list[str], store) -> str:
+        done = subprocess.run([sys.executable, *launcher, *common[:3], *paths, "--store",
+                               str(store), *common[3:]], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    for store in ("one", "two"):  # the same earlier atoms: stored neighbours come into play
+        run_compile([], [str(corpus / "b.md")], tmp_path / store)
+    run_compile([], [str(corpus)], tmp_path / "one")
+    out = run_compile(torchrun, [str(corpus)], tmp_path / "two")
+    assert "4 trained" in out and "2 already compiled" in out
+    assert not (tmp_path / "two" / "shards").exists()
+    with AdapterStore(tmp_path / "one", readonly=True) as one, \
+            AdapterStore(tmp_path / "two", readonly=True) as two:
+        assert sorted(one.ids("default")) == sorted(two.ids("default"))
+        assert one.documents("default") == two.documents("default")
+        assert two.stats()[0].index == "exact"  # rebuilt after the merge
+        for atom_id in one.ids("default"):
+            a, b = one.get("default", [atom_id])[0], two.get("default", [atom_id])[0]
+            for name, (A, B) in a.adapter.items():
+                assert torch.equal(A, b.adapter[name][0]) and torch.equal(B, b.adapter[name][1])

@@ -337,3 +337,37 @@ def test_decoding_loop_matches_transformers_generate(arch, tmp_path):
     assert [c.text for c in cut] == [a.text for a in alone]
     assert [c.new_tokens for c in cut] == [a.new_tokens for a in alone]
     assert any(len(keep) < 3 for keep in shrinks)  # rows did leave the batch early
+
+
+def test_a_reader_is_composed_beside_every_requests_atoms(kit):
+    """With a reader set, request b's delta is reader + its own atoms (checked against the
+    deltas added by hand); modes without adapters never see it."""
+    base, emb, path = kit
+    with open_composer(kit) as c:
+        hits = c.retrieve(["w1 w2 w3"], ["wiki"], AskConfig(k=2))
+        shapes = {n: (A.shape[2], B.shape[1]) for n, (A, B) in c.compose(hits).items()}
+        reader = random_adapter(shapes, 3, seed=77, scale=0.4)
+        atoms = [c.store.get("wiki", [h.id])[0].adapter for h in hits[0]]
+        c.use_reader(reader)
+        ids, mask = encode_prompts(base.tokenizer, ["w5 w6 w7"], base.device)
+        with c._adapters_for(hits, AskConfig(k=2)):
+            ours = last_logits(base.model, ids, mask)
+        none = c.ask("w1 w2 w3", ["wiki"], AskConfig(mode="none", max_new_tokens=4)).text
+        c.use_reader(None)
+        assert none == c.ask("w1 w2 w3", ["wiki"], AskConfig(mode="none", max_new_tokens=4)).text
+    ref = with_deltas_added(base.model, [reader] + [{n: (A.float(), B.float())
+                                                     for n, (A, B) in a.items()} for a in atoms])
+    torch.testing.assert_close(ours, last_logits(ref, ids, mask), atol=1e-4, rtol=1e-4)
+
+
+def test_reader_training_lowers_the_answer_loss(tiny_models):
+    from compiler.reader import ReaderConfig, ReaderExample, train_reader
+
+    base = load_base_model(tiny_models[0])
+    examples = [ReaderExample(f"w{i} w{i + 1} w{i + 2}", f" w{100 + i}\n", []) for i in range(6)]
+    config = ReaderConfig(rank=4, lr=2e-2, epochs=8, batch=3, targets=TargetSpec(last_layers=2))
+    losses = []
+    reader = train_reader(base, examples, config, progress=lambda _s, _n, loss: losses.append(loss))
+    assert len(losses) == 16 and losses[-1] < 0.7 * losses[0]
+    assert all(B.abs().max() > 0 for _, B in reader.values())
+    assert not any(type(m).__name__ == "MultiLoraLinear" for m in base.model.modules())

@@ -31,12 +31,18 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
     "id" and "title"). Atoms already in the store are skipped, so re-running after an edit
     trains only the changed sentences, and an interrupted compile resumes where it stopped.
 
+    Under torchrun (`torchrun --nproc-per-node N -m microlora compile ...`) the atoms are
+    shared out between the N processes (or machines) and merged into the store at the end,
+    with the same adapters as one process would train.
+
     \b
-    Example:
+    Examples:
       microlora compile notes/ --store ~/kb --namespace notes
+      torchrun --nproc-per-node 4 -m microlora compile notes/ --store ~/kb
     """
     from tqdm import tqdm
 
+    from compiler.distributed import Ranks, compile_distributed
     from compiler.pipeline import compile_corpus
     from microlora.embedder import load_embedder
     from microlora.models import load_base_model
@@ -45,20 +51,35 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
     validate_namespace(namespace)
     config, chunking = build_recipe(rank, max_steps, stop_prob, lr, neighbours,
                                 batch_atoms, last_layers, modules, max_atom_tokens)
+    ranks = Ranks.from_env()
+    if ranks is not None and dry_run:
+        raise click.UsageError("--dry-run plans in one process: run it without torchrun")
+    if ranks is not None:
+        device = ranks.device(device)
     base = load_base_model(base_model, device=device)
     emb = load_embedder(embedder, device=device)
-    bar = tqdm(total=0, unit="atom", desc="compiling", disable=dry_run)
+    bar = tqdm(total=0, unit="atom", disable=dry_run or (ranks is not None and ranks.rank != 0),
+               desc="compiling" if ranks is None else f"compiling (rank 0 of {ranks.world})")
 
     def progress(done: int, total: int) -> None:
         bar.total = total
         bar.update(done - bar.n)
 
     try:
-        report = compile_corpus(paths, store_dir, base=base, embedder=emb, namespace=namespace,
-                                train_config=config, chunk_config=chunking, prune=prune,
-                                dry_run=dry_run, max_file_mb=max_file_mb, progress=progress)
+        if ranks is None:
+            report = compile_corpus(paths, store_dir, base=base, embedder=emb,
+                                    namespace=namespace, train_config=config,
+                                    chunk_config=chunking, prune=prune, dry_run=dry_run,
+                                    max_file_mb=max_file_mb, progress=progress)
+        else:
+            report = compile_distributed(paths, store_dir, ranks, base=base, embedder=emb,
+                                         namespace=namespace, train_config=config,
+                                         chunk_config=chunking, prune=prune,
+                                         max_file_mb=max_file_mb, progress=progress)
     finally:
         bar.close()
+    if report is None:
+        return  # not rank 0: rank 0 reports for the run
     for problem in report.problems:
         click.echo(f"skipped {problem.source}: {problem.reason}", err=True)
     if dry_run:
