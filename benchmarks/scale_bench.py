@@ -6,15 +6,21 @@ latency at k=8, and the approximate index's recall against exact search, side by
 Atoms are rank-1 bf16 adapters on the MLP of the default model's last layer (16 KiB each: a
 million of them is 17 GB, where the default recipe's 190 KiB would be 190 GB; retrieval does not
 depend on adapter size, and store_bench measures fetches of full-size atoms). Embeddings are
-384-d and clustered like text embeddings are (unit vectors around 1 centre per 100 atoms);
-queries are stored vectors moved off by noise (a question near its atom). Reported:
+384-d and clustered like text embeddings are: 1 centre per 100 atoms, each atom its centre
+plus noise of the same norm (cosine ~0.5 within a cluster, ~0 across, so an atom's nearest
+neighbours are its cluster, as a sentence's are its topic); queries are stored vectors moved off
+by noise (cosine ~0.78 to their atom, a question near its atom). With noisier clusters (1.5x,
+cosine ~0.3) the exact top 8 beyond the first become near-ties with the best of a million
+random vectors, which no index reproduces and no answer depends on: the first run used them
+(recall@8 0.60, benchmarks/RESULTS.md). Reported:
 
 - ``open_s``: open the store and have its index ready to query (LMDB and the index files
   memory-mapped, nothing read up front), in a fresh process-like state (new objects);
 - ``query_k8_p50_ms`` / ``p99``: one question's top-8 search plus reading those 8 atoms and
   composing them into the kernel's tensors; ``exact_query_k8_*`` the same with exact (flat)
   search over the same vectors, the baseline;
-- ``ann_recall_at_8``: overlap of the approximate top 8 with the exact top 8.
+- ``ann_recall_at_8``: overlap of the approximate top 8 with the exact top 8;
+  ``ann_top1_found``: how often the exact best atom is among the approximate 8.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from tqdm import tqdm
 from microlora.lora import compose_packed
 from microlora.paths import dir_bytes
 from store import AdapterStore, AtomRecord, StoreHeader
-from store.index import IVF_NPROBE, VectorIndex
+from store.index import VectorIndex
 
 DIM = 384
 SHAPES = {"model.layers.17.mlp.gate_proj": (640, 2048), "model.layers.17.mlp.up_proj": (640, 2048),
@@ -54,7 +60,7 @@ def clustered(n: int, seed: int) -> np.ndarray:
     for start in range(0, n, 100_000):
         m = min(n, start + 100_000) - start
         v = centres[rng.integers(0, len(centres), m)] + \
-            rng.standard_normal((m, DIM)).astype(np.float32) * (1.5 / np.sqrt(DIM))
+            rng.standard_normal((m, DIM)).astype(np.float32) * (1.0 / np.sqrt(DIM))
         out[start:start + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
     return out
 
@@ -76,13 +82,16 @@ def write(path: Path, vectors: np.ndarray, batch: int = 5000) -> float:
     return len(vectors) / (time.perf_counter() - t0)
 
 
-def query_and_fetch(store: AdapterStore, index, q: np.ndarray) -> tuple[float, list[str]]:
+def query_and_fetch(store: AdapterStore, index, q: np.ndarray) -> tuple[float, float, list[str]]:
+    """(search seconds, fetch seconds, ids): top-8 search, then the 8 atoms read and composed
+    into the kernel's tensors."""
     t0 = time.perf_counter()
     ids = [i for i, _ in index.search(q, 8)[0]]
+    t1 = time.perf_counter()
     with store.read(NS) as reader:
         flats, layout = reader.gather(ids)
         compose_packed([flats], layout)
-    return time.perf_counter() - t0, ids
+    return t1 - t0, time.perf_counter() - t1, ids
 
 
 def main() -> None:
@@ -136,27 +145,37 @@ def run(path: Path, n: int, n_queries: int) -> dict:
         index = store.index(NS)
         for q in queries[:20]:  # warm-up: the first touches of the memory maps
             query_and_fetch(store, index, q)
-        ann, exact_t, recall = [], [], []
-        for q in tqdm(queries, desc="querying", unit="q"):  # alternate: same cache state
-            t, got = query_and_fetch(store, index, q)
-            te, want = query_and_fetch(store, exact_index, q)
-            ann.append(t)
-            exact_t.append(te)
-            recall.append(len(set(got) & set(want)) / 8)
+        search, fetch, got = [], [], []
+        for q in tqdm(queries, desc="querying", unit="q"):
+            ts, tf, ids = query_and_fetch(store, index, q)
+            search.append(ts * 1000)
+            fetch.append(tf * 1000)
+            got.append(ids)
+        # the baseline, in its own pass: exact search scans 1.5 GB per query, and interleaving
+        # it would evict the store's pages from the page cache under the approximate side
+        exact_total = []
+        for q in tqdm(queries[:100], desc="exact baseline", unit="q"):
+            ts, tf, _ = query_and_fetch(store, exact_index, q)
+            exact_total.append((ts + tf) * 1000)
+        want = [[i for i, _ in row] for row in exact_index.search(queries, 8)]
         stats = store.stats()[0]
-    ms = [t * 1000 for t in ann]
-    exact_ms = [t * 1000 for t in exact_t]
+    total = [a + b for a, b in zip(search, fetch)]
+    recall = [len(set(g) & set(w)) / 8 for g, w in zip(got, want)]
+    top1 = [w[0] in g for g, w in zip(got, want)]
     return {
         "atoms": n, "index": kind, "nlist": getattr(index.index, "nlist", None),
-        "nprobe": IVF_NPROBE if kind == "ivf" else None,
+        "nprobe": getattr(index.index, "nprobe", None),
         "disk_bytes": dir_bytes(path), "bytes_per_atom": dir_bytes(path) / n,
         "lmdb_bytes": stats.bytes, "write_atoms_per_s": write_rate, "index_build_s": build_s,
         "open_s": statistics.median(opens), "open_s_max": max(opens),
-        "query_k8_p50_ms": percentile(ms, 50), "query_k8_p99_ms": percentile(ms, 99),
-        "exact_query_k8_p50_ms": percentile(exact_ms, 50),
-        "exact_query_k8_p99_ms": percentile(exact_ms, 99),
-        "ann_speedup_p50": percentile(exact_ms, 50) / percentile(ms, 50),
-        "ann_recall_at_8": float(np.mean(recall)), "queries": n_queries,
+        "query_k8_p50_ms": percentile(total, 50), "query_k8_p99_ms": percentile(total, 99),
+        "search_k8_p50_ms": percentile(search, 50), "search_k8_p99_ms": percentile(search, 99),
+        "fetch_k8_p50_ms": percentile(fetch, 50), "fetch_k8_p99_ms": percentile(fetch, 99),
+        "exact_query_k8_p50_ms": percentile(exact_total, 50),
+        "exact_query_k8_p99_ms": percentile(exact_total, 99),
+        "ann_speedup_p50": percentile(exact_total, 50) / percentile(total, 50),
+        "ann_recall_at_8": float(np.mean(recall)), "ann_top1_found": float(np.mean(top1)),
+        "queries": n_queries,
     }
 
 

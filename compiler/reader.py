@@ -71,7 +71,7 @@ def train_reader(base: BaseModel, examples: Sequence[ReaderExample],
                 opt.step()
                 step += 1
                 if progress:
-                    progress(step, steps, float(loss))
+                    progress(step, steps, loss.item())
         return {name: (A.detach().cpu().clone(), B.detach().cpu().clone())
                 for name, (A, B) in params.items()}
     finally:

@@ -37,6 +37,9 @@ from microlora.lora import (
 )
 from microlora.models import BaseModel
 from store import AdapterStore, Reader
+from store.peft import read_reader
+
+READER_DIR = "reader"  # <store>/reader: the store's reader adapter, if it has one
 
 COMPOSITIONS = ("stacked", "merged")
 
@@ -50,6 +53,7 @@ class AskConfig:
     weighting: "uniform" (every atom at weight 1, as trained) or "score".
     composition: "stacked" or "merged" (same outputs; see the module docstring).
     no_repeat_ngram: > 0 bans repeating an n-gram of the answer (composed adapters can loop).
+    reader: compose the store's reader adapter (if it has one) beside the atoms.
     """
 
     mode: Mode = Mode.PARAMETRIC
@@ -60,6 +64,7 @@ class AskConfig:
     max_new_tokens: int = 32
     no_repeat_ngram: int = 0
     template: str = "qa"  # or "completion": continue the question as plain text
+    reader: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))
@@ -103,7 +108,9 @@ class Composer:
                                embedder_name=embedder.name)
         self.store, self.base, self.embedder = store, base, embedder
         self.lora = MultiLoraModel(base.model, {})
-        self.reader: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # see use_reader
+        self.reader: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        if (store.path / READER_DIR).is_dir():  # installed by `microlora reader install`
+            self.use_reader(read_reader(store.path / READER_DIR, base.fingerprint)[0])
         self.model_lock = threading.Lock()  # held while the model generates
 
     @classmethod
@@ -239,7 +246,7 @@ class Composer:
             yield
             return
         adapters = self.compose(hits)
-        if self.reader:
+        if self.reader and config.reader:
             adapters = prepend_shared(adapters, self.reader)
         if config.composition == "merged":
             ctx = self.lora.merged({name: (A[0], B[0]) for name, (A, B) in adapters.items()})

@@ -53,7 +53,17 @@ def cli(home: str | None, verbose: int) -> None:
 
 
 def _register() -> None:
-    from microlora.commands import ask, compile, doctor, eval, interop, quickstart, serve, store
+    from microlora.commands import (
+        ask,
+        compile,
+        doctor,
+        eval,
+        interop,
+        quickstart,
+        reader,
+        serve,
+        store,
+    )
 
     cli.add_command(quickstart.quickstart)
     cli.add_command(ask.ask_command)
@@ -65,6 +75,7 @@ def _register() -> None:
     cli.add_command(serve.keys)
     cli.add_command(interop.export_command)
     cli.add_command(interop.import_command)
+    cli.add_command(reader.reader)
 
 
 _register()

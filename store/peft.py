@@ -118,3 +118,32 @@ def _scale(config: dict, module: str, rank: int) -> float:
     r = pattern("rank_pattern", config.get("r", rank))
     alpha = pattern("alpha_pattern", config.get("lora_alpha", r))
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+READER_INFO = "microlora-reader.json"
+
+
+def write_reader(out_dir: str | Path, adapter: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
+                 base_fingerprint: str, base_model: str, info: dict) -> Path:
+    """A reader adapter (``compiler.reader``): a PEFT folder plus what it was trained for and
+    on, so it is never composed into a model it does not belong to."""
+    out = write_peft(out_dir, adapter, base_model=base_model)
+    (out / READER_INFO).write_text(json.dumps({"base_fingerprint": base_fingerprint, **info},
+                                              indent=2))
+    return out
+
+
+def read_reader(path: str | Path, base_fingerprint: str
+                ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """(the reader's adapter, its info); refuses a reader made for another base model."""
+    path = Path(path)
+    try:
+        info = json.loads((path / READER_INFO).read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path} is not a microlora reader (no readable {READER_INFO}); "
+                           "make one with `microlora reader train`") from e
+    if info.get("base_fingerprint") != base_fingerprint:
+        raise AdapterError(f"the reader in {path} was trained for base model "
+                           f"{str(info.get('base_fingerprint'))[:12]}, not "
+                           f"{base_fingerprint[:12]}; train one for this model")
+    return read_peft(path).adapter, info

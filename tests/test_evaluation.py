@@ -132,3 +132,37 @@ def test_cli_eval(tmp_path, tiny_models):
     bad = CliRunner().invoke(cli, ["eval", "--data", str(data), "--systems", "magic",
                                    "--out", str(out)])
     assert bad.exit_code == 2 and "choose from" in bad.output
+
+
+def test_reader_trains_on_tune_installs_and_joins_eval(tmp_path, tiny_models):
+    """`microlora reader train` on the tune split writes a reader; eval composes it; install
+    puts it in a store, where the composer picks it up; another model's reader is refused."""
+    from compiler.pipeline import store_header
+    from composer import Composer
+    from microlora.errors import AdapterError
+    from store.peft import read_reader
+
+    lm, emb_path = tiny_models
+    data = write_cpkc(tmp_path / "qa.jsonl", 110)
+    common = ["--base-model", str(lm), "--embedder", str(emb_path), "--last-layers", "2",
+              "--steps", "2", "--max-atom-tokens", "16"]
+    r = CliRunner().invoke(cli, ["reader", "train", "--data", str(data), "--limit", "6",
+                                 "--out", str(tmp_path / "reader"), "--epochs", "2",
+                                 "--reader-rank", "2", *common])
+    assert r.exit_code == 0, r.output
+    base, emb = load_base_model(lm), load_embedder(emb_path)
+    adapter, info = read_reader(tmp_path / "reader", base.fingerprint)
+    assert info["questions"] == 6 and {A.shape[0] for A, _ in adapter.values()} == {2}
+    with pytest.raises(AdapterError, match="trained for base model"):
+        read_reader(tmp_path / "reader", "another-model")
+    ds = load_dataset(data, "cpkc", limit=3, distractors=1, split="eval")
+    summary, _ = run_eval(ds, tmp_path / "ev", base, emb, EvalConfig(
+        k=1, systems=("parametric",), max_new_tokens=2, reader=tmp_path / "reader",
+        train=TrainConfig(max_steps=1)))
+    assert summary["config"]["reader_info"]["questions"] == 6
+    AdapterStore.create(tmp_path / "kb", store_header(base, emb)).close()
+    r = CliRunner().invoke(cli, ["reader", "install", str(tmp_path / "reader"), "--store",
+                                 str(tmp_path / "kb")])
+    assert r.exit_code == 0, r.output
+    with Composer(AdapterStore(tmp_path / "kb", readonly=True), base, emb) as composer:
+        assert set(composer.reader) == set(adapter)

@@ -36,11 +36,14 @@ MODES = ("parametric", "context", "hybrid", "none")
                                       "weights; merged: W += delta, restored after.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1),
               help="Longest answer, in tokens.")
+@click.option("--no-reader", is_flag=True,
+              help="Leave out the store's reader adapter (if `microlora reader install` "
+                   "gave it one).")
 @click.option("--explain", is_flag=True, help="List the atoms used, with scores and sources.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
 @model_options
 def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weighting,
-                composition, max_new_tokens, explain, as_json, base_model, embedder,
+                composition, max_new_tokens, no_reader, explain, as_json, base_model, embedder,
                 device) -> None:
     """Answer QUESTION from the adapters of the atoms it retrieves.
 
@@ -56,7 +59,8 @@ def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weigh
     from composer import AskConfig, Composer
 
     config = AskConfig(mode=mode, k=k, min_score=min_score, weighting=weighting,
-                       composition=composition, max_new_tokens=max_new_tokens)
+                       composition=composition, max_new_tokens=max_new_tokens,
+                       reader=not no_reader)
     with Composer.open(store_dir, base_model=base_model, embedder=embedder,
                        device=device) as composer:
         stream = None if as_json else (lambda text: click.echo(text, nl=False))

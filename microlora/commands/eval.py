@@ -7,7 +7,12 @@ from pathlib import Path
 
 import click
 
-from microlora.commands.options import build_recipe, model_options, recipe_options
+from microlora.commands.options import (
+    StageBars,
+    build_recipe,
+    model_options,
+    recipe_options,
+)
 
 SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
 
@@ -40,10 +45,12 @@ SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
               help="RESULT.json; .answers.jsonl, .md and .png are written beside it.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the compiled store here [default: a temporary directory].")
+@click.option("--reader", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A reader (`microlora reader train`) to compose beside the atoms.")
 @recipe_options
 @model_options
 def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, systems,
-                 weighting, no_repeat_ngram, out, workdir, rank, max_steps, stop_prob, lr,
+                 weighting, no_repeat_ngram, out, workdir, reader, rank, max_steps, stop_prob, lr,
                  neighbours, batch_atoms, last_layers, modules, max_atom_tokens, base_model,
                  embedder, device) -> None:
     """Compile the passages of a QA dataset into one fresh store and answer every question
@@ -58,8 +65,6 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
     Example (15-20 minutes on 2 CPU cores):
       microlora eval --data benchmarks/data/cpkc_dev.jsonl --limit 100 --out results/qa.json
     """
-    from tqdm import tqdm
-
     from composer import AskConfig
     from microlora.embedder import load_embedder
     from microlora.evaluation import EvalConfig, run_eval
@@ -81,25 +86,15 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
                            split=split)
     config = EvalConfig(k=k or AskConfig.k, sweep=ks, systems=chosen, weighting=weighting,
                         train=train, chunk=chunk, no_repeat_ngram=AskConfig.no_repeat_ngram
-                        if no_repeat_ngram is None else no_repeat_ngram)
+                        if no_repeat_ngram is None else no_repeat_ngram, reader=reader)
     base = load_base_model(base_model, device=device)
     emb = load_embedder(embedder, device=device)
-    bars: dict[str, tqdm] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage not in bars:
-            for other in bars.values():  # a stage ends when the next begins
-                other.close()
-            bars[stage] = tqdm(total=total, desc=stage,
-                               unit="atom" if stage == "compile" else "answer")
-        bar = bars[stage]
-        bar.total = total
-        bar.update(done - bar.n)
-
+    progress = StageBars({"compile": "atom", "answer": "answer"})
     with tempfile.TemporaryDirectory() as tmp:
-        summary, rows = run_eval(dataset, workdir or tmp, base, emb, config, progress)
-    for bar in bars.values():
-        bar.close()
+        try:
+            summary, rows = run_eval(dataset, workdir or tmp, base, emb, config, progress)
+        finally:
+            progress.close()
     summary.update(split=split, seed=seed, data=str(data_path))
     written = write_report(summary, rows, out)
     click.echo(markdown(summary))

@@ -73,3 +73,26 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                 ChunkConfig(max_tokens=max_atom_tokens))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
+
+
+class StageBars:
+    """One tqdm bar per stage of a long job ("compile", "answer", ...); a stage's bar closes
+    when the next stage starts. Call it as ``progress(stage, done, total)``."""
+
+    def __init__(self, units: dict[str, str] | None = None):
+        self.units = units or {}
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage not in self.bars:
+            self.close()
+            self.bars[stage] = tqdm(total=total, desc=stage, unit=self.units.get(stage, "it"))
+        bar = self.bars[stage]
+        bar.total = total
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()

@@ -25,6 +25,7 @@ from microlora.evaluation import metrics
 from microlora.evaluation.datasets import Dataset, Item
 from microlora.models import BaseModel
 from store import AdapterStore
+from store.peft import read_reader
 
 NAMESPACE = "eval"
 SYSTEMS = {"closed_book": Mode.NONE, "rag": Mode.CONTEXT, "parametric": Mode.PARAMETRIC,
@@ -46,6 +47,7 @@ class EvalConfig:
     no_repeat_ngram: int = AskConfig.no_repeat_ngram
     train: TrainConfig = field(default_factory=TrainConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    reader: Path | None = None  # a reader folder (`microlora reader train`) to compose too
 
 
 def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: Embedder,
@@ -80,11 +82,16 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
                     "mean_final_loss": round(report.mean_final_loss, 4)},
         "config": {"train": _jsonable(asdict(config.train)), "chunk": asdict(config.chunk),
                    "weighting": config.weighting, "max_new_tokens": max_new,
-                   "no_repeat_ngram": config.no_repeat_ngram},
+                   "no_repeat_ngram": config.no_repeat_ngram,
+                   "reader": str(config.reader) if config.reader else None},
         "systems": {}, "sweep": {},
     }
     rows: list[dict] = []
     with Composer(AdapterStore(workdir / "store", readonly=True), base, embedder) as composer:
+        if config.reader:
+            adapter, info = read_reader(config.reader, base.fingerprint)
+            composer.use_reader(adapter)
+            summary["config"]["reader_info"] = info
         gold = _gold_atoms(composer.store, dataset)
         retrieved = composer.retrieve(questions, [NAMESPACE], AskConfig(k=max(ks)))
         for k in ks:
