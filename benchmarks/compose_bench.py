@@ -23,8 +23,6 @@ Trials run interleaved (ABC CBA ...) and medians are reported.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -32,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from store_bench import synthetic_atoms, write_peft_dir
+from store_bench import synthetic_atoms, torch_machine, write_peft_dir, write_results
 from tqdm import tqdm
 
 from compiler.pipeline import store_header
@@ -102,12 +100,7 @@ def main() -> None:
         result = run(base, emb, work, ids, trials, assembly_trials)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result["machine"] = (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                         f"torch {torch.__version__}, {next(base.model.parameters()).dtype}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    for key, value in result.items():
-        print(f"{key:>34}: {value:.4f}" if isinstance(value, float) else f"{key:>34}: {value}")
+    write_results(result, args.out, torch_machine(base.model))
 
 
 def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int) -> dict:

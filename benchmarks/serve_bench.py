@@ -14,8 +14,6 @@ Concurrent answers are checked to equal the sequential ones (batching changes no
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -24,8 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import torch
-from store_bench import synthetic_atoms
+from store_bench import synthetic_atoms, torch_machine, write_results
 
 from compiler.pipeline import store_header
 from composer import AskConfig, Composer
@@ -89,12 +86,7 @@ def main() -> None:
             service.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result["machine"] = (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                         f"torch {torch.__version__}, {next(base.model.parameters()).dtype}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    for k, v in result.items():
-        print(f"{k:>28}: {v:.4f}" if isinstance(v, float) else f"{k:>28}: {v}")
+    write_results(result, args.out, torch_machine(base.model))
 
 
 def run(url: str, key: str, questions: list[str], rounds: int, max_tokens: int) -> dict:

@@ -89,6 +89,20 @@ def fetch_files(root: Path, ids: list[str], names: list[str]):
     return stack_adapters([atoms], dtype=torch.bfloat16)
 
 
+def write_results(result: dict, out: Path, machine: str) -> None:
+    """Stamp the machine, write the JSON, and print the numbers (every benchmark ends so)."""
+    result["machine"] = machine
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    for key, value in result.items():
+        print(f"{key:>34}: {value:.4f}" if isinstance(value, float) else f"{key:>34}: {value}")
+
+
+def torch_machine(model) -> str:
+    return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, {next(model.parameters()).dtype}")
+
+
 def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q))
 

@@ -29,7 +29,13 @@ import torch.distributed as dist
 
 from compiler.chunking import ChunkConfig
 from compiler.documents import MAX_FILE_MB, read_documents
-from compiler.pipeline import CompileReport, plan, store_header, train_atoms
+from compiler.pipeline import (
+    CompileReport,
+    plan,
+    record_documents,
+    store_header,
+    train_atoms,
+)
 from compiler.trainer import TrainConfig
 from microlora.embedder import Embedder
 from microlora.models import BaseModel
@@ -108,14 +114,8 @@ def _compile(paths, store_dir: Path, ranks: Ranks, base, embedder, namespace, tr
     report.already_compiled = len(planned) - len(todo)
     with AdapterStore(store_dir) as store:
         report.trained = merge_shards(store)
+        record_documents(store, namespace, planned, manifests, prune, report)
         if namespace in store.namespaces():
-            store.put_documents(namespace, manifests)
-            if prune:
-                keep = {p.id for p in planned}
-                report.pruned = store.delete(namespace, [i for i in store.ids(namespace)
-                                                         if i not in keep])
-                for doc_id in set(store.documents(namespace)) - set(manifests):
-                    store.delete_document(namespace, doc_id)
             store.index(namespace)  # rebuilt once, here, and saved
     report.seconds = time.perf_counter() - t0
     if losses:  # rank 0's share: the other ranks' losses stay in their atoms' records

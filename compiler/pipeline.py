@@ -20,6 +20,7 @@ from pathlib import Path
 from compiler.chunking import Atom, ChunkConfig, chunk_document
 from compiler.documents import MAX_FILE_MB, Document, Skipped, read_documents
 from compiler.trainer import AtomTrainer, TrainConfig
+from compiler.views import question_views
 from microlora.embedder import Embedder
 from microlora.errors import QuotaExceededError
 from microlora.models import BaseModel
@@ -157,18 +158,26 @@ def compile_documents(
         losses = train_atoms(todo, store, store, base=base, embedder=embedder,
                              namespace=namespace, train_config=train_config,
                              chunk_config=chunk_config, report=report, progress=progress)
-        if namespace in store.namespaces():
-            store.put_documents(namespace, manifests)
-            if prune:
-                keep = {p.id for p in planned}
-                report.pruned = store.delete(namespace, [i for i in store.ids(namespace)
-                                                         if i not in keep])
-                for doc_id in set(store.documents(namespace)) - set(manifests):
-                    store.delete_document(namespace, doc_id)
+        record_documents(store, namespace, planned, manifests, prune, report)
         report.seconds = time.perf_counter() - t0
     if losses:
         report.mean_final_loss = sum(losses) / len(losses)
     return report
+
+
+def record_documents(store: AdapterStore, namespace: str, planned: Sequence[PlannedAtom],
+                     manifests: dict[str, list[str]], prune: bool, report: CompileReport) -> None:
+    """After training: record each document's atoms, and with ``prune`` drop the atoms and
+    documents of the namespace that the corpus no longer produces."""
+    if namespace not in store.namespaces():
+        return
+    store.put_documents(namespace, manifests)
+    if prune:
+        keep = {p.id for p in planned}
+        report.pruned = store.delete(namespace, [i for i in store.ids(namespace)
+                                                 if i not in keep])
+        for doc_id in set(store.documents(namespace)) - set(manifests):
+            store.delete_document(namespace, doc_id)
 
 
 @contextmanager
@@ -223,8 +232,10 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
                 _stored_adapters(store, namespace, neighbour_ids[rows], train_config)
             contexts = ([f"{p.atom.title}\n" if p.atom.title else "" for p in batch]
                         if train_config.title_context else None)
+            views = [question_views(p.atom.text, train_config.qa_views) for p in batch] \
+                if train_config.qa_views else None
             trained = trainer.train([p.atom.text for p in batch], [p.id for p in batch],
-                                    contexts=contexts, frozen_neighbours=neighbours)
+                                    contexts=contexts, frozen_neighbours=neighbours, views=views)
             out.put(namespace, [
                 AtomRecord(id=p.id, text=p.atom.text,
                            adapter=_with_scale(t.adapter, train_config.scale),

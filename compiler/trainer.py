@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from microlora.lora import Adapter, MultiLoraModel, stack_adapters
 from microlora.targets import TargetSpec, find_blocks
 
+_KEY_SINCE_V1 = {"qa_views": 0}  # recipe fields newer than the stores in use, and defaults
 _LOSS_CHUNK_ROWS = 256  # target positions per output-layer chunk: ~0.3 GB of fp32 logits
 
 
@@ -52,6 +53,8 @@ class TrainConfig:
         decided with the full softmax.
     neighbours_learn: batch neighbours are not detached, so each adapter also learns not to
         disturb the atoms it is composed beside (a locality term at no extra compute).
+    qa_views: also train each atom on up to this many questions about its sentence, answered
+        by one of its names, numbers or dates (``compiler.views``).
     """
 
     rank: int = 2
@@ -67,6 +70,7 @@ class TrainConfig:
     title_context: bool = False
     vocab_candidates: int = 256
     neighbours_learn: bool = False
+    qa_views: int = 0
 
     def __post_init__(self) -> None:
         if self.rank not in (1, 2, 4, 8):
@@ -79,6 +83,9 @@ class TrainConfig:
         they change how fast atoms train, not what they are)."""
         d = asdict(self)
         d.pop("batch_atoms")
+        for name, default in _KEY_SINCE_V1.items():  # fields added later: at their default
+            if d[name] == default:  # they stay out of the key, so existing atom ids hold
+                d.pop(name)
         return json.dumps(d, sort_keys=True)
 
 
@@ -134,13 +141,25 @@ class AtomTrainer:
 
     def train(self, texts: Sequence[str], keys: Sequence[str], *,
               contexts: Sequence[str] | None = None,
-              frozen_neighbours: Sequence[Sequence[Adapter]] | None = None) -> list[TrainedAtom]:
+              frozen_neighbours: Sequence[Sequence[Adapter]] | None = None,
+              views: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[TrainedAtom]:
         """Train one adapter per text. ``keys`` (atom ids) seed each atom's initialisation, so
         an atom starts the same whatever batch it lands in. ``frozen_neighbours[b]`` are stored
-        atoms composed beside atom b (retrieved by similarity: its query-time company)."""
+        atoms composed beside atom b (retrieved by similarity: its query-time company).
+        ``views[b]`` are more (context, target) sequences that atom b's adapter is trained on
+        too (e.g. questions about it and their answers); the atom has learned once all of its
+        sequences pass ``stop_prob``."""
         cfg = self.config
         n = len(texts)
-        ids, mask, tgt = self.encode(texts, contexts)
+        row_texts, row_contexts = list(texts), list(contexts or [""] * n)
+        group = list(range(n))  # row -> atom
+        for b, extra in enumerate(views or []):
+            for context, target in extra:
+                row_texts.append(target)
+                row_contexts.append(context)
+                group.append(b)
+        group_of = torch.tensor(group)
+        ids, mask, tgt = self.encode(row_texts, row_contexts)
         params = self._init_params(keys)
         frozen = self._frozen(frozen_neighbours)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -161,13 +180,17 @@ class AtomTrainer:
                 break
             nbrs = self._batch_neighbours(n, active, gen)
             adapters = self._compose(params, active, nbrs, frozen)
-            with self.lora.adapters(adapters, cfg.scale), self._replay(prefix[active]), \
+            rows = torch.isin(group_of, active).nonzero().squeeze(1)  # the active atoms' rows
+            slot = torch.searchsorted(active, group_of[rows])  # row -> its atom in ``active``
+            if len(rows) != len(active):
+                adapters = {k: (A[slot], B[slot]) for k, (A, B) in adapters.items()}
+            with self.lora.adapters(adapters, cfg.scale), self._replay(prefix[rows]), \
                     self._autocast():
-                hidden = self.model.base_model(input_ids=ids[active],
-                                               attention_mask=mask[active]).last_hidden_state
+                hidden = self.model.base_model(input_ids=ids[rows],
+                                               attention_mask=mask[rows]).last_hidden_state
                 loss_per_atom, scored, min_prob = self._loss(
-                    hidden, ids[active], tgt[active], vocab, cfg.stop_prob,
-                    last=step == cfg.max_steps)
+                    hidden, ids[rows], tgt[rows], vocab, cfg.stop_prob,
+                    last=step == cfg.max_steps, group=slot, groups=len(active))
             finished = (min_prob > cfg.stop_prob) | (step == cfg.max_steps)
             for j in finished.nonzero().squeeze(1).tolist():
                 b = active[j].item()
@@ -243,7 +266,8 @@ class AtomTrainer:
         return out
 
     def _loss(self, hidden: Tensor, ids: Tensor, tgt: Tensor, vocab: Tensor | None,
-              stop_prob: float, last: bool) -> tuple[Tensor, Tensor, Tensor]:
+              stop_prob: float, last: bool, group: Tensor | None = None,
+              groups: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Per atom: the training loss (mean cross-entropy over its target tokens, with a
         gradient), the scored loss and the smallest target-token probability, all without
         materialising (B, T, vocab) logits.
@@ -256,7 +280,8 @@ class AtomTrainer:
         pos = tgt[:, 1:].nonzero()  # (n, 2): rows b, positions t whose next token is a target
         h = hidden[pos[:, 0], pos[:, 1]]  # (n, d): the states that predict them
         labels = ids[pos[:, 0], pos[:, 1] + 1]
-        atoms = pos[:, 0]
+        atoms = pos[:, 0] if group is None else group.to(pos.device)[pos[:, 0]]
+        n_atoms = len(ids) if groups is None else groups
         weight = self._output_weight()
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if vocab is None:
@@ -264,19 +289,19 @@ class AtomTrainer:
         else:
             ce = linear_cross_entropy(h, self._candidate_weight, torch.searchsorted(vocab, labels),
                                       softcap)
-        loss = _per_atom(ce, atoms, len(ids), "mean")
+        loss = _per_atom(ce, atoms, n_atoms, "mean")
         scored = loss.detach().clone()
-        min_prob = torch.exp(-_per_atom(ce.detach(), atoms, len(ids), "amax"))
+        min_prob = torch.exp(-_per_atom(ce.detach(), atoms, n_atoms, "amax"))
         if vocab is not None:
             rescore = torch.ones_like(min_prob, dtype=torch.bool) if last else min_prob > stop_prob
             if rescore.any():
                 rows = rescore[atoms]
                 with torch.no_grad():
                     full = linear_cross_entropy(h[rows].detach(), weight, labels[rows], softcap)
-                scored = torch.where(rescore, _per_atom(full, atoms[rows], len(ids), "mean"),
+                scored = torch.where(rescore, _per_atom(full, atoms[rows], n_atoms, "mean"),
                                      scored)
                 min_prob = torch.where(rescore, torch.exp(-_per_atom(full, atoms[rows],
-                                                                      len(ids), "amax")),
+                                                                      n_atoms, "amax")),
                                        min_prob)
         return loss, scored, min_prob.cpu()
 

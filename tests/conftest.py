@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from microlora.paths import HOME_ENV
-from store import AtomRecord, StoreHeader
+from store import AdapterStore, AtomRecord, StoreHeader
 
 TINY_CONFIGS = {
     "gemma": lambda: Gemma3TextConfig(
@@ -68,6 +68,27 @@ def with_deltas_added(model, atoms, scale=1.0):
             delta = scale * B @ A  # (out, in)
             layer.weight.data += delta.T if type(layer).__name__ == "Conv1D" else delta
     return ref
+
+
+def store_of_random_atoms(path, base, emb, corpus: dict[str, list[str]], scale: float = 0.4):
+    """A store for ``base`` whose namespaces hold the given texts as atoms with random rank-2
+    adapters on the MLPs of the last 2 layers (ids ``<namespace>-<i>``, ':' as '-')."""
+    from compiler.pipeline import store_header
+    from microlora.lora import MultiLoraModel
+    from microlora.targets import TargetSpec
+
+    lora = MultiLoraModel(base.model, TargetSpec(last_layers=2))
+    shapes = lora.shapes()
+    lora.remove()
+    with AdapterStore.create(path, store_header(base, emb)) as s:
+        for n, (ns, texts) in enumerate(corpus.items()):
+            vectors = emb.encode(texts)
+            s.put(ns, [AtomRecord(id=f"{ns.replace(':', '-')}-{i}", text=t,
+                                  adapter=random_adapter(shapes, 2, seed=100 * n + i, scale=scale),
+                                  embedding=vectors[i], base_fingerprint=base.fingerprint,
+                                  source=f"{ns}.txt", start=i, end=i + len(t))
+                       for i, t in enumerate(texts)])
+    return path
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:

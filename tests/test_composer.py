@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import random_adapter, save_tiny, with_deltas_added
+from conftest import random_adapter, save_tiny, store_of_random_atoms, with_deltas_added
 
 from compiler.pipeline import store_header
 from composer import AskConfig, Composer, Mode
@@ -18,7 +18,6 @@ from composer.prompts import ANSWER_END
 from microlora.cli import cli
 from microlora.embedder import load_embedder
 from microlora.errors import MicroloraError, StoreMismatchError, UnknownNamespaceError
-from microlora.lora import MultiLoraModel
 from microlora.models import load_base_model
 from microlora.targets import TargetSpec
 from store import AdapterStore, AtomRecord
@@ -37,18 +36,7 @@ def kit(tiny_models, tmp_path_factory):
     """(base model, embedder, store path) with random rank-2 atoms in three namespaces."""
     lm, emb_path = tiny_models
     base, emb = load_base_model(lm), load_embedder(emb_path)
-    lora = MultiLoraModel(base.model, TargetSpec(last_layers=2))
-    shapes = lora.shapes()
-    lora.remove()
-    path = tmp_path_factory.mktemp("composer") / "kb"
-    with AdapterStore.create(path, store_header(base, emb)) as s:
-        for n, (ns, texts) in enumerate(CORPUS.items()):
-            vectors = emb.encode(texts)
-            s.put(ns, [AtomRecord(id=f"{ns.replace(':', '-')}-{i}", text=t,
-                                  adapter=random_adapter(shapes, 2, seed=100 * n + i, scale=0.4),
-                                  embedding=vectors[i], base_fingerprint=base.fingerprint,
-                                  source=f"{ns}.txt", start=i, end=i + len(t))
-                       for i, t in enumerate(texts)])
+    path = store_of_random_atoms(tmp_path_factory.mktemp("composer") / "kb", base, emb, CORPUS)
     return base, emb, path
 
 

@@ -9,37 +9,24 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import random_adapter, save_tiny
+from conftest import save_tiny, store_of_random_atoms
 
 from compiler.peft_import import import_peft
-from compiler.pipeline import store_header
 from composer import Composer, Hit
 from composer.export import export_peft, hits_for_atoms
 from microlora.cli import cli
 from microlora.embedder import load_embedder
 from microlora.errors import AdapterError, MicroloraError
-from microlora.lora import MultiLoraModel
 from microlora.models import load_base_model
-from microlora.targets import TargetSpec
-from store import AdapterStore, AtomRecord
+from store import AdapterStore
 from store.peft import read_peft, write_peft
 
 peft = pytest.importorskip("peft")
 TEXTS = ["w1 w2 w3 w4", "w10 w11 w12", "w20 w21 w22 w23", "w30 w31"]
 
 
-def make_store(path, base, emb, arch_seed=0):
-    lora = MultiLoraModel(base.model, TargetSpec(last_layers=2))
-    shapes = lora.shapes()
-    lora.remove()
-    vectors = emb.encode(TEXTS)
-    with AdapterStore.create(path, store_header(base, emb)) as s:
-        s.put("wiki", [AtomRecord(id=f"a{i}", text=t, embedding=vectors[i],
-                                  adapter=random_adapter(shapes, 2, seed=arch_seed + i,
-                                                         scale=0.3),
-                                  base_fingerprint=base.fingerprint, source="wiki.txt")
-                       for i, t in enumerate(TEXTS)])
-    return path
+def make_store(path, base, emb):
+    return store_of_random_atoms(path, base, emb, {"wiki": TEXTS}, scale=0.3)
 
 
 def logits(model, tok, text="w1 w2 w3 w5 w8"):
@@ -55,7 +42,7 @@ def test_exported_adapter_gives_peft_the_same_logits(tmp_path, tiny_models, arch
     base, emb = load_base_model(lm), load_embedder(emb_path)
     store = make_store(tmp_path / "kb", base, emb)
     with Composer(AdapterStore(store, readonly=True), base, emb) as composer:
-        hits = hits_for_atoms(composer.store, ["a0", "a2"])
+        hits = hits_for_atoms(composer.store, ["wiki-0", "wiki-2"])
         hits[1] = Hit(hits[1].namespace, hits[1].id, 1.0, weight=0.5)  # weights travel too
         out = export_peft(composer, hits, tmp_path / "out")
         with composer.lora.adapters(composer.compose([hits])):

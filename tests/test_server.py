@@ -13,20 +13,18 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import random_adapter
+from conftest import store_of_random_atoms
 
 from compiler.chunking import ChunkConfig
-from compiler.pipeline import store_header
 from compiler.trainer import TrainConfig
 from composer import AskConfig, Composer
 from microlora.cli import cli
 from microlora.embedder import load_embedder
-from microlora.lora import MultiLoraModel
 from microlora.models import load_base_model
 from microlora.server.app import ServeConfig, Service, serve_in_thread
 from microlora.server.keys import KeyStore
 from microlora.targets import TargetSpec
-from store import AdapterStore, AtomRecord
+from store import AdapterStore
 
 SHARED = {
     "wiki": [f"w{i} w{i + 1} w{i + 2} w{i + 3}" for i in range(0, 80, 10)],
@@ -46,17 +44,7 @@ def server(tiny_models, tmp_path_factory):
     has a quota of 2 atoms."""
     lm, emb_path = tiny_models
     base, emb = load_base_model(lm), load_embedder(emb_path)
-    lora = MultiLoraModel(base.model, TargetSpec(last_layers=2))
-    shapes = lora.shapes()
-    lora.remove()
-    path = tmp_path_factory.mktemp("serve") / "kb"
-    with AdapterStore.create(path, store_header(base, emb)) as s:
-        for n, (ns, texts) in enumerate(SHARED.items()):
-            vectors = emb.encode(texts)
-            s.put(ns, [AtomRecord(id=f"{ns}-{i}", text=t, embedding=vectors[i],
-                                  adapter=random_adapter(shapes, 2, seed=10 * n + i, scale=0.4),
-                                  base_fingerprint=base.fingerprint, source=f"{ns}.txt")
-                       for i, t in enumerate(texts)])
+    path = store_of_random_atoms(tmp_path_factory.mktemp("serve") / "kb", base, emb, SHARED)
     keys = KeyStore(path)
     tokens = {"ana": keys.add("ana")[0], "bob": keys.add("bob", ("wiki",))[0],
               "carol": keys.add("carol", max_atoms=2)[0]}

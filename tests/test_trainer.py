@@ -138,3 +138,35 @@ def test_candidate_vocabulary_trains_nearly_as_well_and_scores_with_the_full_sof
     atom = train(base, texts=TEXTS[:1], keys=KEYS[:1], max_steps=10, stop_prob=0.99,
                  vocab_candidates=8)[0]
     assert full_loss(base, TEXTS[0], atom.adapter) == pytest.approx(atom.final_loss, rel=1e-4)
+
+
+def test_question_views_train_the_atoms_own_adapter(base):
+    """An atom trained on its views answers them (their loss falls with its own adapter) and
+    its views count towards whether it has learned; the other atoms are unaffected by them."""
+    views = [[("w10 w11 w12", " w5"), ("w13 w14", " w1 w2")], [], [], []]
+    with AtomTrainer(base.model, base.tokenizer, config(max_steps=30, stop_prob=0.9)) as t:
+        with_views = t.train(TEXTS, KEYS, views=views)
+        plain = t.train(TEXTS, KEYS)
+    for i in (1, 2, 3):  # no views: trained as without (neighbours 0; batch shapes differ)
+        assert with_views[i].steps == plain[i].steps
+        for name, (A, B) in plain[i].adapter.items():
+            torch.testing.assert_close(with_views[i].adapter[name][0], A, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(with_views[i].adapter[name][1], B, atol=1e-5, rtol=1e-4)
+    assert full_loss(base, "w10 w11 w12 w5", with_views[0].adapter) < \
+        full_loss(base, "w10 w11 w12 w5", plain[0].adapter)
+
+
+def test_new_recipe_fields_at_their_default_keep_atom_ids():
+    assert "qa_views" not in TrainConfig().key()
+    assert TrainConfig(qa_views=2).key() != TrainConfig().key()
+
+
+def test_question_views_of_a_sentence():
+    from compiler.views import question_views
+
+    views = question_views("Madge Blake was born in Kinsley, Kansas in 1899.", 4)
+    assert ("Question: Who was born in Kinsley, Kansas in 1899?\nAnswer:", " Madge Blake\n") \
+        in views
+    assert any(answer == " 1899\n" and "when" in q for q, answer in views)
+    assert len(views) == 4 and question_views("no names here at all.", 2) == []
+    assert len(question_views("Madge Blake was born in Kinsley, Kansas in 1899.", 2)) == 2

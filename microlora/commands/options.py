@@ -48,6 +48,9 @@ _RECIPE_OPTIONS = [
                       "e.g. 'mlp.*,self_attn.o_proj'."),
     click.option("--max-atom-tokens", default=64, show_default=True, type=click.IntRange(8),
                  help="Split sentences longer than this (base-model tokens)."),
+    click.option("--qa-views", default=0, show_default=True, type=click.IntRange(0, 8),
+                 help="Also train each atom on this many questions about its own names, "
+                      "numbers and dates."),
 ]
 
 
@@ -59,7 +62,8 @@ def recipe_options(f):
 
 
 def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbours: int,
-                 batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int):
+                 batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int,
+                 qa_views: int = 0):
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     from compiler.chunking import ChunkConfig
     from compiler.trainer import TrainConfig
@@ -69,7 +73,8 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
         spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
                           last_layers=last_layers)
         return (TrainConfig(rank=rank, lr=lr, max_steps=max_steps, stop_prob=stop_prob,
-                            neighbours=neighbours, batch_atoms=batch_atoms, targets=spec),
+                            neighbours=neighbours, batch_atoms=batch_atoms, targets=spec,
+                            qa_views=qa_views),
                 ChunkConfig(max_tokens=max_atom_tokens))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
