@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Rough throughput for --dry-run estimates before a store has measured its own (atoms/s with
 # the default recipe on the default model; measured on 2 CPU cores, see benchmarks/RESULTS.md).
-_ASSUMED_ATOMS_PER_S = {"cpu": 1.0, "cuda": 20.0}
+_ASSUMED_ATOMS_PER_S = {"cpu": 0.3, "cuda": 8.0}  # cuda: not measured yet
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ _RECIPE_OPTIONS = [
                       "e.g. 'mlp.*,self_attn.o_proj'."),
     click.option("--max-atom-tokens", default=64, show_default=True, type=click.IntRange(8),
                  help="Split sentences longer than this (base-model tokens)."),
-    click.option("--qa-views", default=0, show_default=True, type=click.IntRange(0, 8),
+    click.option("--qa-views", default=2, show_default=True, type=click.IntRange(0, 8),
                  help="Also train each atom on this many questions about its own names, "
                       "numbers and dates."),
 ]
@@ -63,7 +63,7 @@ def recipe_options(f):
 
 def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbours: int,
                  batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int,
-                 qa_views: int = 0):
+                 qa_views: int = 2):
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     from compiler.chunking import ChunkConfig
     from compiler.trainer import TrainConfig
