@@ -13,7 +13,7 @@ from pathlib import Path
 from microlora.embedder import Embedder
 from microlora.errors import AdapterError, MicroloraError
 from microlora.models import BaseModel
-from microlora.targets import is_linear
+from microlora.targets import is_linear, linear_features
 from store import AdapterStore, AtomRecord
 from store.peft import read_peft
 
@@ -37,9 +37,7 @@ def import_peft(path: str | Path, store: AdapterStore, *, base: BaseModel, embed
                 f"trained for {peft.base_model or 'another model'}") from None
         if not is_linear(module):
             raise AdapterError(f"{path} adapts {name}, which is not a linear layer")
-        w = module.weight
-        d_in, d_out = (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" \
-            else (w.shape[1], w.shape[0])
+        d_in, d_out = linear_features(module)
         if (A.shape[1], B.shape[0]) != (d_in, d_out):
             raise AdapterError(
                 f"{path}: {name} is {A.shape[1]}->{B.shape[0]} in the adapter but {d_in}->"

@@ -24,7 +24,7 @@ from compiler.views import question_views
 from microlora.embedder import Embedder
 from microlora.errors import QuotaExceededError
 from microlora.models import BaseModel
-from microlora.targets import select_targets
+from microlora.targets import linear_features, select_targets
 from store import AdapterStore, AtomRecord, StoreHeader
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def check_quota(store: AdapterStore, namespace: str, atoms: Sequence[PlannedAtom
             f"{quota.max_atoms} ({have} stored, {len(todo)} new); delete documents first")
     if quota.max_bytes is not None:
         per_atom = 2 * config.rank * sum(
-            _features(m) for m in select_targets(base.model, config.targets).values())
+            sum(linear_features(m)) for m in select_targets(base.model, config.targets).values())
         stored = next((s.bytes for s in store.stats() if s.namespace == namespace), 0)
         new = sum(per_atom + len(p.atom.text.encode()) + 4 * store.header.embedding_dim
                   for p in todo)
@@ -279,11 +279,6 @@ def check_quota(store: AdapterStore, namespace: str, atoms: Sequence[PlannedAtom
             raise QuotaExceededError(
                 f"namespace {namespace!r} would take about {(stored + new) / 2**20:.2f} MiB, "
                 f"over its quota of {quota.max_bytes / 2**20:.2f} MiB; delete documents first")
-
-
-def _features(module) -> int:
-    weight = module.weight
-    return weight.shape[0] + weight.shape[1]
 
 
 def _with_scale(adapter, scale: float):

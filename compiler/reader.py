@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from compiler.trainer import linear_cross_entropy
-from microlora.lora import Adapter, MultiLoraModel, stack_adapters
+from compiler.trainer import encode_targets, linear_cross_entropy
+from microlora.lora import Adapter, MultiLoraModel, prepend_shared, stack_adapters
 from microlora.models import BaseModel
 from microlora.targets import TargetSpec
 
@@ -92,30 +92,11 @@ def _init(shapes: dict[str, tuple[int, int]], rank: int, device) -> dict[str, tu
 
 def _loss(base: BaseModel, lora: MultiLoraModel, params, batch: list[ReaderExample]) -> Tensor:
     """Mean cross-entropy of the answers, the reader composed beside each example's atoms."""
-    tok = base.tokenizer
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    rows, targets = [], []
-    for ex in batch:
-        prompt = bos + tok(ex.prompt, add_special_tokens=False)["input_ids"]
-        answer = tok(ex.answer, add_special_tokens=False)["input_ids"]
-        rows.append(prompt + answer)
-        targets.append([0] * len(prompt) + [1] * len(answer))
-    width = max(map(len, rows))
-    pad = tok.pad_token_id or 0
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=base.device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
-                        device=base.device)
-    tgt = torch.tensor([t + [0] * (width - len(t)) for t in targets], dtype=torch.bool,
-                       device=base.device)
+    ids, mask, tgt = encode_targets(base.tokenizer, [ex.answer for ex in batch],
+                                    [ex.prompt for ex in batch], base.device)
     frozen = stack_adapters([ex.atoms for ex in batch], device=base.device) \
         if any(ex.atoms for ex in batch) else {}
-    adapters = {}
-    for name, (A, B) in params.items():
-        parts_a, parts_b = [A.expand(len(batch), *A.shape)], [B.expand(len(batch), *B.shape)]
-        if name in frozen:
-            parts_a.append(frozen[name][0])
-            parts_b.append(frozen[name][1])
-        adapters[name] = (torch.cat(parts_a, 1), torch.cat(parts_b, 2))
+    adapters = prepend_shared(frozen, params)
     with lora.adapters(adapters):
         hidden = base.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     pos = tgt[:, 1:].nonzero()

@@ -121,22 +121,7 @@ class AtomTrainer:
 
     def encode(self, texts: Sequence[str], contexts: Sequence[str] | None = None
                ) -> tuple[Tensor, Tensor, Tensor]:
-        """input ids (B, T), attention mask (B, T) and target mask (B, T): which positions are
-        predicted (the atom's own tokens, not its BOS or title context)."""
-        rows, targets = [], []
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        for i, text in enumerate(texts):
-            ctx = self.tokenizer(contexts[i], add_special_tokens=False)["input_ids"] \
-                if contexts and contexts[i] else []
-            body = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            rows.append(bos + ctx + body)
-            targets.append([0] * (len(bos) + len(ctx)) + [1] * len(body))
-        width = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        tgt = torch.tensor([t + [0] * (width - len(t)) for t in targets], dtype=torch.bool)
-        return ids.to(self.device), mask.to(self.device), tgt.to(self.device)
+        return encode_targets(self.tokenizer, texts, contexts, self.device)
 
     # -- training ----------------------------------------------------------------------------
 
@@ -367,6 +352,27 @@ class AtomTrainer:
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+
+
+def encode_targets(tokenizer, texts: Sequence[str], contexts: Sequence[str] | None,
+                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """BOS + context + text per row, right-padded: input ids (B, T), attention mask (B, T) and
+    target mask (B, T): which positions are predicted (each text's tokens, not its BOS or
+    context, which is only read)."""
+    rows, targets = [], []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for i, text in enumerate(texts):
+        ctx = tokenizer(contexts[i], add_special_tokens=False)["input_ids"] \
+            if contexts and contexts[i] else []
+        body = tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows.append(bos + ctx + body)
+        targets.append([0] * (len(bos) + len(ctx)) + [1] * len(body))
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    tgt = torch.tensor([t + [0] * (width - len(t)) for t in targets], dtype=torch.bool)
+    return ids.to(device), mask.to(device), tgt.to(device)
 
 
 def _per_atom(values: Tensor, atoms: Tensor, n: int, how: str) -> Tensor:

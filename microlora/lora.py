@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from microlora.errors import AdapterError
-from microlora.targets import TargetSpec, select_targets
+from microlora.targets import TargetSpec, linear_features, select_targets
 
 # One atom's adapter: module name -> (A: (r, in), B: (out, r)), PEFT's layout.
 Adapter = Mapping[str, tuple[Tensor, Tensor]]
@@ -42,10 +42,7 @@ class MultiLoraLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.transposed = type(base_layer).__name__ == "Conv1D"  # weight stored as (in, out)
-        w = base_layer.weight
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
-        )
+        self.in_features, self.out_features = linear_features(base_layer)
         self.lora_A: Tensor | None = None  # (N, R, in); N = batch size, or 1 to broadcast
         self.lora_B: Tensor | None = None  # (N, out, R)
         self.scale = 1.0

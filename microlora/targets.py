@@ -21,6 +21,13 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear; Conv1D stores its weight as (in, out)."""
+    w = module.weight
+    return (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else \
+        (w.shape[1], w.shape[0])
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """Where adapters go.

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compiler.chunking import ChunkConfig
-from compiler.pipeline import compile_corpus
+from compiler.pipeline import CompileReport, compile_corpus
 from compiler.trainer import TrainConfig
 from composer import AskConfig, Composer, Hit, Mode
 from composer.retrieval import weigh
@@ -60,15 +60,8 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
     if unknown:
         raise ValueError(f"unknown systems {sorted(unknown)}; choose from {list(SYSTEMS)}")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    corpus = workdir / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": pid, "text": text}) + "\n"
-                              for pid, text in dataset.passages.items()), encoding="utf-8")
-    # prune: a reused workdir then holds exactly this recipe's atoms, never another's as well
-    report = compile_corpus([corpus], workdir / "store", base=base, embedder=embedder,
-                            namespace=NAMESPACE, train_config=config.train,
-                            chunk_config=config.chunk, prune=True,
-                            progress=progress and (lambda d, t: progress("compile", d, t)))
+    report = compile_dataset(dataset, workdir, NAMESPACE, base, embedder, config.train,
+                             config.chunk, progress)
     items = dataset.items
     questions = [it.question for it in items]
     max_new = config.max_new_tokens or (24 if dataset.template == "qa" else 12)
@@ -131,6 +124,22 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
                       "question": it.question, "answer": it.answer, "prediction": a.text,
                       **s} for it, a, s in zip(items, answers, scored)]
     return summary, rows
+
+
+def compile_dataset(dataset: Dataset, workdir: Path, namespace: str, base: BaseModel,
+                    embedder: Embedder, train: TrainConfig, chunk: ChunkConfig,
+                    progress: Callable[[str, int, int], None] | None = None) -> CompileReport:
+    """Compile every passage of ``dataset`` into ``workdir/store`` (via ``corpus.jsonl``, one
+    row per passage). Pruned: a reused workdir then holds exactly this recipe's atoms, never
+    another's as well."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    corpus = workdir / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": pid, "text": text}) + "\n"
+                              for pid, text in dataset.passages.items()), encoding="utf-8")
+    return compile_corpus([corpus], workdir / "store", base=base, embedder=embedder,
+                          namespace=namespace, train_config=train, chunk_config=chunk,
+                          prune=True,
+                          progress=progress and (lambda d, t: progress("compile", d, t)))
 
 
 def _gold_atoms(store: AdapterStore, dataset: Dataset) -> dict[str, list[str]]:

@@ -8,18 +8,17 @@ the default, and ``microlora eval`` reports on ``--split eval``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 from compiler.chunking import ChunkConfig
-from compiler.pipeline import compile_corpus
 from compiler.reader import ReaderConfig, ReaderExample, train_reader
 from compiler.trainer import TrainConfig
 from composer import AskConfig, Composer
 from composer.prompts import build_prompt
 from microlora.embedder import Embedder
 from microlora.evaluation.datasets import Dataset
+from microlora.evaluation.harness import compile_dataset
 from microlora.models import BaseModel
 from store import AdapterStore
 from store.peft import write_reader
@@ -34,13 +33,7 @@ def build_reader(dataset: Dataset, workdir: str | Path, out_dir: str | Path, bas
                  progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Compile, retrieve, train, and write the reader to ``out_dir``; returns it."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    corpus = workdir / "reader-corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": pid, "text": text}) + "\n"
-                              for pid, text in dataset.passages.items()), encoding="utf-8")
-    compile_corpus([corpus], workdir / "store", base=base, embedder=embedder,
-                   namespace=NAMESPACE, train_config=train, chunk_config=chunk, prune=True,
-                   progress=progress and (lambda d, t: progress("compile", d, t)))
+    compile_dataset(dataset, workdir, NAMESPACE, base, embedder, train, chunk, progress)
     examples = []
     with Composer(AdapterStore(workdir / "store", readonly=True), base, embedder) as composer:
         questions = [it.question for it in dataset.items]
