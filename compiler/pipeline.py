@@ -232,8 +232,9 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
                 _stored_adapters(store, namespace, neighbour_ids[rows], train_config)
             contexts = ([f"{p.atom.title}\n" if p.atom.title else "" for p in batch]
                         if train_config.title_context else None)
-            views = [question_views(p.atom.text, train_config.qa_views) for p in batch] \
-                if train_config.qa_views else None
+            views = ([question_views(p.atom.text, train_config.qa_views,
+                                     train_config.view_style) for p in batch]
+                     if train_config.qa_views else None)
             trained = trainer.train([p.atom.text for p in batch], [p.id for p in batch],
                                     contexts=contexts, frozen_neighbours=neighbours, views=views)
             out.put(namespace, [

@@ -27,10 +27,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from compiler.views import STYLES as VIEW_STYLES
 from microlora.lora import Adapter, MultiLoraModel, stack_adapters
 from microlora.targets import TargetSpec, find_blocks
 
-_KEY_SINCE_V1 = {"qa_views": 0}  # recipe fields newer than the stores in use, and defaults
+# Recipe fields newer than the stores in use, with their defaults then.
+_KEY_SINCE_V1 = {"qa_views": 0, "view_style": "sentence"}
 _LOSS_CHUNK_ROWS = 256  # target positions per output-layer chunk: ~0.3 GB of fp32 logits
 
 
@@ -56,6 +58,8 @@ class TrainConfig:
     qa_views: also train each atom on up to this many questions about its sentence, answered
         by one of its names, numbers or dates (``compiler.views``): parametric answers gain
         on both splits, compiling costs ~2.6x.
+    view_style: "sentence" asks each view with the whole sentence around the answer,
+        "clause" with only the clause around it (``compiler.views``).
     """
 
     rank: int = 2
@@ -72,12 +76,15 @@ class TrainConfig:
     vocab_candidates: int = 256
     neighbours_learn: bool = False
     qa_views: int = 2  # measured: benchmarks/RESULTS.md, "question views"
+    view_style: str = "sentence"
 
     def __post_init__(self) -> None:
         if self.rank not in (1, 2, 4, 8):
             raise ValueError(f"--rank must be 1, 2, 4 or 8 (micro-adapters), got {self.rank}")
         if self.max_steps < 1 or self.batch_atoms < 1 or self.neighbours < 0:
             raise ValueError("--steps and --batch-size must be >= 1 and neighbours >= 0")
+        if self.view_style not in VIEW_STYLES:
+            raise ValueError(f"--view-style must be one of {VIEW_STYLES}, got {self.view_style!r}")
 
     def key(self) -> str:
         """A stable text form of the recipe for atom ids (batch size and seed excluded:

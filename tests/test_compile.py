@@ -195,6 +195,7 @@ def test_cli_defaults_are_the_recipe_defaults():
     assert tuple(defaults["modules"].split(",")) == recipe.targets.modules
     assert defaults["max_atom_tokens"] == chunking.max_tokens
     assert defaults["qa_views"] == recipe.qa_views
+    assert defaults["view_style"] == recipe.view_style
 
 
 def test_torchrun_on_two_processes_trains_what_one_process_trains(tmp_path, corpus,

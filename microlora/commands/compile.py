@@ -24,7 +24,8 @@ from microlora.commands.options import build_recipe, model_options, recipe_optio
 @click.option("--dry-run", is_flag=True, help="List the atoms to train and estimate the time.")
 def compile_command(paths, store_dir, namespace, base_model, embedder, device, rank, max_steps,
                     stop_prob, lr, neighbours, batch_atoms, last_layers, modules,
-                    max_atom_tokens, qa_views, max_file_mb, prune, dry_run) -> None:
+                    max_atom_tokens, qa_views, view_style, max_file_mb, prune,
+                    dry_run) -> None:
     """Compile documents into tiny LoRA adapters, one per sentence-sized atom.
 
     PATHS are files or directories of .txt, .md and .jsonl (a "text" field per line, optional
@@ -50,7 +51,8 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
 
     validate_namespace(namespace)
     config, chunking = build_recipe(rank, max_steps, stop_prob, lr, neighbours,
-                                batch_atoms, last_layers, modules, max_atom_tokens, qa_views)
+                                batch_atoms, last_layers, modules, max_atom_tokens, qa_views,
+                                view_style)
     ranks = Ranks.from_env()
     if ranks is not None and dry_run:
         raise click.UsageError("--dry-run plans in one process: run it without torchrun")

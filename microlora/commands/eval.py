@@ -52,7 +52,7 @@ SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
 def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, systems,
                  weighting, no_repeat_ngram, out, workdir, reader, rank, max_steps, stop_prob, lr,
                  neighbours, batch_atoms, last_layers, modules, max_atom_tokens, qa_views,
-                 base_model, embedder, device) -> None:
+                 view_style, base_model, embedder, device) -> None:
     """Compile the passages of a QA dataset into one fresh store and answer every question
     with each system: closed_book (base model), rag (atom text in the prompt), parametric
     (composed adapters, no text), hybrid (both) and oracle (the gold passage's adapters).
@@ -81,7 +81,8 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
     if not chosen or set(chosen) - set(SYSTEM_NAMES):
         raise click.BadParameter(f"--systems: choose from {', '.join(SYSTEM_NAMES)}")
     train, chunk = build_recipe(rank, max_steps, stop_prob, lr, neighbours,
-                                batch_atoms, last_layers, modules, max_atom_tokens, qa_views)
+                                batch_atoms, last_layers, modules, max_atom_tokens, qa_views,
+                                view_style)
     dataset = load_dataset(data_path, kind, limit=limit, distractors=distractors, seed=seed,
                            split=split)
     config = EvalConfig(k=k or AskConfig.k, sweep=ks, systems=chosen, weighting=weighting,

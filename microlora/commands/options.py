@@ -51,6 +51,10 @@ _RECIPE_OPTIONS = [
     click.option("--qa-views", default=2, show_default=True, type=click.IntRange(0, 8),
                  help="Also train each atom on this many questions about its own names, "
                       "numbers and dates."),
+    click.option("--view-style", default="sentence", show_default=True,
+                 type=click.Choice(["sentence", "clause"]),
+                 help="Ask each question view with the whole sentence around its answer, or "
+                      "with only the clause around it."),
 ]
 
 
@@ -63,7 +67,7 @@ def recipe_options(f):
 
 def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbours: int,
                  batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int,
-                 qa_views: int = 2):
+                 qa_views: int = 2, view_style: str = "sentence"):
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     from compiler.chunking import ChunkConfig
     from compiler.trainer import TrainConfig
@@ -74,7 +78,7 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                           last_layers=last_layers)
         return (TrainConfig(rank=rank, lr=lr, max_steps=max_steps, stop_prob=stop_prob,
                             neighbours=neighbours, batch_atoms=batch_atoms, targets=spec,
-                            qa_views=qa_views),
+                            qa_views=qa_views, view_style=view_style),
                 ChunkConfig(max_tokens=max_atom_tokens))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

@@ -47,7 +47,7 @@ def reader() -> None:
 @model_options
 def train(data_path, split, limit, distractors, out, k, reader_rank, epochs, reader_lr,
           workdir, rank, max_steps, stop_prob, lr, neighbours, batch_atoms, last_layers,
-          modules, max_atom_tokens, qa_views, base_model, embedder, device) -> None:
+          modules, max_atom_tokens, qa_views, view_style, base_model, embedder, device) -> None:
     """Train a reader on QA data: the data's passages are compiled with the recipe options
     (use the recipe your stores use), each question's atoms retrieved, and the reader trained
     to give the answer with them composed beside it.
@@ -64,7 +64,8 @@ def train(data_path, split, limit, distractors, out, k, reader_rank, epochs, rea
     from microlora.models import load_base_model
 
     recipe, chunk = build_recipe(rank, max_steps, stop_prob, lr, neighbours, batch_atoms,
-                                 last_layers, modules, max_atom_tokens, qa_views)
+                                 last_layers, modules, max_atom_tokens, qa_views,
+                                view_style)
     dataset = load_dataset(data_path, "cpkc", limit=limit, distractors=distractors,
                            split=split)
     base = load_base_model(base_model, device=device)
