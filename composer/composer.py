@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from composer.generation import encode_prompts, generate
-from composer.prompts import TEMPLATES, Mode, build_prompt, stop_pattern, uses_chat
+from composer.prompts import TEMPLATES, Mode, build_prompt, line_break_ids, stop_pattern, uses_chat
 from composer.retrieval import Hit, default_namespaces, retrieve
 from microlora.embedder import Embedder
 from microlora.errors import MicroloraError
@@ -54,6 +54,8 @@ class AskConfig:
     composition: "stacked" or "merged" (same outputs; see the module docstring).
     no_repeat_ngram: > 0 bans repeating an n-gram of the answer (composed adapters can loop).
     reader: compose the store's reader adapter (if it has one) beside the atoms.
+    end_bias: added to the line-break logits once an answer has begun (base models' QA
+        prompt), so a composed answer stops after its name rather than running on.
     """
 
     mode: Mode = Mode.PARAMETRIC
@@ -65,6 +67,7 @@ class AskConfig:
     no_repeat_ngram: int = 0
     template: str = "qa"  # or "completion": continue the question as plain text
     reader: bool = True
+    end_bias: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))
@@ -233,7 +236,9 @@ class Composer:
             outs = generate(self.base.model, tok, ids, mask,
                             max_new_tokens=config.max_new_tokens,
                             stop=stop_pattern(tok, config.template),
-                            no_repeat_ngram=config.no_repeat_ngram, on_text=on_text,
+                            no_repeat_ngram=config.no_repeat_ngram,
+                            end_ids=() if uses_chat(tok, config.template) else
+                            line_break_ids(tok), end_bias=config.end_bias, on_text=on_text,
                             on_rows=self.lora.select_samples)
         seconds = time.perf_counter() - t0
         prompt_tokens = mask.sum(1).tolist()

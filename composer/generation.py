@@ -43,13 +43,16 @@ def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device,
 @torch.inference_mode()
 def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
              max_new_tokens: int = 32, stop: re.Pattern | None = None, min_new_tokens: int = 0,
-             no_repeat_ngram: int = 0, on_text: Callable[[int, str], None] | None = None,
+             no_repeat_ngram: int = 0, end_ids: Sequence[int] = (), end_bias: float = 0.0,
+             on_text: Callable[[int, str], None] | None = None,
              on_rows: Callable[[torch.Tensor], None] | None = None) -> list[Generated]:
     """Greedy continuation of each row, cut where ``stop`` first matches.
 
     ``min_new_tokens``: EOS is banned before then, and the stop pattern ignored (fixed-length
     decoding, for benchmarks). ``no_repeat_ngram`` > 0 forbids repeating an n-gram of the
-    answer itself (not of the prompt, which an answer may quote). ``on_text(row, piece)``
+    answer itself (not of the prompt, which an answer may quote). ``end_bias`` is added to the
+    logits of ``end_ids`` (the tokens that end an answer) once an answer has begun, so a short
+    answer stops rather than runs on. ``on_text(row, piece)``
     receives each row's answer piece by piece. ``on_rows(keep)`` is called with the indices
     (into the rows still decoding) that stay whenever some rows finish.
     """
@@ -65,6 +68,8 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
         logits = logits.float()
         if step < min_new_tokens and eos:
             logits[:, eos] = float("-inf")
+        if end_bias and end_ids and step >= 1:
+            logits[:, list(end_ids)] += end_bias
         if no_repeat_ngram:
             _ban_repeats(logits, [rows[b].tokens for b in active.tolist()], no_repeat_ngram)
         tokens = logits.argmax(-1)

@@ -81,6 +81,17 @@ def uses_chat(tokenizer, template: str) -> bool:
     return template == "qa" and has_chat_template(tokenizer)
 
 
+def line_break_ids(tokenizer) -> list[int]:
+    """The tokens that are nothing but line breaks ("\n", "\n\n" where the vocabulary has
+    them): the end of a base model's short answer."""
+    ids = set()
+    for text in ("\n", "\n\n"):
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) == 1:
+            ids.add(encoded[0])
+    return sorted(ids)
+
+
 def stop_pattern(tokenizer, template: str = "qa") -> re.Pattern | None:
     """Where an answer ends: the end of the short answer for the few-shot QA prompt, the end
     of the line for completions; for chat models, the template's end-of-turn token (handled

@@ -295,6 +295,24 @@ def test_no_repeat_bans_only_repeats_of_the_answer_itself():
     assert torch.isfinite(logits[1]).all()  # (8, 9) then nothing to repeat yet
 
 
+def test_end_bias_ends_answers_once_begun(kit):
+    """The bias goes to the answer-ending tokens from the second token on: a huge one makes
+    every answer its first token and then the end; none changes nothing."""
+    from composer.generation import generate
+
+    base = kit[0]
+    tok = base.tokenizer
+    ids, mask = encode_prompts(tok, ["w1 w2 w3 w4 w5", "w9", "w7 w7 w8"], base.device)
+    end = tok.convert_tokens_to_ids("w60")
+    plain = generate(base.model, tok, ids, mask, max_new_tokens=5)
+    assert generate(base.model, tok, ids, mask, max_new_tokens=5, end_ids=[end],
+                    end_bias=0.0) == plain
+    biased = generate(base.model, tok, ids, mask, max_new_tokens=5, end_ids=[end],
+                      end_bias=1e4, stop=re.compile(r"w60"))
+    for b, p in zip(biased, plain):
+        assert b.text == p.text.split()[0] and b.new_tokens == 2 and b.finished
+
+
 def test_decoding_loop_matches_transformers_generate(arch, tmp_path):
     """The hand-written greedy loop (rows leave the batch when they end) gives exactly what
     transformers' generate gives, left padding included, on every architecture."""

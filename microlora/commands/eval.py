@@ -39,6 +39,9 @@ SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
               help="Which systems to run.")
 @click.option("--weighting", type=click.Choice(["uniform", "score"]), default="uniform",
               show_default=True)
+@click.option("--end-bias", type=float, default=None,
+              help="Added to the line-break logit once an answer has begun "
+                   "[default: microlora ask's].")
 @click.option("--no-repeat-ngram", type=click.IntRange(0), default=None,
               help="Ban repeating an n-gram of the answer [default: microlora ask's].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -50,9 +53,9 @@ SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
 @recipe_options
 @model_options
 def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, systems,
-                 weighting, no_repeat_ngram, out, workdir, reader, rank, max_steps, stop_prob, lr,
-                 neighbours, batch_atoms, last_layers, modules, max_atom_tokens, qa_views,
-                 view_style, base_model, embedder, device) -> None:
+                 weighting, end_bias, no_repeat_ngram, out, workdir, reader, rank, max_steps,
+                 stop_prob, lr, neighbours, batch_atoms, last_layers, modules, max_atom_tokens,
+                 qa_views, view_style, base_model, embedder, device) -> None:
     """Compile the passages of a QA dataset into one fresh store and answer every question
     with each system: closed_book (base model), rag (atom text in the prompt), parametric
     (composed adapters, no text), hybrid (both) and oracle (the gold passage's adapters).
@@ -87,7 +90,8 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
                            split=split)
     config = EvalConfig(k=k or AskConfig.k, sweep=ks, systems=chosen, weighting=weighting,
                         train=train, chunk=chunk, no_repeat_ngram=AskConfig.no_repeat_ngram
-                        if no_repeat_ngram is None else no_repeat_ngram, reader=reader)
+                        if no_repeat_ngram is None else no_repeat_ngram, reader=reader,
+                        end_bias=AskConfig.end_bias if end_bias is None else end_bias)
     base = load_base_model(base_model, device=device)
     emb = load_embedder(embedder, device=device)
     progress = StageBars({"compile": "atom", "answer": "answer"})

@@ -45,6 +45,7 @@ class EvalConfig:
     batch_size: int = 8
     max_new_tokens: int | None = None  # 24 for questions, 12 for completion probes
     no_repeat_ngram: int = AskConfig.no_repeat_ngram
+    end_bias: float = AskConfig.end_bias
     train: TrainConfig = field(default_factory=TrainConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     reader: Path | None = None  # a reader folder (`microlora reader train`) to compose too
@@ -75,7 +76,7 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
                     "mean_final_loss": round(report.mean_final_loss, 4)},
         "config": {"train": _jsonable(asdict(config.train)), "chunk": asdict(config.chunk),
                    "weighting": config.weighting, "max_new_tokens": max_new,
-                   "no_repeat_ngram": config.no_repeat_ngram,
+                   "no_repeat_ngram": config.no_repeat_ngram, "end_bias": config.end_bias,
                    "reader": str(config.reader) if config.reader else None},
         "systems": {}, "sweep": {},
     }
@@ -103,7 +104,7 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
                 hits = [weigh(row[:k], config.weighting) for row in retrieved]
             ask = AskConfig(mode=SYSTEMS[system], k=k, weighting=config.weighting,
                             max_new_tokens=max_new, template=dataset.template,
-                            no_repeat_ngram=config.no_repeat_ngram)
+                            no_repeat_ngram=config.no_repeat_ngram, end_bias=config.end_bias)
             t0 = time.perf_counter()
             answers = []
             for start in range(0, len(items), config.batch_size):
