@@ -55,7 +55,8 @@ class AskConfig:
     no_repeat_ngram: > 0 bans repeating an n-gram of the answer (composed adapters can loop).
     reader: compose the store's reader adapter (if it has one) beside the atoms.
     end_bias: added to the line-break logits once an answer has begun (base models' QA
-        prompt), so a composed answer stops after its name rather than running on.
+        prompt), so a composed answer stops after its name rather than running on
+        (measured: benchmarks/RESULTS.md, "ending answers").
     """
 
     mode: Mode = Mode.PARAMETRIC
@@ -67,7 +68,7 @@ class AskConfig:
     no_repeat_ngram: int = 0
     template: str = "qa"  # or "completion": continue the question as plain text
     reader: bool = True
-    end_bias: float = 0.0
+    end_bias: float = 4.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))

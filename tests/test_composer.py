@@ -278,7 +278,7 @@ def test_cli_defaults_are_the_ask_defaults():
     defaults = {p.name: p.default for p in ask_command.params}
     config = AskConfig()
     assert defaults["mode"] == config.mode.value
-    for name in ("k", "min_score", "weighting", "composition", "max_new_tokens"):
+    for name in ("k", "min_score", "weighting", "composition", "max_new_tokens", "end_bias"):
         assert defaults[name] == getattr(config, name), name
     from microlora.commands.quickstart import quickstart
 

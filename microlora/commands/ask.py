@@ -36,6 +36,9 @@ MODES = ("parametric", "context", "hybrid", "none")
                                       "weights; merged: W += delta, restored after.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1),
               help="Longest answer, in tokens.")
+@click.option("--end-bias", default=4.0, show_default=True, type=float,
+              help="Bonus to the line-break logits once an answer has begun, so a short "
+                   "answer stops after its name (0 = plain greedy).")
 @click.option("--no-reader", is_flag=True,
               help="Leave out the store's reader adapter (if `microlora reader install` "
                    "gave it one).")
@@ -43,8 +46,8 @@ MODES = ("parametric", "context", "hybrid", "none")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
 @model_options
 def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weighting,
-                composition, max_new_tokens, no_reader, explain, as_json, base_model, embedder,
-                device) -> None:
+                composition, max_new_tokens, end_bias, no_reader, explain, as_json, base_model,
+                embedder, device) -> None:
     """Answer QUESTION from the adapters of the atoms it retrieves.
 
     The question is embedded, the k most similar atoms are found in the store's FAISS
@@ -60,7 +63,7 @@ def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weigh
 
     config = AskConfig(mode=mode, k=k, min_score=min_score, weighting=weighting,
                        composition=composition, max_new_tokens=max_new_tokens,
-                       reader=not no_reader)
+                       end_bias=end_bias, reader=not no_reader)
     with Composer.open(store_dir, base_model=base_model, embedder=embedder,
                        device=device) as composer:
         stream = None if as_json else (lambda text: click.echo(text, nl=False))

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -127,9 +127,8 @@ class Service:
     def ask_config(self, body: CompletionRequest | ChatRequest) -> AskConfig:
         d = self.config.ask
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        return AskConfig(mode=body.mode or d.mode, k=body.k or d.k, min_score=d.min_score,
-                         weighting=d.weighting, max_new_tokens=max_tokens or d.max_new_tokens,
-                         no_repeat_ngram=d.no_repeat_ngram, template=d.template)
+        return replace(d, mode=body.mode or d.mode, k=body.k or d.k,
+                       max_new_tokens=max_tokens or d.max_new_tokens)
 
     def record(self, answer: Answer) -> None:
         self.tokens.inc(answer.new_tokens)
