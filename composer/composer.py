@@ -54,8 +54,9 @@ class AskConfig:
     composition: "stacked" or "merged" (same outputs; see the module docstring).
     no_repeat_ngram: > 0 bans repeating an n-gram of the answer (composed adapters can loop).
     reader: compose the store's reader adapter (if it has one) beside the atoms.
-    end_bias: added to the line-break logits once an answer has begun (base models' QA
-        prompt), so a composed answer stops after its name rather than running on
+    end_bias: added to the line-break logits once an answer has begun, in the modes that
+        compose adapters (base models' prompts): composed atoms answer with a name and then
+        run on, while in-context copying ends well by itself and a bias cuts its names short
         (measured: benchmarks/RESULTS.md, "ending answers").
     """
 
@@ -238,13 +239,20 @@ class Composer:
                             max_new_tokens=config.max_new_tokens,
                             stop=stop_pattern(tok, config.template),
                             no_repeat_ngram=config.no_repeat_ngram,
-                            end_ids=() if uses_chat(tok, config.template) else
-                            line_break_ids(tok), end_bias=config.end_bias, on_text=on_text,
+                            end_ids=self._end_ids(config), end_bias=config.end_bias,
+                            on_text=on_text,
                             on_rows=self.lora.select_samples)
         seconds = time.perf_counter() - t0
         prompt_tokens = mask.sum(1).tolist()
         return [Answer(q, o.text, config.mode, srcs, o.new_tokens, seconds, n, o.finished)
                 for q, o, srcs, n in zip(questions, outs, sources, prompt_tokens)]
+
+    def _end_ids(self, config: AskConfig) -> list[int]:
+        """The tokens ``end_bias`` favours: line breaks, when adapters are composed into a base
+        model's prompt (none otherwise)."""
+        if not config.mode.uses_adapters or uses_chat(self.base.tokenizer, config.template):
+            return []
+        return line_break_ids(self.base.tokenizer)
 
     @contextmanager
     def _adapters_for(self, hits: Sequence[Sequence[Hit]], config: AskConfig):

@@ -87,7 +87,7 @@ def line_break_ids(tokenizer) -> list[int]:
     ids = set()
     for text in ("\n", "\n\n"):
         encoded = tokenizer.encode(text, add_special_tokens=False)
-        if len(encoded) == 1:
+        if len(encoded) == 1 and tokenizer.decode(encoded) == text:  # not an unknown token
             ids.add(encoded[0])
     return sorted(ids)
 

@@ -313,6 +313,21 @@ def test_end_bias_ends_answers_once_begun(kit):
         assert b.text == p.text.split()[0] and b.new_tokens == 2 and b.finished
 
 
+def test_end_bias_favours_line_breaks_only_when_adapters_are_composed(kit):
+    from composer.prompts import line_break_ids
+
+    with open_composer(kit) as c:
+        assert c._end_ids(AskConfig(mode="context")) == c._end_ids(AskConfig(mode="none")) == []
+        assert c._end_ids(AskConfig()) == line_break_ids(c.base.tokenizer)
+    assert line_break_ids(kit[0].tokenizer) == []  # a word-level vocabulary has none
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = Tokenizer(models.WordLevel({"a": 0, "\n": 1, "<unk>": 2}, unk_token="<unk>"))
+    lines.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
+    assert line_break_ids(PreTrainedTokenizerFast(tokenizer_object=lines)) == [1]
+
+
 def test_decoding_loop_matches_transformers_generate(arch, tmp_path):
     """The hand-written greedy loop (rows leave the batch when they end) gives exactly what
     transformers' generate gives, left padding included, on every architecture."""
