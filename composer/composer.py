@@ -61,7 +61,7 @@ class AskConfig:
     """
 
     mode: Mode = Mode.PARAMETRIC
-    k: int = 2
+    k: int = 1
     min_score: float | None = None
     weighting: str = "uniform"
     composition: str = "stacked"
@@ -69,7 +69,7 @@ class AskConfig:
     no_repeat_ngram: int = 0
     template: str = "qa"  # or "completion": continue the question as plain text
     reader: bool = True
-    end_bias: float = 4.0
+    end_bias: float = 8.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))

@@ -24,7 +24,7 @@ MODES = ("parametric", "context", "hybrid", "none")
 @click.option("--mode", type=click.Choice(MODES), default="parametric", show_default=True,
               help="parametric: composed adapters only; context: the atoms' text in the "
                    "prompt (classic RAG); hybrid: both; none: the base model, closed book.")
-@click.option("-k", "k", default=2, show_default=True, type=click.IntRange(1),
+@click.option("-k", "k", default=1, show_default=True, type=click.IntRange(1),
               help="Atoms to retrieve and compose.")
 @click.option("--min-score", type=float, default=None,
               help="Drop atoms whose cosine similarity to the question is below this.")
@@ -36,7 +36,7 @@ MODES = ("parametric", "context", "hybrid", "none")
                                       "weights; merged: W += delta, restored after.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1),
               help="Longest answer, in tokens.")
-@click.option("--end-bias", default=4.0, show_default=True, type=float,
+@click.option("--end-bias", default=8.0, show_default=True, type=float,
               help="Bonus to the line-break logits once an answer has begun, so a short "
                    "answer stops after its name (0 = plain greedy).")
 @click.option("--no-reader", is_flag=True,

@@ -14,7 +14,7 @@ from microlora.commands.options import model_options, store_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("-k", "k", default=2, show_default=True, type=click.IntRange(1, 16),
+@click.option("-k", "k", default=1, show_default=True, type=click.IntRange(1, 16),
               help="Atoms composed per answer unless a request sets \"k\".")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 256),
               help="Longest answer unless a request sets max_tokens.")
