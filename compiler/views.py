@@ -38,16 +38,14 @@ def question_views(sentence: str, limit: int, style: str = "sentence") -> list[t
         raise ValueError(f"view style must be one of {STYLES}, got {style!r}")
     out = []
     for start, end, wh in _spans(sentence)[:limit]:
+        lo, hi = 0, len(sentence)
         if style == "clause":
             start = _after_title(sentence, start, end)
+            lo, hi = _clause(sentence, start, end)
         answer = sentence[start:end].strip(" .,")
         if len(answer) < 2:
             continue
-        if style == "clause":
-            lo, hi = _clause(sentence, start, end)
-            before, after = sentence[lo:start].strip(), sentence[end:hi].strip()
-        else:
-            before, after = sentence[:start].strip(), sentence[end:].strip().rstrip(".")
+        before, after = sentence[lo:start].strip(), sentence[end:hi].strip().rstrip(".")
         question = f"{before} {wh.lower()} {after}" if before else f"{wh} {after}"
         if style == "clause":
             question = _balanced(question).strip(" .,;:")

@@ -117,6 +117,7 @@ class Composer:
         if (store.path / READER_DIR).is_dir():  # installed by `microlora reader install`
             self.use_reader(read_reader(store.path / READER_DIR, base.fingerprint)[0])
         self.model_lock = threading.Lock()  # held while the model generates
+        self.line_breaks = line_break_ids(base.tokenizer)  # what end_bias favours
 
     @classmethod
     def open(cls, store_dir: str | Path, *, base_model: str | Path | None = None,
@@ -252,7 +253,7 @@ class Composer:
         model's prompt (none otherwise)."""
         if not config.mode.uses_adapters or uses_chat(self.base.tokenizer, config.template):
             return []
-        return line_break_ids(self.base.tokenizer)
+        return self.line_breaks
 
     @contextmanager
     def _adapters_for(self, hits: Sequence[Sequence[Hit]], config: AskConfig):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from compiler.views import STYLES as VIEW_STYLES  # plain Python: keeps `--help` free of torch
+
 
 def model_options(f):
     """--base-model, --embedder and --device: which models to load, and where."""
@@ -52,7 +54,7 @@ _RECIPE_OPTIONS = [
                  help="Also train each atom on this many questions about its own names, "
                       "numbers and dates."),
     click.option("--view-style", default="sentence", show_default=True,
-                 type=click.Choice(["sentence", "clause"]),
+                 type=click.Choice(VIEW_STYLES),
                  help="Ask each question view with the whole sentence around its answer, or "
                       "with only the clause around it."),
 ]

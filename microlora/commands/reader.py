@@ -65,7 +65,7 @@ def train(data_path, split, limit, distractors, out, k, reader_rank, epochs, rea
 
     recipe, chunk = build_recipe(rank, max_steps, stop_prob, lr, neighbours, batch_atoms,
                                  last_layers, modules, max_atom_tokens, qa_views,
-                                view_style)
+                                 view_style)
     dataset = load_dataset(data_path, "cpkc", limit=limit, distractors=distractors,
                            split=split)
     base = load_base_model(base_model, device=device)
