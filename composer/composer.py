@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,7 @@ from store.peft import read_reader
 READER_DIR = "reader"  # <store>/reader: the store's reader adapter, if it has one
 
 COMPOSITIONS = ("stacked", "merged")
+HYBRIDS = ("ensemble", "joint")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class AskConfig:
         compose adapters (base models' prompts): composed atoms answer with a name and then
         run on, while in-context copying ends well by itself and a bias cuts its names short
         (measured: benchmarks/RESULTS.md, "ending answers").
+    hybrid: "ensemble" decodes the answer from two rows at once, the adapters with the bare
+        question and the passages with no adapters, each token maximising
+        log p(adapters) + passage_weight * log p(passages); "joint" puts both in one row,
+        where the composed adapters disturb the reading of the passages (measured:
+        benchmarks/RESULTS.md, "hybrid as an ensemble"). Twice the rows per question.
     """
 
     mode: Mode = Mode.PARAMETRIC
@@ -70,6 +76,8 @@ class AskConfig:
     template: str = "qa"  # or "completion": continue the question as plain text
     reader: bool = True
     end_bias: float = 8.0
+    hybrid: str = "ensemble"
+    passage_weight: float = 2.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))
@@ -80,6 +88,15 @@ class AskConfig:
                                  f"got {self.composition!r}")
         if self.max_new_tokens < 1:
             raise MicroloraError("max_new_tokens must be at least 1")
+        if self.hybrid not in HYBRIDS:
+            raise MicroloraError(f"hybrid must be one of {HYBRIDS}, got {self.hybrid!r}")
+        if self.passage_weight < 0:
+            raise MicroloraError("passage_weight must be at least 0")
+        if self.mode is Mode.HYBRID and self.hybrid == "ensemble" and \
+                self.composition == "merged":
+            raise MicroloraError("the ensemble hybrid keeps the adapters out of its passage "
+                                 "row, which merged weights cannot; use stacked composition "
+                                 "or hybrid='joint'")
 
 
 @dataclass
@@ -230,23 +247,42 @@ class Composer:
             raise MicroloraError("hits must hold one list of atoms per question")
         sources = self._sources(hits)
         tok = self.base.tokenizer
-        prompts = [build_prompt(tok, q, [s.text for s in srcs] if config.mode.uses_passages
-                                else (), config.template)
-                   for q, srcs in zip(questions, sources)]
-        ids, mask = encode_prompts(tok, prompts, self.base.device,
+        rows = self._rows(questions, hits, sources, config)
+        ids, mask = encode_prompts(tok, rows.prompts, self.base.device,
                                    chat=uses_chat(tok, config.template))
-        with self.model_lock, self._adapters_for(hits, config):
+        with self.model_lock, self._adapters_for(rows.hits, config):
             outs = generate(self.base.model, tok, ids, mask,
                             max_new_tokens=config.max_new_tokens,
                             stop=stop_pattern(tok, config.template),
                             no_repeat_ngram=config.no_repeat_ngram,
-                            end_ids=self._end_ids(config), end_bias=config.end_bias,
-                            on_text=on_text,
+                            end_ids=self._end_ids(config), end_bias=rows.end_bias,
+                            ensemble=rows.weights, on_text=on_text,
                             on_rows=self.lora.select_samples)
         seconds = time.perf_counter() - t0
-        prompt_tokens = mask.sum(1).tolist()
+        prompt_tokens = mask.sum(1).tolist()[:len(questions)]
         return [Answer(q, o.text, config.mode, srcs, o.new_tokens, seconds, n, o.finished)
                 for q, o, srcs, n in zip(questions, outs, sources, prompt_tokens)]
+
+    def _rows(self, questions: Sequence[str], hits: Sequence[Sequence[Hit]],
+              sources: Sequence[Sequence[Source]], config: AskConfig) -> _Rows:
+        """What each question is decoded from: one row (its prompt, its atoms), or for the
+        ensemble hybrid two, the atoms' adapters with the bare question and the passages
+        with the atoms at weight 0 (no adapter, same batch)."""
+        tok, template = self.base.tokenizer, config.template
+        bare = [build_prompt(tok, q, (), template) for q in questions]
+        if config.mode is Mode.HYBRID and config.hybrid == "ensemble" and any(hits):
+            read = [build_prompt(tok, q, [s.text for s in srcs], template)
+                    for q, srcs in zip(questions, sources)]
+            silent = [[replace(h, weight=0.0) for h in row] for row in hits]
+            bias = [config.end_bias] * len(questions) + [0.0] * len(questions)
+            return _Rows(bare + read, [*hits, *silent], torch.tensor(bias),
+                         (1.0, config.passage_weight))
+        if config.mode.uses_passages:
+            prompts = [build_prompt(tok, q, [s.text for s in srcs], template)
+                       for q, srcs in zip(questions, sources)]
+        else:
+            prompts = bare
+        return _Rows(prompts, hits, config.end_bias, ())
 
     def _end_ids(self, config: AskConfig) -> list[int]:
         """The tokens ``end_bias`` favours: line breaks, when adapters are composed into a base
@@ -279,6 +315,16 @@ class Composer:
                 records = [(h, readers[h.namespace].get(h.id)) for h in row]
                 out.append([Source(h, r.text, r.source, r.start, r.end) for h, r in records])
             return out
+
+
+@dataclass
+class _Rows:
+    """The batch a set of questions is decoded from (``generate``'s ensemble layout)."""
+
+    prompts: list[str]
+    hits: list[list[Hit]]  # the atoms composed into each row
+    end_bias: float | torch.Tensor  # one value, or one per row
+    weights: tuple[float, ...]  # the ensemble's weight per group of rows; () for one row each
 
 
 def _gather_one(reader: Reader, atom_id: str) -> tuple[torch.Tensor, PackLayout]:

@@ -7,6 +7,12 @@ rambling answer does not make every other row of the batch pay for its steps, wh
 decides throughput when a server batches many short answers. Whatever adapters are active on
 the model apply; ``on_rows`` lets the caller shrink per-row state (the composed adapters)
 in step with the batch.
+
+An answer can also be decoded from several pieces of evidence at once (``ensemble``): one row
+per piece, all following the same tokens, each token chosen by the weighted sum of the rows'
+log-probabilities (a product of experts). The hybrid mode reads the passages in one row and
+the composed adapters in another this way, rather than both in one row, where the adapters
+disturb the reading.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device,
 @torch.inference_mode()
 def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
              max_new_tokens: int = 32, stop: re.Pattern | None = None, min_new_tokens: int = 0,
-             no_repeat_ngram: int = 0, end_ids: Sequence[int] = (), end_bias: float = 0.0,
+             no_repeat_ngram: int = 0, end_ids: Sequence[int] = (),
+             end_bias: float | torch.Tensor = 0.0, ensemble: Sequence[float] = (),
              on_text: Callable[[int, str], None] | None = None,
              on_rows: Callable[[torch.Tensor], None] | None = None) -> list[Generated]:
     """Greedy continuation of each row, cut where ``stop`` first matches.
@@ -52,24 +59,36 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
     decoding, for benchmarks). ``no_repeat_ngram`` > 0 forbids repeating an n-gram of the
     answer itself (not of the prompt, which an answer may quote). ``end_bias`` is added to the
     logits of ``end_ids`` (the tokens that end an answer) once an answer has begun, so a short
-    answer stops rather than runs on. ``on_text(row, piece)``
-    receives each row's answer piece by piece. ``on_rows(keep)`` is called with the indices
-    (into the rows still decoding) that stay whenever some rows finish.
+    answer stops rather than runs on (a float, or one value per row of ``ids``).
+    ``on_text(row, piece)`` receives each row's answer piece by piece. ``on_rows(keep)`` is
+    called with the indices (into the rows still decoding) that stay whenever some rows finish.
+
+    ``ensemble``: G weights; ``ids`` is then G groups of N rows, row g*N + i answering
+    question i from group g's evidence, and N answers come back, each token the argmax of
+    sum_g weight_g * log p_g.
     """
-    rows = [_Row(tokenizer, stop, i, on_text) for i in range(len(ids))]
+    groups = len(ensemble) or 1
+    if len(ids) % groups:
+        raise ValueError(f"an ensemble of {groups} needs {groups} rows per answer")
+    rows = [_Row(tokenizer, stop, i, on_text) for i in range(len(ids) // groups)]
+    weights = torch.tensor(ensemble, device=ids.device)[:, None, None] if ensemble else None
+    end_bias = torch.as_tensor(end_bias, dtype=torch.float, device=ids.device).expand(len(ids))
     eos = sorted(_eos_ids(model, tokenizer))
     cache = _new_cache(model)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                    use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
-    active = torch.arange(len(ids), device=ids.device)
+    active = torch.arange(len(rows), device=ids.device)  # the answers still decoding
     last = positions[:, -1]
     for step in range(max_new_tokens):
         logits = logits.float()
         if step < min_new_tokens and eos:
             logits[:, eos] = float("-inf")
-        if end_bias and end_ids and step >= 1:
-            logits[:, list(end_ids)] += end_bias
+        if end_ids and step >= 1:
+            logits[:, list(end_ids)] += end_bias[_all_rows(active, groups, len(rows))][:, None]
+        if weights is not None:
+            logp = logits.log_softmax(-1).view(groups, len(active), -1)
+            logits = (weights * logp).sum(0)
         if no_repeat_ngram:
             _ban_repeats(logits, [rows[b].tokens for b in active.tolist()], no_repeat_ngram)
         tokens = logits.argmax(-1)
@@ -87,10 +106,13 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
                                 dtype=torch.long, device=ids.device)
             if len(keep) == 0:
                 break
+            active, tokens = active[keep], tokens[keep]
+            keep = _all_rows(keep, groups, len(done) + len(keep))  # an answer's rows go together
             next(iter(cache.values())).batch_select_indices(keep)
-            active, tokens, mask, last = active[keep], tokens[keep], mask[keep], last[keep]
+            mask, last = mask[keep], last[keep]
             if on_rows is not None:
                 on_rows(keep)
+        tokens = tokens.repeat(groups)
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
         last = last + 1
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
@@ -144,6 +166,11 @@ class _Row:
         if visible.startswith(self.emitted) and len(visible) > len(self.emitted):
             self.on_text(self.index, visible[len(self.emitted):])
             self.emitted = visible
+
+
+def _all_rows(answers: torch.Tensor, groups: int, n: int) -> torch.Tensor:
+    """The batch rows of these answers, when each of n answers has a row in every group."""
+    return torch.cat([answers + g * n for g in range(groups)])
 
 
 def _ban_repeats(logits: torch.Tensor, answers: list[list[int]], n: int) -> None:

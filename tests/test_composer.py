@@ -278,8 +278,13 @@ def test_cli_defaults_are_the_ask_defaults():
     defaults = {p.name: p.default for p in ask_command.params}
     config = AskConfig()
     assert defaults["mode"] == config.mode.value
-    for name in ("k", "min_score", "weighting", "composition", "max_new_tokens", "end_bias"):
+    for name in ("k", "min_score", "weighting", "composition", "max_new_tokens", "end_bias",
+                 "hybrid", "passage_weight"):
         assert defaults[name] == getattr(config, name), name
+    from composer.composer import HYBRIDS
+    from microlora.commands import ask
+
+    assert ask.HYBRIDS == HYBRIDS
     from microlora.commands.quickstart import quickstart
 
     assert {p.name: p.default for p in quickstart.params}["k"] == config.k
@@ -326,6 +331,55 @@ def test_end_bias_favours_line_breaks_only_when_adapters_are_composed(kit):
     lines = Tokenizer(models.WordLevel({"a": 0, "\n": 1, "<unk>": 2}, unk_token="<unk>"))
     lines.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
     assert line_break_ids(PreTrainedTokenizerFast(tokenizer_object=lines)) == [1]
+
+
+def test_an_ensemble_follows_its_weights_and_keeps_each_answers_rows_together(kit):
+    """Weights (1, 0) decode group 0 alone and (0, 1) group 1 alone, even as rows leave the
+    batch at different steps (a per-row bias ends row 0 early; the stop pattern cuts it)."""
+    from composer.generation import generate
+
+    base = kit[0]
+    tok = base.tokenizer
+    first, second = ["w1 w2 w3 w4 w5", "w9", "w7 w7 w8"], ["w40 w41", "w3 w3 w3 w3", "w77"]
+    end, stop = [tok.convert_tokens_to_ids("w60")], re.compile(r"w60")
+    ends_first_early = torch.tensor([1e4, 0.0, 0.0])
+
+    def run(prompts, **kw):
+        ids, mask = encode_prompts(tok, prompts, base.device)
+        return [(g.text, g.new_tokens) for g in generate(
+            base.model, tok, ids, mask, max_new_tokens=5, end_ids=end, stop=stop, **kw)]
+
+    alone = run(first, end_bias=ends_first_early)
+    assert alone[0][1] == 2 and alone[1][1] == 5  # the batch did shrink mid-way
+    both_bias = torch.cat([ends_first_early, torch.zeros(3)])
+    assert run(first + second, end_bias=both_bias, ensemble=(1.0, 0.0)) == alone
+    assert run(first + second, ensemble=(0.0, 1.0)) == run(second)
+    with pytest.raises(ValueError, match="2 rows per answer"):
+        run(first, ensemble=(1.0, 1.0))
+
+
+def test_ensemble_hybrid_reads_passages_without_adapters(kit):
+    """The ensemble hybrid's two rows: with the passages weighted ~0 it answers as the
+    parametric mode does, weighted heavily as the context mode (no adapter in that row)."""
+    def ask(c, **kw):
+        return [a.text for a in c.ask_batch(QUESTIONS, ["wiki"],
+                                            AskConfig(k=2, max_new_tokens=4, **kw))]
+
+    with open_composer(kit) as c:
+        parametric, context = ask(c, mode="parametric"), ask(c, mode="context")
+        assert parametric != context  # the two limits can be told apart
+        assert ask(c, mode="hybrid", passage_weight=1e-6) == parametric
+        assert ask(c, mode="hybrid", passage_weight=1e6) == context
+        joint = ask(c, mode="hybrid", hybrid="joint")
+        assert joint != context  # one row: the adapters change the reading
+
+
+def test_ensemble_hybrid_needs_stacked_composition():
+    with pytest.raises(MicroloraError, match="stacked"):
+        AskConfig(mode="hybrid", composition="merged")
+    assert AskConfig(mode="hybrid", hybrid="joint", composition="merged").hybrid == "joint"
+    with pytest.raises(MicroloraError, match="hybrid must be one of"):
+        AskConfig(hybrid="both")
 
 
 def test_decoding_loop_matches_transformers_generate(arch, tmp_path):

@@ -11,6 +11,7 @@ import click
 from microlora.commands.options import model_options, store_option
 
 MODES = ("parametric", "context", "hybrid", "none")
+HYBRIDS = ("ensemble", "joint")
 
 
 # Literal defaults keep `--help` free of torch imports; tests/test_composer.py checks that
@@ -39,6 +40,12 @@ MODES = ("parametric", "context", "hybrid", "none")
 @click.option("--end-bias", default=8.0, show_default=True, type=float,
               help="Bonus to the line-break logits once an answer has begun, so a short "
                    "answer stops after its name (0 = plain greedy).")
+@click.option("--hybrid", type=click.Choice(HYBRIDS), default="ensemble", show_default=True,
+              help="--mode hybrid: ensemble decodes from the adapters (bare question) and the "
+                   "passages (no adapters) together; joint puts both into one prompt.")
+@click.option("--passage-weight", default=2.0, show_default=True, type=click.FloatRange(0),
+              help="Ensemble hybrid: weight of the passages' log-probabilities against the "
+                   "adapters' (1).")
 @click.option("--no-reader", is_flag=True,
               help="Leave out the store's reader adapter (if `microlora reader install` "
                    "gave it one).")
@@ -46,8 +53,8 @@ MODES = ("parametric", "context", "hybrid", "none")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
 @model_options
 def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weighting,
-                composition, max_new_tokens, end_bias, no_reader, explain, as_json, base_model,
-                embedder, device) -> None:
+                composition, max_new_tokens, end_bias, hybrid, passage_weight, no_reader,
+                explain, as_json, base_model, embedder, device) -> None:
     """Answer QUESTION from the adapters of the atoms it retrieves.
 
     The question is embedded, the k most similar atoms are found in the store's FAISS
@@ -63,7 +70,8 @@ def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weigh
 
     config = AskConfig(mode=mode, k=k, min_score=min_score, weighting=weighting,
                        composition=composition, max_new_tokens=max_new_tokens,
-                       end_bias=end_bias, reader=not no_reader)
+                       end_bias=end_bias, hybrid=hybrid, passage_weight=passage_weight,
+                       reader=not no_reader)
     with Composer.open(store_dir, base_model=base_model, embedder=embedder,
                        device=device) as composer:
         stream = None if as_json else (lambda text: click.echo(text, nl=False))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from microlora.commands.ask import HYBRIDS
 from microlora.commands.options import (
     StageBars,
     build_recipe,
@@ -42,6 +43,11 @@ SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
 @click.option("--end-bias", type=float, default=None,
               help="Added to the line-break logit once an answer has begun "
                    "[default: microlora ask's].")
+@click.option("--hybrid", "hybrid", type=click.Choice(HYBRIDS), default=None,
+              help="How hybrid combines passages and adapters [default: microlora ask's].")
+@click.option("--passage-weight", type=click.FloatRange(0), default=None,
+              help="Ensemble hybrid: weight of the passages' log-probabilities "
+                   "[default: microlora ask's].")
 @click.option("--no-repeat-ngram", type=click.IntRange(0), default=None,
               help="Ban repeating an n-gram of the answer [default: microlora ask's].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -53,9 +59,10 @@ SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
 @recipe_options
 @model_options
 def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, systems,
-                 weighting, end_bias, no_repeat_ngram, out, workdir, reader, rank, max_steps,
-                 stop_prob, lr, neighbours, batch_atoms, last_layers, modules, max_atom_tokens,
-                 qa_views, view_style, base_model, embedder, device) -> None:
+                 weighting, end_bias, hybrid, passage_weight, no_repeat_ngram, out, workdir,
+                 reader, rank, max_steps, stop_prob, lr, neighbours, batch_atoms, last_layers,
+                 modules, max_atom_tokens, qa_views, view_style, base_model, embedder,
+                 device) -> None:
     """Compile the passages of a QA dataset into one fresh store and answer every question
     with each system: closed_book (base model), rag (atom text in the prompt), parametric
     (composed adapters, no text), hybrid (both) and oracle (the gold passage's adapters).
@@ -91,7 +98,10 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
     config = EvalConfig(k=k or AskConfig.k, sweep=ks, systems=chosen, weighting=weighting,
                         train=train, chunk=chunk, no_repeat_ngram=AskConfig.no_repeat_ngram
                         if no_repeat_ngram is None else no_repeat_ngram, reader=reader,
-                        end_bias=AskConfig.end_bias if end_bias is None else end_bias)
+                        end_bias=AskConfig.end_bias if end_bias is None else end_bias,
+                        hybrid=hybrid or AskConfig.hybrid,
+                        passage_weight=AskConfig.passage_weight if passage_weight is None
+                        else passage_weight)
     base = load_base_model(base_model, device=device)
     emb = load_embedder(embedder, device=device)
     progress = StageBars({"compile": "atom", "answer": "answer"})

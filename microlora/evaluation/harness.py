@@ -46,6 +46,8 @@ class EvalConfig:
     max_new_tokens: int | None = None  # 24 for questions, 12 for completion probes
     no_repeat_ngram: int = AskConfig.no_repeat_ngram
     end_bias: float = AskConfig.end_bias
+    hybrid: str = AskConfig.hybrid
+    passage_weight: float = AskConfig.passage_weight
     train: TrainConfig = field(default_factory=TrainConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     reader: Path | None = None  # a reader folder (`microlora reader train`) to compose too
@@ -77,6 +79,7 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
         "config": {"train": _jsonable(asdict(config.train)), "chunk": asdict(config.chunk),
                    "weighting": config.weighting, "max_new_tokens": max_new,
                    "no_repeat_ngram": config.no_repeat_ngram, "end_bias": config.end_bias,
+                   "hybrid": config.hybrid, "passage_weight": config.passage_weight,
                    "reader": str(config.reader) if config.reader else None},
         "systems": {}, "sweep": {},
     }
@@ -104,7 +107,8 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
                 hits = [weigh(row[:k], config.weighting) for row in retrieved]
             ask = AskConfig(mode=SYSTEMS[system], k=k, weighting=config.weighting,
                             max_new_tokens=max_new, template=dataset.template,
-                            no_repeat_ngram=config.no_repeat_ngram, end_bias=config.end_bias)
+                            no_repeat_ngram=config.no_repeat_ngram, end_bias=config.end_bias,
+                            hybrid=config.hybrid, passage_weight=config.passage_weight)
             t0 = time.perf_counter()
             answers = []
             for start in range(0, len(items), config.batch_size):
