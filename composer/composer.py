@@ -267,22 +267,19 @@ class Composer:
               sources: Sequence[Sequence[Source]], config: AskConfig) -> _Rows:
         """What each question is decoded from: one row (its prompt, its atoms), or for the
         ensemble hybrid two, the atoms' adapters with the bare question and the passages
-        with the atoms at weight 0 (no adapter, same batch)."""
-        tok, template = self.base.tokenizer, config.template
-        bare = [build_prompt(tok, q, (), template) for q in questions]
-        if config.mode is Mode.HYBRID and config.hybrid == "ensemble" and any(hits):
-            read = [build_prompt(tok, q, [s.text for s in srcs], template)
+        with the atoms at weight 0 (no atom adapter, same batch; a store's reader adapter is
+        in both)."""
+        def prompts(with_passages: bool) -> list[str]:
+            return [build_prompt(self.base.tokenizer, q, [s.text for s in srcs]
+                                 if with_passages else (), config.template)
                     for q, srcs in zip(questions, sources)]
+
+        if config.mode is Mode.HYBRID and config.hybrid == "ensemble" and any(hits):
             silent = [[replace(h, weight=0.0) for h in row] for row in hits]
             bias = [config.end_bias] * len(questions) + [0.0] * len(questions)
-            return _Rows(bare + read, [*hits, *silent], torch.tensor(bias),
+            return _Rows(prompts(False) + prompts(True), [*hits, *silent], torch.tensor(bias),
                          (1.0, config.passage_weight))
-        if config.mode.uses_passages:
-            prompts = [build_prompt(tok, q, [s.text for s in srcs], template)
-                       for q, srcs in zip(questions, sources)]
-        else:
-            prompts = bare
-        return _Rows(prompts, hits, config.end_bias, ())
+        return _Rows(prompts(config.mode.uses_passages), list(hits), config.end_bias, ())
 
     def _end_ids(self, config: AskConfig) -> list[int]:
         """The tokens ``end_bias`` favours: line breaks, when adapters are composed into a base
