@@ -95,8 +95,8 @@ class AskConfig:
         if self.mode is Mode.HYBRID and self.hybrid == "ensemble" and \
                 self.composition == "merged":
             raise MicroloraError("the ensemble hybrid keeps the adapters out of its passage "
-                                 "row, which merged weights cannot; use stacked composition "
-                                 "or hybrid='joint'")
+                                 "row, which merged weights cannot: use stacked composition, "
+                                 "or the joint hybrid (--hybrid joint)")
 
 
 @dataclass
