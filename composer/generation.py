@@ -85,7 +85,7 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
         if step < min_new_tokens and eos:
             logits[:, eos] = float("-inf")
         if end_ids and step >= 1:
-            logits[:, list(end_ids)] += end_bias[_all_rows(active, groups, len(rows))][:, None]
+            logits[:, list(end_ids)] += end_bias[:, None]
         if weights is not None:
             logp = logits.log_softmax(-1).view(groups, len(active), -1)
             logits = (weights * logp).sum(0)
@@ -109,7 +109,7 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
             active, tokens = active[keep], tokens[keep]
             keep = _all_rows(keep, groups, len(done) + len(keep))  # an answer's rows go together
             next(iter(cache.values())).batch_select_indices(keep)
-            mask, last = mask[keep], last[keep]
+            mask, last, end_bias = mask[keep], last[keep], end_bias[keep]
             if on_rows is not None:
                 on_rows(keep)
         tokens = tokens.repeat(groups)
