@@ -28,10 +28,12 @@ from tqdm import tqdm
 
 from compiler.chunking import chunk_document
 from compiler.documents import Document
-from compiler.trainer import AtomTrainer, TrainConfig
-from microlora.lora import MultiLoraModel, stack_adapters
-from microlora.models import load_base_model
-from microlora.targets import select_targets
+from compiler.trainer import AtomTrainer
+from microlora.core.config import TrainConfig
+from microlora.core.kernel import MultiLoraModel
+from microlora.core.models import load_base_model
+from microlora.core.pack import Packed, compose
+from microlora.core.targets import select_targets
 
 DATA = Path(__file__).parent / "data" / "fictional_knowledge.json"
 
@@ -50,7 +52,7 @@ def encode(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids  # BOS + text, like the trainer
 
 
-def train_naive(base, atoms: list[str], config: TrainConfig) -> tuple[list[dict], float, int]:
+def train_naive(base, atoms: list[str], config: TrainConfig) -> tuple[list[Packed], float, int]:
     """The baseline a PEFT user would write: a fresh LoRA per atom, trained alone."""
     from peft import LoraConfig, get_peft_model
 
@@ -70,10 +72,10 @@ def train_naive(base, atoms: list[str], config: TrainConfig) -> tuple[list[dict]
             loss.backward()
             opt.step()
             steps += 1
-        adapters.append({n: (peft_model.base_model.model.get_submodule(n).lora_A["default"]
-                             .weight.detach().clone(),
-                             peft_model.base_model.model.get_submodule(n).lora_B["default"]
-                             .weight.detach().clone()) for n in names})
+        modules = {n: peft_model.base_model.model.get_submodule(n) for n in names}
+        adapters.append(Packed.of({n: (m.lora_A["default"].weight.detach(),  # scale into B
+                                       m.lora_B["default"].weight.detach() * config.scale)
+                                   for n, m in modules.items()}))
         peft_model.unload()  # back to the plain base model for the next atom
     return adapters, time.perf_counter() - t0, steps
 
@@ -90,7 +92,7 @@ def train_microlora(base, atoms: list[str], config: TrainConfig):
 
 
 @torch.no_grad()
-def final_losses(base, atoms: list[str], adapters: list[dict], config: TrainConfig,
+def final_losses(base, atoms: list[str], adapters: list[Packed], config: TrainConfig,
                  company: int) -> list[float]:
     """Each atom's loss (fp32, full softmax, mean CE over its tokens) under its own adapter
     composed with the adapters of the ``company`` atoms after it (cyclically): the way atoms
@@ -101,7 +103,7 @@ def final_losses(base, atoms: list[str], adapters: list[dict], config: TrainConf
         for i, text in enumerate(atoms):
             group = [adapters[(i + j) % len(atoms)] for j in range(company + 1)]
             ids = encode(base.tokenizer, text)
-            with lora.adapters(stack_adapters([group]), config.scale):
+            with lora.adapters(compose([group])):
                 losses.append(base.model(input_ids=ids, labels=ids).loss.item())
         return losses
     finally:

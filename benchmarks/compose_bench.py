@@ -37,9 +37,10 @@ from compiler.pipeline import store_header
 from composer import Composer, Hit
 from composer.generation import encode_prompts, generate
 from composer.prompts import build_prompt
-from microlora.embedder import load_embedder
-from microlora.models import load_base_model
-from microlora.targets import TargetSpec, select_targets
+from microlora.core.config import TargetSpec
+from microlora.core.embedder import load_embedder
+from microlora.core.models import load_base_model
+from microlora.core.targets import select_targets
 from store import AdapterStore
 
 KS = (1, 4, 8, 16)
@@ -162,7 +163,7 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
 
     def request_merged():
         adapters = composer.compose([hits_of[8]])
-        with composer.lora.merged({n: (A[0], B[0]) for n, (A, B) in adapters.items()}):
+        with composer.lora.merged(adapters):
             decode(one_ids, one_mask)
 
     runs = {"base": [], "stacked": [], "merged": []}

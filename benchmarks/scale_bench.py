@@ -39,8 +39,8 @@ import torch
 from store_bench import percentile, write_results
 from tqdm import tqdm
 
-from microlora.lora import compose_packed
-from microlora.paths import dir_bytes
+from microlora.core.pack import compose
+from microlora.core.paths import dir_bytes
 from store import AdapterStore, AtomRecord, StoreHeader
 from store.index import VectorIndex
 
@@ -88,8 +88,7 @@ def query_and_fetch(store: AdapterStore, index, q: np.ndarray) -> tuple[float, f
     ids = [i for i, _ in index.search(q, 8)[0]]
     t1 = time.perf_counter()
     with store.read(NS) as reader:
-        flats, layout = reader.gather(ids)
-        compose_packed([flats], layout)
+        compose([[r.adapter for r in reader.gather(ids)]], dtype=torch.bfloat16)
     return t1 - t0, time.perf_counter() - t1, ids
 
 

@@ -7,8 +7,8 @@ Both layouts hold the same synthetic rank-2 bf16 adapters with the default model
 target shapes. A fetch picks k random atoms and ends with the tensors the kernel consumes (the
 atoms composed into one rank-k*r adapter per module, checked equal on both sides), so both do
 the same final work; each side takes its natural route there (the store: zero-copy views of
-packed adapters, composed with one copy; the files: ``load_file`` per adapter, then
-``stack_adapters``).
+packed adapters, composed with one copy; the files: ``load_file`` per adapter, then each
+module's factors concatenated along the rank).
 Fetches run in ABBA blocks (store, files, files, store), each layout fetching every random
 pick once, so page-cache state and drift hit both alike without one polluting the other's
 CPU caches mid-fetch.
@@ -31,10 +31,11 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from microlora.lora import compose_packed, stack_adapters
-from microlora.models import default_model_dir, ensure_default_model
-from microlora.paths import dir_bytes
-from microlora.targets import TargetSpec, select_targets
+from microlora.core.config import TargetSpec
+from microlora.core.models import default_model_dir, ensure_default_model
+from microlora.core.pack import Packed, compose
+from microlora.core.paths import dir_bytes
+from microlora.core.targets import select_targets
 from store import AdapterStore, AtomRecord, StoreHeader
 from store.peft import write_peft
 
@@ -60,9 +61,9 @@ def synthetic_atoms(n: int, shapes, seed: int, batch: int, std: float = 1.0):
     for start in range(0, n, batch):
         recs = []
         for i in range(start, min(n, start + batch)):
-            adapter = {name: ((torch.randn(RANK, d_in, generator=g) * std).bfloat16(),
-                              (torch.randn(d_out, RANK, generator=g) * std).bfloat16())
-                       for name, (d_in, d_out) in shapes.items()}
+            adapter = Packed.of({name: ((torch.randn(RANK, d_in, generator=g) * std),
+                                        (torch.randn(d_out, RANK, generator=g) * std))
+                                 for name, (d_in, d_out) in shapes.items()}, torch.bfloat16)
             emb = torch.randn(EMBED_DIM, generator=g)
             recs.append(AtomRecord(id=f"{i:012x}", text=f"synthetic atom {i}", adapter=adapter,
                                    embedding=(emb / emb.norm()).numpy(), base_fingerprint="bench",
@@ -72,13 +73,13 @@ def synthetic_atoms(n: int, shapes, seed: int, batch: int, std: float = 1.0):
 
 def write_peft_dir(root: Path, rec: AtomRecord) -> None:
     """The baseline's layout: one PEFT LoRA folder per atom (microlora's own PEFT writer)."""
-    write_peft(root / rec.id, rec.adapter)
+    write_peft(root / rec.id, rec.adapter.unpack())
 
 
 def fetch_store(store: AdapterStore, ids: list[str]):
     with store.read("bench") as reader:
-        flats, layout = reader.gather(ids)  # zero-copy views into the memory map
-        return compose_packed([flats], layout)  # the one copy
+        records = reader.gather(ids)  # zero-copy views into the memory map
+        return compose([[r.adapter for r in records]], dtype=torch.bfloat16)  # the one copy
 
 
 def fetch_files(root: Path, ids: list[str], names: list[str]):
@@ -86,7 +87,9 @@ def fetch_files(root: Path, ids: list[str], names: list[str]):
     for i in ids:
         t = load_file(root / i / "adapter_model.safetensors")
         atoms.append({n: (t[PEFT_KEY.format(n, "A")], t[PEFT_KEY.format(n, "B")]) for n in names})
-    return stack_adapters([atoms], dtype=torch.bfloat16)
+    # what a user of PEFT files does: concatenate each module's factors along the rank
+    return {n: (torch.cat([a[n][0] for a in atoms])[None], torch.cat([a[n][1] for a in atoms],
+                                                                       1)[None]) for n in names}
 
 
 def write_results(result: dict, out: Path, machine: str) -> None:

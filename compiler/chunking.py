@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from compiler.documents import Document
+from microlora.core.config import ChunkConfig
 
 # A sentence ends at . ! ? or … (plus closing quotes/brackets) before whitespace.
 _SENTENCE_END = re.compile(r"""[.!?…]+["'”’)\]]*(?=\s)""")
@@ -21,19 +22,6 @@ _CLAUSE_END = re.compile(r"[,;:]\s|\s[—–-]\s")
 # Words whose trailing period does not end a sentence.
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e",
                   "no", "vol", "fig", "inc", "ltd", "co", "corp", "mt", "ft", "approx", "ca"}
-
-
-@dataclass(frozen=True)
-class ChunkConfig:
-    """max_tokens: an atom's token limit under the base model's tokenizer (CLI
-    ``--max-atom-tokens``); min_chars: shorter fragments join a neighbour."""
-
-    max_tokens: int = 64
-    min_chars: int = 30
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 8:
-            raise ValueError(f"--max-atom-tokens must be at least 8, got {self.max_tokens}")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from compiler.chunking import ChunkConfig
 from compiler.documents import MAX_FILE_MB, read_documents
 from compiler.pipeline import (
     CompileReport,
@@ -36,12 +35,10 @@ from compiler.pipeline import (
     store_header,
     train_atoms,
 )
-from compiler.trainer import TrainConfig
-from microlora.embedder import Embedder
-from microlora.models import BaseModel
-from store import AdapterStore
-
-SHARDS = "shards"
+from microlora.core.config import ChunkConfig, TrainConfig
+from microlora.core.embedder import Embedder
+from microlora.core.models import BaseModel
+from store import AdapterStore, is_store
 
 
 @dataclass(frozen=True)
@@ -102,8 +99,7 @@ def _compile(paths, store_dir: Path, ranks: Ranks, base, embedder, namespace, tr
                                embedder_name=embedder.name)
         existing = set(store.ids(namespace)) if namespace in store.namespaces() else set()
         todo = [p for p in planned if p.id not in existing]
-        shard = store_dir / SHARDS / f"rank-{ranks.rank}"
-        with AdapterStore.open_or_create(shard, store.header) as out:
+        with AdapterStore.open_or_create(store.layout.shard(ranks.rank), store.header) as out:
             losses = train_atoms(todo, store, out, base=base, embedder=embedder,
                                  namespace=namespace, train_config=train_config,
                                  chunk_config=chunk_config, report=report,
@@ -127,15 +123,14 @@ def merge_shards(store: AdapterStore, batch: int = 256) -> int:
     """Move every atom from ``<store>/shards/*`` into ``store`` (atoms it already holds are
     kept as they are) and delete the shards; returns how many atoms were moved."""
     moved = 0
-    root = store.path / SHARDS
-    for shard_dir in sorted(root.glob("rank-*")) if root.is_dir() else []:
-        if (shard_dir / "data.mdb").exists():
+    for shard_dir in store.layout.shards():
+        if is_store(shard_dir):
             with AdapterStore(shard_dir, readonly=True) as shard:
                 for ns in shard.namespaces():
                     ids = shard.ids(ns)
                     for start in range(0, len(ids), batch):
                         moved += store.put(ns, shard.get(ns, ids[start:start + batch]))
         shutil.rmtree(shard_dir)
-    if root.is_dir():
-        root.rmdir()
+    if store.layout.shards_dir.is_dir():
+        store.layout.shards_dir.rmdir()
     return moved

@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from microlora.embedder import Embedder
-from microlora.errors import AdapterError, MicroloraError
-from microlora.models import BaseModel
-from microlora.targets import is_linear, linear_features
+from microlora.core.embedder import Embedder
+from microlora.core.errors import AdapterError, MicroloraError
+from microlora.core.models import BaseModel
+from microlora.core.targets import is_linear, linear_features
 from store import AdapterStore, AtomRecord
 from store.peft import read_peft
 
@@ -28,7 +28,8 @@ def import_peft(path: str | Path, store: AdapterStore, *, base: BaseModel, embed
     store.check_compatible(base.fingerprint, embedder.fingerprint, base_name=base.name,
                            embedder_name=embedder.name)
     peft = read_peft(path)
-    for name, (A, B) in peft.adapter.items():
+    modules = peft.adapter.unpack()
+    for name, (A, B) in modules.items():
         try:
             module = base.model.get_submodule(name)
         except AttributeError:
@@ -44,15 +45,14 @@ def import_peft(path: str | Path, store: AdapterStore, *, base: BaseModel, embed
                 f"{d_out} in base model {base.name}; it was trained for "
                 f"{peft.base_model or 'another model'}")
     digest = hashlib.sha256(base.fingerprint.encode())
-    for name, (A, B) in sorted(peft.adapter.items()):
+    for name, (A, B) in sorted(modules.items()):
         digest.update(name.encode())
         digest.update(A.numpy().tobytes())
         digest.update(B.numpy().tobytes())
-    ranks = sorted({A.shape[0] for A, _ in peft.adapter.values()})
     record = AtomRecord(
         id=digest.hexdigest()[:32], text=text.strip(), adapter=peft.adapter,
         embedding=embedder.encode([text.strip()])[0], base_fingerprint=base.fingerprint,
-        source=str(path), config={"imported": "peft", "rank": ranks[-1], "scale": 1.0},
+        source=str(path), config={"imported": "peft", "rank": peft.adapter.rank, "scale": 1.0},
         extra={"peft_base_model": peft.base_model, "peft_r": peft.config.get("r"),
                "peft_lora_alpha": peft.config.get("lora_alpha")})
     store.put(namespace, [record])

@@ -9,7 +9,6 @@ with the base-model fingerprint and the recipe, so recompiling unchanged text tr
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
@@ -17,17 +16,17 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from compiler.chunking import Atom, ChunkConfig, chunk_document
+from compiler.chunking import Atom, chunk_document
 from compiler.documents import MAX_FILE_MB, Document, Skipped, read_documents
-from compiler.trainer import AtomTrainer, TrainConfig
+from compiler.trainer import AtomTrainer
 from compiler.views import question_views
-from microlora.embedder import Embedder
-from microlora.errors import QuotaExceededError
-from microlora.models import BaseModel
-from microlora.targets import linear_features, select_targets
-from store import AdapterStore, AtomRecord, StoreHeader
-
-log = logging.getLogger(__name__)
+from microlora.core.config import ChunkConfig, TrainConfig
+from microlora.core.embedder import Embedder
+from microlora.core.errors import QuotaExceededError
+from microlora.core.models import BaseModel
+from microlora.core.pack import Packed
+from microlora.core.targets import linear_features, select_targets
+from store import AdapterStore, AtomRecord, StoreHeader, is_store
 
 # Rough throughput for --dry-run estimates before a store has measured its own (atoms/s with
 # the default recipe on the default model; measured on 2 CPU cores, see benchmarks/RESULTS.md).
@@ -191,7 +190,7 @@ def _opened(store: AdapterStore | str | Path, base: BaseModel, embedder: Embedde
         yield store
         return
     path = Path(store)
-    if not (path / "data.mdb").exists() and not create:
+    if not is_store(path) and not create:
         yield None
         return
     with AdapterStore.open_or_create(path, store_header(base, embedder),
@@ -229,7 +228,7 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
             rows = slice(start, start + len(batch))
             start += len(batch)
             neighbours = None if neighbour_ids is None else \
-                _stored_adapters(store, namespace, neighbour_ids[rows], train_config)
+                _stored_adapters(store, namespace, neighbour_ids[rows])
             contexts = ([f"{p.atom.title}\n" if p.atom.title else "" for p in batch]
                         if train_config.title_context else None)
             views = ([question_views(p.atom.text, train_config.qa_views,
@@ -238,8 +237,7 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
             trained = trainer.train([p.atom.text for p in batch], [p.id for p in batch],
                                     contexts=contexts, frozen_neighbours=neighbours, views=views)
             out.put(namespace, [
-                AtomRecord(id=p.id, text=p.atom.text,
-                           adapter=_with_scale(t.adapter, train_config.scale),
+                AtomRecord(id=p.id, text=p.atom.text, adapter=t.adapter,
                            embedding=vectors[rows][i], base_fingerprint=base.fingerprint,
                            source=p.atom.source, start=p.atom.start, end=p.atom.end,
                            config={**asdict(train_config), **asdict(chunk_config)},
@@ -282,12 +280,6 @@ def check_quota(store: AdapterStore, namespace: str, atoms: Sequence[PlannedAtom
                 f"over its quota of {quota.max_bytes / 2**20:.2f} MiB; delete documents first")
 
 
-def _with_scale(adapter, scale: float):
-    """Stored adapters carry their scale in B (delta = B A), so composing atoms of different
-    recipes, or exporting them, needs no per-atom scale."""
-    return adapter if scale == 1.0 else {k: (A, B * scale) for k, (A, B) in adapter.items()}
-
-
 def _snapshot_neighbours(store: AdapterStore, namespace: str, vectors, config: TrainConfig
                          ) -> list[list[str]] | None:
     """The ids of the stored atoms most similar to each new atom: its likely company at query
@@ -298,10 +290,9 @@ def _snapshot_neighbours(store: AdapterStore, namespace: str, vectors, config: T
     return [[atom_id for atom_id, _ in row] for row in store.search(namespace, vectors, m)]
 
 
-def _stored_adapters(store: AdapterStore, namespace: str, ids: Sequence[Sequence[str]],
-                     config: TrainConfig):
-    """The adapters of ``ids`` (one list per atom), in the trainer's convention (it applies
-    the scale itself)."""
+def _stored_adapters(store: AdapterStore, namespace: str, ids: Sequence[Sequence[str]]
+                     ) -> list[list[Packed]]:
+    """The adapters of ``ids`` (one list per atom), copied out of the store."""
     with store.read(namespace) as reader:
-        return [[_with_scale(reader.get(atom_id, copy=True).adapter, 1 / config.scale)
-                 for atom_id in row if atom_id in reader] for row in ids]
+        return [[r.adapter for r in reader.gather([i for i in row if i in reader], copy=True)]
+                for row in ids]

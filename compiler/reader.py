@@ -20,40 +20,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from compiler.trainer import encode_targets, linear_cross_entropy
-from microlora.lora import Adapter, MultiLoraModel, prepend_shared, stack_adapters
-from microlora.models import BaseModel
-from microlora.targets import TargetSpec
-
-
-@dataclass(frozen=True)
-class ReaderConfig:
-    """rank: the reader's LoRA rank; lr, epochs, batch: Adam over the examples; targets: the
-    atoms' targets (the default recipe's)."""
-
-    rank: int = 8
-    lr: float = 1e-3
-    epochs: int = 4
-    batch: int = 8
-    seed: int = 0
-    targets: TargetSpec = TargetSpec()
+from compiler.loss import OutputHead, encode_targets, target_states
+from microlora.core.config import ReaderConfig
+from microlora.core.kernel import MultiLoraModel
+from microlora.core.models import BaseModel
+from microlora.core.pack import Packed, compose, concat
 
 
 @dataclass
 class ReaderExample:
     prompt: str  # the composer's prompt for the question, as it will be asked
     answer: str  # the text to produce after it (the answer and its line break)
-    atoms: list[Adapter]  # the adapters composed beside the reader for this question
+    atoms: list[Packed]  # the adapters composed beside the reader for this question
 
 
 def train_reader(base: BaseModel, examples: Sequence[ReaderExample],
                  config: ReaderConfig = ReaderConfig(),
-                 progress: Callable[[int, int, float], None] | None = None) -> Adapter:
-    """Train the reader; returns its adapter (module -> (A (r, in), B (out, r)), fp32)."""
+                 progress: Callable[[int, int, float], None] | None = None) -> Packed:
+    """Train the reader; returns its adapter (fp32)."""
     if not examples:
         raise ValueError("the reader needs question/answer examples")
     torch.manual_seed(config.seed)
     lora = MultiLoraModel(base.model, config.targets)
+    head = OutputHead.of(base.model)
     try:
         params = _init(lora.shapes(), config.rank, base.device)
         opt = torch.optim.Adam([p for pair in params.values() for p in pair], lr=config.lr)
@@ -65,15 +54,15 @@ def train_reader(base: BaseModel, examples: Sequence[ReaderExample],
             rng.shuffle(order)
             for start in range(0, len(order), config.batch):
                 batch = [examples[i] for i in order[start:start + config.batch]]
-                loss = _loss(base, lora, params, batch)
+                loss = _loss(base, lora, head, params, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
                 if progress:
                     progress(step, steps, loss.item())
-        return {name: (A.detach().cpu().clone(), B.detach().cpu().clone())
-                for name, (A, B) in params.items()}
+        return Packed.of({name: (A.detach().cpu(), B.detach().cpu())
+                          for name, (A, B) in params.items()})
     finally:
         lora.remove()
 
@@ -90,18 +79,14 @@ def _init(shapes: dict[str, tuple[int, int]], rank: int, device) -> dict[str, tu
     return out
 
 
-def _loss(base: BaseModel, lora: MultiLoraModel, params, batch: list[ReaderExample]) -> Tensor:
+def _loss(base: BaseModel, lora: MultiLoraModel, head: OutputHead, params,
+          batch: list[ReaderExample]) -> Tensor:
     """Mean cross-entropy of the answers, the reader composed beside each example's atoms."""
     ids, mask, tgt = encode_targets(base.tokenizer, [ex.answer for ex in batch],
                                     [ex.prompt for ex in batch], base.device)
-    frozen = stack_adapters([ex.atoms for ex in batch], device=base.device) \
-        if any(ex.atoms for ex in batch) else {}
-    adapters = prepend_shared(frozen, params)
-    with lora.adapters(adapters):
+    frozen = compose([ex.atoms for ex in batch], device=base.device)
+    reader = {name: (A[None], B[None]) for name, (A, B) in params.items()}
+    with lora.adapters(concat(reader, frozen)):
         hidden = base.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    pos = tgt[:, 1:].nonzero()
-    h = hidden[pos[:, 0], pos[:, 1]]
-    labels = ids[pos[:, 0], pos[:, 1] + 1]
-    softcap = getattr(base.model.config, "final_logit_softcapping", None)
-    return linear_cross_entropy(h, base.model.get_output_embeddings().weight, labels,
-                                softcap).mean()
+    h, labels, _ = target_states(hidden, ids, tgt)
+    return head.cross_entropy(h, labels).mean()

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import re
 
+from microlora.core.config import VIEW_STYLES
+
 # The tail of composer.prompts' QA prompt ("Question: ...\nAnswer: ..."), without the shots.
 QUESTION_FORMAT = "Question: {question}\nAnswer:"
-STYLES = ("sentence", "clause")
 _NAME = re.compile(r"(?<![\w'])(?:[A-Z][\w'’.-]*(?:\s+(?:of|de|von|van|the|and|da|di|del|le|la|y)"
                    r")?\s+)*[A-Z][\w'’.-]*")
 _NUMBER = re.compile(r"\b(?:1[0-9]{3}|20[0-9]{2})s?\b|\b\d[\d,.]*\b")
@@ -34,8 +35,8 @@ _CLAUSE_WORDS = 8  # a clause shorter than this grows by its neighbours
 def question_views(sentence: str, limit: int, style: str = "sentence") -> list[tuple[str, str]]:
     """Up to ``limit`` (prompt, answer) pairs: the prompt is a question about ``sentence`` in
     the composer's QA format, the answer a span of it (plus the line break that ends it)."""
-    if style not in STYLES:
-        raise ValueError(f"view style must be one of {STYLES}, got {style!r}")
+    if style not in VIEW_STYLES:
+        raise ValueError(f"view style must be one of {VIEW_STYLES}, got {style!r}")
     out = []
     for start, end, wh in _spans(sentence)[:limit]:
         lo, hi = 0, len(sentence)

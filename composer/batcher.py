@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from composer.composer import AskConfig, Composer
+from composer.composer import Composer
 from composer.retrieval import retrieve
+from microlora.core.config import AskConfig
 
 
 @dataclass

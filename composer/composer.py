@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,79 +24,15 @@ from pathlib import Path
 import torch
 
 from composer.generation import encode_prompts, generate
-from composer.prompts import TEMPLATES, Mode, build_prompt, line_break_ids, stop_pattern, uses_chat
+from composer.prompts import build_prompt, line_break_ids, stop_pattern, uses_chat
 from composer.retrieval import Hit, default_namespaces, retrieve
-from microlora.embedder import Embedder
-from microlora.errors import MicroloraError
-from microlora.lora import (
-    MultiLoraModel,
-    PackLayout,
-    compose_packed,
-    prepend_shared,
-    stack_adapters,
-)
-from microlora.models import BaseModel
-from store import AdapterStore, Reader
-from store.peft import read_reader
-
-READER_DIR = "reader"  # <store>/reader: the store's reader adapter, if it has one
-
-COMPOSITIONS = ("stacked", "merged")
-HYBRIDS = ("ensemble", "joint")
-
-
-@dataclass(frozen=True)
-class AskConfig:
-    """How a question is answered.
-
-    k: atoms composed per question (measured: benchmarks/RESULTS.md, "choosing k").
-    min_score: drop retrieved atoms with a lower cosine similarity (None keeps all k).
-    weighting: "uniform" (every atom at weight 1, as trained) or "score".
-    composition: "stacked" or "merged" (same outputs; see the module docstring).
-    no_repeat_ngram: > 0 bans repeating an n-gram of the answer (composed adapters can loop).
-    reader: compose the store's reader adapter (if it has one) beside the atoms.
-    end_bias: added to the line-break logits once an answer has begun, in the modes that
-        compose adapters (base models' prompts): composed atoms answer with a name and then
-        run on, while in-context copying ends well by itself and a bias cuts its names short
-        (measured: benchmarks/RESULTS.md, "ending answers").
-    hybrid: "ensemble" decodes the answer from two rows at once, the adapters with the bare
-        question and the passages with no adapters, each token maximising
-        log p(adapters) + passage_weight * log p(passages); "joint" puts both in one row,
-        where the composed adapters disturb the reading of the passages (measured:
-        benchmarks/RESULTS.md, "hybrid as an ensemble"). Twice the rows per question.
-    """
-
-    mode: Mode = Mode.PARAMETRIC
-    k: int = 1
-    min_score: float | None = None
-    weighting: str = "uniform"
-    composition: str = "stacked"
-    max_new_tokens: int = 32
-    no_repeat_ngram: int = 0
-    template: str = "qa"  # or "completion": continue the question as plain text
-    reader: bool = True
-    end_bias: float = 8.0
-    hybrid: str = "ensemble"
-    passage_weight: float = 2.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", Mode(self.mode))
-        if self.template not in TEMPLATES:
-            raise MicroloraError(f"template must be one of {TEMPLATES}, got {self.template!r}")
-        if self.composition not in COMPOSITIONS:
-            raise MicroloraError(f"composition must be one of {COMPOSITIONS}, "
-                                 f"got {self.composition!r}")
-        if self.max_new_tokens < 1:
-            raise MicroloraError("max_new_tokens must be at least 1")
-        if self.hybrid not in HYBRIDS:
-            raise MicroloraError(f"hybrid must be one of {HYBRIDS}, got {self.hybrid!r}")
-        if self.passage_weight < 0:
-            raise MicroloraError("passage_weight must be at least 0")
-        if self.mode is Mode.HYBRID and self.hybrid == "ensemble" and \
-                self.composition == "merged":
-            raise MicroloraError("the ensemble hybrid keeps the adapters out of its passage "
-                                 "row, which merged weights cannot: use stacked composition, "
-                                 "or the joint hybrid (--hybrid joint)")
+from microlora.core.config import AskConfig, Mode
+from microlora.core.embedder import Embedder
+from microlora.core.errors import MicroloraError
+from microlora.core.kernel import MultiLoraModel
+from microlora.core.models import BaseModel
+from microlora.core.pack import BatchedAdapters, Packed, PackLayout, compose
+from store import AdapterStore, AtomRecord
 
 
 @dataclass
@@ -130,9 +66,10 @@ class Composer:
                                embedder_name=embedder.name)
         self.store, self.base, self.embedder = store, base, embedder
         self.lora = MultiLoraModel(base.model, {})
-        self.reader: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-        if (store.path / READER_DIR).is_dir():  # installed by `microlora reader install`
-            self.use_reader(read_reader(store.path / READER_DIR, base.fingerprint)[0])
+        self.reader: Packed | None = None
+        installed = store.reader()  # by `microlora reader install`
+        if installed is not None:
+            self.use_reader(installed[0])
         self.model_lock = threading.Lock()  # held while the model generates
         self.line_breaks = line_break_ids(base.tokenizer)  # what end_bias favours
 
@@ -141,8 +78,8 @@ class Composer:
              embedder: str | Path | None = None, device: str | None = None) -> Composer:
         """Open a store read-only and load the models it was compiled with (the packaged
         defaults unless paths are given)."""
-        from microlora.embedder import load_embedder
-        from microlora.models import load_base_model
+        from microlora.core.embedder import load_embedder
+        from microlora.core.models import load_base_model
 
         store = AdapterStore(store_dir, readonly=True)
         try:
@@ -171,32 +108,39 @@ class Composer:
         return retrieve(self.store, vectors, namespaces, config.k, min_score=config.min_score,
                         weighting=config.weighting)
 
-    def compose(self, requests: Sequence[Sequence[Hit]]) -> dict[str, tuple[torch.Tensor,
-                                                                           torch.Tensor]]:
-        """The kernel's per-request tensors (module -> (A (N, R, in), B (N, out, R))) for the
-        hits of each request, read zero-copy from the store and copied once."""
-        model = self.base.model
-        dtype, device = next(model.parameters()).dtype, self.base.device
+    @contextmanager
+    def fetch(self, requests: Sequence[Sequence[Hit]]
+              ) -> Iterator[dict[tuple[str, str], AtomRecord]]:
+        """Every hit's record (text, provenance and packed adapter) by (namespace, id), from
+        one read transaction per namespace: zero-copy views, valid inside the ``with`` block."""
+        wanted: dict[str, dict[str, None]] = {}
+        for hits in requests:
+            for h in hits:
+                wanted.setdefault(h.namespace, {})[h.id] = None
         with ExitStack() as stack:
-            readers = self._readers(stack, requests)
-            packed = [[_gather_one(readers[h.namespace], h.id) for h in hits]
-                      for hits in requests]
-            layouts = {layout for row in packed for _, layout in row}
-            for layout in layouts:
-                self._attach(layout)
-            weights = [[h.weight for h in hits] for hits in requests]
-            if len(layouts) == 1 and len({len(row) for row in packed}) == 1:
-                flats = [[flat for flat, _ in row] for row in packed]
-                return compose_packed(flats, layouts.pop(), torch.tensor(weights),
-                                      dtype=dtype, device=device)
-            # ragged requests, or atoms of different recipes: unpack and pad per module
-            unpacked = [[layout.unpack(flat) for flat, layout in row] for row in packed]
-            return stack_adapters(unpacked, weights=weights, dtype=dtype, device=device)
+            records = {}
+            for ns, ids in sorted(wanted.items()):
+                reader = stack.enter_context(self.store.read(ns))
+                records.update({(ns, r.id): r for r in reader.gather(list(ids))})
+            yield records
 
-    def _readers(self, stack: ExitStack, requests: Sequence[Sequence[Hit]]) -> dict[str, Reader]:
-        """One read transaction per namespace the hits come from, open until ``stack`` closes."""
-        return {ns: stack.enter_context(self.store.read(ns))
-                for ns in sorted({h.namespace for hits in requests for h in hits})}
+    def compose(self, requests: Sequence[Sequence[Hit]],
+                records: dict[tuple[str, str], AtomRecord] | None = None,
+                reader: bool = True) -> BatchedAdapters:
+        """The kernel's per-request tensors (module -> (A (N, R, in), B (N, out, R))) for the
+        hits of each request, each weighted by its hit's weight, the store's reader first
+        (unless ``reader`` is False): read zero-copy from the store (``records``, from
+        ``fetch``, or fetched here) and copied once."""
+        if records is None:
+            with self.fetch(requests) as fetched:
+                return self.compose(requests, fetched, reader)
+        rows = [[records[(h.namespace, h.id)].adapter for h in hits] for hits in requests]
+        for layout in {p.layout for row in rows for p in row}:
+            self._attach(layout)
+        model_dtype = next(self.base.model.parameters()).dtype
+        return compose(rows, [[h.weight for h in hits] for hits in requests],
+                       shared=self.reader if reader else None, dtype=model_dtype,
+                       device=self.base.device)
 
     def _attach(self, layout: PackLayout) -> None:
         """Wrap the linears this layout adapts (once; the wrappers are free when idle)."""
@@ -209,11 +153,11 @@ class Composer:
                                      "base model does not have") from e
             self.lora.layers.update(MultiLoraModel(self.base.model, modules).layers)
 
-    def use_reader(self, adapter: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    def use_reader(self, adapter: Packed | None) -> None:
         """Compose this shared reader adapter (``compiler.reader``) into every request that
         uses atom adapters; None to stop."""
-        if adapter:
-            self._attach(PackLayout.of(adapter))
+        if adapter is not None:
+            self._attach(adapter.layout)
         self.reader = adapter
 
     # -- answering ---------------------------------------------------------------------------
@@ -245,12 +189,16 @@ class Composer:
             hits = self.retrieve(questions, namespaces, config)
         elif len(hits) != len(questions):
             raise MicroloraError("hits must hold one list of atoms per question")
-        sources = self._sources(hits)
+        with self.fetch(hits) as records:  # one read: the texts and the adapters
+            sources = [[Source(h, *_provenance(records[(h.namespace, h.id)])) for h in row]
+                       for row in hits]
+            rows = self._rows(questions, hits, sources, config)
+            adapters = self.compose(rows.hits, records, reader=config.reader) \
+                if config.mode.uses_adapters and any(hits) else None
         tok = self.base.tokenizer
-        rows = self._rows(questions, hits, sources, config)
         ids, mask = encode_prompts(tok, rows.prompts, self.base.device,
                                    chat=uses_chat(tok, config.template))
-        with self.model_lock, self._adapters_for(rows.hits, config):
+        with self.model_lock, self._applied(adapters, config):
             outs = generate(self.base.model, tok, ids, mask,
                             max_new_tokens=config.max_new_tokens,
                             stop=stop_pattern(tok, config.template),
@@ -289,29 +237,15 @@ class Composer:
         return self.line_breaks
 
     @contextmanager
-    def _adapters_for(self, hits: Sequence[Sequence[Hit]], config: AskConfig):
-        if not config.mode.uses_adapters or not any(hits):
+    def _applied(self, adapters: BatchedAdapters | None, config: AskConfig):
+        """The composed adapters active on the model for the ``with`` body: beside the frozen
+        weights (stacked), or folded into them and restored after (merged)."""
+        if adapters is None:
             yield
             return
-        adapters = self.compose(hits)
-        if self.reader and config.reader:
-            adapters = prepend_shared(adapters, self.reader)
-        if config.composition == "merged":
-            ctx = self.lora.merged({name: (A[0], B[0]) for name, (A, B) in adapters.items()})
-        else:
-            ctx = self.lora.adapters(adapters)
-        with ctx:
+        with self.lora.merged(adapters) if config.composition == "merged" else \
+                self.lora.adapters(adapters):
             yield
-
-    def _sources(self, hits: Sequence[Sequence[Hit]]) -> list[list[Source]]:
-        """The text and provenance of every hit (metadata only; no adapter is copied)."""
-        with ExitStack() as stack:
-            readers = self._readers(stack, hits)
-            out = []
-            for row in hits:
-                records = [(h, readers[h.namespace].get(h.id)) for h in row]
-                out.append([Source(h, r.text, r.source, r.start, r.end) for h, r in records])
-            return out
 
 
 @dataclass
@@ -324,6 +258,5 @@ class _Rows:
     weights: tuple[float, ...]  # the ensemble's weight per group of rows; () for one row each
 
 
-def _gather_one(reader: Reader, atom_id: str) -> tuple[torch.Tensor, PackLayout]:
-    (flat,), layout = reader.gather([atom_id])
-    return flat, layout
+def _provenance(record: AtomRecord) -> tuple[str, str, int, int]:
+    return record.text, record.source, record.start, record.end

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from composer.composer import Composer
 from composer.retrieval import Hit
-from microlora.errors import MicroloraError
+from microlora.core.errors import MicroloraError
 from store import AdapterStore
 from store.peft import write_peft
 
@@ -35,7 +35,7 @@ def export_peft(composer: Composer, hits: Sequence[Hit], out_dir: str | Path) ->
     model with it loaded gives the same outputs as microlora composing the same atoms."""
     if not hits:
         raise MicroloraError("no atoms to export")
-    batched = composer.compose([list(hits)])
+    batched = composer.compose([list(hits)], reader=False)
     adapter = {name: (A[0], B[0]) for name, (A, B) in batched.items()}
     transposed = {composer.lora.layers[name].transposed for name in adapter}
     return write_peft(out_dir, adapter, base_model=str(composer.base.path),

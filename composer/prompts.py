@@ -1,4 +1,4 @@
-"""Answer modes and the prompts they use.
+"""The prompts each answer mode uses.
 
 A base model (no chat template) gets a short few-shot QA prompt, which makes it answer in a
 few words on one line, so a newline ends the answer; a model with a chat template gets its
@@ -9,29 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from enum import Enum
 
-
-class Mode(str, Enum):
-    """Where the knowledge comes from when answering."""
-
-    PARAMETRIC = "parametric"  # the retrieved atoms' adapters, no passage text: the default
-    CONTEXT = "context"  # classic RAG: the atoms' text in the prompt, no adapters
-    HYBRID = "hybrid"  # both
-    NONE = "none"  # closed book: the base model alone
-
-    @property
-    def uses_adapters(self) -> bool:
-        return self in (Mode.PARAMETRIC, Mode.HYBRID)
-
-    @property
-    def uses_passages(self) -> bool:
-        return self in (Mode.CONTEXT, Mode.HYBRID)
-
-    @property
-    def retrieves(self) -> bool:
-        return self is not Mode.NONE
-
+from microlora.core.config import TEMPLATES
 
 # Two worked examples of common knowledge teach a base model the answer format; each has a
 # passage, shown only in the modes that put passages in the prompt.
@@ -49,9 +28,6 @@ LINE_END = re.compile(r"\n")
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
-
-
-TEMPLATES = ("qa", "completion")
 
 
 def build_prompt(tokenizer, question: str, passages: Sequence[str] = (),

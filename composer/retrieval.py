@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from microlora.errors import MicroloraError
+from microlora.core.errors import MicroloraError
 from store import AdapterStore
 
 USER_PREFIX = "user:"

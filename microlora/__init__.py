@@ -1,7 +1,7 @@
 """microlora: compile documents into tiny LoRA adapters, compose them per question.
 
-The names below load lazily, so ``import microlora`` stays cheap and ``store``, ``compiler``
-and ``composer`` can import microlora's core without an import cycle.
+The face of the project: the public names below load lazily, so ``import microlora`` stays
+cheap (no torch) when the stages import ``microlora.core``, the ground floor.
 """
 
 from __future__ import annotations
@@ -15,20 +15,23 @@ _LAZY = {
     "compile": "microlora.api",
     "ask": "microlora.api",
     "Composer": "composer",
-    "AskConfig": "composer",
     "Answer": "composer",
-    "MicroloraError": "microlora.errors",
-    "BaseModel": "microlora.models",
-    "load_base_model": "microlora.models",
-    "fingerprint_model": "microlora.models",
-    "Embedder": "microlora.embedder",
-    "load_embedder": "microlora.embedder",
-    "TargetSpec": "microlora.targets",
-    "select_targets": "microlora.targets",
-    "MultiLoraLinear": "microlora.lora",
-    "MultiLoraModel": "microlora.lora",
-    "stack_adapters": "microlora.lora",
-    "combine_adapters": "microlora.lora",
+    "AskConfig": "microlora.core.config",
+    "TrainConfig": "microlora.core.config",
+    "ChunkConfig": "microlora.core.config",
+    "TargetSpec": "microlora.core.config",
+    "Mode": "microlora.core.config",
+    "MicroloraError": "microlora.core.errors",
+    "BaseModel": "microlora.core.models",
+    "load_base_model": "microlora.core.models",
+    "fingerprint_model": "microlora.core.models",
+    "Embedder": "microlora.core.embedder",
+    "load_embedder": "microlora.core.embedder",
+    "select_targets": "microlora.core.targets",
+    "MultiLoraLinear": "microlora.core.kernel",
+    "MultiLoraModel": "microlora.core.kernel",
+    "Packed": "microlora.core.pack",
+    "compose": "microlora.core.pack",
     "AdapterStore": "store",
     "AtomRecord": "store",
     "StoreHeader": "store",
@@ -37,13 +40,15 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from composer import Answer, AskConfig, Composer
+    from composer import Answer, Composer
     from microlora.api import ask, compile
-    from microlora.embedder import Embedder, load_embedder
-    from microlora.errors import MicroloraError
-    from microlora.lora import MultiLoraLinear, MultiLoraModel, combine_adapters, stack_adapters
-    from microlora.models import BaseModel, fingerprint_model, load_base_model
-    from microlora.targets import TargetSpec, select_targets
+    from microlora.core.config import AskConfig, ChunkConfig, Mode, TargetSpec, TrainConfig
+    from microlora.core.embedder import Embedder, load_embedder
+    from microlora.core.errors import MicroloraError
+    from microlora.core.kernel import MultiLoraLinear, MultiLoraModel
+    from microlora.core.models import BaseModel, fingerprint_model, load_base_model
+    from microlora.core.pack import Packed, compose
+    from microlora.core.targets import select_targets
     from store import AdapterStore, AtomRecord, StoreHeader
 
 

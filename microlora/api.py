@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from microlora.targets import TargetSpec
+from microlora.core.config import TargetSpec
 
 
 def compile(  # noqa: A001 - mirrors the CLI verb
@@ -28,11 +28,10 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     ``recipe`` takes ``compiler.trainer.TrainConfig`` fields (rank, lr, max_steps, neighbours,
     batch_atoms, ...). Returns a ``compiler.pipeline.CompileReport``.
     """
-    from compiler.chunking import ChunkConfig
     from compiler.pipeline import compile_corpus
-    from compiler.trainer import TrainConfig
-    from microlora.embedder import load_embedder
-    from microlora.models import load_base_model
+    from microlora.core.config import ChunkConfig, TrainConfig
+    from microlora.core.embedder import load_embedder
+    from microlora.core.models import load_base_model
 
     config = TrainConfig(**recipe, **({"targets": targets} if targets else {}))
     return compile_corpus(
@@ -59,7 +58,8 @@ def ask(
     keep a ``microlora.Composer.open(store)`` and call its ``ask``. Returns a
     ``composer.Answer`` (text, sources with scores, timing).
     """
-    from composer import AskConfig, Composer
+    from composer import Composer
+    from microlora.core.config import AskConfig
 
     with Composer.open(store, base_model=base_model, embedder=embedder, device=device) as c:
         return c.ask(question, namespaces, AskConfig(**config))

@@ -12,8 +12,8 @@ import os
 import click
 
 from microlora import __version__
-from microlora.errors import MicroloraError
-from microlora.paths import HOME_ENV
+from microlora.core.errors import MicroloraError
+from microlora.core.paths import HOME_ENV
 
 
 class _Group(click.Group):

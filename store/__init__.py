@@ -5,13 +5,15 @@ from store.adapter_store import (
     FORMAT_VERSION,
     AdapterStore,
     NamespaceStats,
-    Reader,
     StoreHeader,
     VerifyReport,
     validate_namespace,
 )
 from store.index import VectorIndex
+from store.layout import StoreLayout, is_store
+from store.reader import Reader
 from store.record import AtomRecord
 
 __all__ = ["FORMAT_VERSION", "AdapterStore", "AtomRecord", "NamespaceStats", "Reader",
-           "StoreHeader", "VectorIndex", "VerifyReport", "validate_namespace"]
+           "StoreHeader", "StoreLayout", "VectorIndex", "VerifyReport", "is_store",
+           "validate_namespace"]

@@ -1,10 +1,5 @@
-"""The adapter store: one LMDB environment per directory, one named database per namespace.
-
-Layout of a store directory::
-
-    data.mdb, lock.mdb        LMDB: the source of truth
-    index/<namespace>.*       FAISS index per namespace (a cache, rebuilt from LMDB; see
-                              store/index.py)
+"""The adapter store: one LMDB environment per directory, one named database per namespace
+(the directory's layout: ``store/layout.py``).
 
 The ``__meta__`` database holds the header (format version, base-model and embedder identity),
 the namespace registry, a generation counter per namespace that every write bumps (an index
@@ -21,26 +16,30 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import lmdb
 import numpy as np
 import torch
 
-from microlora.errors import (
+from microlora.core.errors import (
     StoreError,
     StoreMismatchError,
-    UnknownDocumentError,
     UnknownNamespaceError,
 )
-from microlora.lora import PackLayout
+from microlora.core.pack import Packed
 from store import record as rec
+from store.documents import DocumentManifests
 from store.index import EXACT_LIMIT, VectorIndex
+from store.index_cache import IndexCache
+from store.layout import StoreLayout, is_store
+from store.peft import read_reader
+from store.reader import Reader
 
 FORMAT_VERSION = 1
 _META_DB = b"__meta__"
@@ -90,7 +89,7 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
-class AdapterStore:
+class AdapterStore(DocumentManifests, IndexCache):
     """Atoms (adapters + text + embedding) by namespace, with a FAISS index per namespace.
 
     Open an existing store with ``AdapterStore(path)`` (``readonly=True`` for inspection:
@@ -101,9 +100,10 @@ class AdapterStore:
     def __init__(self, path: str | Path, *, readonly: bool = False, max_namespaces: int = 1024,
                  map_size: int = _DEFAULT_MAP_SIZE, exact_limit: int = EXACT_LIMIT):
         self.path = Path(path)
+        self.layout = StoreLayout(self.path)
         self.readonly = readonly
         self.exact_limit = exact_limit
-        if not (self.path / "data.mdb").is_file():
+        if not is_store(self.path):
             raise StoreError(f"{self.path} is not a microlora store (no data.mdb there); "
                              "create one with `microlora compile ... --store DIR`")
         try:
@@ -145,7 +145,7 @@ class AdapterStore:
     def create(cls, path: str | Path, header: StoreHeader, **kwargs) -> AdapterStore:
         """Create a new store at ``path`` (an empty or missing directory)."""
         path = Path(path)
-        if (path / "data.mdb").exists():
+        if is_store(path):
             raise StoreError(f"{path} is already a store; open it instead of creating it")
         if path.exists() and any(path.iterdir()):
             raise StoreError(f"{path} is not empty; give a new or empty directory for a store")
@@ -162,7 +162,7 @@ class AdapterStore:
         """Open the store at ``path``, creating it if it does not exist; either way check that
         it belongs to ``header``'s base model and embedder."""
         path = Path(path)
-        store = cls(path, **kwargs) if (path / "data.mdb").exists() else cls.create(
+        store = cls(path, **kwargs) if is_store(path) else cls.create(
             path, header, **kwargs)
         try:
             store.check_compatible(header.base_fingerprint, header.embedder_fingerprint,
@@ -178,7 +178,7 @@ class AdapterStore:
         for namespace in sorted(self._unsaved):
             index = self._indexes.get(namespace)
             if index is not None:
-                index.save(self._index_path(namespace))
+                index.save(self.layout.index(namespace))
         self._unsaved.clear()
         self._env.close()
 
@@ -267,7 +267,7 @@ class AdapterStore:
             del self._dbs[namespace]
             self._indexes.pop(namespace, None)
             self._unsaved.discard(namespace)
-            VectorIndex.remove(self._index_path(namespace))
+            VectorIndex.remove(self.layout.index(namespace))
         return n
 
     # -- atoms -------------------------------------------------------------------------------
@@ -316,55 +316,6 @@ class AdapterStore:
                 self._bump(txn, namespace)
         return n
 
-    # -- documents ---------------------------------------------------------------------------
-
-    def put_documents(self, namespace: str, manifests: dict[str, list[str]]) -> None:
-        """Record which atoms each document produced (replacing earlier manifests of the same
-        documents), so that ``delete_document`` can forget one document."""
-        self._guard_writable()
-        self._db(namespace)
-        with self._env.begin(write=True) as txn:
-            for doc_id, atom_ids in manifests.items():
-                txn.put(_document_key(namespace, doc_id), json.dumps(atom_ids).encode(),
-                        db=self._meta)
-
-    def documents(self, namespace: str) -> dict[str, list[str]]:
-        """Document id -> the ids of the atoms it produced."""
-        self._db(namespace)
-        with self._env.begin(db=self._meta) as txn:
-            return {key.split(b"\x00", 1)[1].decode(): json.loads(value)
-                    for key, value in self._document_items(txn, namespace)}
-
-    def delete_document(self, namespace: str, doc_id: str) -> int:
-        """Forget a document: its manifest and every atom of it that no other document of the
-        namespace also produced, in one transaction. Returns how many atoms were deleted."""
-        self._guard_writable()
-        db = self._db(namespace)
-        key = _document_key(namespace, doc_id)
-        with self._env.begin(write=True) as txn:
-            raw = txn.get(key, db=self._meta)
-            if raw is None:
-                raise UnknownDocumentError(f"namespace {namespace!r} has no document {doc_id!r}")
-            txn.delete(key, db=self._meta)
-            shared = {a for _, value in self._document_items(txn, namespace)
-                      for a in json.loads(value)}
-            n = sum(txn.delete(a.encode(), db=db) for a in json.loads(raw) if a not in shared)
-            if n:
-                self._bump(txn, namespace)
-        return n
-
-    def _document_items(self, txn, namespace: str) -> Iterator[tuple[bytes, bytes]]:
-        prefix = _document_key(namespace, "")
-        cursor = txn.cursor(db=self._meta)
-        if cursor.set_range(prefix):
-            for key, value in cursor:
-                if not key.startswith(prefix):
-                    break
-                yield key, value
-
-    def _document_keys(self, txn, namespace: str) -> Iterator[bytes]:
-        return (key for key, _ in self._document_items(txn, namespace))
-
     def ids(self, namespace: str) -> list[str]:
         db = self._db(namespace)
         with self._env.begin(db=db) as txn:
@@ -386,64 +337,7 @@ class AdapterStore:
         valid until the ``with`` block ends."""
         db = self._db(namespace)
         with self._env.begin(db=db, buffers=True) as txn:
-            yield Reader(self, namespace, txn)
-
-    # -- search ------------------------------------------------------------------------------
-
-    def search(self, namespace: str, queries: np.ndarray, k: int
-               ) -> list[list[tuple[str, float]]]:
-        """Top-k atoms (id, cosine) for each query vector, best first."""
-        with self._lock:  # FAISS indexes are not safe to search while another thread adds
-            return self.index(namespace).search(queries, k)
-
-    def index(self, namespace: str) -> VectorIndex:
-        """The namespace's FAISS index, rebuilt from LMDB if the cached one is stale."""
-        with self._lock:
-            return self._fresh_index(namespace)
-
-    def _fresh_index(self, namespace: str) -> VectorIndex:
-        gen = self.generation(namespace)
-        cached = self._indexes.get(namespace)
-        if cached is None or cached.generation != gen:
-            cached = VectorIndex.load(self._index_path(namespace))
-        if cached is None or cached.generation != gen:
-            cached = self._rebuild_index(namespace, gen)
-        self._indexes[namespace] = cached
-        return cached
-
-    def _rebuild_index(self, namespace: str, gen: int) -> VectorIndex:
-        ids, vectors = [], []
-        with self.read(namespace) as reader:
-            for atom_id, r in reader.items():
-                ids.append(atom_id)
-                vectors.append(r.embedding)
-        mat = np.stack(vectors) if vectors else np.zeros((0, self.header.embedding_dim),
-                                                         np.float32)
-        index = VectorIndex.build(mat, ids, gen, self.exact_limit)
-        if not self.readonly:
-            index.save(self._index_path(namespace))
-        return index
-
-    def _extend_index(self, namespace: str, added: list[rec.AtomRecord], gen_before: int,
-                      gen: int) -> None:
-        """Append new atoms to an up-to-date index instead of rebuilding it. An exact index
-        that grows past the limit is rebuilt as IVF on its next use."""
-        with self._lock:
-            self._extend_cached_index(namespace, added, gen_before, gen)
-
-    def _extend_cached_index(self, namespace: str, added: list[rec.AtomRecord], gen_before: int,
-                             gen: int) -> None:
-        index = self._indexes.get(namespace) or VectorIndex.load(self._index_path(namespace))
-        if index is None or index.generation != gen_before or (
-                index.exact and len(index.ids) + len(added) > self.exact_limit):
-            return  # stale or changing kind: rebuilt lazily by index()
-        index.add(np.stack([np.asarray(r.embedding, np.float32).reshape(-1) for r in added]),
-                  [r.id for r in added], gen)
-        self._indexes[namespace] = index
-        self._unsaved.add(namespace)  # saved on close(): saving after every put is O(n^2)
-
-    def _index_path(self, namespace: str) -> Path:
-        return self.path / "index" / quote(namespace, safe="")
+            yield Reader(self.path, namespace, txn)
 
     # -- maintenance -------------------------------------------------------------------------
 
@@ -459,7 +353,7 @@ class AdapterStore:
             size = st["psize"] * (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"])
             cached = self._indexes.get(ns)
             stamp = {"generation": cached.generation, "kind": cached.kind} if cached else \
-                VectorIndex.stamp(self._index_path(ns))
+                VectorIndex.stamp(self.layout.index(ns))
             fresh = stamp is not None and stamp.get("generation") == self.generation(ns)
             kind = stamp["kind"] if fresh else "stale"
             out.append(NamespaceStats(ns, n, size, kind))
@@ -489,65 +383,23 @@ class AdapterStore:
         if self.readonly:
             raise StoreError(f"store {self.path} is open read-only")
 
+    # -- the reader adapter ------------------------------------------------------------------
 
-class Reader:
-    """Zero-copy access to one namespace inside a read transaction (see ``AdapterStore.read``)."""
+    def reader(self) -> tuple[Packed, dict] | None:
+        """The store's reader adapter and its info (``compiler.reader``), or None."""
+        if not self.layout.reader_dir.is_dir():
+            return None
+        return read_reader(self.layout.reader_dir, self.header.base_fingerprint)
 
-    def __init__(self, store: AdapterStore, namespace: str, txn):
-        self._store, self.namespace, self._txn = store, namespace, txn
-
-    def __contains__(self, atom_id: str) -> bool:
-        return self._txn.get(atom_id.encode()) is not None
-
-    def get(self, atom_id: str, *, copy: bool = False) -> rec.AtomRecord:
-        value = self._value(atom_id)
-        with self._explained(atom_id):
-            return rec.decode(value, copy=copy)
-
-    def gather(self, ids: Sequence[str]) -> tuple[list[torch.Tensor], PackLayout]:
-        """The packed adapters of ``ids``: zero-copy flat views valid inside this ``with``
-        block, and their common layout. ``microlora.lora.compose_packed`` turns them into the
-        kernel's per-request tensors with one copy."""
-        if not ids:
-            raise StoreError("gather needs at least one atom id")
-        flats, layout = [], None
-        for atom_id in ids:
-            value = self._value(atom_id)
-            with self._explained(atom_id):
-                flat, atom_layout = rec.decode_packed(value)
-            if layout is None:
-                layout = atom_layout
-            elif atom_layout != layout:
-                raise StoreError(f"atom {atom_id} was compiled with other targets or rank than "
-                                 f"{ids[0]}; compose such atoms with stack_adapters instead")
-            flats.append(flat)
-        return flats, layout
-
-    def items(self) -> Iterator[tuple[str, rec.AtomRecord]]:
-        for key, value in self._txn.cursor():
-            atom_id = bytes(key).decode()
-            with self._explained(atom_id):
-                record = rec.decode(value, copy=False)
-            yield atom_id, record
-
-    def _value(self, atom_id: str):
-        value = self._txn.get(atom_id.encode())
-        if value is None:
-            raise StoreError(f"atom {atom_id} is not in namespace {self.namespace!r} of "
-                             f"store {self._store.path}")
-        return value
-
-    @contextmanager
-    def _explained(self, atom_id: str) -> Iterator[None]:
-        try:
-            yield
-        except StoreError as e:
-            raise StoreError(f"atom {atom_id} in {self.namespace!r} is corrupt ({e}); "
-                             "run `microlora store verify` and re-compile it") from e
-
-
-def _document_key(namespace: str, doc_id: str) -> bytes:
-    return b"doc:" + namespace.encode() + b"\x00" + doc_id.encode()
+    def install_reader(self, folder: str | Path) -> dict:
+        """Copy a reader folder (``microlora reader train``) into the store, after checking
+        it belongs to the store's base model; returns its info."""
+        _, info = read_reader(folder, self.header.base_fingerprint)
+        target = self.layout.reader_dir
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(folder, target)
+        return info
 
 
 def _lock_is_writable(path: Path) -> bool:
@@ -555,3 +407,4 @@ def _lock_is_writable(path: Path) -> bool:
     cannot reuse pages under them; on a read-only filesystem they go without."""
     lock = path / "lock.mdb"
     return os.access(lock if lock.exists() else path, os.W_OK)
+

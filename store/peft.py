@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from microlora.errors import AdapterError
+from microlora.core.errors import AdapterError
+from microlora.core.pack import Adapter, Packed
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -28,15 +29,15 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])"
 
 @dataclass
 class PeftAdapter:
-    """A LoRA read from a PEFT folder: module -> (A (r, in), B (out, r)), scale folded into B."""
+    """A LoRA read from a PEFT folder, its scale folded into B."""
 
-    adapter: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    adapter: Packed
     base_model: str  # base_model_name_or_path, as the folder says (informational)
     config: dict
 
 
-def write_peft(out_dir: str | Path, adapter: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
-               base_model: str = "", fan_in_fan_out: bool = False) -> Path:
+def write_peft(out_dir: str | Path, adapter: Adapter, *, base_model: str = "",
+               fan_in_fan_out: bool = False) -> Path:
     """Write ``adapter`` (delta = B A per module, tensors kept in their dtype) as a PEFT LoRA
     folder. Modules of lower rank are zero-padded to the largest, so one ``r`` describes it."""
     if not adapter:
@@ -103,7 +104,8 @@ def read_peft(path: str | Path) -> PeftAdapter:
         adapter[module] = (A, B * _scale(config, module, A.shape[0]))
     if not adapter:
         raise AdapterError(f"{weights_file} holds no LoRA weights")
-    return PeftAdapter(adapter, str(config.get("base_model_name_or_path") or ""), config)
+    return PeftAdapter(Packed.of(adapter), str(config.get("base_model_name_or_path") or ""),
+                       config)
 
 
 def _scale(config: dict, module: str, rank: int) -> float:
@@ -123,18 +125,17 @@ def _scale(config: dict, module: str, rank: int) -> float:
 READER_INFO = "microlora-reader.json"
 
 
-def write_reader(out_dir: str | Path, adapter: dict[str, tuple[torch.Tensor, torch.Tensor]], *,
-                 base_fingerprint: str, base_model: str, info: dict) -> Path:
+def write_reader(out_dir: str | Path, adapter: Packed, *, base_fingerprint: str,
+                 base_model: str, info: dict) -> Path:
     """A reader adapter (``compiler.reader``): a PEFT folder plus what it was trained for and
     on, so it is never composed into a model it does not belong to."""
-    out = write_peft(out_dir, adapter, base_model=base_model)
+    out = write_peft(out_dir, adapter.unpack(), base_model=base_model)
     (out / READER_INFO).write_text(json.dumps({"base_fingerprint": base_fingerprint, **info},
                                               indent=2))
     return out
 
 
-def read_reader(path: str | Path, base_fingerprint: str
-                ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+def read_reader(path: str | Path, base_fingerprint: str) -> tuple[Packed, dict]:
     """(the reader's adapter, its info); refuses a reader made for another base model."""
     path = Path(path)
     try:

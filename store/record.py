@@ -2,7 +2,7 @@
 
 A value is a 24-byte prefix (magic, record version, BLAKE2b-128 checksum of the rest) followed
 by a standard safetensors payload with two tensors: ``microlora.adapter``, the whole adapter as
-one flat bf16/fp16 vector in ``PackLayout`` order (so k atoms compose with a single stack), and
+one flat bf16/fp16 vector in ``PackLayout`` order (``microlora.core.pack.Packed``), and
 ``microlora.embedding``; the layout, text, provenance and config are JSON in the safetensors
 metadata. Decoding reads tensors straight out of the buffer (LMDB's memory map) without
 copying; verification recomputes the checksum.
@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
-from microlora.errors import StoreError
-from microlora.lora import PackLayout
+from microlora.core.errors import StoreError
+from microlora.core.pack import Packed, PackLayout
 
 MAGIC = b"MLA\x00"
 RECORD_VERSION = 1
@@ -38,8 +38,8 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 class AtomRecord:
     """A knowledge atom as the store keeps it.
 
-    adapter: module name -> (A: (r, in), B: (out, r)), PEFT's layout, with the compile scale
-        folded into B: the atom's delta is exactly B @ A.
+    adapter: the packed adapter, the compile scale folded into B (delta = B @ A);
+        ``adapter.unpack()`` gives module name -> (A: (r, in), B: (out, r)), PEFT's layout.
     embedding: the atom text's unit-norm vector (what the FAISS index is rebuilt from).
     source, start, end: where the text came from (character offsets into the source).
     config: the compile config that produced the adapter (rank, scale, targets, ...).
@@ -47,7 +47,7 @@ class AtomRecord:
 
     id: str
     text: str
-    adapter: dict[str, tuple[Tensor, Tensor]]
+    adapter: Packed
     embedding: np.ndarray
     base_fingerprint: str
     source: str = ""
@@ -57,7 +57,7 @@ class AtomRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.adapter.values())
+        return self.adapter.flat.nbytes
 
 
 def checksum(payload: bytes | memoryview) -> bytes:
@@ -68,8 +68,8 @@ def encode(record: AtomRecord, dtype: torch.dtype = torch.bfloat16) -> bytes:
     """Serialise a record; adapter tensors are stored in ``dtype`` (bf16 or fp16)."""
     if dtype not in (torch.bfloat16, torch.float16):
         raise StoreError(f"adapters are stored as bf16 or fp16, not {dtype}")
-    layout = PackLayout.of(record.adapter)
-    tensors = {ADAPTER_KEY: layout.pack(record.adapter, dtype),
+    layout = record.adapter.layout
+    tensors = {ADAPTER_KEY: record.adapter.flat.to("cpu", dtype),
                EMBEDDING_KEY: torch.as_tensor(np.asarray(record.embedding, np.float32)).reshape(-1)}
     meta = {"id": record.id, "text": record.text, "source": record.source,
             "start": record.start, "end": record.end, "config": record.config,
@@ -102,21 +102,15 @@ def decode(value: bytes | memoryview, *, copy: bool = True) -> AtomRecord:
         embedding = tensors[EMBEDDING_KEY]
     except (ValueError, KeyError) as e:
         raise StoreError(f"unreadable record metadata: {e}") from e
-    flat, layout = _adapter(header, tensors)
+    adapter = _adapter(header, tensors)
     if copy:
-        flat, embedding = flat.clone(), embedding.clone()
+        adapter, embedding = adapter.to(adapter.flat.dtype), embedding.clone()
     return AtomRecord(
-        id=meta["id"], text=meta["text"], adapter=layout.unpack(flat),
+        id=meta["id"], text=meta["text"], adapter=adapter,
         embedding=embedding.numpy(), base_fingerprint=meta["base_fingerprint"],
         source=meta["source"], start=meta["start"], end=meta["end"], config=meta["config"],
         extra=meta.get("extra", {}),
     )
-
-
-def decode_packed(value: bytes | memoryview) -> tuple[Tensor, PackLayout]:
-    """Just the flat adapter (a zero-copy view) and its layout: the fetch fast path, which
-    skips the text and provenance."""
-    return _adapter(*_parse(value))
 
 
 def _parse(value: bytes | memoryview) -> tuple[dict[str, str], dict[str, Tensor]]:
@@ -132,14 +126,14 @@ def _parse(value: bytes | memoryview) -> tuple[dict[str, str], dict[str, Tensor]
         raise StoreError(f"unreadable record header: {e}") from e
 
 
-def _adapter(metadata: dict[str, str], tensors: dict[str, Tensor]) -> tuple[Tensor, PackLayout]:
+def _adapter(metadata: dict[str, str], tensors: dict[str, Tensor]) -> Packed:
     try:
         layout, flat = _layout(metadata["microlora.layout"]), tensors[ADAPTER_KEY]
     except (ValueError, KeyError, TypeError) as e:
         raise StoreError(f"unreadable adapter layout: {e}") from e
-    if flat.numel() != layout.size:
+    if flat.dim() != 1 or flat.numel() != layout.size:
         raise StoreError(f"adapter has {flat.numel()} values, its layout needs {layout.size}")
-    return flat, layout
+    return Packed(flat, layout)
 
 
 def _layout_json(layout: PackLayout) -> str:

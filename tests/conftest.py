@@ -16,7 +16,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from microlora.paths import HOME_ENV
+from microlora.core.pack import Packed
+from microlora.core.paths import HOME_ENV
 from store import AdapterStore, AtomRecord, StoreHeader
 
 TINY_CONFIGS = {
@@ -74,8 +75,8 @@ def store_of_random_atoms(path, base, emb, corpus: dict[str, list[str]], scale: 
     """A store for ``base`` whose namespaces hold the given texts as atoms with random rank-2
     adapters on the MLPs of the last 2 layers (ids ``<namespace>-<i>``, ':' as '-')."""
     from compiler.pipeline import store_header
-    from microlora.lora import MultiLoraModel
-    from microlora.targets import TargetSpec
+    from microlora.core.config import TargetSpec
+    from microlora.core.kernel import MultiLoraModel
 
     lora = MultiLoraModel(base.model, TargetSpec(last_layers=2))
     shapes = lora.shapes()
@@ -84,7 +85,8 @@ def store_of_random_atoms(path, base, emb, corpus: dict[str, list[str]], scale: 
         for n, (ns, texts) in enumerate(corpus.items()):
             vectors = emb.encode(texts)
             s.put(ns, [AtomRecord(id=f"{ns.replace(':', '-')}-{i}", text=t,
-                                  adapter=random_adapter(shapes, 2, seed=100 * n + i, scale=scale),
+                                  adapter=Packed.of(random_adapter(shapes, 2, seed=100 * n + i,
+                                                                   scale=scale)),
                                   embedding=vectors[i], base_fingerprint=base.fingerprint,
                                   source=f"{ns}.txt", start=i, end=i + len(t))
                        for i, t in enumerate(texts)])
@@ -105,7 +107,7 @@ HEADER = StoreHeader(base_fingerprint="base-a" * 4, base_name="tiny", embedder_f
 def make_records(n, seed=0, fingerprint=HEADER.base_fingerprint, dim=DIM):
     vecs = unit_vectors(n, dim, seed)
     return [AtomRecord(id=f"atom{seed:02d}{i:04d}", text=f"fact {i} of batch {seed}",
-                       adapter=random_adapter(SHAPES, rank=2, seed=1000 * seed + i),
+                       adapter=Packed.of(random_adapter(SHAPES, rank=2, seed=1000 * seed + i)),
                        embedding=vecs[i], base_fingerprint=fingerprint, source=f"doc{seed}.txt",
                        start=10 * i, end=10 * i + 9, config={"rank": 2, "scale": 1.0})
             for i in range(n)]

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from compiler.chunking import ChunkConfig, chunk_document
+from compiler.chunking import chunk_document
 from compiler.documents import Document, read_documents
+from microlora.core.config import ChunkConfig
 
 
 def word_tokenizer():

@@ -42,7 +42,7 @@ def test_ls_and_stats(store_dir):
 def test_verify_reports_corruption_with_exit_code(store_dir):
     assert run("store", "verify", "--store", store_dir).output.strip() == "ok: 6 atoms verified"
     victim = make_records(2, seed=1)[1]
-    A = next(iter(victim.adapter.values()))[0].bfloat16()
+    A = next(iter(victim.adapter.unpack().values()))[0].bfloat16()
     flip_byte_inside(store_dir, A.view(dtype=__import__("torch").int16).numpy().tobytes()[:64])
     before = tree_bytes(store_dir)
     result = run("store", "verify", "--store", store_dir)
@@ -74,7 +74,7 @@ def test_user_errors_are_one_clean_line(tmp_path, store_dir):
 
 
 def test_verify_against_a_base_model(tmp_path):
-    from microlora.models import fingerprint_model
+    from microlora.core.models import fingerprint_model
 
     ours, other = save_tiny(tmp_path / "ours", seed=0), save_tiny(tmp_path / "other", seed=1)
     header = StoreHeader(**{**HEADER.__dict__,

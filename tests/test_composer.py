@@ -12,14 +12,15 @@ from click.testing import CliRunner
 from conftest import random_adapter, save_tiny, store_of_random_atoms, with_deltas_added
 
 from compiler.pipeline import store_header
-from composer import AskConfig, Composer, Mode
+from composer import Composer
 from composer.generation import cut_at_stop, encode_prompts
 from composer.prompts import ANSWER_END
 from microlora.cli import cli
-from microlora.embedder import load_embedder
-from microlora.errors import MicroloraError, StoreMismatchError, UnknownNamespaceError
-from microlora.models import load_base_model
-from microlora.targets import TargetSpec
+from microlora.core.config import AskConfig, Mode, TargetSpec
+from microlora.core.embedder import load_embedder
+from microlora.core.errors import MicroloraError, StoreMismatchError, UnknownNamespaceError
+from microlora.core.models import load_base_model
+from microlora.core.pack import Packed
 from store import AdapterStore, AtomRecord
 
 CORPUS = {
@@ -28,7 +29,7 @@ CORPUS = {
     "user:bob": ["w3 w5 w7 w8", "w11 w13 w16", "w90 w91 w92"],
 }
 QUESTIONS = ["w1 w2 w3", "w41 w42", "w70 w71 w72 w73 w74"]
-ONE_ATOM = {"model.layers.2.mlp.up_proj": (torch.zeros(1, 32), torch.zeros(64, 1))}
+ONE_ATOM = Packed.of({"model.layers.2.mlp.up_proj": (torch.zeros(1, 32), torch.zeros(64, 1))})
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_stacked_merged_and_the_sum_of_deltas_agree(kit):
     base = kit[0]
     with open_composer(kit) as c:
         hits = c.retrieve(["w1 w2 w3"], ["wiki"], AskConfig(k=3))[0]
-        stored = [r.adapter for r in c.store.get("wiki", [h.id for h in hits])]
+        stored = [r.adapter.unpack() for r in c.store.get("wiki", [h.id for h in hits])]
         ids, mask = encode_prompts(base.tokenizer, ["w1 w2 w3 w4 w5"], base.device)
         plain = last_logits(base.model, ids, mask)
         reference = last_logits(with_deltas_added(
@@ -63,7 +64,7 @@ def test_stacked_merged_and_the_sum_of_deltas_agree(kit):
         adapters = c.compose([hits])
         with c.lora.adapters(adapters):
             stacked = last_logits(base.model, ids, mask)
-        with c.lora.merged({name: (A[0], B[0]) for name, (A, B) in adapters.items()}):
+        with c.lora.merged(adapters):
             merged = last_logits(base.model, ids, mask)
         assert not torch.allclose(plain, reference, atol=1e-3)  # the atoms do change outputs
         torch.testing.assert_close(stacked, reference, atol=1e-5, rtol=1e-5)
@@ -81,7 +82,7 @@ def test_score_weighting_scales_each_delta(kit):
         hits = c.retrieve(["w1 w2 w3"], ["wiki"], AskConfig(k=3, weighting="score"))[0]
         assert sum(h.weight for h in hits) == pytest.approx(3.0)
         assert len({round(h.weight, 6) for h in hits}) > 1
-        stored = [r.adapter for r in c.store.get("wiki", [h.id for h in hits])]
+        stored = [r.adapter.unpack() for r in c.store.get("wiki", [h.id for h in hits])]
         weighted = [{k: (A.float(), B.float() * h.weight) for k, (A, B) in a.items()}
                     for a, h in zip(stored, hits)]
         ids, mask = encode_prompts(base.tokenizer, ["w1 w2 w3"], base.device)
@@ -165,18 +166,31 @@ def test_a_user_never_sees_another_users_atoms(kit):
         assert {s.text for s in answer.sources} == set(CORPUS["user:ana"])
 
 
-def test_modes_decide_what_is_used(kit):
-    base = kit[0]
+def test_modes_decide_what_is_used(kit, monkeypatch):
+    """What generation receives, by mode: the prompt it decodes and whether any adapter is
+    active on the model while it does (spied on at the call, not inferred afterwards)."""
+    import composer.composer as composer_module
+
+    seen = []
+    real = composer_module.generate
+
+    def spy(model, tokenizer, ids, mask, **kwargs):
+        active = [layer for layer in c.lora.layers.values() if layer.lora_A is not None]
+        seen.append((tokenizer.decode(ids[0][mask[0].bool()]), bool(active)))
+        return real(model, tokenizer, ids, mask, **kwargs)
+
+    monkeypatch.setattr(composer_module, "generate", spy)
     with open_composer(kit) as c:
-        none = c.ask("w1 w2 w3", ["wiki"], AskConfig(mode="none", max_new_tokens=4))
-        assert none.sources == []
-        ctx = c.ask("w1 w2 w3", ["wiki"], AskConfig(mode="context", k=2, max_new_tokens=4))
-        assert len(ctx.sources) == 2 and ctx.mode is Mode.CONTEXT
-        # context mode puts passages in the prompt and no adapters in the model
-        from composer.prompts import build_prompt
-        prompt = build_prompt(base.tokenizer, "w1 w2 w3", [s.text for s in ctx.sources])
-        assert all(s.text in prompt for s in ctx.sources)
-        assert all(layer.lora_A is None for layer in c.lora.layers.values())
+        answers = {mode: c.ask("w1 w2 w3", ["wiki"], AskConfig(mode=mode, k=2,
+                                                                max_new_tokens=4))
+                   for mode in ("none", "context", "parametric")}
+    (none_prompt, none_adapted), (ctx_prompt, ctx_adapted), (par_prompt, par_adapted) = seen
+    assert answers["none"].sources == [] and not none_adapted
+    texts = [s.text for s in answers["context"].sources]
+    assert len(texts) == 2 and answers["context"].mode is Mode.CONTEXT
+    assert all(t in ctx_prompt for t in texts) and not ctx_adapted
+    assert len(answers["parametric"].sources) == 2 and par_adapted
+    assert not any(t in par_prompt for t in texts) and par_prompt == none_prompt
 
 
 def test_streamed_text_is_the_answer(kit):
@@ -281,8 +295,8 @@ def test_cli_defaults_are_the_ask_defaults():
     for name in ("k", "min_score", "weighting", "composition", "max_new_tokens", "end_bias",
                  "hybrid", "passage_weight"):
         assert defaults[name] == getattr(config, name), name
-    from composer.composer import HYBRIDS
     from microlora.commands import ask
+    from microlora.core.config import HYBRIDS
 
     assert ask.HYBRIDS == HYBRIDS
     from microlora.commands.quickstart import quickstart
@@ -422,10 +436,10 @@ def test_a_reader_is_composed_beside_every_requests_atoms(kit):
         hits = c.retrieve(["w1 w2 w3"], ["wiki"], AskConfig(k=2))
         shapes = {n: (A.shape[2], B.shape[1]) for n, (A, B) in c.compose(hits).items()}
         reader = random_adapter(shapes, 3, seed=77, scale=0.4)
-        atoms = [c.store.get("wiki", [h.id])[0].adapter for h in hits[0]]
-        c.use_reader(reader)
+        atoms = [c.store.get("wiki", [h.id])[0].adapter.unpack() for h in hits[0]]
+        c.use_reader(Packed.of(reader))
         ids, mask = encode_prompts(base.tokenizer, ["w5 w6 w7"], base.device)
-        with c._adapters_for(hits, AskConfig(k=2)):
+        with c.lora.adapters(c.compose(hits)):
             ours = last_logits(base.model, ids, mask)
         none = c.ask("w1 w2 w3", ["wiki"], AskConfig(mode="none", max_new_tokens=4)).text
         c.use_reader(None)
@@ -436,7 +450,8 @@ def test_a_reader_is_composed_beside_every_requests_atoms(kit):
 
 
 def test_reader_training_lowers_the_answer_loss(tiny_models):
-    from compiler.reader import ReaderConfig, ReaderExample, train_reader
+    from compiler.reader import ReaderExample, train_reader
+    from microlora.core.config import ReaderConfig
 
     base = load_base_model(tiny_models[0])
     examples = [ReaderExample(f"w{i} w{i + 1} w{i + 2}", f" w{100 + i}\n", []) for i in range(6)]
@@ -444,5 +459,5 @@ def test_reader_training_lowers_the_answer_loss(tiny_models):
     losses = []
     reader = train_reader(base, examples, config, progress=lambda _s, _n, loss: losses.append(loss))
     assert len(losses) == 16 and losses[-1] < 0.7 * losses[0]
-    assert all(B.abs().max() > 0 for _, B in reader.values())
+    assert all(B.abs().max() > 0 for _, B in reader.unpack().values())
     assert not any(type(m).__name__ == "MultiLoraLinear" for m in base.model.modules())

@@ -10,11 +10,12 @@ import os
 import pytest
 import torch
 
-from microlora.embedder import load_embedder
-from microlora.lora import MultiLoraModel, combine_adapters, stack_adapters
-from microlora.models import default_model_dir, load_base_model
-from microlora.paths import HOME_ENV
-from microlora.targets import TargetSpec
+from microlora.core.config import TargetSpec
+from microlora.core.embedder import load_embedder
+from microlora.core.kernel import MultiLoraModel
+from microlora.core.models import default_model_dir, load_base_model
+from microlora.core.pack import Packed, compose
+from microlora.core.paths import HOME_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -79,9 +80,10 @@ def test_adapters_on_default_targets(gemma):
         with torch.no_grad():
             with lora.adapters({}):
                 assert torch.equal(model(input_ids=ids).logits, plain)
-            with lora.adapters(stack_adapters([atoms])):
+            composed = compose([[Packed.of(a) for a in atoms]])
+            with lora.adapters(composed):
                 stacked = model(input_ids=ids).logits
-            with lora.merged(combine_adapters(atoms)):
+            with lora.merged(composed):
                 merged = model(input_ids=ids).logits
         assert (stacked - plain).abs().max() > 0.1
         torch.testing.assert_close(stacked, merged, atol=2e-3, rtol=1e-4)
@@ -102,7 +104,7 @@ def test_default_embedder_ranks_paraphrases_first():
 
 def test_compile_real_sentences_with_the_default_models(gemma, tmp_path):
     from compiler.pipeline import compile_corpus
-    from compiler.trainer import TrainConfig
+    from microlora.core.config import TrainConfig
     from store import AdapterStore
 
     base, _ = gemma
@@ -118,7 +120,7 @@ def test_compile_real_sentences_with_the_default_models(gemma, tmp_path):
             ids = base.tokenizer(record.text, return_tensors="pt").input_ids
             with torch.no_grad():
                 untrained = base.model(input_ids=ids, labels=ids).loss.item()
-            assert len(record.adapter) == 18
+            assert len(record.adapter.modules) == 18
             assert record.extra["final_loss"] < 0.5 * untrained  # it learned its sentence
 
 

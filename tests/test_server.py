@@ -15,15 +15,13 @@ import pytest
 from click.testing import CliRunner
 from conftest import store_of_random_atoms
 
-from compiler.chunking import ChunkConfig
-from compiler.trainer import TrainConfig
-from composer import AskConfig, Composer
+from composer import Composer
 from microlora.cli import cli
-from microlora.embedder import load_embedder
-from microlora.models import load_base_model
+from microlora.core.config import AskConfig, ChunkConfig, TargetSpec, TrainConfig
+from microlora.core.embedder import load_embedder
+from microlora.core.models import load_base_model
 from microlora.server.app import ServeConfig, Service, serve_in_thread
 from microlora.server.keys import KeyStore
-from microlora.targets import TargetSpec
 from store import AdapterStore
 
 SHARED = {

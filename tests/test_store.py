@@ -17,7 +17,7 @@ from conftest import (
     unit_vectors,
 )
 
-from microlora.errors import (
+from microlora.core.errors import (
     StoreError,
     StoreMismatchError,
     UnknownDocumentError,
@@ -40,30 +40,30 @@ def test_round_trip_keeps_everything(store):
         assert (have.id, have.text, have.source, have.start, have.end, have.config) == (
             want.id, want.text, want.source, want.start, want.end, want.config)
         np.testing.assert_array_equal(have.embedding, want.embedding)
-        assert set(have.adapter) == set(SHAPES)
-        for name, (A, B) in want.adapter.items():
-            assert have.adapter[name][0].dtype == torch.bfloat16
-            assert torch.equal(have.adapter[name][0], A.to(torch.bfloat16))
-            assert torch.equal(have.adapter[name][1], B.to(torch.bfloat16))
+        assert set(have.adapter.modules) == set(SHAPES)
+        got_modules = have.adapter.unpack()
+        for name, (A, B) in want.adapter.unpack().items():
+            assert got_modules[name][0].dtype == torch.bfloat16
+            assert torch.equal(got_modules[name][0], A.to(torch.bfloat16))
+            assert torch.equal(got_modules[name][1], B.to(torch.bfloat16))
 
 
 def test_fp16_storage(store):
     rec = make_records(1)[0]
     store.put("docs", [rec], dtype=torch.float16)
-    A = store.get("docs", [rec.id])[0].adapter["model.layers.2.mlp.up_proj"][0]
+    A = store.get("docs", [rec.id])[0].adapter.unpack()["model.layers.2.mlp.up_proj"][0]
     assert A.dtype == torch.float16
-    assert torch.equal(A, rec.adapter["model.layers.2.mlp.up_proj"][0].half())
+    assert torch.equal(A, rec.adapter.unpack()["model.layers.2.mlp.up_proj"][0].half())
 
 
 def test_reads_are_zero_copy_views_of_the_map(store):
     rec = make_records(1)[0]
     store.put("docs", [rec])
-    name = next(iter(SHAPES))
     with store.read("docs") as reader:
-        first = reader.get(rec.id).adapter[name][0]
-        second = reader.get(rec.id).adapter[name][0]
+        first = reader.get(rec.id).adapter.flat
+        second = reader.get(rec.id).adapter.flat
         assert first.data_ptr() == second.data_ptr()  # both point into LMDB's memory map
-        copied = reader.get(rec.id, copy=True).adapter[name][0]
+        copied = reader.get(rec.id, copy=True).adapter.flat
         assert copied.data_ptr() != first.data_ptr()
         assert torch.equal(copied, first)
 
@@ -162,7 +162,7 @@ def test_verify_names_the_corrupt_atom(store):
     store.put("docs", recs)
     assert store.verify().ok and store.verify().checked == 5
     victim = recs[3]
-    A = victim.adapter["model.layers.2.mlp.down_proj"][0].to(torch.bfloat16)
+    A = victim.adapter.unpack()["model.layers.2.mlp.down_proj"][0].to(torch.bfloat16)
     flip_byte_inside(store.path, A.view(torch.int16).numpy().tobytes()[:64])
     report = store.verify()
     assert [(ns, i) for ns, i, _ in report.bad] == [("docs", victim.id)]
@@ -240,32 +240,18 @@ def test_index_extended_by_puts_is_saved_on_close(store):
         assert len(again.index("docs").ids) == 6
 
 
-def test_gather_stacks_packed_adapters_for_composition(store):
-    from microlora.lora import compose_packed, stack_adapters
-
+def test_gather_reads_whole_records_in_order_from_one_transaction(store):
     recs = make_records(5)
     store.put("docs", recs)
-    pick = [recs[3].id, recs[0].id, recs[4].id]
+    pick = [recs[3], recs[0], recs[4]]
     with store.read("docs") as reader:
-        flats, layout = reader.gather(pick)
-        composed = compose_packed([flats], layout)
+        got = reader.gather([r.id for r in pick])
+        assert [(g.id, g.text, g.source) for g in got] == [(r.id, r.text, r.source) for r in pick]
+        assert got[1].adapter.flat.data_ptr() == reader.get(recs[0].id).adapter.flat.data_ptr()
         with pytest.raises(StoreError, match="not in namespace"):
             reader.gather([recs[0].id, "missing"])
-    want = stack_adapters([[{n: (A.bfloat16(), B.bfloat16()) for n, (A, B) in r.adapter.items()}
-                            for r in (recs[3], recs[0], recs[4])]], dtype=torch.bfloat16)
-    assert [f.shape for f in flats] == [(layout.size,)] * 3 and composed.keys() == want.keys()
-    for name in want:
-        assert torch.equal(composed[name][0], want[name][0])
-        assert torch.equal(composed[name][1], want[name][1])
-
-
-def test_gather_refuses_mixed_layouts(store):
-    rank2 = make_records(1, seed=0)[0]
-    rank1 = make_records(1, seed=1)[0]
-    rank1.adapter = {n: (A[:1], B[:, :1]) for n, (A, B) in rank1.adapter.items()}
-    store.put("docs", [rank2, rank1])
-    with store.read("docs") as reader, pytest.raises(StoreError, match="stack_adapters"):
-        reader.gather([rank2.id, rank1.id])
+    for g, r in zip(store.get("docs", [r.id for r in pick]), pick):
+        assert torch.equal(g.adapter.flat, r.adapter.flat.bfloat16())
 
 
 def test_a_failed_first_put_leaves_no_namespace(tmp_path):

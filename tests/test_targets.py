@@ -1,8 +1,9 @@
 import pytest
 from conftest import tiny_model
 
-from microlora.errors import TargetError
-from microlora.targets import TargetSpec, select_targets
+from microlora.core.config import TargetSpec
+from microlora.core.errors import TargetError
+from microlora.core.targets import select_targets
 
 
 def test_default_spec_selects_mlp_of_last_layers(arch):

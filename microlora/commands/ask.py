@@ -66,7 +66,8 @@ def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weigh
       microlora ask "Who founded Brightwater Clockworks?" --store ~/kb --explain
       microlora ask "..." --store ~/kb -n user:ana -n wiki --mode hybrid
     """
-    from composer import AskConfig, Composer
+    from composer import Composer
+    from microlora.core.config import AskConfig
 
     config = AskConfig(mode=mode, k=k, min_score=min_score, weighting=weighting,
                        composition=composition, max_new_tokens=max_new_tokens,

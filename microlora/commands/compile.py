@@ -45,8 +45,8 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
 
     from compiler.distributed import Ranks, compile_distributed
     from compiler.pipeline import compile_corpus
-    from microlora.embedder import load_embedder
-    from microlora.models import load_base_model
+    from microlora.core.embedder import load_embedder
+    from microlora.core.models import load_base_model
     from store import validate_namespace
 
     validate_namespace(namespace)

@@ -7,7 +7,7 @@ import time
 import click
 
 from microlora.commands.options import model_options
-from microlora.paths import dir_bytes
+from microlora.core.paths import dir_bytes
 
 
 @click.command()
@@ -20,10 +20,10 @@ def doctor(base_model: str | None, embedder: str | None, device: str | None) -> 
     """
     import torch
 
-    from microlora.embedder import load_embedder
-    from microlora.lora import MultiLoraModel
-    from microlora.models import default_model_dir, load_base_model
-    from microlora.targets import TargetSpec
+    from microlora.core.config import TargetSpec
+    from microlora.core.embedder import load_embedder
+    from microlora.core.kernel import MultiLoraModel
+    from microlora.core.models import default_model_dir, load_base_model
 
     if base_model is None and not default_model_dir().exists():
         click.echo("Converting the packaged Gemma 3 270M GGUF to safetensors (once, ~1 min)...")

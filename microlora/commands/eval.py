@@ -75,12 +75,12 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
     Example (15-20 minutes on 2 CPU cores):
       microlora eval --data benchmarks/data/cpkc_dev.jsonl --limit 100 --out results/qa.json
     """
-    from composer import AskConfig
-    from microlora.embedder import load_embedder
+    from microlora.core.config import AskConfig
+    from microlora.core.embedder import load_embedder
+    from microlora.core.models import load_base_model
     from microlora.evaluation import EvalConfig, run_eval
     from microlora.evaluation.datasets import load_dataset
     from microlora.evaluation.report import markdown, write_report
-    from microlora.models import load_base_model
 
     kind = kind or ("fictional" if data_path.suffix == ".json" else "cpkc")
     try:

@@ -35,8 +35,9 @@ def export_command(out_dir: Path, store_dir: Path, atoms, query, namespaces, k, 
       microlora export out/ --store ~/kb --query "Who founded Brightwater Clockworks?"
       microlora export out/ --store ~/kb --atoms 3f2a... --atoms 9c41...
     """
-    from composer import AskConfig, Composer
+    from composer import Composer
     from composer.export import export_peft, hits_for_atoms
+    from microlora.core.config import AskConfig
 
     if bool(atoms) == bool(query):
         raise click.UsageError("give --atoms ID... or --query TEXT (one of them)")
@@ -71,8 +72,8 @@ def import_command(peft_dir: Path, store_dir: Path, namespace: str, text: str, b
       microlora import ./my-lora --store ~/kb -n imported --text "Velmora's currency facts"
     """
     from compiler.peft_import import import_peft
-    from microlora.embedder import load_embedder
-    from microlora.models import load_base_model
+    from microlora.core.embedder import load_embedder
+    from microlora.core.models import load_base_model
     from store import AdapterStore, validate_namespace
 
     validate_namespace(namespace)
@@ -82,4 +83,4 @@ def import_command(peft_dir: Path, store_dir: Path, namespace: str, text: str, b
         record = import_peft(peft_dir, store, base=base, embedder=emb, namespace=namespace,
                              text=text)
     click.echo(f"imported {peft_dir} as atom {record.id} (rank {record.config['rank']}, "
-               f"{len(record.adapter)} modules) into {store_dir} [{namespace}]")
+               f"{len(record.adapter.modules)} modules) into {store_dir} [{namespace}]")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from compiler.views import STYLES as VIEW_STYLES  # plain Python: keeps `--help` free of torch
+from microlora.core.config import VIEW_STYLES
 
 
 def model_options(f):
@@ -71,9 +71,7 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                  batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int,
                  qa_views: int = 2, view_style: str = "sentence"):
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
-    from compiler.chunking import ChunkConfig
-    from compiler.trainer import TrainConfig
-    from microlora.targets import TargetSpec
+    from microlora.core.config import ChunkConfig, TargetSpec, TrainConfig
 
     try:
         spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),

@@ -37,10 +37,11 @@ def quickstart(store_dir: Path | None, fresh: bool, k: int, base_model, embedder
     from tqdm import tqdm
 
     from compiler.pipeline import compile_corpus
-    from composer import AskConfig, Composer
-    from microlora.embedder import load_embedder
-    from microlora.models import default_model_dir, load_base_model
-    from microlora.paths import microlora_home
+    from composer import Composer
+    from microlora.core.config import AskConfig
+    from microlora.core.embedder import load_embedder
+    from microlora.core.models import default_model_dir, load_base_model
+    from microlora.core.paths import microlora_home
     from store import AdapterStore
 
     store_dir = Path(store_dir or microlora_home() / "quickstart").expanduser()

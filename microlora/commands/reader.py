@@ -3,7 +3,6 @@ from composed atoms."""
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,11 +56,11 @@ def train(data_path, split, limit, distractors, out, k, reader_rank, epochs, rea
       microlora reader train --data benchmarks/data/cpkc_dev.jsonl --out ~/readers/gemma
       microlora reader install ~/readers/gemma --store ~/kb
     """
-    from compiler.reader import ReaderConfig
-    from microlora.embedder import load_embedder
+    from microlora.core.config import ReaderConfig
+    from microlora.core.embedder import load_embedder
+    from microlora.core.models import load_base_model
     from microlora.evaluation.datasets import load_dataset
     from microlora.evaluation.reader import build_reader
-    from microlora.models import load_base_model
 
     recipe, chunk = build_recipe(rank, max_steps, stop_prob, lr, neighbours, batch_atoms,
                                  last_layers, modules, max_atom_tokens, qa_views,
@@ -89,15 +88,9 @@ def train(data_path, split, limit, distractors, out, k, reader_rank, epochs, rea
 def install(folder: Path, store_dir: Path) -> None:
     """Copy the reader in FOLDER into a store; `ask`, `serve` and `eval` then compose it beside
     the atoms (`ask --no-reader` to leave it out). Checked against the store's base model."""
-    from composer.composer import READER_DIR
     from store import AdapterStore
-    from store.peft import read_reader
 
-    with AdapterStore(store_dir, readonly=True) as store:
-        _, info = read_reader(folder, store.header.base_fingerprint)
-    target = store_dir / READER_DIR
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(folder, target)
+    with AdapterStore(store_dir) as store:
+        info = store.install_reader(folder)
     click.echo(f"installed the reader ({info.get('questions')} training questions) into "
                f"{store_dir}")

@@ -48,7 +48,7 @@ def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens:
     """
     import uvicorn
 
-    from composer import AskConfig
+    from microlora.core.config import AskConfig
     from microlora.server.app import ServeConfig, create_app, open_service
 
     config = ServeConfig(max_batch=max_batch, ask=AskConfig(k=k, max_new_tokens=max_new_tokens))
@@ -120,6 +120,8 @@ def revoke(key_id: str, store_dir: Path) -> None:
 
 
 def _require_store(store_dir: Path) -> None:
-    if not (store_dir / "data.mdb").exists():
+    from store import is_store
+
+    if not is_store(store_dir):
         raise click.ClickException(f"{store_dir} is not a store yet; compile documents into it "
                                    "or start `microlora serve --store` on it first")

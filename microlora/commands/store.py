@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from microlora.commands.options import store_option
-from microlora.paths import dir_bytes
+from microlora.core.paths import dir_bytes
 
 store_option = store_option(help="The store directory (made by `microlora compile --store DIR`).")
 
@@ -72,7 +72,7 @@ def verify(store_dir: Path, namespace: tuple[str, ...], base_model: str | None) 
     """
     with _open(store_dir) as s:
         if base_model is not None:
-            from microlora.models import load_base_model
+            from microlora.core.models import load_base_model
 
             base = load_base_model(base_model, device="cpu")
             s.check_compatible(base.fingerprint, base_name=base.name)

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from microlora.errors import MicroloraError
+from microlora.core.errors import MicroloraError
 
 TUNE_ROWS = {"cpkc": 100, "fictional": 30}  # the last rows of each file: the tuning split
 SPLITS = ("eval", "tune", "all")

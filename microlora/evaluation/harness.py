@@ -15,15 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from compiler.chunking import ChunkConfig
 from compiler.pipeline import CompileReport, compile_corpus
-from compiler.trainer import TrainConfig
-from composer import AskConfig, Composer, Hit, Mode
+from composer import Composer, Hit
 from composer.retrieval import weigh
-from microlora.embedder import Embedder
+from microlora.core.config import AskConfig, ChunkConfig, Mode, TrainConfig
+from microlora.core.embedder import Embedder
+from microlora.core.models import BaseModel
 from microlora.evaluation import metrics
 from microlora.evaluation.datasets import Dataset, Item
-from microlora.models import BaseModel
 from store import AdapterStore
 from store.peft import read_reader
 

@@ -11,15 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from compiler.chunking import ChunkConfig
-from compiler.reader import ReaderConfig, ReaderExample, train_reader
-from compiler.trainer import TrainConfig
-from composer import AskConfig, Composer
+from compiler.reader import ReaderExample, train_reader
+from composer import Composer
 from composer.prompts import build_prompt
-from microlora.embedder import Embedder
+from microlora.core.config import AskConfig, ChunkConfig, ReaderConfig, TrainConfig
+from microlora.core.embedder import Embedder
+from microlora.core.models import BaseModel
 from microlora.evaluation.datasets import Dataset
 from microlora.evaluation.harness import compile_dataset
-from microlora.models import BaseModel
 from store import AdapterStore
 from store.peft import write_reader
 

@@ -35,14 +35,13 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException
 
-from compiler.chunking import ChunkConfig
 from compiler.documents import Document
 from compiler.pipeline import Quota, check_quota, plan
-from compiler.trainer import TrainConfig
 from composer.batcher import Batcher
-from composer.composer import Answer, AskConfig, Composer
+from composer.composer import Answer, Composer
 from composer.retrieval import default_namespaces
-from microlora.errors import MicroloraError, QuotaExceededError, UnknownNamespaceError
+from microlora.core.config import AskConfig, ChunkConfig, TrainConfig
+from microlora.core.errors import MicroloraError, QuotaExceededError, UnknownNamespaceError
 from microlora.server.jobs import CompileJobs
 from microlora.server.keys import KeyRecord, KeyStore
 from microlora.server.schemas import ChatRequest, CompletionRequest, DocumentsRequest
@@ -240,8 +239,7 @@ def create_app(service: Service) -> FastAPI:
                 r = reader.get(atom_id, copy=False)
                 return {"id": atom_id, "object": "microlora.atom", "namespace": ns,
                         "text": r.text, "source": r.source, "start": r.start, "end": r.end,
-                        "modules": len(r.adapter),
-                        "rank": next(iter(r.adapter.values()))[0].shape[0] if r.adapter else 0}
+                        "modules": len(r.adapter.modules), "rank": r.adapter.rank}
         if others:
             raise ApiError(403, "this atom is not readable with this key", "permission_error")
         raise ApiError(404, f"no atom {atom_id!r}", code="atom_not_found")
@@ -489,8 +487,8 @@ def open_service(store_dir: str | Path, *, base_model: str | None = None,
                  config: ServeConfig = ServeConfig()) -> Service:
     """Load the models and open (or create) the store at ``store_dir`` for serving."""
     from compiler.pipeline import store_header
-    from microlora.embedder import load_embedder
-    from microlora.models import load_base_model
+    from microlora.core.embedder import load_embedder
+    from microlora.core.models import load_base_model
     from store import AdapterStore
 
     base = load_base_model(base_model, device=device)

@@ -15,12 +15,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from compiler.chunking import ChunkConfig
 from compiler.documents import Document
 from compiler.pipeline import Quota, compile_documents
-from compiler.trainer import TrainConfig
-from microlora.embedder import Embedder
-from microlora.models import BaseModel
+from microlora.core.config import ChunkConfig, TrainConfig
+from microlora.core.embedder import Embedder
+from microlora.core.models import BaseModel
 from store import AdapterStore
 
 

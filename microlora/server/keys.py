@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from composer.retrieval import USER_PREFIX
-from microlora.errors import MicroloraError
+from microlora.core.errors import MicroloraError
+from store.layout import StoreLayout
 
-KEYS_FILE = "keys.json"
 ALL_SHARED = "*"  # a grant of every shared namespace, present and future
 _USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _KEY_RE = re.compile(r"^mlk-([0-9a-f]{8})-[A-Za-z0-9_-]{20,}$")
@@ -58,10 +58,10 @@ class KeyRecord:
 
 
 class KeyStore:
-    """The keys of one store directory."""
+    """The keys of one store directory (``<store>/keys.json``: ``store.layout``)."""
 
     def __init__(self, store_dir: str | Path):
-        self.path = Path(store_dir) / KEYS_FILE
+        self.path = StoreLayout(Path(store_dir)).keys_file
         self._records: dict[str, KeyRecord] = {}
         self._mtime: float | None = None
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from composer.prompts import Mode
+from microlora.core.config import Mode
 
 MAX_K = 16
 MAX_TOKENS = 256

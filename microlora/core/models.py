@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from microlora.errors import ModelLoadError
-from microlora.paths import microlora_home
+from microlora.core.errors import ModelLoadError
+from microlora.core.paths import microlora_home
 
 log = logging.getLogger(__name__)
 

@@ -1,21 +1,17 @@
 """The multi-adapter kernel: PEFT parity, stacked == sum of deltas == merged, exact unmerge,
-per-sample independence, gradients only into adapters."""
+per-sample independence, gradients only into adapters. (Composing packed atoms into the
+kernel's tensors: tests/test_pack.py.)"""
 
 
 import pytest
 import torch
 from conftest import random_adapter, tiny_model, with_deltas_added
 
-from microlora.errors import AdapterError
-from microlora.lora import (
-    MultiLoraLinear,
-    MultiLoraModel,
-    PackLayout,
-    combine_adapters,
-    compose_packed,
-    stack_adapters,
-)
-from microlora.targets import TargetSpec, select_targets
+from microlora.core.config import TargetSpec
+from microlora.core.errors import AdapterError
+from microlora.core.kernel import MultiLoraLinear, MultiLoraModel
+from microlora.core.pack import Packed, compose
+from microlora.core.targets import select_targets
 
 SPEC = TargetSpec(last_layers=2)
 IDS = torch.tensor([[5, 17, 3, 99, 42, 7, 1, 64]])
@@ -42,7 +38,8 @@ def test_same_logits_as_peft(arch):
         module.lora_B["default"].weight.data.copy_(B)
     peft_model.eval()
 
-    with lora.adapters(stack_adapters([[adapter]]), scale=4 / 2):  # PEFT's alpha / r
+    folded = {name: (A, B * 4 / 2) for name, (A, B) in adapter.items()}  # PEFT's alpha / r
+    with lora.adapters(compose([[Packed.of(folded)]])):
         ours = logits(model)
     torch.testing.assert_close(ours, logits(peft_model), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(ours, logits(tiny_model(arch)), atol=1e-3)  # the adapter matters
@@ -52,40 +49,30 @@ def test_stacked_equals_sum_of_deltas_equals_merged(arch):
     model = tiny_model(arch)
     lora = MultiLoraModel(model, SPEC)
     atoms = [random_adapter(lora.shapes(), rank=r, seed=s) for s, r in enumerate([1, 2, 2, 1])]
-    reference = logits(with_deltas_added(model, atoms, scale=0.7))
+    reference = logits(with_deltas_added(model, atoms))
     assert not torch.allclose(reference, logits(model), atol=1e-3)
 
-    with lora.adapters(stack_adapters([atoms]), scale=0.7):
+    composed = compose([[Packed.of(a) for a in atoms]])
+    with lora.adapters(composed):
         stacked = logits(model)
-    with lora.merged(combine_adapters(atoms), scale=0.7):
+    with lora.merged(composed):
         merged = logits(model)
 
     torch.testing.assert_close(stacked, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(merged, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_weights_scale_each_atoms_delta():
-    model = tiny_model("llama")
-    lora = MultiLoraModel(model, SPEC)
-    a, b = (random_adapter(lora.shapes(), rank=2, seed=s) for s in (1, 2))
-    half_b = {n: (A, 0.5 * B) for n, (A, B) in b.items()}
-    with lora.adapters(stack_adapters([[a, b]], weights=[[1.0, 0.5]])):
-        weighted = logits(model)
-    torch.testing.assert_close(weighted, logits(with_deltas_added(model, [a, half_b])),
-                               atol=1e-5, rtol=1e-5)
-
-
 def test_mixed_batch_equals_each_request_alone():
     model = tiny_model("gemma")
     base = logits(model, IDS.repeat(3, 1))
     lora = MultiLoraModel(model, SPEC)
-    pool = [random_adapter(lora.shapes(), rank=2, seed=s) for s in range(4)]
+    pool = [Packed.of(random_adapter(lora.shapes(), rank=2, seed=s)) for s in range(4)]
     requests = [[pool[0], pool[1], pool[2]], [], [pool[3]]]  # ranks 6, 0 (no adapter), 2
 
-    with lora.adapters(stack_adapters(requests)):
+    with lora.adapters(compose(requests)):
         together = logits(model, IDS.repeat(3, 1))
     for b, atoms in enumerate(requests):
-        with lora.adapters(stack_adapters([atoms])) if atoms else lora.adapters({}):
+        with lora.adapters(compose([atoms])):
             alone = logits(model)
         torch.testing.assert_close(together[b:b + 1], alone, atol=1e-5, rtol=1e-5)
     assert torch.equal(together[1], base[1])  # no adapter: exactly the base model
@@ -172,41 +159,8 @@ def test_shape_errors_are_clear():
     with pytest.raises(AdapterError, match="samples"):
         with lora.adapters({name: (torch.zeros(2, 2, d_in), torch.zeros(2, d_out, 2))}):
             model(input_ids=IDS.repeat(3, 1))
+    with pytest.raises(AdapterError, match="one request"):
+        lora.merge({name: (torch.zeros(2, 2, d_in), torch.zeros(2, d_out, 2))})
     with pytest.raises(AdapterError, match="NaN"):
         lora.merge({name: (torch.full((1, d_in), float("inf")), torch.ones(d_out, 1))})
     assert not any(layer.merged for layer in lora.layers.values())
-
-
-def test_pack_round_trip_is_views():
-    model = tiny_model("gpt2")
-    lora = MultiLoraModel(model, SPEC)
-    adapter = random_adapter(lora.shapes(), rank=2, seed=5)
-    layout = PackLayout.of(adapter)
-    flat = layout.pack(adapter, torch.float32)
-    assert flat.shape == (layout.size,)
-    for name, (A, B) in layout.unpack(flat).items():
-        assert torch.equal(A, adapter[name][0]) and torch.equal(B, adapter[name][1])
-        assert A.data_ptr() >= flat.data_ptr() and B.untyped_storage().data_ptr() == \
-            flat.untyped_storage().data_ptr()
-
-
-def test_compose_packed_equals_stack_adapters():
-    model = tiny_model("llama")
-    lora = MultiLoraModel(model, SPEC)
-    pool = [random_adapter(lora.shapes(), rank=2, seed=s) for s in range(6)]
-    layout = PackLayout.of(pool[0])
-    requests = [[pool[0], pool[1], pool[2]], [pool[3], pool[4], pool[5]]]
-    weights = torch.tensor([[1.0, 0.5, 0.25], [2.0, 1.0, 0.0]])
-    packed = compose_packed([[layout.pack(a, torch.float32) for a in atoms] for atoms in requests],
-                            layout, weights)
-    reference = stack_adapters(requests, weights=weights.tolist())
-    assert packed.keys() == reference.keys()
-    for name in packed:
-        torch.testing.assert_close(packed[name][0], reference[name][0])
-        torch.testing.assert_close(packed[name][1], reference[name][1])
-    ids = IDS.repeat(2, 1)
-    with lora.adapters(packed):
-        a = logits(model, ids)
-    with lora.adapters(reference):
-        b = logits(model, ids)
-    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

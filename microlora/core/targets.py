@@ -8,12 +8,12 @@ transformers' ``Conv1D``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from torch import nn
 
-from microlora.errors import TargetError
+from microlora.core.config import TargetSpec
+from microlora.core.errors import TargetError
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -26,39 +26,6 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     w = module.weight
     return (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else \
         (w.shape[1], w.shape[0])
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """Where adapters go.
-
-    modules: fnmatch patterns matched against a linear's name inside its decoder block
-        (CLI ``--targets``); the default ``mlp.*`` is every MLP projection.
-    last_layers: adapt only the last N decoder blocks (CLI ``--last-layers``); None = all.
-    layers: explicit block indices (negative counts from the end); overrides last_layers.
-    """
-
-    modules: tuple[str, ...] = ("mlp.*",)
-    last_layers: int | None = 6
-    layers: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.modules:
-            raise TargetError("--targets needs at least one module pattern, e.g. 'mlp.*'")
-        if self.last_layers is not None and self.last_layers < 1:
-            raise TargetError(f"--last-layers must be >= 1, got {self.last_layers}")
-
-    def block_indices(self, num_blocks: int) -> list[int]:
-        if self.layers is not None:
-            out = []
-            for i in self.layers:
-                if not -num_blocks <= i < num_blocks:
-                    raise TargetError(f"layer {i} is out of range for a model with "
-                                      f"{num_blocks} layers")
-                out.append(i % num_blocks)
-            return sorted(set(out))
-        n = num_blocks if self.last_layers is None else min(self.last_layers, num_blocks)
-        return list(range(num_blocks - n, num_blocks))
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

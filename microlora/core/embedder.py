@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from microlora.errors import ModelLoadError
-from microlora.models import fingerprint_model, resolve_device
+from microlora.core.errors import ModelLoadError
+from microlora.core.models import fingerprint_model, resolve_device
 
 DEFAULT_EMBEDDER_NAME = "all-MiniLM-L6-v2"
 

@@ -1,0 +1,171 @@
+"""The training loss of atoms (and of the reader): cross-entropy on target tokens only,
+computed from hidden states without ever materialising (rows, vocabulary) logits for a batch.
+
+- ``encode_targets`` lays out rows as BOS + context (read only) + text (the targets);
+- ``OutputHead`` is the frozen output layer (in the training dtype, with Gemma's soft cap);
+- ``linear_cross_entropy`` applies it a few hundred rows at a time and forms the gradient in
+  the same pass, so nothing vocabulary-sized is kept or recomputed;
+- ``CandidateVocab`` restricts training to the base model's likely tokens plus the targets;
+- ``atom_losses`` reduces per-token losses to per-atom ones, re-scoring with the full softmax
+  whatever decides that an atom has learned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+LOSS_CHUNK_ROWS = 256  # target positions per output-layer chunk: ~0.3 GB of fp32 logits
+
+
+def encode_targets(tokenizer, texts: Sequence[str], contexts: Sequence[str] | None,
+                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """BOS + context + text per row, right-padded: input ids (B, T), attention mask (B, T) and
+    target mask (B, T): which positions are predicted (each text's tokens, not its BOS or
+    context, which is only read)."""
+    rows, targets = [], []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for i, text in enumerate(texts):
+        ctx = tokenizer(contexts[i], add_special_tokens=False)["input_ids"] \
+            if contexts and contexts[i] else []
+        body = tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows.append(bos + ctx + body)
+        targets.append([0] * (len(bos) + len(ctx)) + [1] * len(body))
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    tgt = torch.tensor([t + [0] * (width - len(t)) for t in targets], dtype=torch.bool)
+    return ids.to(device), mask.to(device), tgt.to(device)
+
+
+def target_states(hidden: Tensor, ids: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(states (n, d), labels (n,), row of each (n,)): the hidden states that predict a target
+    token, and that token."""
+    pos = tgt[:, 1:].nonzero()  # (n, 2): rows b, positions t whose next token is a target
+    return hidden[pos[:, 0], pos[:, 1]], ids[pos[:, 0], pos[:, 1] + 1], pos[:, 0]
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """The frozen output layer (V, d), converted once to the dtype training computes in."""
+
+    weight: Tensor
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, bf16: bool = False) -> OutputHead:
+        weight = model.get_output_embeddings().weight.detach()
+        if bf16 and weight.dtype != torch.bfloat16:
+            weight = weight.to(torch.bfloat16)
+        return cls(weight, getattr(model.config, "final_logit_softcapping", None))
+
+    def cross_entropy(self, h: Tensor, labels: Tensor) -> Tensor:
+        """Per-row cross-entropy over the whole vocabulary."""
+        return linear_cross_entropy(h, self.weight, labels, self.softcap)
+
+
+@dataclass(frozen=True)
+class CandidateVocab:
+    """Sorted token ids: the base model's top N tokens at each target position, plus every
+    target. The adapters move probability onto the targets, which are in it, and the
+    strongest competitors are there too; the other ~260k tokens carry little mass and cost
+    most of the time."""
+
+    ids: Tensor  # (V_c,) sorted
+    weight: Tensor  # (V_c, d): the head's rows for them, gathered once per batch
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, head: OutputHead, h: Tensor, labels: Tensor, n: int) -> CandidateVocab:
+        weight = head.weight
+        top = torch.cat([(h[i:i + LOSS_CHUNK_ROWS].to(weight.dtype) @ weight.T).topk(n).indices
+                         for i in range(0, len(h), LOSS_CHUNK_ROWS)])
+        ids = torch.unique(torch.cat([top.reshape(-1), labels]))
+        return cls(ids, weight[ids])
+
+    def cross_entropy(self, h: Tensor, labels: Tensor, softcap: float | None) -> Tensor:
+        return linear_cross_entropy(h, self.weight, torch.searchsorted(self.ids, labels),
+                                    softcap)
+
+
+def atom_losses(h: Tensor, labels: Tensor, atoms: Tensor, n_atoms: int, head: OutputHead,
+                vocab: CandidateVocab | None, stop_prob: float, last: bool
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per atom (``atoms`` maps each target to its atom): the training loss (mean
+    cross-entropy over its targets, with a gradient), the scored loss and the smallest target
+    probability.
+
+    With a candidate ``vocab`` the training loss covers those tokens only. Atoms that look
+    learned under it, and every atom on the ``last`` step, are re-scored with the full
+    softmax (the candidate one flatters: its denominator is smaller), so whether an atom
+    stops, and the loss recorded for it, always come from the full softmax.
+    """
+    ce = head.cross_entropy(h, labels) if vocab is None else \
+        vocab.cross_entropy(h, labels, head.softcap)
+    loss = per_atom(ce, atoms, n_atoms, "mean")
+    scored = loss.detach().clone()
+    min_prob = torch.exp(-per_atom(ce.detach(), atoms, n_atoms, "amax"))
+    if vocab is not None:
+        rescore = torch.ones_like(min_prob, dtype=torch.bool) if last else min_prob > stop_prob
+        if rescore.any():
+            rows = rescore[atoms]
+            with torch.no_grad():
+                full = head.cross_entropy(h[rows].detach(), labels[rows])
+            scored = torch.where(rescore, per_atom(full, atoms[rows], n_atoms, "mean"), scored)
+            min_prob = torch.where(rescore, torch.exp(-per_atom(full, atoms[rows], n_atoms,
+                                                                "amax")), min_prob)
+    return loss, scored, min_prob.cpu()
+
+
+def per_atom(values: Tensor, atoms: Tensor, n: int, how: str) -> Tensor:
+    """Reduce per-row values to per-atom values (mean or max over each atom's rows)."""
+    out = torch.zeros(n, device=values.device, dtype=values.dtype)
+    if how == "mean":
+        count = torch.zeros(n, device=values.device).index_add_(0, atoms, torch.ones_like(values))
+        return out.index_add(0, atoms, values) / count.clamp(min=1)
+    return out.scatter_reduce(0, atoms, values, "amax", include_self=False)
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor,
+                         softcap: float | None = None) -> Tensor:
+    """Per-row cross-entropy of ``h @ weight.T`` against ``labels``, computed in row chunks
+    with the gradient w.r.t. ``h`` formed in the same pass (softmax minus one-hot, times the
+    weight), so neither the (rows, vocab) logits nor a recomputation are ever kept: two
+    vocabulary-sized matmuls per row instead of three. ``weight`` is frozen."""
+    return _LinearCrossEntropy.apply(h, weight, labels, softcap)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, softcap: float | None):
+        losses = torch.empty(len(h), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) \
+            if h.requires_grad else None
+        rows = torch.arange(len(h), device=h.device)
+        for i in range(0, len(h), LOSS_CHUNK_ROWS):
+            hc, yc, r = h[i:i + LOSS_CHUNK_ROWS], labels[i:i + LOSS_CHUNK_ROWS], \
+                rows[:min(LOSS_CHUNK_ROWS, len(h) - i)]
+            logits = (hc.to(weight.dtype) @ weight.T).float()  # (rows, vocab)
+            if softcap:
+                t = torch.tanh(logits / softcap)
+                logits = t * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            losses[i:i + len(hc)] = lse - logits[r, yc]
+            if grad_h is not None:
+                dlogits = torch.exp(logits - lse[:, None])  # softmax, then minus one-hot
+                dlogits[r, yc] -= 1
+                if softcap:
+                    dlogits *= 1 - t * t
+                grad_h[i:i + len(hc)] = (dlogits.to(weight.dtype) @ weight).float()
+        ctx.save_for_backward(grad_h if grad_h is not None else h.new_empty(0))
+        ctx.h_dtype = h.dtype
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h * grad_losses[:, None]).to(ctx.h_dtype), None, None, None

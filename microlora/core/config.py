@@ -1,0 +1,241 @@
+"""Every stage's configuration, in one torch-free module: the single source of defaults.
+
+The CLI reads its option defaults from these dataclasses (``defaults``), so ``--help`` stays
+fast and no default is typed twice. Validation errors name the CLI option to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from microlora.core.errors import MicroloraError, TargetError
+
+VIEW_STYLES = ("sentence", "clause")  # compiler.views: how a question view is asked
+TEMPLATES = ("qa", "completion")  # composer.prompts: answer a question, or continue a text
+COMPOSITIONS = ("stacked", "merged")  # composer: adapters beside W, or folded into it
+HYBRIDS = ("ensemble", "joint")  # composer: how --mode hybrid combines passages and adapters
+WEIGHTINGS = ("uniform", "score")  # composer.retrieval: each atom's weight in the sum
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """A config dataclass's field defaults by name (fields with a default factory included)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+class Mode(str, Enum):
+    """Where the knowledge comes from when answering."""
+
+    PARAMETRIC = "parametric"  # the retrieved atoms' adapters, no passage text: the default
+    CONTEXT = "context"  # classic RAG: the atoms' text in the prompt, no adapters
+    HYBRID = "hybrid"  # both
+    NONE = "none"  # closed book: the base model alone
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self in (Mode.PARAMETRIC, Mode.HYBRID)
+
+    @property
+    def uses_passages(self) -> bool:
+        return self in (Mode.CONTEXT, Mode.HYBRID)
+
+    @property
+    def retrieves(self) -> bool:
+        return self is not Mode.NONE
+
+
+MODES = tuple(m.value for m in Mode)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Where adapters go.
+
+    modules: fnmatch patterns matched against a linear's name inside its decoder block
+        (CLI ``--targets``); the default ``mlp.*`` is every MLP projection.
+    last_layers: adapt only the last N decoder blocks (CLI ``--last-layers``); None = all.
+    layers: explicit block indices (negative counts from the end); overrides last_layers.
+    """
+
+    modules: tuple[str, ...] = ("mlp.*",)
+    last_layers: int | None = 6
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise TargetError("--targets needs at least one module pattern, e.g. 'mlp.*'")
+        if self.last_layers is not None and self.last_layers < 1:
+            raise TargetError(f"--last-layers must be >= 1, got {self.last_layers}")
+
+    def block_indices(self, num_blocks: int) -> list[int]:
+        if self.layers is not None:
+            out = []
+            for i in self.layers:
+                if not -num_blocks <= i < num_blocks:
+                    raise TargetError(f"layer {i} is out of range for a model with "
+                                      f"{num_blocks} layers")
+                out.append(i % num_blocks)
+            return sorted(set(out))
+        n = num_blocks if self.last_layers is None else min(self.last_layers, num_blocks)
+        return list(range(num_blocks - n, num_blocks))
+
+
+# Recipe fields newer than the stores in use, with their defaults then: at those values they
+# stay out of the recipe key, so existing atom ids hold (tests/test_atom_ids.py pins them).
+_KEY_SINCE_V1 = {"qa_views": 0, "view_style": "sentence"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The compile recipe; every field but batch_atoms is part of an atom's id, so changing
+    one retrains.
+
+    rank: adapter rank per atom, 1 or 2 (``--rank``).
+    scale: s in W + s·BA (PEFT's alpha / r); folded into B when the atom is stored.
+    targets: which linears get adapters (``--targets``, ``--last-layers``).
+    lr, max_steps: Adam learning rate and the step budget per atom (``--lr``, ``--steps``).
+    stop_prob: an atom stops when every target token has at least this probability.
+    neighbours: other atoms' adapters composed beside each atom while it trains.
+    batch_atoms: atoms trained together in one step (``--batch-size``).
+    bf16: autocast matmuls to bf16 (AMX on CPU, tensor cores on GPU).
+    title_context: prefix each atom with its document title (not trained on, only read).
+    vocab_candidates: train against a candidate vocabulary, the union of the base model's
+        top-N tokens at every target position plus the targets, instead of all 262k tokens
+        (0 = the full softmax). Whether an atom has learned, and its recorded loss, are always
+        decided with the full softmax.
+    neighbours_learn: batch neighbours are not detached, so each adapter also learns not to
+        disturb the atoms it is composed beside (a locality term at no extra compute).
+    qa_views: also train each atom on up to this many questions about its sentence, answered
+        by one of its names, numbers or dates (``compiler.views``): parametric answers gain
+        on both splits, compiling costs ~2.6x.
+    view_style: "sentence" asks each view with the whole sentence around the answer,
+        "clause" with only the clause around it (``compiler.views``).
+    """
+
+    rank: int = 2
+    scale: float = 1.0
+    targets: TargetSpec = field(default_factory=TargetSpec)
+    lr: float = 5e-3
+    max_steps: int = 25
+    stop_prob: float = 0.5
+    neighbours: int = 3
+    batch_atoms: int = 32
+    seed: int = 0
+    bf16: bool = True
+    title_context: bool = False
+    vocab_candidates: int = 256
+    neighbours_learn: bool = False
+    qa_views: int = 2  # measured: benchmarks/RESULTS.md, "question views"
+    view_style: str = "sentence"
+
+    def __post_init__(self) -> None:
+        if self.rank not in (1, 2, 4, 8):
+            raise ValueError(f"--rank must be 1, 2, 4 or 8 (micro-adapters), got {self.rank}")
+        if self.max_steps < 1 or self.batch_atoms < 1 or self.neighbours < 0:
+            raise ValueError("--steps and --batch-size must be >= 1 and neighbours >= 0")
+        if self.view_style not in VIEW_STYLES:
+            raise ValueError(f"--view-style must be one of {VIEW_STYLES}, got "
+                             f"{self.view_style!r}")
+
+    def key(self) -> str:
+        """A stable text form of the recipe for atom ids (batch size excluded: it changes
+        how fast atoms train, not what they are)."""
+        d = asdict(self)
+        d.pop("batch_atoms")
+        for name, default in _KEY_SINCE_V1.items():  # fields added later: at their default
+            if d[name] == default:  # they stay out of the key, so existing atom ids hold
+                d.pop(name)
+        return json.dumps(d, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    """max_tokens: an atom's token limit under the base model's tokenizer (CLI
+    ``--max-atom-tokens``); min_chars: shorter fragments join a neighbour."""
+
+    max_tokens: int = 64
+    min_chars: int = 30
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 8:
+            raise ValueError(f"--max-atom-tokens must be at least 8, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """The shared reader (``compiler.reader``). rank: its LoRA rank; lr, epochs, batch: Adam
+    over the examples; targets: the atoms' targets (the default recipe's)."""
+
+    rank: int = 8
+    lr: float = 1e-3
+    epochs: int = 4
+    batch: int = 8
+    seed: int = 0
+    targets: TargetSpec = TargetSpec()
+
+
+@dataclass(frozen=True)
+class AskConfig:
+    """How a question is answered.
+
+    k: atoms composed per question (measured: benchmarks/RESULTS.md, "choosing k").
+    min_score: drop retrieved atoms with a lower cosine similarity (None keeps all k).
+    weighting: "uniform" (every atom at weight 1, as trained) or "score".
+    composition: "stacked" or "merged" (same outputs; see ``composer.composer``).
+    no_repeat_ngram: > 0 bans repeating an n-gram of the answer (composed adapters can loop).
+    template: "qa" answers the question; "completion" continues it as plain text.
+    reader: compose the store's reader adapter (if it has one) beside the atoms.
+    end_bias: added to the line-break logits once an answer has begun, in the modes that
+        compose adapters (base models' prompts): composed atoms answer with a name and then
+        run on, while in-context copying ends well by itself and a bias cuts its names short
+        (measured: benchmarks/RESULTS.md, "ending answers").
+    hybrid: "ensemble" decodes the answer from two rows at once, the adapters with the bare
+        question and the passages with no adapters, each token maximising
+        log p(adapters) + passage_weight * log p(passages); "joint" puts both in one row,
+        where the composed adapters disturb the reading of the passages (measured:
+        benchmarks/RESULTS.md, "hybrid as an ensemble"). Twice the rows per question.
+    """
+
+    mode: Mode = Mode.PARAMETRIC
+    k: int = 1
+    min_score: float | None = None
+    weighting: str = "uniform"
+    composition: str = "stacked"
+    max_new_tokens: int = 32
+    no_repeat_ngram: int = 0
+    template: str = "qa"
+    reader: bool = True
+    end_bias: float = 8.0
+    hybrid: str = "ensemble"
+    passage_weight: float = 2.0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "mode", Mode(self.mode))
+        except ValueError:
+            raise MicroloraError(f"mode must be one of {MODES}, got {self.mode!r}") from None
+        for name, choices in (("template", TEMPLATES), ("composition", COMPOSITIONS),
+                              ("hybrid", HYBRIDS), ("weighting", WEIGHTINGS)):
+            if getattr(self, name) not in choices:
+                raise MicroloraError(f"{name} must be one of {choices}, got "
+                                     f"{getattr(self, name)!r}")
+        if self.k < 1:
+            raise MicroloraError(f"k must be at least 1, got {self.k}")
+        if self.max_new_tokens < 1:
+            raise MicroloraError("max_new_tokens must be at least 1")
+        if self.passage_weight < 0:
+            raise MicroloraError("passage_weight must be at least 0")
+        if self.mode is Mode.HYBRID and self.hybrid == "ensemble" and \
+                self.composition == "merged":
+            raise MicroloraError("the ensemble hybrid keeps the adapters out of its passage "
+                                 "row, which merged weights cannot: use stacked composition, "
+                                 "or the joint hybrid (--hybrid joint)")

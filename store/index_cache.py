@@ -1,0 +1,66 @@
+"""The FAISS index of each namespace, cached beside LMDB: loaded from ``index/`` when its
+generation stamp matches the namespace's, extended in memory as atoms are put, rebuilt from
+LMDB when stale (see ``store/index.py``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from store import record as rec
+from store.index import VectorIndex
+
+
+class IndexCache:
+    """The search half of ``AdapterStore`` (a mixin over its LMDB environment)."""
+
+    def search(self, namespace: str, queries: np.ndarray, k: int
+               ) -> list[list[tuple[str, float]]]:
+        """Top-k atoms (id, cosine) for each query vector, best first."""
+        with self._lock:  # FAISS indexes are not safe to search while another thread adds
+            return self.index(namespace).search(queries, k)
+
+    def index(self, namespace: str) -> VectorIndex:
+        """The namespace's FAISS index, rebuilt from LMDB if the cached one is stale."""
+        with self._lock:
+            return self._fresh_index(namespace)
+
+    def _fresh_index(self, namespace: str) -> VectorIndex:
+        gen = self.generation(namespace)
+        cached = self._indexes.get(namespace)
+        if cached is None or cached.generation != gen:
+            cached = VectorIndex.load(self.layout.index(namespace))
+        if cached is None or cached.generation != gen:
+            cached = self._rebuild_index(namespace, gen)
+        self._indexes[namespace] = cached
+        return cached
+
+    def _rebuild_index(self, namespace: str, gen: int) -> VectorIndex:
+        ids, vectors = [], []
+        with self.read(namespace) as reader:
+            for atom_id, r in reader.items():
+                ids.append(atom_id)
+                vectors.append(r.embedding)
+        mat = np.stack(vectors) if vectors else np.zeros((0, self.header.embedding_dim),
+                                                         np.float32)
+        index = VectorIndex.build(mat, ids, gen, self.exact_limit)
+        if not self.readonly:
+            index.save(self.layout.index(namespace))
+        return index
+
+    def _extend_index(self, namespace: str, added: list[rec.AtomRecord], gen_before: int,
+                      gen: int) -> None:
+        """Append new atoms to an up-to-date index instead of rebuilding it. An exact index
+        that grows past the limit is rebuilt as IVF on its next use."""
+        with self._lock:
+            self._extend_cached_index(namespace, added, gen_before, gen)
+
+    def _extend_cached_index(self, namespace: str, added: list[rec.AtomRecord], gen_before: int,
+                             gen: int) -> None:
+        index = self._indexes.get(namespace) or VectorIndex.load(self.layout.index(namespace))
+        if index is None or index.generation != gen_before or (
+                index.exact and len(index.ids) + len(added) > self.exact_limit):
+            return  # stale or changing kind: rebuilt lazily by index()
+        index.add(np.stack([np.asarray(r.embedding, np.float32).reshape(-1) for r in added]),
+                  [r.id for r in added], gen)
+        self._indexes[namespace] = index
+        self._unsaved.add(namespace)  # saved on close(): saving after every put is O(n^2)
