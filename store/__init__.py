@@ -4,13 +4,12 @@ FAISS index per namespace, and checksums to catch corruption. No models, no trai
 from store.adapter_store import (
     FORMAT_VERSION,
     AdapterStore,
-    NamespaceStats,
     StoreHeader,
-    VerifyReport,
     validate_namespace,
 )
 from store.index import VectorIndex
 from store.layout import StoreLayout, is_store
+from store.maintenance import NamespaceStats, VerifyReport
 from store.reader import Reader
 from store.record import AtomRecord
 

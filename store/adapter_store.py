@@ -20,7 +20,7 @@ import shutil
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lmdb
@@ -38,6 +38,7 @@ from store.documents import DocumentManifests
 from store.index import EXACT_LIMIT, VectorIndex
 from store.index_cache import IndexCache
 from store.layout import StoreLayout, is_store
+from store.maintenance import Maintenance
 from store.peft import read_reader
 from store.reader import Reader
 
@@ -60,28 +61,6 @@ class StoreHeader:
     format_version: int = FORMAT_VERSION
 
 
-@dataclass
-class NamespaceStats:
-    namespace: str
-    atoms: int
-    bytes: int
-    index: str  # "exact", "ivf" or "stale"
-
-    @property
-    def bytes_per_atom(self) -> float:
-        return self.bytes / self.atoms if self.atoms else 0.0
-
-
-@dataclass
-class VerifyReport:
-    checked: int = 0
-    bad: list[tuple[str, str, str]] = field(default_factory=list)  # (namespace, atom id, why)
-
-    @property
-    def ok(self) -> bool:
-        return not self.bad
-
-
 def validate_namespace(namespace: str) -> str:
     if not _NAMESPACE_RE.match(namespace or ""):
         raise StoreError(f"invalid namespace {namespace!r}: use 1-128 letters, digits and "
@@ -89,7 +68,7 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
-class AdapterStore(DocumentManifests, IndexCache):
+class AdapterStore(DocumentManifests, IndexCache, Maintenance):
     """Atoms (adapters + text + embedding) by namespace, with a FAISS index per namespace.
 
     Open an existing store with ``AdapterStore(path)`` (``readonly=True`` for inspection:
@@ -338,46 +317,6 @@ class AdapterStore(DocumentManifests, IndexCache):
         db = self._db(namespace)
         with self._env.begin(db=db, buffers=True) as txn:
             yield Reader(self.path, namespace, txn)
-
-    # -- maintenance -------------------------------------------------------------------------
-
-    def stats(self) -> list[NamespaceStats]:
-        """Per namespace: atoms, bytes of LMDB pages they occupy (from LMDB's page counts, so
-        this is O(1), not a scan), and whether the index is fresh."""
-        out = []
-        for ns in self.namespaces():
-            db = self._db(ns)
-            with self._env.begin() as txn:
-                st = txn.stat(db)
-            n = st["entries"]
-            size = st["psize"] * (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"])
-            cached = self._indexes.get(ns)
-            stamp = {"generation": cached.generation, "kind": cached.kind} if cached else \
-                VectorIndex.stamp(self.layout.index(ns))
-            fresh = stamp is not None and stamp.get("generation") == self.generation(ns)
-            kind = stamp["kind"] if fresh else "stale"
-            out.append(NamespaceStats(ns, n, size, kind))
-        return out
-
-    def verify(self, namespaces: Sequence[str] | None = None) -> VerifyReport:
-        """Recompute every record's checksum; report the atoms that fail, by id."""
-        report = VerifyReport()
-        for ns in namespaces or self.namespaces():
-            with self._env.begin(db=self._db(ns), buffers=True) as txn:
-                for key, value in txn.cursor():
-                    report.checked += 1
-                    problem = rec.verify(value)
-                    if problem is None:
-                        try:
-                            r = rec.decode(value, copy=False)
-                        except StoreError as e:
-                            problem = str(e)
-                        else:
-                            if r.id != bytes(key).decode():
-                                problem = f"stored under {bytes(key).decode()} but holds {r.id}"
-                    if problem:
-                        report.bad.append((ns, bytes(key).decode(errors="replace"), problem))
-        return report
 
     def _guard_writable(self) -> None:
         if self.readonly:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -131,8 +132,9 @@ def flip_byte_inside(path, needle: bytes):
 
 @pytest.fixture(autouse=True)
 def microlora_home(tmp_path_factory, monkeypatch):
-    """Each test gets its own cache dir, except that the converted default model (slow to
-    make) is shared through MICROLORA_TEST_MODEL_HOME when that is set."""
+    """Each test gets its own empty cache dir (``MICROLORA_HOME``), so no test sees another's
+    stores or converted models. (tests/test_default_model.py shares one conversion of the
+    default model across its tests, under ``MICROLORA_TEST_MODEL_HOME`` when that is set.)"""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv(HOME_ENV, str(home))
     return home
@@ -169,3 +171,12 @@ def tiny_models(tmp_path_factory):
     """(base model folder, embedder folder) of tiny random models, saved once per session."""
     root = tmp_path_factory.mktemp("tiny-models")
     return save_tiny(root / "lm", "gemma"), save_tiny_embedder(root)
+
+
+def write_cpkc(path, n):
+    rows = [{"id": f"q{i}", "question": f"w{i} w{i + 1}", "context": f"w{i} w{i + 1} w{i + 2} "
+             f"w{i + 3} w{i + 4} w{i + 5} w{i + 6} w{i + 7} w{i + 8}. w9{i % 10} w{i} w50 w51 "
+             "w52 w53 w54 w55 w56 w57.", "answer": f"w{i + 2}", "original_answer": "w99"}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -95,7 +95,8 @@ def test_bad_inputs_are_reported_and_the_rest_compiles(tmp_path, corpus, models)
     assert sorted(p.reason.split(" ")[0] for p in report.problems) == ["binary", "empty", "no"]
 
 
-def test_a_store_of_another_base_model_is_refused(tmp_path, corpus, models, tiny_models):
+def test_compiling_with_another_base_model_is_refused_and_writes_nothing(tmp_path, corpus, models,
+                                                                       tiny_models):
     run([corpus], tmp_path / "s", models)
     before = sorted((tmp_path / "s").rglob("*"))
     other = load_base_model(tiny_models[0].parent / "lm", dtype="bf16")  # same model: fine
@@ -176,24 +177,6 @@ def test_sigkill_mid_compile_leaves_a_clean_store_that_resumes(tmp_path, tiny_mo
     with AdapterStore(tmp_path / "s", readonly=True) as s:
         assert s.count("default") == 24 and s.verify().ok
         assert len(s.index("default").ids) == 24  # the stale index was rebuilt
-
-
-def test_cli_defaults_are_the_recipe_defaults():
-    from microlora.commands.compile import compile_command
-    from microlora.core.config import ChunkConfig
-
-    defaults = {p.name: p.default for p in compile_command.params}
-    recipe, chunking = TrainConfig(), ChunkConfig()
-    assert {k: defaults[k] for k in ["rank", "max_steps", "stop_prob", "lr", "neighbours",
-                                     "batch_atoms"]} == {
-        "rank": recipe.rank, "max_steps": recipe.max_steps, "stop_prob": recipe.stop_prob,
-        "lr": recipe.lr,
-        "neighbours": recipe.neighbours, "batch_atoms": recipe.batch_atoms}
-    assert defaults["last_layers"] == recipe.targets.last_layers
-    assert tuple(defaults["modules"].split(",")) == recipe.targets.modules
-    assert defaults["max_atom_tokens"] == chunking.max_tokens
-    assert defaults["qa_views"] == recipe.qa_views
-    assert defaults["view_style"] == recipe.view_style
 
 
 def test_torchrun_on_two_processes_trains_what_one_process_trains(tmp_path, corpus,

@@ -9,14 +9,14 @@ import re
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import random_adapter, save_tiny, store_of_random_atoms, with_deltas_added
+from conftest import save_tiny, store_of_random_atoms, with_deltas_added
 
 from compiler.pipeline import store_header
 from composer import Composer
 from composer.generation import cut_at_stop, encode_prompts
 from composer.prompts import ANSWER_END
 from microlora.cli import cli
-from microlora.core.config import AskConfig, Mode, TargetSpec
+from microlora.core.config import AskConfig, Mode
 from microlora.core.embedder import load_embedder
 from microlora.core.errors import MicroloraError, StoreMismatchError, UnknownNamespaceError
 from microlora.core.models import load_base_model
@@ -248,7 +248,7 @@ def test_clear_errors(kit, tmp_path, make_error):
         c.ask(question, namespaces, AskConfig(k=k))
 
 
-def test_a_store_of_another_base_model_is_refused(kit, tmp_path):
+def test_the_composer_refuses_a_store_of_another_base_model(kit, tmp_path):
     _, emb, path = kit
     stranger = load_base_model(save_tiny(tmp_path / "other", "gemma", seed=7))
     store = AdapterStore(path, readonly=True)
@@ -284,24 +284,6 @@ def test_cli_ask_errors_are_one_clean_line(kit, tiny_models, tmp_path):
     result = CliRunner().invoke(cli, ["ask", "w1", "--store", str(kit[2]), "--base-model",
                                       str(lm), "--embedder", str(emb), "-k", "50"])
     assert result.exit_code == 1 and "-k 8 or less" in result.output
-
-
-def test_cli_defaults_are_the_ask_defaults():
-    from microlora.commands.ask import ask_command
-
-    defaults = {p.name: p.default for p in ask_command.params}
-    config = AskConfig()
-    assert defaults["mode"] == config.mode.value
-    for name in ("k", "min_score", "weighting", "composition", "max_new_tokens", "end_bias",
-                 "hybrid", "passage_weight"):
-        assert defaults[name] == getattr(config, name), name
-    from microlora.commands import ask
-    from microlora.core.config import HYBRIDS
-
-    assert ask.HYBRIDS == HYBRIDS
-    from microlora.commands.quickstart import quickstart
-
-    assert {p.name: p.default for p in quickstart.params}["k"] == config.k
 
 
 def test_no_repeat_bans_only_repeats_of_the_answer_itself():
@@ -426,38 +408,3 @@ def test_decoding_loop_matches_transformers_generate(arch, tmp_path):
     assert [c.text for c in cut] == [a.text for a in alone]
     assert [c.new_tokens for c in cut] == [a.new_tokens for a in alone]
     assert any(len(keep) < 3 for keep in shrinks)  # rows did leave the batch early
-
-
-def test_a_reader_is_composed_beside_every_requests_atoms(kit):
-    """With a reader set, request b's delta is reader + its own atoms (checked against the
-    deltas added by hand); modes without adapters never see it."""
-    base, emb, path = kit
-    with open_composer(kit) as c:
-        hits = c.retrieve(["w1 w2 w3"], ["wiki"], AskConfig(k=2))
-        shapes = {n: (A.shape[2], B.shape[1]) for n, (A, B) in c.compose(hits).items()}
-        reader = random_adapter(shapes, 3, seed=77, scale=0.4)
-        atoms = [c.store.get("wiki", [h.id])[0].adapter.unpack() for h in hits[0]]
-        c.use_reader(Packed.of(reader))
-        ids, mask = encode_prompts(base.tokenizer, ["w5 w6 w7"], base.device)
-        with c.lora.adapters(c.compose(hits)):
-            ours = last_logits(base.model, ids, mask)
-        none = c.ask("w1 w2 w3", ["wiki"], AskConfig(mode="none", max_new_tokens=4)).text
-        c.use_reader(None)
-        assert none == c.ask("w1 w2 w3", ["wiki"], AskConfig(mode="none", max_new_tokens=4)).text
-    ref = with_deltas_added(base.model, [reader] + [{n: (A.float(), B.float())
-                                                     for n, (A, B) in a.items()} for a in atoms])
-    torch.testing.assert_close(ours, last_logits(ref, ids, mask), atol=1e-4, rtol=1e-4)
-
-
-def test_reader_training_lowers_the_answer_loss(tiny_models):
-    from compiler.reader import ReaderExample, train_reader
-    from microlora.core.config import ReaderConfig
-
-    base = load_base_model(tiny_models[0])
-    examples = [ReaderExample(f"w{i} w{i + 1} w{i + 2}", f" w{100 + i}\n", []) for i in range(6)]
-    config = ReaderConfig(rank=4, lr=2e-2, epochs=8, batch=3, targets=TargetSpec(last_layers=2))
-    losses = []
-    reader = train_reader(base, examples, config, progress=lambda _s, _n, loss: losses.append(loss))
-    assert len(losses) == 16 and losses[-1] < 0.7 * losses[0]
-    assert all(B.abs().max() > 0 for _, B in reader.unpack().values())
-    assert not any(type(m).__name__ == "MultiLoraLinear" for m in base.model.modules())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import write_cpkc
 
 from microlora.cli import cli
 from microlora.core.config import TrainConfig
@@ -30,15 +30,6 @@ def test_squad_metrics():
     assert contains("Portland", "Port") == 0.0  # whole words only
     assert starts_with("Martian cycle, which", "Martian cycle") == 1.0
     assert starts_with("the Martian", "Martian cycle") == 0.0
-
-
-def write_cpkc(path, n):
-    rows = [{"id": f"q{i}", "question": f"w{i} w{i + 1}", "context": f"w{i} w{i + 1} w{i + 2} "
-             f"w{i + 3} w{i + 4} w{i + 5} w{i + 6} w{i + 7} w{i + 8}. w9{i % 10} w{i} w50 w51 "
-             "w52 w53 w54 w55 w56 w57.", "answer": f"w{i + 2}", "original_answer": "w99"}
-            for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_dataset_splits_are_disjoint_and_sized(tmp_path):
@@ -93,6 +84,31 @@ def test_a_whole_run_on_tiny_models(tmp_path, tiny_models):
     assert "| parametric |" in (tmp_path / "out" / "result.md").read_text()
 
 
+def test_scores_count_the_right_answers(tmp_path, tiny_models, monkeypatch):
+    """With answers we control (right, right in longer words, the real-world answer, wrong),
+    every score is the share it must be, per question and in the summary."""
+    from composer import Answer, Composer
+
+    lm, emb_path = tiny_models
+    base, emb = load_base_model(lm), load_embedder(emb_path)
+    ds = load_dataset(write_cpkc(tmp_path / "qa.jsonl", 110), "cpkc", limit=4, distractors=0)
+    gold = {it.question: it.answer for it in ds.items}
+    ways = [lambda a: a, lambda a: f"it is {a} today", lambda a: "w99", lambda a: "nothing"]
+    order = {it.question: i for i, it in enumerate(ds.items)}
+
+    def answer(self, questions, namespaces=None, config=None, **kw):
+        return [Answer(q, ways[order[q]](gold[q]), config.mode) for q in questions]
+
+    monkeypatch.setattr(Composer, "ask_batch", answer)
+    summary, rows = run_eval(ds, tmp_path / "work", base, emb, EvalConfig(
+        k=1, systems=("rag",), train=TrainConfig(max_steps=1)))
+    stats = summary["systems"]["rag"]
+    assert (stats["em"], stats["contains"], stats["original_rate"]) == (0.25, 0.5, 0.25)
+    assert stats["f1"] == pytest.approx((1 + 2 / 5) / 4, abs=1e-4)  # "it is X today": 2/5
+    assert [r["em"] for r in rows] == [1.0, 0.0, 0.0, 0.0]
+    assert [r["contains"] for r in rows] == [1.0, 1.0, 0.0, 0.0]
+
+
 def test_oracle_composes_the_gold_passage_atoms(tmp_path, tiny_models, monkeypatch):
     from composer import Composer
 
@@ -133,38 +149,3 @@ def test_cli_eval(tmp_path, tiny_models):
     bad = CliRunner().invoke(cli, ["eval", "--data", str(data), "--systems", "magic",
                                    "--out", str(out)])
     assert bad.exit_code == 2 and "choose from" in bad.output
-
-
-def test_reader_trains_on_tune_installs_and_joins_eval(tmp_path, tiny_models):
-    """`microlora reader train` on the tune split writes a reader; eval composes it; install
-    puts it in a store, where the composer picks it up; another model's reader is refused."""
-    from compiler.pipeline import store_header
-    from composer import Composer
-    from microlora.core.errors import AdapterError
-    from store.peft import read_reader
-
-    lm, emb_path = tiny_models
-    data = write_cpkc(tmp_path / "qa.jsonl", 110)
-    common = ["--base-model", str(lm), "--embedder", str(emb_path), "--last-layers", "2",
-              "--steps", "2", "--max-atom-tokens", "16"]
-    r = CliRunner().invoke(cli, ["reader", "train", "--data", str(data), "--limit", "6",
-                                 "--out", str(tmp_path / "reader"), "--epochs", "2",
-                                 "--reader-rank", "2", *common])
-    assert r.exit_code == 0, r.output
-    base, emb = load_base_model(lm), load_embedder(emb_path)
-    adapter, info = read_reader(tmp_path / "reader", base.fingerprint)
-    assert info["questions"] == 6 and adapter.rank == 2
-    with pytest.raises(AdapterError, match="trained for base model"):
-        read_reader(tmp_path / "reader", "another-model")
-    ds = load_dataset(data, "cpkc", limit=3, distractors=1, split="eval")
-    summary, _ = run_eval(ds, tmp_path / "ev", base, emb, EvalConfig(
-        k=1, systems=("parametric",), max_new_tokens=2, reader=tmp_path / "reader",
-        train=TrainConfig(max_steps=1)))
-    assert summary["config"]["reader_info"]["questions"] == 6
-    AdapterStore.create(tmp_path / "kb", store_header(base, emb)).close()
-    r = CliRunner().invoke(cli, ["reader", "install", str(tmp_path / "reader"), "--store",
-                                 str(tmp_path / "kb")])
-    assert r.exit_code == 0, r.output
-    with Composer(AdapterStore(tmp_path / "kb", readonly=True), base, emb) as composer:
-        assert composer.reader.layout == adapter.layout
-        assert torch.equal(composer.reader.flat, adapter.flat)

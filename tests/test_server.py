@@ -7,7 +7,7 @@ malformed requests, batching of concurrent requests, and a bounded load test."""
 from __future__ import annotations
 
 import json
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -17,10 +17,10 @@ from conftest import store_of_random_atoms
 
 from composer import Composer
 from microlora.cli import cli
-from microlora.core.config import AskConfig, ChunkConfig, TargetSpec, TrainConfig
+from microlora.core.config import AskConfig, ChunkConfig, ServeConfig, TargetSpec, TrainConfig
 from microlora.core.embedder import load_embedder
 from microlora.core.models import load_base_model
-from microlora.server.app import ServeConfig, Service, serve_in_thread
+from microlora.server.app import Service, serve_in_thread
 from microlora.server.keys import KeyStore
 from store import AdapterStore
 
@@ -37,12 +37,17 @@ ASK = AskConfig(max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models, tmp_path_factory):
-    """(base url, service, keys by user): ana reads every shared corpus, bob only wiki, carol
-    has a quota of 2 atoms."""
+def models(tiny_models):
     lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
-    path = store_of_random_atoms(tmp_path_factory.mktemp("serve") / "kb", base, emb, SHARED)
+    return load_base_model(lm), load_embedder(emb_path)
+
+
+@pytest.fixture
+def server(models, tmp_path):
+    """A fresh store and server for each test: (base url, service, keys by user). ana reads
+    every shared corpus, bob only wiki, carol has a quota of 2 atoms."""
+    base, emb = models
+    path = store_of_random_atoms(tmp_path / "kb", base, emb, SHARED)
     keys = KeyStore(path)
     tokens = {"ana": keys.add("ana")[0], "bob": keys.add("bob", ("wiki",))[0],
               "carol": keys.add("carol", max_atoms=2)[0]}
@@ -65,18 +70,13 @@ def chat(c: httpx.Client, question: str, **extra) -> httpx.Response:
         "model": "microlora", "messages": [{"role": "user", "content": question}], **extra})
 
 
-def upload(c: httpx.Client, docs: list[dict]) -> dict:
-    """POST documents and wait for the job to finish; the finished job."""
+def upload(server, c: httpx.Client, docs: list[dict]) -> dict:
+    """POST documents and wait for the job to end; the job as the API reports it then."""
     r = c.post("/v1/documents", json={"documents": docs})
     assert r.status_code == 202, r.text
     job_id = r.json()["job"]["id"]
-    deadline = time.time() + 120
-    while True:
-        job = c.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed"):
-            return job
-        assert time.time() < deadline, job
-        time.sleep(0.05)
+    server[1].jobs.wait(job_id, timeout=120)
+    return c.get(f"/v1/jobs/{job_id}").json()
 
 
 def sse(response: httpx.Response) -> list[dict | str]:
@@ -191,7 +191,7 @@ def test_every_endpoint_refuses_a_missing_or_wrong_key(server, header):
 def test_another_users_key_reads_and_changes_nothing(server):
     _, service, _ = server
     with client(server, "ana") as ana, client(server, "bob") as bob:
-        job = upload(ana, [{"id": "ana-notes", "text": DOC_1}])
+        job = upload(server, ana, [{"id": "ana-notes", "text": DOC_1}])
         assert job["status"] == "done", job
         atoms = service.store.documents("user:ana")["ana-notes"]
         before = service.store.count("user:ana")
@@ -229,7 +229,7 @@ def test_uploaded_documents_are_answered_from_and_forgotten(server):
     _, service, _ = server
     store = service.store
     with client(server, "ana") as c:
-        job = upload(c, [{"id": "d1", "text": DOC_1}, {"id": "d2", "text": DOC_2,
+        job = upload(server, c, [{"id": "d1", "text": DOC_1}, {"id": "d2", "text": DOC_2,
                                                         "title": "second"}])
         assert job["status"] == "done" and job["trained"] == 4, job
         listed = {d["id"]: d["atoms"] for d in c.get("/v1/documents").json()["data"]}
@@ -266,7 +266,7 @@ def test_quota_is_refused_before_any_training(server):
         assert r.status_code == 429, r.text
         assert "quota of 2" in r.json()["error"]["message"]
         assert "user:carol" not in service.store.namespaces()
-        assert upload(c, [{"text": DOC_1}])["status"] == "done"
+        assert upload(server, c, [{"text": DOC_1}])["status"] == "done"
         assert c.post("/v1/documents", json={"documents": [{"text": DOC_2}]}).status_code == 429
         c.delete("/v1/namespace")
 
@@ -322,15 +322,31 @@ def test_chunked_upload_over_the_limit_is_refused(server):
 
 # -- concurrency ------------------------------------------------------------------------------
 
-def test_concurrent_requests_are_decoded_in_one_batch_with_their_own_atoms(server):
+def test_concurrent_requests_are_decoded_in_one_batch_with_their_own_atoms(server, monkeypatch):
+    """The model is held busy until all 16 requests are queued (an event, not a timing
+    window), so the batcher must take the 15 that wait behind the first as one batch."""
     _, service, _ = server
     questions = [f"w{i} w{i + 1} w{i + 2}" for i in range(0, 80, 5)]
+    queued, all_queued = [], threading.Event()
+    submit = service.batcher.submit
+
+    def counting_submit(*args, **kwargs):
+        future = submit(*args, **kwargs)
+        queued.append(future)
+        if len(queued) == len(questions):
+            all_queued.set()
+        return future
+
     with client(server, "bob") as c:
         alone = {q: chat(c, q, k=1).json()["choices"][0] for q in questions[:4]}
-        largest = service.batcher.stats.largest_batch
+        monkeypatch.setattr(service.batcher, "submit", counting_submit)
         with ThreadPoolExecutor(16) as pool:
-            together = list(pool.map(lambda q: chat(c, q, k=1).json()["choices"][0], questions))
-    assert service.batcher.stats.largest_batch > max(largest, 1)
+            with service.composer.model_lock:
+                futures = [pool.submit(lambda q=q: chat(c, q, k=1).json()["choices"][0])
+                           for q in questions]
+                assert all_queued.wait(60)
+            together = [f.result() for f in futures]
+    assert service.batcher.stats.largest_batch >= len(questions) - 1
     for q, choice in zip(questions, together):
         if q in alone:
             assert choice["message"]["content"] == alone[q]["message"]["content"]
@@ -341,7 +357,7 @@ def test_concurrent_requests_are_decoded_in_one_batch_with_their_own_atoms(serve
 def test_load_200_requests_16_concurrent_two_users(server):
     url, service, tokens = server
     with client(server, "ana") as ana:
-        assert upload(ana, [{"id": "mine", "text": DOC_2}])["status"] == "done"
+        assert upload(server, ana, [{"id": "mine", "text": DOC_2}])["status"] == "done"
     ana_atoms = set(service.store.ids("user:ana"))
 
     def one(i: int):

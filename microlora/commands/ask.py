@@ -9,41 +9,41 @@ from pathlib import Path
 import click
 
 from microlora.commands.options import model_options, store_option
+from microlora.core.config import COMPOSITIONS, HYBRIDS, MODES, WEIGHTINGS, AskConfig
 
-MODES = ("parametric", "context", "hybrid", "none")
-HYBRIDS = ("ensemble", "joint")
+_ASK = AskConfig()  # the defaults: one source, the dataclass
 
 
-# Literal defaults keep `--help` free of torch imports; tests/test_composer.py checks that
-# they match composer.AskConfig.
 @click.command("ask")
 @click.argument("question")
 @store_option(help="The store to answer from (made by `microlora compile`).")
 @click.option("--namespace", "-n", "namespaces", multiple=True,
               help="Namespace to search; repeat to layer several (e.g. -n user:ana -n wiki) "
                    "[default: every shared namespace, no user:* ones].")
-@click.option("--mode", type=click.Choice(MODES), default="parametric", show_default=True,
+@click.option("--mode", type=click.Choice(MODES), default=_ASK.mode.value, show_default=True,
               help="parametric: composed adapters only; context: the atoms' text in the "
                    "prompt (classic RAG); hybrid: both; none: the base model, closed book.")
-@click.option("-k", "k", default=1, show_default=True, type=click.IntRange(1),
+@click.option("-k", "k", default=_ASK.k, show_default=True, type=click.IntRange(1),
               help="Atoms to retrieve and compose.")
-@click.option("--min-score", type=float, default=None,
+@click.option("--min-score", type=float, default=_ASK.min_score,
               help="Drop atoms whose cosine similarity to the question is below this.")
-@click.option("--weighting", type=click.Choice(["uniform", "score"]), default="uniform",
+@click.option("--weighting", type=click.Choice(WEIGHTINGS), default=_ASK.weighting,
               show_default=True, help="Weight of each atom's delta: 1, or its score "
                                       "normalised to mean 1.")
-@click.option("--composition", type=click.Choice(["stacked", "merged"]), default="stacked",
+@click.option("--composition", type=click.Choice(COMPOSITIONS), default=_ASK.composition,
               show_default=True, help="stacked: per-request adapters beside the frozen "
                                       "weights; merged: W += delta, restored after.")
-@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1),
+@click.option("--max-new-tokens", default=_ASK.max_new_tokens, show_default=True,
+              type=click.IntRange(1),
               help="Longest answer, in tokens.")
-@click.option("--end-bias", default=8.0, show_default=True, type=float,
+@click.option("--end-bias", default=_ASK.end_bias, show_default=True, type=float,
               help="Bonus to the line-break logits once an answer has begun, so a short "
                    "answer stops after its name (0 = plain greedy).")
-@click.option("--hybrid", type=click.Choice(HYBRIDS), default="ensemble", show_default=True,
+@click.option("--hybrid", type=click.Choice(HYBRIDS), default=_ASK.hybrid, show_default=True,
               help="--mode hybrid: ensemble decodes from the adapters (bare question) and the "
                    "passages (no adapters) together; joint puts both into one prompt.")
-@click.option("--passage-weight", default=2.0, show_default=True, type=click.FloatRange(0),
+@click.option("--passage-weight", default=_ASK.passage_weight, show_default=True,
+              type=click.FloatRange(0),
               help="Ensemble hybrid: weight of the passages' log-probabilities against the "
                    "adapters' (1).")
 @click.option("--no-reader", is_flag=True,
@@ -67,7 +67,6 @@ def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weigh
       microlora ask "..." --store ~/kb -n user:ana -n wiki --mode hybrid
     """
     from composer import Composer
-    from microlora.core.config import AskConfig
 
     config = AskConfig(mode=mode, k=k, min_score=min_score, weighting=weighting,
                        composition=composition, max_new_tokens=max_new_tokens,

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import click
 
-from microlora.commands.ask import HYBRIDS
 from microlora.commands.options import (
     StageBars,
     build_recipe,
     model_options,
     recipe_options,
 )
+from microlora.core.config import HYBRIDS, WEIGHTINGS, AskConfig
 
 SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
+_ASK = AskConfig()
 
 
 @click.command("eval")
@@ -38,7 +39,7 @@ SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
 @click.option("--sweep", default="", help="More k values for rag/parametric/hybrid, e.g. 1,2,8.")
 @click.option("--systems", default=",".join(SYSTEM_NAMES), show_default=True,
               help="Which systems to run.")
-@click.option("--weighting", type=click.Choice(["uniform", "score"]), default="uniform",
+@click.option("--weighting", type=click.Choice(WEIGHTINGS), default=_ASK.weighting,
               show_default=True)
 @click.option("--end-bias", type=float, default=None,
               help="Added to the line-break logit once an answer has begun "

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from microlora.commands.options import model_options, store_option
+from microlora.core.config import AskConfig
 
 
 @click.command("export")
@@ -19,7 +20,7 @@ from microlora.commands.options import model_options, store_option
 @click.option("--namespace", "-n", "namespaces", multiple=True,
               help="Namespaces to look in [default: all for --atoms, every shared one for "
                    "--query].")
-@click.option("-k", "k", default=1, show_default=True, type=click.IntRange(1),
+@click.option("-k", "k", default=AskConfig.k, show_default=True, type=click.IntRange(1),
               help="Atoms to retrieve with --query.")
 @model_options
 def export_command(out_dir: Path, store_dir: Path, atoms, query, namespaces, k, base_model,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from microlora.core.config import VIEW_STYLES
+from microlora.core.config import VIEW_STYLES, ChunkConfig, TargetSpec, TrainConfig
 
 
 def model_options(f):
@@ -27,33 +27,36 @@ def store_option(required: bool = True, help: str = "The store directory."):
 
 
 
-# Literal defaults keep `--help` free of torch imports; tests/test_compile.py checks that they
-# match TrainConfig and ChunkConfig.
+_TRAIN, _CHUNK = TrainConfig(), ChunkConfig()  # the defaults: one source, the dataclasses
 _RECIPE_OPTIONS = [
-    click.option("--rank", default=2, show_default=True, type=click.IntRange(1, 8),
+    click.option("--rank", default=_TRAIN.rank, show_default=True, type=click.IntRange(1, 8),
                  help="Adapter rank per atom."),
-    click.option("--steps", "max_steps", default=25, show_default=True, type=click.IntRange(1),
+    click.option("--steps", "max_steps", default=_TRAIN.max_steps, show_default=True,
+                 type=click.IntRange(1),
                  help="Most optimiser steps per atom (atoms that have learned stop earlier)."),
-    click.option("--stop-prob", default=0.5, show_default=True,
+    click.option("--stop-prob", default=_TRAIN.stop_prob, show_default=True,
                  type=click.FloatRange(0, 1, max_open=True),
                  help="An atom has learned once each of its tokens has this probability."),
-    click.option("--lr", default=5e-3, show_default=True,
+    click.option("--lr", default=_TRAIN.lr, show_default=True,
                  type=click.FloatRange(0, min_open=True), help="Adam learning rate."),
-    click.option("--neighbours", default=3, show_default=True, type=click.IntRange(0),
+    click.option("--neighbours", default=_TRAIN.neighbours, show_default=True,
+                 type=click.IntRange(0),
                  help="Other atoms composed beside each atom while it trains."),
-    click.option("--batch-size", "batch_atoms", default=32, show_default=True,
+    click.option("--batch-size", "batch_atoms", default=_TRAIN.batch_atoms, show_default=True,
                  type=click.IntRange(1), help="Atoms trained together per step."),
-    click.option("--last-layers", default=6, show_default=True, type=click.IntRange(1),
-                 help="Adapt the MLPs of the last N layers."),
-    click.option("--targets", "modules", default="mlp.*", show_default=True,
-                 help="Comma-separated module patterns inside a layer, "
-                      "e.g. 'mlp.*,self_attn.o_proj'."),
-    click.option("--max-atom-tokens", default=64, show_default=True, type=click.IntRange(8),
+    click.option("--last-layers", default=_TRAIN.targets.last_layers, show_default=True,
+                 type=click.IntRange(1), help="Adapt the MLPs of the last N layers."),
+    click.option("--targets", "modules", default=",".join(_TRAIN.targets.modules),
+                 show_default=True, help="Comma-separated module patterns inside a layer, "
+                                         "e.g. 'mlp.*,self_attn.o_proj'."),
+    click.option("--max-atom-tokens", default=_CHUNK.max_tokens, show_default=True,
+                 type=click.IntRange(8),
                  help="Split sentences longer than this (base-model tokens)."),
-    click.option("--qa-views", default=2, show_default=True, type=click.IntRange(0, 8),
+    click.option("--qa-views", default=_TRAIN.qa_views, show_default=True,
+                 type=click.IntRange(0, 8),
                  help="Also train each atom on this many questions about its own names, "
                       "numbers and dates."),
-    click.option("--view-style", default="sentence", show_default=True,
+    click.option("--view-style", default=_TRAIN.view_style, show_default=True,
                  type=click.Choice(VIEW_STYLES),
                  help="Ask each question view with the whole sentence around its answer, or "
                       "with only the clause around it."),
@@ -69,9 +72,9 @@ def recipe_options(f):
 
 def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbours: int,
                  batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int,
-                 qa_views: int = 2, view_style: str = "sentence"):
+                 qa_views: int = _TRAIN.qa_views, view_style: str = _TRAIN.view_style
+                 ) -> tuple[TrainConfig, ChunkConfig]:
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
-    from microlora.core.config import ChunkConfig, TargetSpec, TrainConfig
 
     try:
         spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from microlora.commands.options import model_options, store_option
+from microlora.core.config import AskConfig
 
 NAMESPACE = "quickstart"
 
@@ -23,7 +24,7 @@ def corpus_dir() -> Path:
 @store_option(required=False, help="Where to build the example store "
                                    "[default: quickstart/ under the cache directory].")
 @click.option("--fresh", is_flag=True, help="Delete the example store and compile it again.")
-@click.option("-k", "k", default=1, show_default=True, type=click.IntRange(1),
+@click.option("-k", "k", default=AskConfig.k, show_default=True, type=click.IntRange(1),
               help="Atoms composed per question.")
 @model_options
 def quickstart(store_dir: Path | None, fresh: bool, k: int, base_model, embedder,

@@ -15,6 +15,7 @@ from microlora.commands.options import (
     recipe_options,
     store_option,
 )
+from microlora.core.config import AskConfig
 
 
 @click.group()
@@ -35,7 +36,7 @@ def reader() -> None:
               help="Passages compiled beside them but not asked about.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The reader folder to write (PEFT LoRA + microlora-reader.json).")
-@click.option("-k", "k", default=1, show_default=True, type=click.IntRange(1),
+@click.option("-k", "k", default=AskConfig.k, show_default=True, type=click.IntRange(1),
               help="Atoms composed per question, as `ask` will.")
 @click.option("--reader-rank", default=8, show_default=True, type=click.IntRange(1, 64))
 @click.option("--epochs", default=4, show_default=True, type=click.IntRange(1))

@@ -7,6 +7,9 @@ from pathlib import Path
 import click
 
 from microlora.commands.options import model_options, store_option
+from microlora.core.config import AskConfig, ServeConfig
+
+_SERVE = ServeConfig()
 
 
 @click.command("serve")
@@ -14,11 +17,13 @@ from microlora.commands.options import model_options, store_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("-k", "k", default=1, show_default=True, type=click.IntRange(1, 16),
+@click.option("-k", "k", default=_SERVE.ask.k, show_default=True, type=click.IntRange(1, 16),
               help="Atoms composed per answer unless a request sets \"k\".")
-@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 256),
+@click.option("--max-new-tokens", default=_SERVE.ask.max_new_tokens, show_default=True,
+              type=click.IntRange(1, 256),
               help="Longest answer unless a request sets max_tokens.")
-@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, 256),
+@click.option("--max-batch", default=_SERVE.max_batch, show_default=True,
+              type=click.IntRange(1, 256),
               help="Most requests decoded together in one batch.")
 @model_options
 def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens: int,
@@ -48,8 +53,7 @@ def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens:
     """
     import uvicorn
 
-    from microlora.core.config import AskConfig
-    from microlora.server.app import ServeConfig, create_app, open_service
+    from microlora.server.app import create_app, open_service
 
     config = ServeConfig(max_batch=max_batch, ask=AskConfig(k=k, max_new_tokens=max_new_tokens))
     service = open_service(store_dir, base_model=base_model, embedder=embedder, device=device,

@@ -239,3 +239,14 @@ class AskConfig:
             raise MicroloraError("the ensemble hybrid keeps the adapters out of its passage "
                                  "row, which merged weights cannot: use stacked composition, "
                                  "or the joint hybrid (--hybrid joint)")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Server limits and defaults (``microlora serve`` options)."""
+
+    max_batch: int = 16
+    max_body_bytes: int = 8 << 20
+    ask: AskConfig = AskConfig()  # defaults for k, mode, max_tokens
+    train: TrainConfig = TrainConfig()  # the recipe for uploaded documents
+    chunk: ChunkConfig = ChunkConfig()

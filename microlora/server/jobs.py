@@ -36,6 +36,7 @@ class Job:
     error: str | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
+    ended: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     def public(self) -> dict:
         return {"id": self.id, "object": "microlora.job", "status": self.status,
@@ -72,6 +73,13 @@ class CompileJobs:
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
+    def wait(self, job_id: str, timeout: float | None = None) -> Job:
+        """The job once it has ended (done or failed); TimeoutError if it has not by then."""
+        job = self._jobs[job_id]
+        if not job.ended.wait(timeout):
+            raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
+        return job
+
     def counts(self) -> dict[str, int]:
         out = {"queued": 0, "running": 0, "done": 0, "failed": 0}
         for job in list(self._jobs.values()):
@@ -106,6 +114,7 @@ class CompileJobs:
                     job.status = "failed"
                     job.error = "; ".join(f"{p.source}: {p.reason}" for p in report.problems)
             job.finished = time.time()
+            job.ended.set()
             if self.on_done:
                 self.on_done(job)
 

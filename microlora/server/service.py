@@ -1,0 +1,103 @@
+"""Everything a running server holds: the store, the composer and its batcher, the API keys,
+the compile jobs and the metrics; and who may read what."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from composer.batcher import Batcher
+from composer.composer import Answer, Composer
+from composer.retrieval import default_namespaces
+from microlora.core.config import AskConfig, ServeConfig
+from microlora.server.errors import ApiError
+from microlora.server.jobs import CompileJobs
+from microlora.server.keys import KeyRecord, KeyStore
+from microlora.server.schemas import ChatRequest, CompletionRequest
+
+
+class Metrics:
+    """The server's Prometheus collectors, in a registry of its own (one per server)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("microlora_requests", "HTTP requests", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("microlora_request_seconds", "HTTP request latency",
+                                 ["route"], registry=self.registry)
+        self.tokens = Counter("microlora_generated_tokens", "Tokens generated",
+                              registry=self.registry)
+        self.atoms_composed = Counter("microlora_atoms_composed", "Atoms composed into answers",
+                                      registry=self.registry)
+        self.batch_size = Histogram("microlora_batch_size", "Requests decoded per batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.jobs = Gauge("microlora_jobs", "Compile jobs by status", ["status"],
+                          registry=self.registry)
+
+
+class Service:
+    """The state behind the routes (``app.state.service``)."""
+
+    def __init__(self, composer: Composer, config: ServeConfig = ServeConfig()):
+        self.composer, self.config = composer, config
+        self.store = composer.store
+        self.keys = KeyStore(self.store.path)
+        self.metrics = Metrics()
+        self.batcher = Batcher(composer, max_batch=config.max_batch,
+                               on_batch=self.metrics.batch_size.observe)
+        self.jobs = CompileJobs(self.store, composer.base, composer.embedder,
+                                model_lock=composer.model_lock, train_config=config.train,
+                                chunk_config=config.chunk)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.jobs.close()
+        self.composer.close()
+
+    def search_namespaces(self, key: KeyRecord, asked: list[str] | None) -> list[str]:
+        """The namespaces one request searches: the caller's own (if it has atoms) plus the
+        shared corpora asked for, or every granted one. Anything not readable: 403."""
+        present = self.store.namespaces()
+        shared = default_namespaces(self.store)
+        if asked is not None:
+            for ns in asked:
+                if not key.can_read(ns, shared):
+                    raise ApiError(403, f"this key may not read namespace {ns!r}",
+                                   "permission_error")
+                if ns not in present:
+                    raise ApiError(404, f"no namespace {ns!r}", code="namespace_not_found")
+            chosen = [ns for ns in asked if ns != key.namespace]
+        else:
+            chosen = key.readable_shared(shared)
+        own = [key.namespace] if key.namespace in present else []
+        if not own and not chosen:
+            raise ApiError(400, "nothing to search: upload documents (POST /v1/documents) or "
+                                "ask for a granted shared namespace", code="no_atoms")
+        return own + chosen
+
+    def ask_config(self, body: CompletionRequest | ChatRequest) -> AskConfig:
+        d = self.config.ask
+        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        return replace(d, mode=body.mode or d.mode, k=body.k or d.k,
+                       max_new_tokens=max_tokens or d.max_new_tokens)
+
+    def record(self, answer: Answer) -> None:
+        self.metrics.tokens.inc(answer.new_tokens)
+        self.metrics.atoms_composed.inc(len(answer.sources) if answer.mode.uses_adapters else 0)
+
+
+def open_service(store_dir: str | Path, *, base_model: str | None = None,
+                 embedder: str | None = None, device: str | None = None,
+                 config: ServeConfig = ServeConfig()) -> Service:
+    """Load the models and open (or create) the store at ``store_dir`` for serving."""
+    from compiler.pipeline import store_header
+    from microlora.core.embedder import load_embedder
+    from microlora.core.models import load_base_model
+    from store import AdapterStore
+
+    base = load_base_model(base_model, device=device)
+    emb = load_embedder(embedder, device=device)
+    store = AdapterStore.open_or_create(store_dir, store_header(base, emb))
+    return Service(Composer(store, base, emb), config)

@@ -1,0 +1,111 @@
+"""The reader: one shared adapter trained to answer from whatever atoms are composed beside
+it; composed first in every request that uses adapters, never in the others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import random_adapter, store_of_random_atoms, with_deltas_added, write_cpkc
+
+from compiler.pipeline import store_header
+from composer import Composer
+from composer.generation import encode_prompts
+from microlora.cli import cli
+from microlora.core.config import AskConfig, TargetSpec, TrainConfig
+from microlora.core.embedder import load_embedder
+from microlora.core.models import load_base_model
+from microlora.core.pack import Packed
+from microlora.evaluation import EvalConfig, run_eval
+from microlora.evaluation.datasets import load_dataset
+from store import AdapterStore
+
+CORPUS = {"wiki": [f"w{i} w{i + 1} w{i + 2} w{i + 3}" for i in range(0, 80, 10)]}
+
+
+@pytest.fixture(scope="module")
+def kit(tiny_models, tmp_path_factory):
+    """(base model, embedder, store path) with random rank-2 atoms."""
+    lm, emb_path = tiny_models
+    base, emb = load_base_model(lm), load_embedder(emb_path)
+    path = store_of_random_atoms(tmp_path_factory.mktemp("reader") / "kb", base, emb, CORPUS)
+    return base, emb, path
+
+
+def open_composer(kit) -> Composer:
+    base, emb, path = kit
+    return Composer(AdapterStore(path, readonly=True), base, emb)
+
+
+def last_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits[:, -1]
+
+
+def test_a_reader_is_composed_beside_every_requests_atoms(kit):
+    """With a reader set, request b's delta is reader + its own atoms (checked against the
+    deltas added by hand); modes without adapters never see it."""
+    base, emb, path = kit
+    with open_composer(kit) as c:
+        hits = c.retrieve(["w1 w2 w3"], ["wiki"], AskConfig(k=2))
+        shapes = {n: (A.shape[2], B.shape[1]) for n, (A, B) in c.compose(hits).items()}
+        reader = random_adapter(shapes, 3, seed=77, scale=0.4)
+        atoms = [c.store.get("wiki", [h.id])[0].adapter.unpack() for h in hits[0]]
+        c.use_reader(Packed.of(reader))
+        ids, mask = encode_prompts(base.tokenizer, ["w5 w6 w7"], base.device)
+        with c.lora.adapters(c.compose(hits)):
+            ours = last_logits(base.model, ids, mask)
+        none = c.ask("w1 w2 w3", ["wiki"], AskConfig(mode="none", max_new_tokens=4)).text
+        c.use_reader(None)
+        assert none == c.ask("w1 w2 w3", ["wiki"], AskConfig(mode="none", max_new_tokens=4)).text
+    ref = with_deltas_added(base.model, [reader] + [{n: (A.float(), B.float())
+                                                     for n, (A, B) in a.items()} for a in atoms])
+    torch.testing.assert_close(ours, last_logits(ref, ids, mask), atol=1e-4, rtol=1e-4)
+
+
+def test_reader_training_lowers_the_answer_loss(tiny_models):
+    from compiler.reader import ReaderExample, train_reader
+    from microlora.core.config import ReaderConfig
+
+    base = load_base_model(tiny_models[0])
+    examples = [ReaderExample(f"w{i} w{i + 1} w{i + 2}", f" w{100 + i}\n", []) for i in range(6)]
+    config = ReaderConfig(rank=4, lr=2e-2, epochs=8, batch=3, targets=TargetSpec(last_layers=2))
+    losses = []
+    reader = train_reader(base, examples, config, progress=lambda _s, _n, loss: losses.append(loss))
+    assert len(losses) == 16 and losses[-1] < 0.7 * losses[0]
+    assert all(B.abs().max() > 0 for _, B in reader.unpack().values())
+    assert not any(type(m).__name__ == "MultiLoraLinear" for m in base.model.modules())
+
+
+def test_reader_trains_on_tune_installs_and_joins_eval(tmp_path, tiny_models):
+    """`microlora reader train` on the tune split writes a reader; eval composes it; install
+    puts it in a store, where the composer picks it up; another model's reader is refused."""
+    from composer import Composer
+    from microlora.core.errors import AdapterError
+    from store.peft import read_reader
+
+    lm, emb_path = tiny_models
+    data = write_cpkc(tmp_path / "qa.jsonl", 110)
+    common = ["--base-model", str(lm), "--embedder", str(emb_path), "--last-layers", "2",
+              "--steps", "2", "--max-atom-tokens", "16"]
+    r = CliRunner().invoke(cli, ["reader", "train", "--data", str(data), "--limit", "6",
+                                 "--out", str(tmp_path / "reader"), "--epochs", "2",
+                                 "--reader-rank", "2", *common])
+    assert r.exit_code == 0, r.output
+    base, emb = load_base_model(lm), load_embedder(emb_path)
+    adapter, info = read_reader(tmp_path / "reader", base.fingerprint)
+    assert info["questions"] == 6 and adapter.rank == 2
+    with pytest.raises(AdapterError, match="trained for base model"):
+        read_reader(tmp_path / "reader", "another-model")
+    ds = load_dataset(data, "cpkc", limit=3, distractors=1, split="eval")
+    summary, _ = run_eval(ds, tmp_path / "ev", base, emb, EvalConfig(
+        k=1, systems=("parametric",), max_new_tokens=2, reader=tmp_path / "reader",
+        train=TrainConfig(max_steps=1)))
+    assert summary["config"]["reader_info"]["questions"] == 6
+    AdapterStore.create(tmp_path / "kb", store_header(base, emb)).close()
+    r = CliRunner().invoke(cli, ["reader", "install", str(tmp_path / "reader"), "--store",
+                                 str(tmp_path / "kb")])
+    assert r.exit_code == 0, r.output
+    with Composer(AdapterStore(tmp_path / "kb", readonly=True), base, emb) as composer:
+        assert composer.reader.layout == adapter.layout
+        assert torch.equal(composer.reader.flat, adapter.flat)
