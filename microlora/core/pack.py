@@ -144,6 +144,11 @@ def compose(rows: Sequence[Sequence[Packed]],
             by_layout.setdefault(packed.layout, [[] for _ in range(n)])[i].append(j)
     parts = ([(shared.layout, 1)] if shared is not None else []) + \
         [(layout, max(map(len, slots))) for layout, slots in by_layout.items()]
+    if shared is None and len(by_layout) == 1 and weights is None:
+        (layout, slots), = by_layout.items()
+        if all(len(slot) == len(slots[0]) for slot in slots):  # the usual request: no padding
+            return _stacked(layout, [rows[i][j].flat for i, slot in enumerate(slots)
+                                     for j in slot], n, dtype, device)
     buffers = _Buffers(parts, n, dtype, device)
     if shared is not None:
         for name, (A, B) in shared.unpack().items():
@@ -161,15 +166,34 @@ def compose(rows: Sequence[Sequence[Packed]],
             w = torch.zeros(n, k)
             for i, slot in enumerate(slots):
                 w[i, :len(slot)] = torch.tensor([float(weights[i][j]) for j in slot])
-        for names, r, d_in, d_out, oa, ob in layout.groups:
-            m = len(names)
-            # stacking every atom's (m, r, in) block along dim 1 puts each module's atoms one
-            # after another: (m, N*k, r, in) is already (m, N, k*r, in) in memory
-            A = torch.stack([f[oa:oa + m * r * d_in].view(m, r, d_in) for f in flats], dim=1)
-            Bt = torch.stack([f[ob:ob + m * r * d_out].view(m, r, d_out) for f in flats], dim=1)
-            buffers.write(names, p, A.view(m, n, k * r, d_in), Bt.view(m, n, k * r, d_out),
-                          None if w is None else w.repeat_interleave(r, dim=1))
+        for group in layout.groups:
+            A, Bt = _stack_group(group, flats, n)
+            buffers.write(group[0], p, A, Bt,
+                          None if w is None else w.repeat_interleave(group[1], dim=1))
     return buffers.adapters()
+
+
+def _stacked(layout: PackLayout, flats: list[Tensor], n: int, dtype: torch.dtype,
+             device: torch.device | str | None) -> dict[str, tuple[Tensor, Tensor]]:
+    """``compose`` when every request has k atoms of one layout and nothing else: one stack
+    per shape group and side, then one conversion to ``dtype`` on ``device``."""
+    out = {}
+    for group in layout.groups:
+        A, Bt = (t.to(device=device, dtype=dtype) for t in _stack_group(group, flats, n))
+        out.update({name: (A[j], Bt[j].transpose(1, 2)) for j, name in enumerate(group[0])})
+    return out
+
+
+def _stack_group(group: tuple, flats: list[Tensor], n: int) -> tuple[Tensor, Tensor]:
+    """One shape group of N requests' k atoms each (``flats`` request by request): A's
+    (m, N, k*r, in) and B's transposed (m, N, k*r, out), copied once."""
+    names, r, d_in, d_out, oa, ob = group
+    m, k = len(names), len(flats) // n
+    # stacking every atom's (m, r, in) block along dim 1 puts each module's atoms one after
+    # another: (m, N*k, r, in) is already (m, N, k*r, in) in memory
+    A = torch.stack([f[oa:oa + m * r * d_in].view(m, r, d_in) for f in flats], dim=1)
+    Bt = torch.stack([f[ob:ob + m * r * d_out].view(m, r, d_out) for f in flats], dim=1)
+    return A.view(m, n, k * r, d_in), Bt.view(m, n, k * r, d_out)
 
 
 class _Buffers:
