@@ -5,10 +5,14 @@ atoms matched in-context RAG, so an atom is a sentence. Fragments too short to c
 (headings, "See below.") join the next sentence; sentences longer than the
 token limit split at clause boundaries, and at token boundaries as a last resort. Every atom
 is an exact slice of its document: ``doc.text[atom.start:atom.end] == atom.text``.
+
+Each atom also keeps its paragraph (the atoms around it, up to ``CONTEXT_ATOMS`` either side):
+the text a pronoun refers back to, which the composer reads as the atom's window.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -19,6 +23,7 @@ from microlora.core.config import ChunkConfig
 _SENTENCE_END = re.compile(r"""[.!?…]+["'”’)\]]*(?=\s)""")
 _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
 _CLAUSE_END = re.compile(r"[,;:]\s|\s[—–-]\s")
+CONTEXT_ATOMS = 8  # paragraph atoms kept on either side of an atom, for its window
 # Words whose trailing period does not end a sentence.
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e",
                   "no", "vol", "fig", "inc", "ltd", "co", "corp", "mt", "ft", "approx", "ca"}
@@ -26,21 +31,35 @@ _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc"
 
 @dataclass(frozen=True)
 class Atom:
+    """text: ``doc.text[start:end]``. context: the atoms of its paragraph around it (itself
+    at ``context[at]``), what its window is cut from; not part of its identity."""
+
     text: str
     source: str
     start: int
     end: int
     title: str = ""
+    context: tuple[str, ...] = ()
+    at: int = 0
 
 
 def chunk_document(doc: Document, tokenizer, config: ChunkConfig = ChunkConfig()) -> list[Atom]:
-    sentences = [s for p_start, p_end in _paragraphs(doc.text)
-                 for s in _sentences(doc.text, p_start, p_end)]
-    spans = _join_short(sentences, config.min_chars)
+    paragraphs = _paragraphs(doc.text)
+    sentences = [s for p_start, p_end in paragraphs for s in _sentences(doc.text, p_start, p_end)]
+    spans = [piece for start, end in _join_short(sentences, config.min_chars)
+             for piece in _split_long(doc.text, start, end, tokenizer, config.max_tokens)]
+    # a span belongs to the paragraph it ends in (a heading joins the sentence it heads)
+    ends = [p_end for _, p_end in paragraphs]
+    by_paragraph: dict[int, list[tuple[int, int]]] = {}
+    for s, e in spans:
+        by_paragraph.setdefault(bisect.bisect_left(ends, e), []).append((s, e))
     out = []
-    for start, end in spans:
-        for s, e in _split_long(doc.text, start, end, tokenizer, config.max_tokens):
-            out.append(Atom(doc.text[s:e], doc.source, s, e, doc.title))
+    for group in by_paragraph.values():
+        texts = tuple(doc.text[s:e] for s, e in group)
+        for i, (s, e) in enumerate(group):
+            lo = max(0, i - CONTEXT_ATOMS)
+            out.append(Atom(texts[i], doc.source, s, e, doc.title,
+                            texts[lo:i + CONTEXT_ATOMS + 1], i - lo))
     return out
 
 

@@ -240,6 +240,7 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
                 AtomRecord(id=p.id, text=p.atom.text, adapter=t.adapter,
                            embedding=vectors[rows][i], base_fingerprint=base.fingerprint,
                            source=p.atom.source, start=p.atom.start, end=p.atom.end,
+                           context=list(p.atom.context), context_at=p.atom.at,
                            config={**asdict(train_config), **asdict(chunk_config)},
                            extra={"title": p.atom.title, "steps": t.steps,
                                   "final_loss": t.final_loss})

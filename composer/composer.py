@@ -26,6 +26,7 @@ import torch
 from composer.generation import encode_prompts, generate
 from composer.prompts import build_prompt, line_break_ids, stop_pattern, uses_chat
 from composer.retrieval import Hit, default_namespaces, retrieve
+from composer.windows import merge, window
 from microlora.core.config import AskConfig, Mode
 from microlora.core.embedder import Embedder
 from microlora.core.errors import MicroloraError
@@ -34,16 +35,20 @@ from microlora.core.models import BaseModel
 from microlora.core.pack import BatchedAdapters, Packed, PackLayout, compose
 from store import AdapterStore, AtomRecord
 
+NOTHING_FOUND = "I found nothing relevant to this question in the store."
+
 
 @dataclass
 class Source:
-    """A composed atom, as ``--explain`` shows it."""
+    """A retrieved atom, as ``--explain`` shows it; ``window`` is what the passage modes put
+    in the prompt for it (its sentence and its neighbours: ``composer.windows``)."""
 
     hit: Hit
     text: str
     source: str
     start: int
     end: int
+    window: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Answer:
     seconds: float = 0.0
     prompt_tokens: int = 0
     finished: bool = True  # False when max_new_tokens cut the answer short
+    found: bool = True  # False when no atom passed min_score: nothing was generated
 
 
 class Composer:
@@ -189,8 +195,10 @@ class Composer:
             hits = self.retrieve(questions, namespaces, config)
         elif len(hits) != len(questions):
             raise MicroloraError("hits must hold one list of atoms per question")
+        if config.mode.retrieves and not all(hits):
+            return self._answer_found(questions, hits, config, on_text, t0)
         with self.fetch(hits) as records:  # one read: the texts and the adapters
-            sources = [[Source(h, *_provenance(records[(h.namespace, h.id)])) for h in row]
+            sources = [[self._source(h, records[(h.namespace, h.id)], config) for h in row]
                        for row in hits]
             rows = self._rows(questions, hits, sources, config)
             adapters = self.compose(rows.hits, records, reader=config.reader) \
@@ -211,6 +219,28 @@ class Composer:
         return [Answer(q, o.text, config.mode, srcs, o.new_tokens, seconds, n, o.finished)
                 for q, o, srcs, n in zip(questions, outs, sources, prompt_tokens)]
 
+    def _answer_found(self, questions: Sequence[str], hits: Sequence[Sequence[Hit]],
+                      config: AskConfig, on_text: Callable[[int, str], None] | None,
+                      t0: float) -> list[Answer]:
+        """Questions that retrieval found nothing relevant for (every atom under
+        ``min_score``) get that said, not an answer made up from unrelated atoms; the rest
+        are answered as one batch."""
+        found = [i for i, row in enumerate(hits) if row]
+        stream = None if on_text is None else (lambda row, piece: on_text(found[row], piece))
+        answered = iter(self.ask_batch([questions[i] for i in found], config=config,
+                                       on_text=stream, hits=[hits[i] for i in found])
+                        if found else [])
+        out = []
+        for i, question in enumerate(questions):
+            if hits[i]:
+                out.append(next(answered))
+                continue
+            if on_text is not None:
+                on_text(i, NOTHING_FOUND)
+            out.append(Answer(question, NOTHING_FOUND, config.mode, [],
+                              seconds=time.perf_counter() - t0, found=False))
+        return out
+
     def _rows(self, questions: Sequence[str], hits: Sequence[Sequence[Hit]],
               sources: Sequence[Sequence[Source]], config: AskConfig) -> _Rows:
         """What each question is decoded from: one row (its prompt, its atoms), or for the
@@ -218,8 +248,8 @@ class Composer:
         with the atoms at weight 0 (no atom adapter, same batch; a store's reader adapter is
         in both)."""
         def prompts(with_passages: bool) -> list[str]:
-            return [build_prompt(self.base.tokenizer, q, [s.text for s in srcs]
-                                 if with_passages else (), config.template)
+            return [build_prompt(self.base.tokenizer, q, passages(srcs) if with_passages else (),
+                                 config.template)
                     for q, srcs in zip(questions, sources)]
 
         if config.mode is Mode.HYBRID and config.hybrid == "ensemble" and any(hits):
@@ -228,6 +258,17 @@ class Composer:
             return _Rows(prompts(False) + prompts(True), [*hits, *silent], torch.tensor(bias),
                          (1.0, config.passage_weight))
         return _Rows(prompts(config.mode.uses_passages), list(hits), config.end_bias, ())
+
+    def _source(self, hit: Hit, record: AtomRecord, config: AskConfig) -> Source:
+        """The hit's text and provenance, and its window when the mode reads passages."""
+        text = record.text
+        if config.mode.uses_passages and record.context:
+            tok = self.base.tokenizer
+            shown = window(record.context, record.context_at, config.window_tokens,
+                           lambda s: len(tok(s, add_special_tokens=False)["input_ids"]))
+        else:
+            shown = [text]
+        return Source(hit, text, record.source, record.start, record.end, shown)
 
     def _end_ids(self, config: AskConfig) -> list[int]:
         """The tokens ``end_bias`` favours: line breaks, when adapters are composed into a base
@@ -258,5 +299,6 @@ class _Rows:
     weights: tuple[float, ...]  # the ensemble's weight per group of rows; () for one row each
 
 
-def _provenance(record: AtomRecord) -> tuple[str, str, int, int]:
-    return record.text, record.source, record.start, record.end
+def passages(sources: Sequence[Source]) -> list[str]:
+    """The distinct windows of these atoms, in rank order, for the prompt."""
+    return [" ".join(run) for run in merge([s.window for s in sources])]

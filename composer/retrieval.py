@@ -38,14 +38,13 @@ def retrieve(store: AdapterStore, queries: np.ndarray, namespaces: Sequence[str]
              ) -> list[list[Hit]]:
     """The k best atoms over ``namespaces`` for each query vector, best first.
 
-    ``min_score`` drops weaker hits (so a request may get fewer than k, or none: the base
-    model alone). ``weighting``: "uniform" composes every hit at weight 1, the way atoms were
-    trained beside each other; "score" weights hits by their cosine, normalised to mean 1.
+    ``min_score`` drops weaker hits (so a request may get fewer than k, or none: then the
+    composer says it found nothing relevant). ``weighting``: "uniform" composes every hit at
+    weight 1, the way atoms were trained beside each other; "score" weights hits by their
+    cosine, normalised to mean 1.
     """
     if k < 1:
         raise MicroloraError(f"k must be at least 1, got {k}")
-    if weighting not in ("uniform", "score"):
-        raise MicroloraError(f"weighting must be 'uniform' or 'score', got {weighting!r}")
     if not namespaces:
         raise MicroloraError(f"store {store.path} has no shared namespaces to search; compile "
                              "documents into it first (microlora compile DOCS --store ...), or "
@@ -61,13 +60,16 @@ def retrieve(store: AdapterStore, queries: np.ndarray, namespaces: Sequence[str]
     for ns in namespaces:
         for row, found in zip(merged, store.search(ns, queries, k)):
             row += [Hit(ns, atom_id, score) for atom_id, score in found]
-    out = []
-    for row in merged:
-        row = sorted(row, key=lambda h: -h.score)[:k]
-        if min_score is not None:
-            row = [h for h in row if h.score >= min_score]
-        out.append(weigh(row, weighting))
-    return out
+    return [select(row, k, min_score, weighting) for row in merged]
+
+
+def select(hits: Sequence[Hit], k: int, min_score: float | None = None,
+           weighting: str = "uniform") -> list[Hit]:
+    """The k best hits, those under ``min_score`` dropped, weighted (see ``weigh``)."""
+    row = sorted(hits, key=lambda h: -h.score)[:k]
+    if min_score is not None:
+        row = [h for h in row if h.score >= min_score]
+    return weigh(row, weighting)
 
 
 def weigh(hits: Sequence[Hit], weighting: str) -> list[Hit]:

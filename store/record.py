@@ -42,6 +42,8 @@ class AtomRecord:
         ``adapter.unpack()`` gives module name -> (A: (r, in), B: (out, r)), PEFT's layout.
     embedding: the atom text's unit-norm vector (what the FAISS index is rebuilt from).
     source, start, end: where the text came from (character offsets into the source).
+    context, context_at: the atoms of its paragraph around it, itself at ``context_at``:
+        what its window (``composer``) is cut from; empty for atoms stored before windows.
     config: the compile config that produced the adapter (rank, scale, targets, ...).
     """
 
@@ -53,6 +55,8 @@ class AtomRecord:
     source: str = ""
     start: int = 0
     end: int = 0
+    context: list[str] = field(default_factory=list)
+    context_at: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -73,6 +77,7 @@ def encode(record: AtomRecord, dtype: torch.dtype = torch.bfloat16) -> bytes:
                EMBEDDING_KEY: torch.as_tensor(np.asarray(record.embedding, np.float32)).reshape(-1)}
     meta = {"id": record.id, "text": record.text, "source": record.source,
             "start": record.start, "end": record.end, "config": record.config,
+            "context": list(record.context), "context_at": record.context_at,
             "base_fingerprint": record.base_fingerprint, "extra": record.extra}
     payload = save_safetensors(tensors, metadata={"microlora": json.dumps(meta),
                                                   "microlora.layout": _layout_json(layout)})
@@ -109,6 +114,7 @@ def decode(value: bytes | memoryview, *, copy: bool = True) -> AtomRecord:
         id=meta["id"], text=meta["text"], adapter=adapter,
         embedding=embedding.numpy(), base_fingerprint=meta["base_fingerprint"],
         source=meta["source"], start=meta["start"], end=meta["end"], config=meta["config"],
+        context=meta.get("context", []), context_at=meta.get("context_at", 0),
         extra=meta.get("extra", {}),
     )
 

@@ -72,9 +72,11 @@ def with_deltas_added(model, atoms, scale=1.0):
     return ref
 
 
-def store_of_random_atoms(path, base, emb, corpus: dict[str, list[str]], scale: float = 0.4):
+def store_of_random_atoms(path, base, emb, corpus: dict[str, list[str]], scale: float = 0.4,
+                          paragraphs: bool = False):
     """A store for ``base`` whose namespaces hold the given texts as atoms with random rank-2
-    adapters on the MLPs of the last 2 layers (ids ``<namespace>-<i>``, ':' as '-')."""
+    adapters on the MLPs of the last 2 layers (ids ``<namespace>-<i>``, ':' as '-'); with
+    ``paragraphs`` each namespace's texts are one paragraph, every atom's context.)"""
     from compiler.pipeline import store_header
     from microlora.core.config import TargetSpec
     from microlora.core.kernel import MultiLoraModel
@@ -89,7 +91,8 @@ def store_of_random_atoms(path, base, emb, corpus: dict[str, list[str]], scale: 
                                   adapter=Packed.of(random_adapter(shapes, 2, seed=100 * n + i,
                                                                    scale=scale)),
                                   embedding=vectors[i], base_fingerprint=base.fingerprint,
-                                  source=f"{ns}.txt", start=i, end=i + len(t))
+                                  source=f"{ns}.txt", start=i, end=i + len(t),
+                                  context=list(texts) if paragraphs else [], context_at=i)
                        for i, t in enumerate(texts)])
     return path
 

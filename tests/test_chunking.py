@@ -42,6 +42,26 @@ def test_one_sentence_per_atom_with_exact_offsets():
         assert TEXT[a.start:a.end] == a.text and a.source == "doc.txt"
 
 
+def test_each_atom_keeps_its_paragraph_as_context():
+    atoms = atoms_of(TEXT)
+    first, second, heading, last = atoms
+    assert first.context == second.context == (first.text, second.text)
+    assert (first.at, second.at) == (0, 1)
+    # the heading joined the sentence it heads, whose paragraph it now belongs to
+    assert heading.context == last.context == (heading.text, last.text) and last.at == 1
+
+
+def test_context_is_capped_around_the_atom_in_a_long_paragraph():
+    from compiler.chunking import CONTEXT_ATOMS
+
+    text = " ".join(f"This is sentence number {i} of one long paragraph." for i in range(40))
+    atoms = atoms_of(text)
+    middle = atoms[20]
+    assert len(middle.context) == 2 * CONTEXT_ATOMS + 1
+    assert middle.context[middle.at] == middle.text
+    assert middle.context[0] == atoms[20 - CONTEXT_ATOMS].text
+
+
 def test_long_sentences_split_at_clauses_then_tokens():
     clauses = ", ".join(f"clause number {i} has five words" for i in range(12)) + "."
     atoms = atoms_of(clauses, max_tokens=16)

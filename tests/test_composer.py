@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import save_tiny, store_of_random_atoms, with_deltas_added
 
 from compiler.pipeline import store_header
-from composer import Composer
+from composer import Composer, Hit
 from composer.generation import cut_at_stop, encode_prompts
 from composer.prompts import ANSWER_END
 from microlora.cli import cli
@@ -408,3 +408,55 @@ def test_decoding_loop_matches_transformers_generate(arch, tmp_path):
     assert [c.text for c in cut] == [a.text for a in alone]
     assert [c.new_tokens for c in cut] == [a.new_tokens for a in alone]
     assert any(len(keep) < 3 for keep in shrinks)  # rows did leave the batch early
+
+
+def spy_on_prompts(monkeypatch) -> list[str]:
+    """The prompts generation is called with, one list per call."""
+    import composer.composer as composer_module
+
+    calls, real = [], composer_module.generate
+
+    def spy(model, tokenizer, ids, mask, **kwargs):
+        calls.append([tokenizer.decode(row[m.bool()]) for row, m in zip(ids, mask)])
+        return real(model, tokenizer, ids, mask, **kwargs)
+
+    monkeypatch.setattr(composer_module, "generate", spy)
+    return calls
+
+
+def test_context_mode_shows_each_atoms_window(tiny_models, tmp_path, monkeypatch):
+    lm, emb_path = tiny_models
+    base, emb = load_base_model(lm), load_embedder(emb_path)
+    texts = ["w1 w2 w3 w4", "w5 w6 w7", "w8 w9 w10", "w11 w12 w13 w14"]
+    path = store_of_random_atoms(tmp_path / "kb", base, emb, {"wiki": texts}, paragraphs=True)
+    import composer.composer as composer_module
+
+    shown, real = [], composer_module.build_prompt
+    monkeypatch.setattr(composer_module, "build_prompt", lambda tok, q, passages=(), *a:
+                        shown.append(list(passages)) or real(tok, q, passages, *a))
+    hits = [[Hit("wiki", "wiki-2", 0.9), Hit("wiki", "wiki-1", 0.8)]]
+    with Composer(AdapterStore(path, readonly=True), base, emb) as c:
+        for tokens in (0, 6, 100):
+            answer = c.ask_batch(["w9 w10"], ["wiki"], AskConfig(
+                mode="context", k=2, window_tokens=tokens, max_new_tokens=2), hits=hits)[0]
+            assert answer.sources[0].text == "w8 w9 w10"
+    alone, near, whole = shown
+    assert alone == ["w8 w9 w10", "w5 w6 w7"]  # each sentence alone, in rank order
+    assert near == ["w5 w6 w7 w8 w9 w10"]  # 3 + 3 tokens each: the two windows overlap
+    assert whole == [" ".join(texts)]
+
+
+def test_below_min_score_nothing_is_generated_and_that_is_said(kit, monkeypatch):
+    from composer.composer import NOTHING_FOUND
+
+    prompts = spy_on_prompts(monkeypatch)
+    with open_composer(kit) as c:
+        strict = AskConfig(k=2, min_score=1.01, max_new_tokens=4)  # cosine is at most 1
+        pieces = []
+        answer = c.ask("w1 w2 w3", ["wiki"], strict, on_text=pieces.append)
+        assert (answer.text, answer.found, answer.sources) == (NOTHING_FOUND, False, [])
+        assert pieces == [NOTHING_FOUND] and prompts == []
+        hits = c.retrieve(QUESTIONS, ["wiki"], AskConfig(k=1))
+        mixed = c.ask_batch(QUESTIONS, ["wiki"], strict, hits=[hits[0], [], hits[2]])
+    assert [a.found for a in mixed] == [True, False, True] and len(prompts) == 1
+    assert len(prompts[0]) == 2 and mixed[1].text == NOTHING_FOUND

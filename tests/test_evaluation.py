@@ -33,17 +33,30 @@ def test_squad_metrics():
 
 
 def test_dataset_splits_are_disjoint_and_sized(tmp_path):
-    data = write_cpkc(tmp_path / "qa.jsonl", 130)
+    data = write_cpkc(tmp_path / "qa.jsonl", 330)  # tune: the last 100 (at most a third)
     tune = load_dataset(data, "cpkc", limit=60, distractors=40, split="tune")
-    evaluation = load_dataset(data, "cpkc", limit=20, distractors=10, split="eval")
+    evaluation = load_dataset(data, "cpkc", limit=200, distractors=30, split="eval")
     assert len(tune.items) == 60 and len(tune.distractors) == 40 and len(tune.passages) == 100
     assert not set(tune.passages) & set(evaluation.passages)
     assert not {it.passage_id for it in tune.items} & set(tune.distractors)
     with pytest.raises(MicroloraError, match="not enough"):
-        load_dataset(data, "cpkc", limit=25, distractors=10, split="eval")
+        load_dataset(data, "cpkc", limit=201, distractors=30, split="eval")
     (tmp_path / "bad.jsonl").write_text('{"question": "no context"}\n')
     with pytest.raises(MicroloraError, match="not a cpkc dataset"):
         load_dataset(tmp_path / "bad.jsonl", "cpkc", limit=1)
+
+
+def test_questions_about_one_document_are_one_passage_reported_by_kind(tmp_path):
+    rows = [{"id": f"d{d}-q{q}", "question": f"question {q} about {d}?",
+             "context": f"Document {d} says this. It says that too.", "answer": "this",
+             "kind": ("pronoun", "bridge", "direct")[q]} for d in range(12) for q in range(3)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tune = load_dataset(tmp_path / "docs.jsonl", "cpkc", limit=4, split="tune")
+    assert len(tune.passages) == 4 and len(tune.items) == 12  # a third of 12 documents
+    assert {it.kind for it in tune.items} == {"pronoun", "bridge", "direct"}
+    assert all(it.passage_id == it.id.split("-")[0] + "-q0" for it in tune.items)
+    evaluation = load_dataset(tmp_path / "docs.jsonl", "cpkc", limit=8, split="eval")
+    assert not set(tune.passages) & set(evaluation.passages)
 
 
 def test_fictional_probes(tmp_path):
@@ -68,7 +81,8 @@ def test_a_whole_run_on_tiny_models(tmp_path, tiny_models):
     seen = []
     summary, rows = run_eval(ds, tmp_path / "work", base, emb, config,
                              progress=lambda stage, d, t: seen.append(stage))
-    assert set(summary["systems"]) == {"closed_book", "rag", "parametric", "hybrid", "oracle"}
+    assert set(summary["systems"]) == {"closed_book", "rag", "passage_rag", "parametric",
+                                       "hybrid", "oracle"}
     assert summary["n"] == 4 and summary["passages"] == 6 and summary["distractors"] == 2
     assert summary["compile"]["atoms"] == summary["compile"]["trained"] > 6
     for stats in summary["systems"].values():
@@ -76,8 +90,8 @@ def test_a_whole_run_on_tiny_models(tmp_path, tiny_models):
         assert all(0 <= stats[m] <= 1 for m in ("em", "f1", "contains"))
     assert set(summary["sweep"]) == {"1", "2"}
     assert 0 <= summary["recall_at_k"] <= 1
-    # 5 systems at k=2, plus the 3 retrieving ones at k=1
-    assert len(rows) == 4 * (5 + 3)
+    # 6 systems at k=2, plus the 4 retrieving ones at k=1
+    assert len(rows) == 4 * (6 + 4)
     assert {"compile", "answer"} <= set(seen)
     written = write_report(summary, rows, tmp_path / "out" / "result.json")
     assert [p.suffix for p in written] == [".json", ".jsonl", ".md", ".png"]

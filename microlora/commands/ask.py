@@ -39,6 +39,10 @@ _ASK = AskConfig()  # the defaults: one source, the dataclass
 @click.option("--end-bias", default=_ASK.end_bias, show_default=True, type=float,
               help="Bonus to the line-break logits once an answer has begun, so a short "
                    "answer stops after its name (0 = plain greedy).")
+@click.option("--window-tokens", type=click.IntRange(0), default=_ASK.window_tokens,
+              show_default=True, help="context and hybrid modes: each atom's window in the "
+                                      "prompt, in tokens: its sentence and its paragraph "
+                                      "around it (0: the sentence alone).")
 @click.option("--hybrid", type=click.Choice(HYBRIDS), default=_ASK.hybrid, show_default=True,
               help="--mode hybrid: ensemble decodes from the adapters (bare question) and the "
                    "passages (no adapters) together; joint puts both into one prompt.")
@@ -53,7 +57,8 @@ _ASK = AskConfig()  # the defaults: one source, the dataclass
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
 @model_options
 def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weighting,
-                composition, max_new_tokens, end_bias, hybrid, passage_weight, no_reader,
+                composition, max_new_tokens, end_bias, window_tokens, hybrid, passage_weight,
+                no_reader,
                 explain, as_json, base_model, embedder, device) -> None:
     """Answer QUESTION from the adapters of the atoms it retrieves.
 
@@ -70,7 +75,8 @@ def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weigh
 
     config = AskConfig(mode=mode, k=k, min_score=min_score, weighting=weighting,
                        composition=composition, max_new_tokens=max_new_tokens,
-                       end_bias=end_bias, hybrid=hybrid, passage_weight=passage_weight,
+                       end_bias=end_bias, window_tokens=window_tokens, hybrid=hybrid,
+                       passage_weight=passage_weight,
                        reader=not no_reader)
     with Composer.open(store_dir, base_model=base_model, embedder=embedder,
                        device=device) as composer:

@@ -15,20 +15,23 @@ from microlora.commands.options import (
 )
 from microlora.core.config import HYBRIDS, WEIGHTINGS, AskConfig
 
-SYSTEM_NAMES = ("closed_book", "rag", "parametric", "hybrid", "oracle")
+SYSTEM_NAMES = ("closed_book", "rag", "passage_rag", "parametric", "hybrid", "oracle")
 _ASK = AskConfig()
 
 
 @click.command("eval")
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True,
               dir_okay=False, path_type=Path),
-              help="cpkc-style JSONL (id, question, context, answer[, original_answer]) or "
+              help="cpkc-style JSONL (id, question, context, answer[, original_answer, "
+                   "kind]; rows sharing a context are one passage) or "
                    "fictional_knowledge.json.")
 @click.option("--dataset", "kind", type=click.Choice(["cpkc", "fictional"]), default=None,
               help="Format of --data [default: fictional for .json, else cpkc].")
 @click.option("--split", type=click.Choice(["eval", "tune", "all"]), default="eval",
-              show_default=True, help="Rows to draw from: tune (the last 100 cpkc / 30 "
-                                      "fictional rows) to choose settings, eval to report.")
+              show_default=True, help="Passages to draw from: tune (the file's last 100 "
+                                      "cpkc-style / 30 fictional passages, at most a third "
+                                      "of them) to choose settings, eval (the rest) to "
+                                      "report.")
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True,
               help="Passages to ask about (cpkc: one question each; fictional: 15 probes).")
 @click.option("--distractors", type=click.IntRange(0), default=50, show_default=True,
@@ -41,16 +44,20 @@ _ASK = AskConfig()
               help="Which systems to run.")
 @click.option("--weighting", type=click.Choice(WEIGHTINGS), default=_ASK.weighting,
               show_default=True)
-@click.option("--end-bias", type=float, default=None,
-              help="Added to the line-break logit once an answer has begun "
-                   "[default: microlora ask's].")
-@click.option("--hybrid", "hybrid", type=click.Choice(HYBRIDS), default=None,
-              help="How hybrid combines passages and adapters [default: microlora ask's].")
-@click.option("--passage-weight", type=click.FloatRange(0), default=None,
-              help="Ensemble hybrid: weight of the passages' log-probabilities "
-                   "[default: microlora ask's].")
-@click.option("--no-repeat-ngram", type=click.IntRange(0), default=None,
-              help="Ban repeating an n-gram of the answer [default: microlora ask's].")
+@click.option("--end-bias", type=float, default=_ASK.end_bias, show_default=True,
+              help="Added to the line-break logit once an answer has begun.")
+@click.option("--window-tokens", type=click.IntRange(0), default=_ASK.window_tokens,
+              show_default=True, help="passage_rag and hybrid: each atom's window, in tokens "
+                                      "(its sentence and its paragraph around it).")
+@click.option("--min-score", type=float, default=_ASK.min_score,
+              help="Say nothing was found below this retrieval score [default: none].")
+@click.option("--hybrid", "hybrid", type=click.Choice(HYBRIDS), default=_ASK.hybrid,
+              show_default=True, help="How hybrid combines passages and adapters.")
+@click.option("--passage-weight", type=click.FloatRange(0), default=_ASK.passage_weight,
+              show_default=True,
+              help="Ensemble hybrid: weight of the passages' log-probabilities.")
+@click.option("--no-repeat-ngram", type=click.IntRange(0), default=_ASK.no_repeat_ngram,
+              show_default=True, help="Ban repeating an n-gram of the answer (0: off).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="RESULT.json; .answers.jsonl, .md and .png are written beside it.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
@@ -60,13 +67,16 @@ _ASK = AskConfig()
 @recipe_options
 @model_options
 def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, systems,
-                 weighting, end_bias, hybrid, passage_weight, no_repeat_ngram, out, workdir,
+                 weighting, end_bias, window_tokens, min_score, hybrid, passage_weight,
+                 no_repeat_ngram, out, workdir,
                  reader, rank, max_steps, stop_prob, lr, neighbours, batch_atoms, last_layers,
                  modules, max_atom_tokens, qa_views, view_style, base_model, embedder,
                  device) -> None:
     """Compile the passages of a QA dataset into one fresh store and answer every question
-    with each system: closed_book (base model), rag (atom text in the prompt), parametric
-    (composed adapters, no text), hybrid (both) and oracle (the gold passage's adapters).
+    with each system: closed_book (base model), rag (the atoms' sentences in the prompt),
+    passage_rag (their windows in the prompt: `ask --mode context`), parametric (composed
+    adapters, no text), hybrid (adapters and windows) and oracle (the gold passage's
+    adapters).
 
     Scores are exact match and token F1 after SQuAD normalisation, "contains" (the answer
     appears in the output), and for counterfactual data the rate at which the real-world
@@ -96,13 +106,11 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
                                 view_style)
     dataset = load_dataset(data_path, kind, limit=limit, distractors=distractors, seed=seed,
                            split=split)
-    config = EvalConfig(k=k or AskConfig.k, sweep=ks, systems=chosen, weighting=weighting,
-                        train=train, chunk=chunk, no_repeat_ngram=AskConfig.no_repeat_ngram
-                        if no_repeat_ngram is None else no_repeat_ngram, reader=reader,
-                        end_bias=AskConfig.end_bias if end_bias is None else end_bias,
-                        hybrid=hybrid or AskConfig.hybrid,
-                        passage_weight=AskConfig.passage_weight if passage_weight is None
-                        else passage_weight)
+    ask = AskConfig(weighting=weighting, end_bias=end_bias, window_tokens=window_tokens,
+                    min_score=min_score, hybrid=hybrid, passage_weight=passage_weight,
+                    no_repeat_ngram=no_repeat_ngram)
+    config = EvalConfig(k=k or AskConfig.k, sweep=ks, systems=chosen, ask=ask, train=train,
+                        chunk=chunk, reader=reader)
     base = load_base_model(base_model, device=device)
     emb = load_embedder(embedder, device=device)
     progress = StageBars({"compile": "atom", "answer": "answer"})

@@ -198,6 +198,9 @@ class AskConfig:
         compose adapters (base models' prompts): composed atoms answer with a name and then
         run on, while in-context copying ends well by itself and a bias cuts its names short
         (measured: benchmarks/RESULTS.md, "ending answers").
+    window_tokens: how much of its paragraph each retrieved atom shows in the passage modes
+        (``context``, the passage side of ``hybrid``): its sentence and its neighbours up to
+        this many tokens (``composer.windows``); 0 shows the sentence alone.
     hybrid: "ensemble" decodes the answer from two rows at once, the adapters with the bare
         question and the passages with no adapters, each token maximising
         log p(adapters) + passage_weight * log p(passages); "joint" puts both in one row,
@@ -215,6 +218,7 @@ class AskConfig:
     template: str = "qa"
     reader: bool = True
     end_bias: float = 8.0
+    window_tokens: int = 160
     hybrid: str = "ensemble"
     passage_weight: float = 2.0
 
@@ -234,6 +238,8 @@ class AskConfig:
             raise MicroloraError("max_new_tokens must be at least 1")
         if self.passage_weight < 0:
             raise MicroloraError("passage_weight must be at least 0")
+        if self.window_tokens < 0:
+            raise MicroloraError("window_tokens must be at least 0")
         if self.mode is Mode.HYBRID and self.hybrid == "ensemble" and \
                 self.composition == "merged":
             raise MicroloraError("the ensemble hybrid keeps the adapters out of its passage "

@@ -1,15 +1,18 @@
 """QA datasets for the harness: passages to compile, questions about some of them, and
 distractor passages that are compiled but never asked about.
 
-- ``cpkc``: rows ``{"id", "question", "context", "answer", "original_answer"?}``, e.g.
-  benchmarks/data/cpkc_dev.jsonl (counterfactual: the passage's answer is not the world's).
+- ``cpkc``: rows ``{"id", "question", "context", "answer", "original_answer"?, "kind"?}``,
+  e.g. benchmarks/data/cpkc_dev.jsonl (counterfactual: the passage's answer is not the
+  world's) or benchmarks/data/docs_dev.jsonl (invented multi-sentence documents; ``kind`` is
+  ``pronoun``, ``bridge`` or ``direct``, reported separately). Rows with the same context
+  are questions about one passage, compiled once.
 - ``fictional``: benchmarks/data/fictional_knowledge.json, invented passages with completion
   probes of three kinds: ``mem`` (a sentence of the passage), ``gen`` (paraphrased) and
   ``hard_gen`` (the fact in a new context).
 
-Rows are split once, by position, into a ``tune`` part (choose defaults on it) and an
-``eval`` part (report on it), so numbers in the README come from questions no setting was
-chosen on.
+Passages are split once, by position, into a ``tune`` part (the last ones: choose defaults on
+it) and an ``eval`` part (report on it), so numbers in the README come from questions no
+setting was chosen on.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 
 from microlora.core.errors import MicroloraError
 
-TUNE_ROWS = {"cpkc": 100, "fictional": 30}  # the last rows of each file: the tuning split
+TUNE_ROWS = {"cpkc": 100, "fictional": 30}  # the last passages of a file: the tuning split,
+# at most a third of them (a smaller file, such as docs_dev's 95 documents, tunes on 31)
 SPLITS = ("eval", "tune", "all")
 PROBE_KINDS = ("mem", "gen", "hard_gen")
 
@@ -63,7 +67,7 @@ def load_dataset(path: str | Path, name: str = "cpkc", *, limit: int | None = No
             raise MicroloraError(f"unknown dataset kind {name!r}: use cpkc or fictional")
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise MicroloraError(f"{path} is not a {name} dataset ({e})") from e
-    tune = TUNE_ROWS[name]
+    tune = min(TUNE_ROWS[name], len(groups) // 3)
     groups = {"tune": groups[-tune:], "eval": groups[:-tune], "all": groups}[split]
     random.Random(seed).shuffle(groups)
     limit = len(groups) - distractors if limit is None else limit
@@ -82,15 +86,18 @@ def load_dataset(path: str | Path, name: str = "cpkc", *, limit: int | None = No
 
 
 def _cpkc_groups(path: Path) -> list[tuple[str, str, list[Item]]]:
-    out = []
+    """One group per distinct context, in order of first appearance, named by its first
+    row's id."""
+    groups: dict[str, tuple[str, str, list[Item]]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         row = json.loads(line)
-        pid = str(row["id"])
-        out.append((pid, row["context"], [Item(pid, row["question"], row["answer"], pid,
-                                               original_answer=row.get("original_answer"))]))
-    return out
+        pid, _, items = groups.setdefault(row["context"], (str(row["id"]), row["context"], []))
+        items.append(Item(str(row["id"]), row["question"], row["answer"], pid,
+                          kind=row.get("kind", "qa"),
+                          original_answer=row.get("original_answer")))
+    return list(groups.values())
 
 
 def _fictional_groups(path: Path) -> list[tuple[str, str, list[Item]]]:

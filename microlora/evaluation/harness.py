@@ -1,10 +1,12 @@
 """Compile a dataset's passages into one fresh store, then answer every question with every
 system on the same prompt and decoding, and score the answers.
 
-Systems: ``closed_book`` (the base model alone), ``rag`` (the top-k atoms' text in the prompt),
-``parametric`` (the top-k atoms' adapters composed, no text), ``hybrid`` (both) and
-``oracle`` (the adapters of the gold passage's atoms only: the ceiling of the parametric path,
-retrieval taken out).
+Systems: ``closed_book`` (the base model alone), ``rag`` (the top-k atoms' sentences in the
+prompt), ``passage_rag`` (their windows in the prompt: each atom's paragraph around it, what a
+user building plain passage RAG would show; the ``context`` mode), ``parametric`` (the top-k
+atoms' adapters composed, no text), ``hybrid`` (adapters and windows) and ``oracle`` (the
+adapters of the gold passage's atoms only: the ceiling of the parametric path, retrieval taken
+out).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from compiler.pipeline import CompileReport, compile_corpus
 from composer import Composer, Hit
-from composer.retrieval import weigh
+from composer.retrieval import select
 from microlora.core.config import AskConfig, ChunkConfig, Mode, TrainConfig
 from microlora.core.embedder import Embedder
 from microlora.core.models import BaseModel
@@ -27,26 +29,28 @@ from store import AdapterStore
 from store.peft import read_reader
 
 NAMESPACE = "eval"
-SYSTEMS = {"closed_book": Mode.NONE, "rag": Mode.CONTEXT, "parametric": Mode.PARAMETRIC,
-           "hybrid": Mode.HYBRID, "oracle": Mode.PARAMETRIC}
-RETRIEVING = ("rag", "parametric", "hybrid")  # the systems whose answers depend on k
+# each system: how it answers (AskConfig fields over the run's ``EvalConfig.ask``)
+SYSTEMS = {"closed_book": {"mode": Mode.NONE},
+           "rag": {"mode": Mode.CONTEXT, "window_tokens": 0},
+           "passage_rag": {"mode": Mode.CONTEXT},
+           "parametric": {"mode": Mode.PARAMETRIC},
+           "hybrid": {"mode": Mode.HYBRID},
+           "oracle": {"mode": Mode.PARAMETRIC}}
+RETRIEVING = ("rag", "passage_rag", "parametric", "hybrid")  # answers that depend on k
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """k: atoms per question (the composer's default); sweep: more k values to try for the
-    retrieving systems; the compile recipe is ``train`` and ``chunk``."""
+    retrieving systems; ``ask``: how every system answers (its mode and k set per system);
+    the compile recipe is ``train`` and ``chunk``."""
 
     k: int = AskConfig.k
     sweep: tuple[int, ...] = ()
     systems: tuple[str, ...] = tuple(SYSTEMS)
-    weighting: str = "uniform"
     batch_size: int = 8
     max_new_tokens: int | None = None  # 24 for questions, 12 for completion probes
-    no_repeat_ngram: int = AskConfig.no_repeat_ngram
-    end_bias: float = AskConfig.end_bias
-    hybrid: str = AskConfig.hybrid
-    passage_weight: float = AskConfig.passage_weight
+    ask: AskConfig = field(default_factory=AskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     reader: Path | None = None  # a reader folder (`microlora reader train`) to compose too
@@ -76,9 +80,7 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
                     "atoms_per_s": round(report.atoms_per_s, 3),
                     "mean_final_loss": round(report.mean_final_loss, 4)},
         "config": {"train": _jsonable(asdict(config.train)), "chunk": asdict(config.chunk),
-                   "weighting": config.weighting, "max_new_tokens": max_new,
-                   "no_repeat_ngram": config.no_repeat_ngram, "end_bias": config.end_bias,
-                   "hybrid": config.hybrid, "passage_weight": config.passage_weight,
+                   "ask": _jsonable(asdict(config.ask)), "max_new_tokens": max_new,
                    "reader": str(config.reader) if config.reader else None},
         "systems": {}, "sweep": {},
     }
@@ -103,11 +105,10 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
             if system == "oracle":
                 hits = [[Hit(NAMESPACE, a, 1.0) for a in gold[it.passage_id]] for it in items]
             else:
-                hits = [weigh(row[:k], config.weighting) for row in retrieved]
-            ask = AskConfig(mode=SYSTEMS[system], k=k, weighting=config.weighting,
-                            max_new_tokens=max_new, template=dataset.template,
-                            no_repeat_ngram=config.no_repeat_ngram, end_bias=config.end_bias,
-                            hybrid=config.hybrid, passage_weight=config.passage_weight)
+                hits = [select(row, k, config.ask.min_score, config.ask.weighting)
+                        for row in retrieved]
+            ask = replace(config.ask, k=k, max_new_tokens=max_new, template=dataset.template,
+                          **SYSTEMS[system])
             t0 = time.perf_counter()
             answers = []
             for start in range(0, len(items), config.batch_size):

@@ -45,16 +45,23 @@ def markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     sweep = summary.get("sweep", {})
     if len(sweep) > 1:
-        lines += ["", "| k | recall@k | " + " | ".join(
-            f"{s} EM" for s in ("rag", "parametric", "hybrid")) + " |", "|---|---|---|---|---|"]
+        names = _swept(sweep)
+        lines += ["", "| k | recall@k | " + " | ".join(f"{n} EM" for n in names) + " |",
+                  "|" + "---|" * (len(names) + 2)]
         for k, row in sorted(sweep.items(), key=lambda kv: int(kv[0])):
             cells = [k, f"{row['recall_at_k']:.2f}"] + [
-                f"{row[s]['em']:.3f}" if s in row else "" for s in ("rag", "parametric", "hybrid")]
+                f"{row[n]['em']:.3f}" if n in row else "" for n in names]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _swept(sweep: dict) -> list[str]:
+    """The systems a k sweep measured, in the order they first appear."""
+    return list(dict.fromkeys(n for row in sweep.values() for n in row if n != "recall_at_k"))
+
+
 def bar_chart(summary: dict, path: Path) -> bool:
+    """EM and F1 per system at the run's k, and, when k was swept, EM against k per system."""
     try:
         import matplotlib
 
@@ -64,15 +71,31 @@ def bar_chart(summary: dict, path: Path) -> bool:
         log.warning("matplotlib is not installed: no chart (pip install 'microlora[eval]')")
         return False
     names = list(summary["systems"])
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.2))
+    sweep = summary.get("sweep", {})
+    panels = 2 if len(sweep) > 1 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(1.4 * len(names) + 2 + 4 * (panels - 1), 3.2),
+                             squeeze=False)
+    ax = axes[0][0]
     width = 0.38
     for i, metric in enumerate(("em", "f1")):
         ax.bar([x + (i - 0.5) * width for x in range(len(names))],
                [summary["systems"][n][metric] for n in names], width, label=metric.upper())
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title(f"{summary['dataset']}, n={summary['n']}, k={summary['k']}")
+    if panels == 2:
+        ax = axes[0][1]
+        ks = sorted(sweep, key=int)
+        for name in _swept(sweep):
+            points = [(int(k), sweep[k][name]["em"]) for k in ks if name in sweep[k]]
+            ax.plot(*zip(*points), marker="o", label=name)
+        ax.set_xlabel("k (atoms retrieved)")
+        ax.set_ylabel("EM")
+        ax.set_ylim(0, 1)
+        ax.set_xticks([int(k) for k in ks])
+        ax.legend(fontsize=7)
+        ax.set_title("EM against k")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
