@@ -212,7 +212,7 @@ class Composer:
                             stop=stop_pattern(tok, config.template),
                             no_repeat_ngram=config.no_repeat_ngram,
                             end_ids=self._end_ids(config), end_bias=rows.end_bias,
-                            ensemble=rows.weights, on_text=on_text,
+                            ensemble=rows.weights, gate=rows.gate, on_text=on_text,
                             on_rows=self.lora.select_samples)
         seconds = time.perf_counter() - t0
         prompt_tokens = mask.sum(1).tolist()[:len(questions)]
@@ -252,11 +252,11 @@ class Composer:
                                  config.template)
                     for q, srcs in zip(questions, sources)]
 
-        if config.mode is Mode.HYBRID and config.hybrid == "ensemble" and any(hits):
+        if config.mode is Mode.HYBRID and config.hybrid != "joint" and any(hits):
             silent = [[replace(h, weight=0.0) for h in row] for row in hits]
             bias = [config.end_bias] * len(questions) + [0.0] * len(questions)
             return _Rows(prompts(False) + prompts(True), [*hits, *silent], torch.tensor(bias),
-                         (1.0, config.passage_weight))
+                         (1.0, config.passage_weight), 1 if config.hybrid == "gated" else None)
         return _Rows(prompts(config.mode.uses_passages), list(hits), config.end_bias, ())
 
     def _source(self, hit: Hit, record: AtomRecord, config: AskConfig) -> Source:
@@ -297,6 +297,7 @@ class _Rows:
     hits: list[list[Hit]]  # the atoms composed into each row
     end_bias: float | torch.Tensor  # one value, or one per row
     weights: tuple[float, ...]  # the ensemble's weight per group of rows; () for one row each
+    gate: int | None = None  # the group whose confidence silences the others (``generate``)
 
 
 def passages(sources: Sequence[Source]) -> list[str]:

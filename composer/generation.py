@@ -51,6 +51,7 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
              max_new_tokens: int = 32, stop: re.Pattern | None = None, min_new_tokens: int = 0,
              no_repeat_ngram: int = 0, end_ids: Sequence[int] = (),
              end_bias: float | torch.Tensor = 0.0, ensemble: Sequence[float] = (),
+             gate: int | None = None,
              on_text: Callable[[int, str], None] | None = None,
              on_rows: Callable[[torch.Tensor], None] | None = None) -> list[Generated]:
     """Greedy continuation of each row, cut where ``stop`` first matches.
@@ -65,7 +66,9 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
 
     ``ensemble``: G weights; ``ids`` is then G groups of N rows, row g*N + i answering
     question i from group g's evidence, and N answers come back, each token the argmax of
-    sum_g weight_g * log p_g.
+    sum_g weight_g * log p_g. ``gate``: the group whose confidence silences the others: at
+    each step every other group's weight is scaled by 1 - (the gate row's top probability),
+    so where that evidence is sure of its next token it decides alone.
     """
     groups = len(ensemble) or 1
     if len(ids) % groups:
@@ -87,8 +90,8 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
         if end_ids and step >= 1:
             logits[:, list(end_ids)] += end_bias[:, None]
         if weights is not None:
-            logp = logits.log_softmax(-1).view(groups, len(active), -1)
-            logits = (weights * logp).sum(0)
+            logits = combine(logits.log_softmax(-1).view(groups, len(active), -1), weights,
+                             gate)
         if no_repeat_ngram:
             _ban_repeats(logits, [rows[b].tokens for b in active.tolist()], no_repeat_ngram)
         tokens = logits.argmax(-1)
@@ -118,6 +121,19 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
                        use_cache=True, **cache).logits[:, -1]
     return [row.result() for row in rows]
+
+
+def combine(logp: torch.Tensor, weights: torch.Tensor, gate: int | None = None
+            ) -> torch.Tensor:
+    """An ensemble's scores (N, V) from its groups' log-probabilities (G, N, V): the weighted
+    sum, where with a ``gate`` every other group's weight is scaled by 1 - the gate row's top
+    probability (a sure gate decides alone; a doubtful one lets the others in)."""
+    w = weights.reshape(-1, 1, 1).to(logp.dtype)
+    if gate is not None:
+        doubt = 1 - logp[gate].max(-1, keepdim=True).values.exp()  # (N, 1)
+        others = torch.arange(len(w), device=logp.device)[:, None, None] != gate
+        w = torch.where(others, w * doubt[None], w)
+    return (w * logp).sum(0)
 
 
 class _Row:

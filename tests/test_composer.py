@@ -460,3 +460,17 @@ def test_below_min_score_nothing_is_generated_and_that_is_said(kit, monkeypatch)
         mixed = c.ask_batch(QUESTIONS, ["wiki"], strict, hits=[hits[0], [], hits[2]])
     assert [a.found for a in mixed] == [True, False, True] and len(prompts) == 1
     assert len(prompts[0]) == 2 and mixed[1].text == NOTHING_FOUND
+
+
+def test_a_gated_ensemble_lets_the_other_rows_in_only_where_the_gate_doubts():
+    from composer.generation import combine
+
+    sure = torch.tensor([[0.98, 0.01, 0.01]]).log()  # the gate's row: token 0, no doubt
+    unsure = torch.tensor([[0.4, 0.3, 0.3]]).log()
+    other = torch.tensor([[0.01, 0.98, 0.01]]).log()  # the adapters' row: token 1
+    weights = torch.tensor([2.0, 1.0])
+    assert combine(torch.stack([other, sure]), weights).argmax() == 1  # plain: other wins
+    assert combine(torch.stack([other, sure]), weights, gate=1).argmax() == 0
+    assert combine(torch.stack([other, unsure]), weights, gate=1).argmax() == 1
+    torch.testing.assert_close(combine(torch.stack([other, unsure]), weights, gate=1),
+                               2 * 0.6 * other + unsure)

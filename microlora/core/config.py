@@ -17,7 +17,7 @@ from microlora.core.errors import MicroloraError, TargetError
 VIEW_STYLES = ("sentence", "clause")  # compiler.views: how a question view is asked
 TEMPLATES = ("qa", "completion")  # composer.prompts: answer a question, or continue a text
 COMPOSITIONS = ("stacked", "merged")  # composer: adapters beside W, or folded into it
-HYBRIDS = ("ensemble", "joint")  # composer: how --mode hybrid combines passages and adapters
+HYBRIDS = ("ensemble", "gated", "joint")  # composer: how --mode hybrid combines them
 WEIGHTINGS = ("uniform", "score")  # composer.retrieval: each atom's weight in the sum
 
 
@@ -203,7 +203,9 @@ class AskConfig:
         this many tokens (``composer.windows``); 0 shows the sentence alone.
     hybrid: "ensemble" decodes the answer from two rows at once, the adapters with the bare
         question and the passages with no adapters, each token maximising
-        log p(adapters) + passage_weight * log p(passages); "joint" puts both in one row,
+        log p(adapters) + passage_weight * log p(passages); "gated" scales the adapters' term
+        by 1 - the passages' top probability at each step, so the passages decide wherever
+        they are sure; "joint" puts both in one row,
         where the composed adapters disturb the reading of the passages (measured:
         benchmarks/RESULTS.md, "hybrid as an ensemble"). Twice the rows per question.
     """
@@ -240,7 +242,7 @@ class AskConfig:
             raise MicroloraError("passage_weight must be at least 0")
         if self.window_tokens < 0:
             raise MicroloraError("window_tokens must be at least 0")
-        if self.mode is Mode.HYBRID and self.hybrid == "ensemble" and \
+        if self.mode is Mode.HYBRID and self.hybrid != "joint" and \
                 self.composition == "merged":
             raise MicroloraError("the ensemble hybrid keeps the adapters out of its passage "
                                  "row, which merged weights cannot: use stacked composition, "
