@@ -1,73 +1,116 @@
-"""Compile benchmark: microlora's batched trainer vs the PEFT loop a user would write, side by
-side in one run on the same atoms, the default model and the default recipe.
+"""Compile benchmark: what ``microlora compile`` does with the default recipe, against the PEFT
+loop a user would write for the same training rows, side by side in one run; and a growth run.
 
     python benchmarks/compile_bench.py [--quick] --out results/compile.json
+    python benchmarks/compile_bench.py --growth [--quick] --out results/compile_growth.json
 
-(a) naive: one ``get_peft_model`` LoRA per atom (same rank, targets, learning rate and step
-budget), fp32, batch 1, the stock HF loss, trained one atom after another;
-(b) microlora: ``compiler.trainer.AtomTrainer`` with the default ``TrainConfig`` (batches of
-atoms, bf16 autocast, replayed frozen prefix, chunked loss, composition in the loop, adaptive
-stop).
-Both are then scored the same way, fp32 with the full-vocabulary cross-entropy over each
-atom's tokens: ``mean_final_loss`` with the atom's adapter composed beside the adapters of
-``neighbours`` other atoms (as at query time: adapters are always composed), and
-``alone_mean_loss`` with its adapter alone. Atoms are sentences of the invented passages in
-``benchmarks/data/fictional_knowledge.json``.
+(a) microlora: ``compiler.pipeline.compile_documents`` with the default ``TrainConfig`` into a
+fresh store, timed whole (planning, question views, training, embedding, store writes);
+(b) naive: one ``get_peft_model`` LoRA per atom (same rank, targets, lr and step budget),
+fp32, the stock HF loss over the same rows (the atom's sentence and its question views, loss
+on their target tokens only), trained one atom after another.
+Both are scored the same way, fp32 with the full-vocabulary cross-entropy over each atom's
+target tokens (all its rows): ``mean_final_loss`` with the adapters of the ``neighbours``
+atoms after it composed beside it (as at query time with k > 1), ``alone_mean_loss`` alone
+(k = 1). The floor: an atom's rows times its mean steps times ~2 GFLOP per 10 tokens through
+the adapted blocks (forward and backward), at the bf16 rate this CPU reaches (``floor_*``).
+
+The growth run compiles four parts of a corpus (fictional_knowledge passages, then cpkc_dev
+contexts) into one store, each in a fresh process, so later parts train beside stored
+neighbours: atoms/s per part (``growth_ratio`` = last / first) and each process's peak
+resident memory (``peak_rss_mb`` = the largest).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from store_bench import torch_machine, write_results
 from tqdm import tqdm
 
 from compiler.chunking import chunk_document
 from compiler.documents import Document
-from compiler.trainer import AtomTrainer
-from microlora.core.config import TrainConfig
+from compiler.loss import encode_targets
+from compiler.pipeline import compile_documents
+from compiler.views import question_views
+from microlora.core.config import ChunkConfig, TrainConfig
+from microlora.core.embedder import load_embedder
 from microlora.core.kernel import MultiLoraModel
 from microlora.core.models import load_base_model
 from microlora.core.pack import Packed, compose
-from microlora.core.targets import select_targets
+from microlora.core.targets import find_blocks, select_targets
+from store import AdapterStore
 
-DATA = Path(__file__).parent / "data" / "fictional_knowledge.json"
-
-
-def load_atoms(tokenizer, n: int) -> list[str]:
-    atoms: list[str] = []
-    for i, item in enumerate(json.loads(DATA.read_text())):
-        atoms += [a.text for a in chunk_document(Document(f"fk{i}", item["train_context"]),
-                                                 tokenizer)]
-        if len(atoms) >= n:
-            return atoms[:n]
-    return atoms
+DATA = Path(__file__).parent / "data"
+NAMESPACE = "bench"
 
 
-def encode(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer(text, return_tensors="pt").input_ids  # BOS + text, like the trainer
+def corpus(tokenizer, n_atoms: int, skip_atoms: int = 0) -> list[Document]:
+    """Passages (fictional_knowledge, then cpkc_dev contexts) whose atoms number about
+    ``n_atoms``, after the first ``skip_atoms`` atoms' worth."""
+    texts = [row["train_context"] for row in json.loads(
+        (DATA / "fictional_knowledge.json").read_text())]
+    texts += [json.loads(line)["context"] for line in
+              (DATA / "cpkc_dev.jsonl").read_text().splitlines() if line.strip()]
+    docs, seen = [], 0
+    for i, text in enumerate(texts):
+        doc = Document(f"passage-{i}", text)
+        n = len(chunk_document(doc, tokenizer))
+        if seen >= skip_atoms:
+            docs.append(doc)
+        seen += n
+        if seen >= skip_atoms + n_atoms:
+            break
+    return docs
 
 
-def train_naive(base, atoms: list[str], config: TrainConfig) -> tuple[list[Packed], float, int]:
-    """The baseline a PEFT user would write: a fresh LoRA per atom, trained alone."""
+def rows_of(text: str, config: TrainConfig) -> list[tuple[str, str]]:
+    """(context, target) rows an atom trains on: its sentence, then its question views."""
+    return [("", text)] + question_views(text, config.qa_views, config.view_style)
+
+
+def labelled(tokenizer, rows: list[tuple[str, str]]) -> tuple[torch.Tensor, ...]:
+    """HF inputs for an atom's rows: ids, mask, and labels on the target tokens only."""
+    ids, mask, tgt = encode_targets(tokenizer, [t for _, t in rows], [c for c, _ in rows],
+                                    torch.device("cpu"))
+    return ids, mask, torch.where(tgt, ids, -100)
+
+
+def train_microlora(base, embedder, docs: list[Document], config: TrainConfig, store_dir: Path):
+    t0 = time.perf_counter()
+    report = compile_documents(docs, store_dir, base=base, embedder=embedder,
+                               namespace=NAMESPACE, train_config=config)
+    seconds = time.perf_counter() - t0
+    with AdapterStore(store_dir, readonly=True) as store:
+        records = {r.text: r for r in store.get(NAMESPACE, store.ids(NAMESPACE))}
+    return records, seconds, report
+
+
+def train_naive(base, texts: list[str], config: TrainConfig) -> tuple[list[Packed], float, int]:
+    """The baseline a PEFT user would write: a fresh LoRA per atom, trained alone on the
+    atom's rows for the step budget."""
     from peft import LoraConfig, get_peft_model
 
     names = list(select_targets(base.model, config.targets))
     adapters, steps = [], 0
     t0 = time.perf_counter()
-    for text in tqdm(atoms, desc="naive PEFT", unit="atom"):
+    for text in tqdm(texts, desc="naive PEFT", unit="atom"):
         peft_model = get_peft_model(base.model, LoraConfig(
             r=config.rank, lora_alpha=config.rank * config.scale, target_modules=names,
             lora_dropout=0.0))
         opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad],
                                lr=config.lr)
-        ids = encode(base.tokenizer, text)
+        ids, mask, labels = labelled(base.tokenizer, rows_of(text, config))
         for _ in range(config.max_steps):
-            loss = peft_model(input_ids=ids, labels=ids).loss
+            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -80,81 +123,130 @@ def train_naive(base, atoms: list[str], config: TrainConfig) -> tuple[list[Packe
     return adapters, time.perf_counter() - t0, steps
 
 
-def train_microlora(base, atoms: list[str], config: TrainConfig):
-    t0 = time.perf_counter()
-    out = []
-    with AtomTrainer(base.model, base.tokenizer, config) as trainer:
-        for i in tqdm(range(0, len(atoms), config.batch_atoms), desc="microlora", unit="batch"):
-            batch = atoms[i:i + config.batch_atoms]
-            out += trainer.train(batch, [f"bench-{i + j}" for j in range(len(batch))])
-    seconds = time.perf_counter() - t0
-    return [t.adapter for t in out], seconds, sum(t.steps for t in out)
-
-
 @torch.no_grad()
-def final_losses(base, atoms: list[str], adapters: list[Packed], config: TrainConfig,
+def final_losses(base, texts: list[str], adapters: list[Packed], config: TrainConfig,
                  company: int) -> list[float]:
-    """Each atom's loss (fp32, full softmax, mean CE over its tokens) under its own adapter
-    composed with the adapters of the ``company`` atoms after it (cyclically): the way atoms
-    are used at query time. ``company=0`` scores each adapter alone."""
+    """Each atom's loss (fp32, full softmax, mean CE over the target tokens of all its rows)
+    under its own adapter composed with the adapters of the ``company`` atoms after it
+    (cyclically). ``company=0`` scores each adapter alone."""
     lora = MultiLoraModel(base.model, config.targets)
     try:
         losses = []
-        for i, text in enumerate(atoms):
-            group = [adapters[(i + j) % len(atoms)] for j in range(company + 1)]
-            ids = encode(base.tokenizer, text)
-            with lora.adapters(compose([group])):
-                losses.append(base.model(input_ids=ids, labels=ids).loss.item())
+        for i, text in enumerate(texts):
+            group = [adapters[(i + j) % len(texts)] for j in range(company + 1)]
+            ids, mask, labels = labelled(base.tokenizer, rows_of(text, config))
+            with lora.adapters(compose([group] * len(ids))):
+                losses.append(base.model(input_ids=ids, attention_mask=mask,
+                                         labels=labels).loss.item())
         return losses
     finally:
         lora.remove()
 
 
+def bf16_gflops() -> float:
+    """The bf16 matmul rate of this CPU (GFLOP/s), for the compute floor."""
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    return 10 * 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9
+
+
+def side_by_side(args) -> dict:
+    base = load_base_model(device="cpu")
+    embedder = load_embedder(device="cpu")
+    config = TrainConfig()
+    docs = corpus(base.tokenizer, args.atoms or (16 if args.quick else 64))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        records, t_ours, report = train_microlora(base, embedder, docs, config, Path(tmp) / "s")
+    texts = list(records)
+    ours = [records[t].adapter for t in texts]
+    torch.manual_seed(0)
+    naive, t_naive, steps_naive = train_naive(base, texts, config)
+    company = config.neighbours
+    loss = {name: final_losses(base, texts, adapters, config, company)
+            for name, adapters in (("ours", ours), ("naive", naive))}
+    alone = {name: final_losses(base, texts, adapters, config, 0)
+             for name, adapters in (("ours", ours), ("naive", naive))}
+    tokens = [int(labelled(base.tokenizer, rows_of(t, config))[1].sum()) for t in texts]
+    # a token through the adapted blocks costs ~6 FLOP per weight (forward 2, backward 4),
+    # at every step, plus a forward for the candidate vocabulary
+    first = min(int(name.split(".")[2]) for name in select_targets(base.model, config.targets))
+    _, blocks = find_blocks(base.model)
+    weights = sum(p.numel() for block in blocks[first:] for p in block.parameters())
+    flops = sum(tokens) * (6 * report.atom_steps / len(texts) + 2) * weights
+    rate = bf16_gflops()
+    n = len(texts)
+    return {
+        "atoms": n, "tokens_per_atom": sum(tokens) / n, "rows_per_atom": sum(
+            len(rows_of(t, config)) for t in texts) / n,
+        "atoms_per_s": n / t_ours, "naive_atoms_per_s": n / t_naive, "speedup": t_naive / t_ours,
+        "mean_final_loss": sum(loss["ours"]) / n, "naive_mean_final_loss": sum(loss["naive"]) / n,
+        "alone_mean_loss": sum(alone["ours"]) / n,
+        "naive_alone_mean_loss": sum(alone["naive"]) / n,
+        "mean_steps": report.atom_steps / n, "naive_mean_steps": steps_naive / n,
+        "atom_steps_per_s": report.atom_steps / t_ours,
+        "naive_atom_steps_per_s": steps_naive / t_naive, "composed_with": company,
+        "bf16_gflops": rate, "adapted_block_weights": weights,
+        "floor_atoms_per_s": rate * 1e9 / (flops / n),
+        "config": {k: str(v) for k, v in vars(config).items()},
+    }
+
+
+def growth_part(args) -> None:
+    """One part of the growth run, in its own process: compile, then report as JSON."""
+    base = load_base_model(device="cpu")
+    embedder = load_embedder(device="cpu")
+    docs = corpus(base.tokenizer, args.part_atoms, skip_atoms=args.part * args.part_atoms)
+    stamps = []
+    t0 = time.perf_counter()
+    report = compile_documents(docs, args.store, base=base, embedder=embedder,
+                               namespace=NAMESPACE, chunk_config=ChunkConfig(),
+                               progress=lambda done, total: stamps.append(
+                                   (done, time.perf_counter() - t0)))
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"part": args.part, "trained": report.trained, "seconds": seconds,
+                      "atoms_per_s": report.trained / seconds,
+                      "mean_steps": report.atom_steps / max(report.trained, 1),
+                      "mean_final_loss": report.mean_final_loss, "batches": stamps,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def growth(args) -> dict:
+    part_atoms = 64 if args.quick else 500
+    parts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for part in range(4):
+            out = subprocess.run(
+                [sys.executable, __file__, "--growth-part", str(part), "--part-atoms",
+                 str(part_atoms), "--store", str(Path(tmp) / "s"), "--out", "-"],
+                check=True, capture_output=True, text=True).stdout
+            parts.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"part {part}: {parts[-1]['trained']} atoms, "
+                  f"{parts[-1]['atoms_per_s']:.3f} atoms/s, {parts[-1]['peak_rss_mb']:.0f} MB",
+                  file=sys.stderr)
+    return {"part_atoms": part_atoms, "parts": parts,
+            "atoms_per_s": [p["atoms_per_s"] for p in parts],
+            "growth_ratio": parts[-1]["atoms_per_s"] / parts[0]["atoms_per_s"],
+            "peak_rss_mb": max(p["peak_rss_mb"] for p in parts)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="16 atoms instead of 64")
+    ap.add_argument("--quick", action="store_true", help="16 atoms (growth: 4 x 64)")
     ap.add_argument("--atoms", type=int, help="override the number of atoms")
-    ap.add_argument("--out", type=Path, required=True, help="JSON results file")
+    ap.add_argument("--growth", action="store_true", help="the growth run instead")
+    ap.add_argument("--out", required=True, help="JSON results file")
+    ap.add_argument("--growth-part", dest="part", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--part-atoms", type=int, default=500, help=argparse.SUPPRESS)
+    ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    n = args.atoms or (16 if args.quick else 64)
-
-    base = load_base_model(device="cpu")
-    config = TrainConfig()
-    atoms = load_atoms(base.tokenizer, n)
-    torch.manual_seed(0)
-    ours, t_ours, steps_ours = train_microlora(base, atoms, config)
-    torch.manual_seed(0)
-    naive, t_naive, steps_naive = train_naive(base, atoms, config)
-    company = config.neighbours
-    loss_ours = final_losses(base, atoms, ours, config, company)
-    loss_naive = final_losses(base, atoms, naive, config, company)
-    alone_ours = final_losses(base, atoms, ours, config, 0)
-    alone_naive = final_losses(base, atoms, naive, config, 0)
-
-    result = {
-        "atoms": len(atoms),
-        "tokens_per_atom": sum(encode(base.tokenizer, a).shape[1] for a in atoms) / len(atoms),
-        "atoms_per_s": len(atoms) / t_ours,
-        "naive_atoms_per_s": len(atoms) / t_naive,
-        "speedup": t_naive / t_ours,
-        "mean_final_loss": sum(loss_ours) / len(atoms),
-        "naive_mean_final_loss": sum(loss_naive) / len(atoms),
-        "atom_steps_per_s": steps_ours / t_ours,
-        "naive_atom_steps_per_s": steps_naive / t_naive,
-        "mean_steps": steps_ours / len(atoms),
-        "naive_mean_steps": steps_naive / len(atoms),
-        "composed_with": company,
-        "alone_mean_loss": sum(alone_ours) / len(atoms),
-        "naive_alone_mean_loss": sum(alone_naive) / len(atoms),
-        "config": {k: str(v) for k, v in vars(config).items()},
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-                   f"torch {torch.__version__}",
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    for key, value in result.items():
-        if key != "config":
-            print(f"{key:>24}: {value:.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    if args.part is not None:
+        return growth_part(args)
+    result = growth(args) if args.growth else side_by_side(args)
+    write_results(result, Path(args.out), torch_machine())
 
 
 if __name__ == "__main__":
