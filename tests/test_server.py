@@ -259,6 +259,25 @@ def test_uploaded_documents_are_answered_from_and_forgotten(server):
         assert r.status_code == 400 and "nothing to search" in r.json()["error"]["message"]
 
 
+def test_an_upload_is_chunked_once(server, monkeypatch):
+    """The route plans the documents (to check the quota) and hands the plan to the job,
+    which does not split the text again."""
+    import compiler.pipeline
+
+    chunked = []
+    chunk = compiler.pipeline.chunk_document
+
+    def counting(doc, *args, **kwargs):
+        chunked.append(doc.source)
+        return chunk(doc, *args, **kwargs)
+
+    monkeypatch.setattr(compiler.pipeline, "chunk_document", counting)
+    with client(server, "ana") as c:
+        job = upload(server, c, [{"id": "d1", "text": DOC_1}, {"id": "d2", "text": DOC_2}])
+    assert job["status"] == "done" and job["trained"] == 4, job
+    assert sorted(chunked) == ["d1", "d2"]
+
+
 def test_quota_is_refused_before_any_training(server):
     _, service, _ = server
     with client(server, "carol") as c:

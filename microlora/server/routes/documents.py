@@ -27,15 +27,17 @@ def add_documents(body: DocumentsRequest, key: Caller, service: Served) -> dict:
     quota = Quota(key.max_atoms, key.max_bytes)
     base = service.composer.base
     config = service.config.train
-    planned, problems, _ = plan(docs, base.tokenizer, base.fingerprint, config,
-                                service.config.chunk)
-    if problems:
-        raise ApiError(400, "; ".join(f"document {p.source}: {p.reason}" for p in problems))
+    # chunked here, once (a sync route: FastAPI runs it on a worker thread, off the event
+    # loop), and the plan goes to the job with the documents
+    planned = plan(docs, base.tokenizer, base.fingerprint, config, service.config.chunk)
+    if planned.problems:
+        raise ApiError(400, "; ".join(f"document {p.source}: {p.reason}"
+                                      for p in planned.problems))
     try:
-        check_quota(service.store, key.namespace, planned, base, config, quota)
+        check_quota(service.store, key.namespace, planned.atoms, base, config, quota)
     except QuotaExceededError as e:
         raise ApiError(429, str(e), "quota_exceeded", "quota_exceeded") from None
-    job = service.jobs.submit(key.namespace, docs, quota)
+    job = service.jobs.submit(key.namespace, docs, quota, planned)
     return {"job": job.public()}
 
 
