@@ -460,3 +460,42 @@ def test_below_min_score_nothing_is_generated_and_that_is_said(kit, monkeypatch)
         mixed = c.ask_batch(QUESTIONS, ["wiki"], strict, hits=[hits[0], [], hits[2]])
     assert [a.found for a in mixed] == [True, False, True] and len(prompts) == 1
     assert len(prompts[0]) == 2 and mixed[1].text == NOTHING_FOUND
+
+
+class _FailsOnBoom:
+    """A composer whose batches fail whenever one of their questions is "boom"."""
+
+    def __init__(self):
+        self.batches = []
+
+    def ask_batch(self, questions, config, hits, on_text):
+        from composer.composer import Answer
+
+        self.batches.append(list(questions))
+        if "boom" in questions:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        for i, q in enumerate(questions):
+            on_text(i, q.upper())
+        return [Answer(q, q.upper(), config.mode) for q in questions]
+
+
+def test_a_batch_where_one_row_raises_fails_that_row_alone():
+    from composer.batcher import Batcher
+
+    composer = _FailsOnBoom()
+    # one batch of exactly three: it closes at max_batch, the gaps are far longer than needed
+    batcher = Batcher(composer, max_batch=3, gap_s=600, max_wait_s=600)
+    try:
+        closed_book = AskConfig(mode="none")
+        streamed = []
+        ok = batcher.submit("fine", [], closed_book)
+        bad = batcher.submit("boom", [], closed_book)
+        also = batcher.submit("also fine", [], closed_book, streamed.append)
+        assert ok.result(60).text == "FINE" and also.result(60).text == "ALSO FINE"
+        with pytest.raises(RuntimeError, match="not enough memory"):
+            bad.result(60)
+    finally:
+        batcher.close()
+    assert composer.batches[0] == ["fine", "boom", "also fine"]
+    assert sorted(composer.batches[1:]) == [["also fine"], ["boom"], ["fine"]]
+    assert streamed == ["ALSO FINE"]
