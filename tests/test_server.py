@@ -52,7 +52,7 @@ def server(models, tmp_path):
     tokens = {"ana": keys.add("ana")[0], "bob": keys.add("bob", ("wiki",))[0],
               "carol": keys.add("carol", max_atoms=2)[0]}
     service = Service(Composer(AdapterStore(path), base, emb),
-                      ServeConfig(max_body_bytes=64 << 10, ask=ASK, train=RECIPE, chunk=CHUNK))
+                      ServeConfig(max_body_bytes=256 << 10, ask=ASK, train=RECIPE, chunk=CHUNK))
     with serve_in_thread(service) as url:
         yield url, service, tokens
     service.close()
@@ -304,7 +304,7 @@ def test_quota_is_refused_before_any_training(server):
     ({"messages": [{"role": "assistant", "content": "w1"}]}, 400, "non-empty user message"),
     ({"messages": [{"role": "user", "content": "w1"}], "max_tokens": 100000}, 400,
      "max_tokens:"),
-    ({"messages": [{"role": "user", "content": "w1 " * 40000}]}, 413, "limit"),
+    ({"messages": [{"role": "user", "content": "w1 " * 100_000}]}, 413, "limit"),
 ])
 def test_malformed_requests_get_a_clear_4xx_and_the_server_stays_up(server, body, status,
                                                                     message):
@@ -330,7 +330,7 @@ def test_bad_documents_are_refused(server, doc, message):
 
 def test_chunked_upload_over_the_limit_is_refused(server):
     def body():
-        for _ in range(100):
+        for _ in range(400):  # 400 KiB, over the 256 KiB limit
             yield b"x" * 1024
 
     with client(server, "bob") as c:
@@ -403,6 +403,50 @@ def test_load_200_requests_16_concurrent_two_users(server):
         assert c.get("/healthz").json()["batcher_alive"] is True
     with client(server, "ana") as ana:
         ana.delete("/v1/namespace")
+
+
+def test_a_long_prompt_is_refused_before_batching_and_fails_no_one_else(server):
+    """ana's 100k-token question is refused while the model is busy (so before it could be
+    batched), and bob's question, queued at the same time, is answered."""
+    _, service, _ = server
+    cap = ServeConfig().max_prompt_tokens
+    assert service.config.max_prompt_tokens == cap
+    huge, long = "w1." * 50_000, "w1." * cap  # 100k tokens; 2 * cap tokens, 3 * cap chars
+    with client(server, "ana") as ana, client(server, "bob") as bob, \
+            ThreadPoolExecutor(1) as pool:
+        with service.composer.model_lock:
+            other = pool.submit(chat, bob, "w1 w2 w3")
+            refused = [chat(ana, huge), chat(ana, long),
+                       ana.post("/v1/completions", json={"prompt": ["w1 w2", long]})]
+        assert other.result().status_code == 200, other.result().text
+    for r, param in zip(refused, ["messages", "messages", "prompt"]):
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "prompt_too_long" and error["param"] == param
+        assert f"at most {cap} tokens" in error["message"]
+    assert f"({2 * cap} tokens)" in refused[1].json()["error"]["message"]
+
+
+def test_an_unexpected_failure_is_a_500_in_openai_shape_and_counted(server, monkeypatch):
+    _, service, _ = server
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError(f"DefaultCPUAllocator: tried to allocate 166317968041 bytes in "
+                           f"{service.store.path}")
+
+    monkeypatch.setattr(service.composer, "ask_batch", out_of_memory)
+    monkeypatch.setattr(service.store, "documents", out_of_memory)
+    with client(server, "ana") as c:
+        service.store.put("user:ana", [])  # ana has a namespace: listing reads it
+        failed = [chat(c, "w1 w2"), c.get("/v1/documents")]
+        metrics = c.get("/metrics").text
+    for r in failed:
+        assert r.status_code == 500
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and "allocate" not in error["message"]
+        assert str(service.store.path) not in r.text
+    assert 'microlora_requests_total{route="/v1/chat/completions",status="500"} 1.0' in metrics
+    assert 'microlora_requests_total{route="/v1/documents",status="500"} 1.0' in metrics
 
 
 # -- the keys CLI -----------------------------------------------------------------------------

@@ -4,6 +4,8 @@ the stages (``MicroloraError``)."""
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -11,25 +13,36 @@ from starlette.exceptions import HTTPException
 
 from microlora.core.errors import MicroloraError
 
+log = logging.getLogger("microlora.server")
+INTERNAL = "the server failed on this request (its log has the details)"
+
 
 class ApiError(HTTPException):
-    """An HTTP error with OpenAI's error body: {"error": {"message", "type", "code"}}."""
+    """An HTTP error with OpenAI's error body: {"error": {"message", "type", "code", "param"}}."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 code: str | None = None):
+                 code: str | None = None, param: str | None = None):
         super().__init__(status, message)
-        self.kind, self.code = kind, code
+        self.kind, self.code, self.param = kind, code, param
 
 
-def error_body(message: str, kind: str, code: str | None) -> dict:
-    return {"error": {"message": message, "type": kind, "code": code, "param": None}}
+def error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "code": code, "param": param}}
+
+
+def internal_error(e: BaseException) -> ApiError:
+    """A failure the caller cannot fix: logged here in full, answered with a 500 that says
+    nothing about it (its text may name files or other users)."""
+    log.error("request failed: %s: %s", type(e).__name__, e, exc_info=e)
+    return ApiError(500, INTERNAL, "server_error", "internal_error")
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, e: HTTPException) -> JSONResponse:
         kind = getattr(e, "kind", "invalid_request_error")
-        return JSONResponse(error_body(str(e.detail), kind, getattr(e, "code", None)),
+        return JSONResponse(error_body(str(e.detail), kind, getattr(e, "code", None),
+                                       getattr(e, "param", None)),
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)

@@ -17,6 +17,8 @@ from microlora.server.jobs import CompileJobs
 from microlora.server.keys import KeyRecord, KeyStore
 from microlora.server.schemas import ChatRequest, CompletionRequest
 
+CHARS_PER_TOKEN = 16  # a prompt longer than max_prompt_tokens * this is refused untokenized
+
 
 class Metrics:
     """The server's Prometheus collectors, in a registry of its own (one per server)."""
@@ -76,6 +78,24 @@ class Service:
             raise ApiError(400, "nothing to search: upload documents (POST /v1/documents) or "
                                 "ask for a granted shared namespace", code="no_atoms")
         return own + chosen
+
+    def check_prompts(self, prompts: list[str], param: str) -> None:
+        """Refuse (400) a prompt over ``max_prompt_tokens`` here, before it is batched: one
+        long prefill takes the time, or the memory, of every request decoded beside it. A
+        prompt over 16 characters per token allowed is refused without tokenizing it."""
+        cap = self.config.max_prompt_tokens
+        tokenizer = self.composer.base.tokenizer
+        for prompt in prompts:
+            if len(prompt) > cap * CHARS_PER_TOKEN:
+                size = f"{len(prompt)} characters"
+            else:
+                n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                if n <= cap:
+                    continue
+                size = f"{n} tokens"
+            raise ApiError(400, f"the prompt is too long ({size}): this server answers "
+                                f"prompts of at most {cap} tokens (and {cap * CHARS_PER_TOKEN} "
+                                "characters)", code="prompt_too_long", param=param)
 
     def ask_config(self, body: CompletionRequest | ChatRequest) -> AskConfig:
         d = self.config.ask

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from composer.composer import Answer
 from microlora.core.errors import MicroloraError
 from microlora.server import openai
-from microlora.server.errors import ApiError
+from microlora.server.errors import ApiError, internal_error
 from microlora.server.keys import KeyRecord
 from microlora.server.schemas import ChatRequest, CompletionRequest
 from microlora.server.service import Service
@@ -87,8 +87,10 @@ async def _sse(service: Service, kind: str, rid: str, model: str, futures, event
 
 
 async def result(future) -> Answer:
-    """A batcher future's answer; a user error becomes a 400."""
+    """A batcher future's answer; a user error becomes a 400, anything else a 500."""
     try:
         return await asyncio.wrap_future(future)
     except MicroloraError as e:
         raise ApiError(400, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - the request's own failure, answered as a 500
+        raise internal_error(e) from None
