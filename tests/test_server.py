@@ -195,9 +195,9 @@ def test_another_users_key_reads_and_changes_nothing(server):
         assert job["status"] == "done", job
         atoms = service.store.documents("user:ana")["ana-notes"]
         before = service.store.count("user:ana")
-        assert bob.get(f"/v1/jobs/{job['id']}").status_code == 403
-        assert bob.get(f"/v1/atoms/{atoms[0]}").status_code == 403
-        assert bob.delete("/v1/documents/ana-notes").status_code == 403
+        assert bob.get(f"/v1/jobs/{job['id']}").status_code == 404
+        assert bob.get(f"/v1/atoms/{atoms[0]}").status_code == 404
+        assert bob.delete("/v1/documents/ana-notes").status_code == 404
         for extra in ({"namespaces": ["user:ana"]}, {"namespaces": ["news"]}):
             r = chat(bob, "w1 w2 w3", **extra)
             assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
@@ -211,6 +211,26 @@ def test_another_users_key_reads_and_changes_nothing(server):
         own = chat(ana, "w1 w2 w3 w4 w5 w6 w7 w8", k=2, namespaces=[]).json()
         assert {a["namespace"] for a in own["choices"][0]["atoms"]} == {"user:ana"}
         ana.delete("/v1/namespace")
+
+
+def test_another_tenants_things_are_answered_exactly_as_missing_ones(server):
+    """Atom ids hash public inputs, so bob can compute the id of a sentence he guesses ana
+    uploaded: what he gets back for her atom, document and job (and for a shared atom he
+    was not granted) must be what he gets for ids nobody has."""
+    _, service, _ = server
+    with client(server, "ana") as ana, client(server, "bob") as bob:
+        job = upload(server, ana, [{"id": "ana-notes", "text": DOC_1}])
+        assert job["status"] == "done", job
+        atom = service.store.documents("user:ana")["ana-notes"][0]
+        assert ana.get(f"/v1/atoms/{atom}").status_code == 200
+        for method, path, theirs, nobodys in [
+                ("GET", "/v1/atoms/", atom, "5" * 32), ("GET", "/v1/atoms/", "news-0", "news-9"),
+                ("DELETE", "/v1/documents/", "ana-notes", "bob-notes"),
+                ("GET", "/v1/jobs/", job["id"], "job-" + "0" * 16)]:
+            held, missing = bob.request(method, path + theirs), bob.request(method, path + nobodys)
+            assert held.status_code == missing.status_code == 404, (path, held.text)
+            assert held.text.replace(theirs, "ID") == missing.text.replace(nobodys, "ID")
+        assert service.store.documents("user:ana") and ana.get(f"/v1/atoms/{atom}").json()
 
 
 def test_revoked_key_is_refused_by_the_running_server(server, tmp_path):

@@ -30,6 +30,14 @@ def error_body(message: str, kind: str, code: str | None, param: str | None = No
     return {"error": {"message": message, "type": kind, "code": code, "param": param}}
 
 
+def not_found(kind: str, ident: str) -> ApiError:
+    """The one answer for a thing that does not exist and for one the caller may not read:
+    404 with the same body apart from the id. Atom ids hash public inputs, so anyone can
+    compute a guessed sentence's id; a different answer for "another tenant has it" would
+    tell them that someone does."""
+    return ApiError(404, f"no {kind} {ident!r}", code=f"{kind}_not_found")
+
+
 def internal_error(e: BaseException) -> ApiError:
     """A failure the caller cannot fix: logged here in full, answered with a 500 that says
     nothing about it (its text may name files or other users)."""
