@@ -202,7 +202,7 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
             if not known:
                 have = ", ".join(self.namespaces()) or "none"
                 raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r} "
-                                            f"(it has: {have})")
+                                            f"(it has: {have})", namespace=namespace)
             self._dbs[namespace] = self._env.open_db(namespace.encode(), create=False)
         return self._dbs[namespace]
 
@@ -222,7 +222,8 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         with self._env.begin(db=self._meta) as txn:
             raw = txn.get(b"gen:" + validate_namespace(namespace).encode())
         if raw is None:
-            raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r}")
+            raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r}",
+                                        namespace=namespace)
         return int(raw)
 
     def _bump(self, txn, namespace: str) -> int:

@@ -7,6 +7,7 @@ malformed requests, batching of concurrent requests, and a bounded load test."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -233,6 +234,50 @@ def test_another_tenants_things_are_answered_exactly_as_missing_ones(server):
         assert service.store.documents("user:ana") and ana.get(f"/v1/atoms/{atom}").json()
 
 
+def test_errors_name_no_other_tenant_and_no_path_even_in_a_race(server, monkeypatch):
+    """bob's and carol's namespaces are listed but gone when read (as when a DELETE
+    /v1/namespace lands between the two), on every route; then bob asks for namespaces he
+    may not read. No error names a user but the caller (or what the caller sent), the
+    store's path, or a command-line flag."""
+    _, service, _ = server
+    store = service.store
+    with client(server, "ana") as ana:
+        assert upload(server, ana, [{"id": "ana-notes", "text": DOC_1}])["status"] == "done"
+    listed = store.namespaces
+    monkeypatch.setattr(store, "namespaces", lambda: listed() + ["user:bob", "user:carol"])
+    question = {"messages": [{"role": "user", "content": "w1 w2"}]}
+    seen = []
+    with client(server, "bob") as bob, client(server, "carol") as carol:
+        for c, method, path, body in [
+                (bob, "POST", "/v1/chat/completions", question),
+                (bob, "POST", "/v1/chat/completions", question | {"stream": True}),
+                (bob, "POST", "/v1/completions", {"prompt": "w1 w2"}),
+                (bob, "GET", "/v1/documents", None), (bob, "GET", "/v1/atoms/wiki-9", None),
+                (bob, "DELETE", "/v1/documents/notes", None),
+                (bob, "DELETE", "/v1/namespace", None), (bob, "GET", "/v1/jobs/job-1", None),
+                (carol, "POST", "/v1/documents", {"documents": [{"text": DOC_2}]})]:
+            seen.append((c.request(method, path, json=body), body))
+        r = bob.post("/v1/documents", json={"documents": [{"text": DOC_2}]})
+        assert r.status_code == 202, r.text
+        job = r.json()["job"]["id"]
+        assert service.jobs.wait(job, timeout=120).status == "failed"
+        seen.append((bob.get(f"/v1/jobs/{job}"), None))
+        monkeypatch.setattr(store, "namespaces", listed)
+        for asked in (["user:ana"], ["user:nobody"], ["nope"], ["../x"], [""], ["wiki", "news"],
+                      ["wiki", "user:ana"]):
+            seen.append((chat(bob, "w1 w2", namespaces=asked), {"namespaces": asked}))
+        seen.append((chat(bob, "w1 w2", k=9), None))
+    for r, body in seen:
+        sent = json.dumps(body)
+        others = set(re.findall(r"user:[A-Za-z0-9._@-]+", r.text)) - {"user:bob", "user:carol"}
+        assert all(name in sent for name in others), r.text
+        assert str(store.path.parent) not in r.text and "-k " not in r.text, r.text
+        assert "microlora " not in r.text and "--" not in r.text, r.text
+    assert [r.status_code for r, _ in seen[:3]] == [409] * 3
+    assert seen[3][0].json()["data"] == [] and seen[8][0].status_code == 409
+    assert "deleted" in seen[9][0].json()["error"] and seen[-1][0].status_code == 400
+
+
 def test_revoked_key_is_refused_by_the_running_server(server, tmp_path):
     url, service, _ = server
     keys = KeyStore(service.store.path)
@@ -317,7 +362,7 @@ def test_quota_is_refused_before_any_training(server):
     ({"messages": [{"role": "user", "content": "w1"}], "kk": 3}, 400, "unknown field 'kk'"),
     ({"messages": [{"role": "user", "content": "w1"}], "k": 0}, 400, "k:"),
     ({"messages": [{"role": "user", "content": "w1"}], "k": 99}, 400, "k:"),
-    ({"messages": [{"role": "user", "content": "w1"}], "k": 16}, 400, "ask with -k"),
+    ({"messages": [{"role": "user", "content": "w1"}], "k": 16}, 400, "ask with k <= 8"),
     ({"messages": [{"role": "user", "content": "w1"}], "n": 2}, 400, "n:"),
     ({"messages": [{"role": "user", "content": "w1"}], "mode": "magic"}, 400, "mode:"),
     ({"messages": []}, 400, "messages:"),

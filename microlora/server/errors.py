@@ -11,7 +11,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from microlora.core.errors import MicroloraError
+from microlora.core.errors import (
+    MicroloraError,
+    QuotaExceededError,
+    TooFewAtomsError,
+    UnknownNamespaceError,
+)
 
 log = logging.getLogger("microlora.server")
 INTERNAL = "the server failed on this request (its log has the details)"
@@ -36,6 +41,27 @@ def not_found(kind: str, ident: str) -> ApiError:
     compute a guessed sentence's id; a different answer for "another tenant has it" would
     tell them that someone does."""
     return ApiError(404, f"no {kind} {ident!r}", code=f"{kind}_not_found")
+
+
+def api_error(e: Exception) -> ApiError:
+    """A stage's exception in API terms. The stages word their errors for the command line
+    and its operator (the store's path, every namespace it has, flags such as -k), so only
+    the errors a caller can act on are reworded here, naming what the caller may see; the
+    rest are the server's problem: a 500 that says nothing (``internal_error``)."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, TooFewAtomsError):
+        if e.total == 0:
+            return ApiError(400, "the namespaces searched hold no atoms yet: upload documents "
+                                 "(POST /v1/documents) first", code="no_atoms")
+        return ApiError(400, f"k={e.k} but the namespaces searched hold only {e.total} atoms; "
+                             f"ask with k <= {e.total}", code="k_too_large", param="k")
+    if isinstance(e, UnknownNamespaceError):  # listed, then dropped before it was read
+        return ApiError(409, "a namespace this request uses was deleted while the request "
+                             "ran; send it again", code="namespace_deleted")
+    if isinstance(e, QuotaExceededError):  # only ever about the caller's own namespace
+        return ApiError(429, str(e), "quota_exceeded", "quota_exceeded")
+    return internal_error(e)
 
 
 def internal_error(e: BaseException) -> ApiError:
@@ -68,5 +94,5 @@ def install_error_handlers(app: FastAPI) -> None:
                             status_code=400)
 
     @app.exception_handler(MicroloraError)
-    async def user_error(_request: Request, e: MicroloraError) -> JSONResponse:
-        return JSONResponse(error_body(str(e), "invalid_request_error", None), status_code=400)
+    async def stage_error(request: Request, e: MicroloraError) -> JSONResponse:
+        return await http_error(request, api_error(e))

@@ -20,6 +20,7 @@ from compiler.pipeline import Plan, Quota, compile_documents
 from microlora.core.config import ChunkConfig, TrainConfig
 from microlora.core.embedder import Embedder
 from microlora.core.models import BaseModel
+from microlora.server.errors import api_error
 from store import AdapterStore
 
 
@@ -109,7 +110,7 @@ class CompileJobs:
                                            chunk_config=self.chunk_config, quota=quota,
                                            progress=progress, prepared=prepared)
             except Exception as e:  # noqa: BLE001 - reported through GET /v1/jobs/{id}
-                job.status, job.error = "failed", str(e) or type(e).__name__
+                job.status, job.error = "failed", api_error(e).detail  # in API terms
             else:
                 job.status = "done"
                 job.trained, job.already_compiled = report.trained, report.already_compiled

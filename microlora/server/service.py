@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from composer.batcher import Batcher
 from composer.composer import Answer, Composer
 from composer.retrieval import default_namespaces
-from microlora.core.config import AskConfig, ServeConfig
+from microlora.core.config import AskConfig, Mode, ServeConfig
+from microlora.core.errors import MicroloraError
 from microlora.server.errors import ApiError
 from microlora.server.jobs import CompileJobs
 from microlora.server.keys import KeyRecord, KeyStore
@@ -100,8 +101,13 @@ class Service:
     def ask_config(self, body: CompletionRequest | ChatRequest) -> AskConfig:
         d = self.config.ask
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        return replace(d, mode=body.mode or d.mode, k=body.k or d.k,
-                       max_new_tokens=max_tokens or d.max_new_tokens)
+        mode = body.mode or d.mode
+        try:
+            return replace(d, mode=mode, k=body.k or d.k,
+                           max_new_tokens=max_tokens or d.max_new_tokens)
+        except MicroloraError:  # e.g. the ensemble hybrid on a server that merges adapters
+            raise ApiError(400, f"mode {Mode(mode).value!r} is not available on this server",
+                           param="mode") from None
 
     def record(self, answer: Answer) -> None:
         self.metrics.tokens.inc(answer.new_tokens)

@@ -47,8 +47,11 @@ def add_documents(body: DocumentsRequest, key: Caller, service: Served) -> dict:
 
 @router.get("/v1/documents")
 def list_documents(key: Caller, service: Served) -> dict:
-    docs = service.store.documents(key.namespace) \
-        if key.namespace in service.store.namespaces() else {}
+    try:
+        docs = service.store.documents(key.namespace) \
+            if key.namespace in service.store.namespaces() else {}
+    except UnknownNamespaceError:  # dropped since it was listed
+        docs = {}
     return {"object": "list", "data": [{"id": d, "atoms": len(a)} for d, a in docs.items()]}
 
 
