@@ -165,6 +165,31 @@ def test_the_openai_client_works_unchanged(server):
             .chat.completions.create(model="m", messages=[{"role": "user", "content": "w1"}])
 
 
+def test_nothing_relevant_found_is_an_answer(server, monkeypatch):
+    """Every atom under min_score: the answer says nothing relevant was found, with no
+    atoms, rather than one made up from the best unrelated atom."""
+    from dataclasses import replace
+
+    from composer.composer import NOTHING_FOUND
+
+    _, service, _ = server
+    strict = replace(service.config, ask=replace(ASK, min_score=1.01))  # cosine is at most 1
+    monkeypatch.setattr(service, "config", strict)
+    with client(server, "bob") as c:
+        r = chat(c, "w1 w2 w3", k=2)
+        with c.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "w1 w2 w3"}], "stream": True}) as s:
+            events = sse(s)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == NOTHING_FOUND and choice["atoms"] == []
+    assert r.json()["usage"]["completion_tokens"] == 0
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) \
+        == NOTHING_FOUND
+    assert chunks[-1]["choices"][0]["atoms"] == []
+
+
 # -- keys and isolation -----------------------------------------------------------------------
 
 ENDPOINTS = [("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}]}),
