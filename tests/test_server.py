@@ -408,6 +408,28 @@ def test_malformed_requests_get_a_clear_4xx_and_the_server_stays_up(server, body
         assert chat(c, "w1 w2").status_code == 200
 
 
+def test_the_off_values_clients_send_are_accepted_and_nothing_else(server):
+    """logprobs false/0 and stop null/[] are what stock clients send: no-ops; values that
+    ask for something microlora does not do are refused, naming the field."""
+    with client(server, "bob") as c:
+        for extra in ({"logprobs": False}, {"logprobs": 0}, {"stop": None}, {"stop": []},
+                      {"logprobs": None, "stop": None}):
+            assert chat(c, "w1 w2", **extra).status_code == 200, extra
+        r = c.post("/v1/completions", json={"prompt": "w1", "logprobs": 0, "stop": []})
+        assert r.status_code == 200, r.text
+        for extra in ({"logprobs": True}, {"logprobs": 3}, {"stop": ["\n"]}, {"stop": "x"}):
+            r = chat(c, "w1 w2", **extra)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["message"].startswith(next(iter(extra)) + ":"), r.text
+
+
+def test_no_page_loads_scripts_from_a_cdn_and_the_schema_is_served(server):
+    with client(server) as c:
+        assert c.get("/docs").status_code == 404 and c.get("/redoc").status_code == 404
+        schema = c.get("/openapi.json")
+    assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
+
+
 @pytest.mark.parametrize("doc, message", [
     ({"text": "   "}, "empty document"), ({"text": "w1\x00w2"}, "binary"),
     ({"text": "w1 w2", "colour": "red"}, "unknown field"), ({"text": "w1", "id": "../x"}, "id"),
