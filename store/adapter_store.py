@@ -294,6 +294,8 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
             n = sum(txn.delete(i.encode(), db=db) for i in ids)
             if n:
                 self._bump(txn, namespace)
+        if n:
+            self._forget_index(namespace)
         return n
 
     def ids(self, namespace: str) -> list[str]:
