@@ -101,6 +101,14 @@ def test_health_and_metrics_need_no_key(server):
     assert "microlora_batch_size_bucket" in text and "microlora_generated_tokens_total" in text
 
 
+def test_healthz_without_a_key_says_nothing_about_tenants(server):
+    _, service, _ = server
+    with client(server) as c:
+        before = c.get("/healthz").json()
+        service.store.put("user:zed", [])  # a new tenant's namespace
+        assert c.get("/healthz").json() == before
+
+
 def test_chat_round_trip_names_its_atoms_and_matches_the_composer(server):
     _, service, _ = server
     with client(server, "bob") as c:
