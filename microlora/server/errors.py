@@ -1,6 +1,7 @@
 """Errors in OpenAI's shape, ``{"error": {"message", "type", "code", "param"}}``, for every
-way a request can fail: our own ``ApiError``, request validation, and user errors raised by
-the stages (``MicroloraError``)."""
+way a request can fail: our own ``ApiError``, request validation, and the stages' errors
+(``MicroloraError``), reworded by ``api_error`` so that an error names only what its caller
+may see. (What escapes all of these is answered in ``middleware.Measure``.)"""
 
 from __future__ import annotations
 
