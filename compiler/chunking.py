@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from compiler.documents import Document
 from microlora.core.config import ChunkConfig
 
-# A sentence ends at . ! ? or … (plus closing quotes/brackets) before whitespace.
-_SENTENCE_END = re.compile(r"""[.!?…]+["'”’)\]]*(?=\s)""")
+# A sentence ends at a run of . ! ? … (plus closing quotes/brackets) before whitespace. The
+# runs are found by a pattern that cannot backtrack and the rest is checked by hand: a pattern
+# with the lookahead in it retries every position of a long run of dots ("." * 20000: 7 s).
+_END_PUNCT = re.compile(r"[.!?…]+")
+_CLOSERS = frozenset("\"'”’)]")
 _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*")
 _CLAUSE_END = re.compile(r"[,;:]\s|\s[—–-]\s")
 CONTEXT_ATOMS = 8  # paragraph atoms kept on either side of an atom, for its window
@@ -85,16 +88,46 @@ def _paragraphs(text: str) -> list[tuple[int, int]]:
 
 
 def _sentences(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    """The sentences of ``text[start:end]``. Linear in its length: each candidate end looks
+    back only at the word before it, never at the whole sentence so far (which grows without
+    bound when no candidate ends one: "a. a. a. ...")."""
     out, s = [], start
-    for m in _SENTENCE_END.finditer(text, start, end):
-        word = text[s:m.start()].rsplit(None, 1)[-1].lower() if text[s:m.start()].strip() else ""
-        if text[m.start()] == "." and (word in _ABBREVIATIONS or (len(word) == 1 and
-                                                                  word.isalpha())):
+    for m in _END_PUNCT.finditer(text, start, end):
+        e = m.end()
+        while e < end and text[e] in _CLOSERS:
+            e += 1
+        if e == end or not text[e].isspace():
+            continue  # "3.14", "e.g.,": not before whitespace
+        if text[m.start()] == "." and _abbreviation(_word_before(text, s, m.start())):
             continue  # "Dr. Smith", "J. R. R. Tolkien"
-        out.append(_strip(text, s, m.end()))
-        s = m.end()
+        out.append(_strip(text, s, e))
+        s = e
     out.append(_strip(text, s, end))
     return [x for x in out if x[0] < x[1]]
+
+
+_LONGEST_ABBREVIATION = max(map(len, _ABBREVIATIONS))
+
+
+def _word_before(text: str, start: int, at: int) -> str | None:
+    """The last word of ``text[start:at]`` ("" if none), or None when it is longer than any
+    abbreviation (so it is not one; lower-casing never shortens a word)."""
+    i = at
+    while i > start and text[i - 1].isspace():
+        i -= 1
+    j = i
+    while j > start and not text[j - 1].isspace():
+        if i - j == _LONGEST_ABBREVIATION:
+            return None
+        j -= 1
+    return text[j:i]
+
+
+def _abbreviation(word: str | None) -> bool:
+    if word is None:
+        return False
+    word = word.lower()
+    return word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha())
 
 
 def _join_short(spans: list[tuple[int, int]], min_chars: int) -> list[tuple[int, int]]:

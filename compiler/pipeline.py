@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from compiler.chunking import Atom, chunk_document
 from compiler.documents import MAX_FILE_MB, Document, Skipped, read_documents
@@ -70,11 +71,18 @@ def atom_id(atom: Atom, base_fingerprint: str, config: TrainConfig) -> str:
     return h.hexdigest()[:32]
 
 
+class Plan(NamedTuple):
+    """What compiling some documents will store: their distinct atoms with ids, the documents
+    that gave no atom, and a manifest per document (its source -> its atom ids)."""
+
+    atoms: list[PlannedAtom]
+    problems: list[Skipped]
+    manifests: dict[str, list[str]]
+
+
 def plan(docs: Sequence[Document], tokenizer, base_fingerprint: str,
-         train_config: TrainConfig, chunk_config: ChunkConfig = ChunkConfig()
-         ) -> tuple[list[PlannedAtom], list[Skipped], dict[str, list[str]]]:
-    """The documents' distinct atoms with their ids, the documents that gave no atom, and a
-    manifest per document (its source -> its atom ids)."""
+         train_config: TrainConfig, chunk_config: ChunkConfig = ChunkConfig()) -> Plan:
+    """Chunk the documents and name their atoms (see ``Plan``)."""
     problems: list[Skipped] = []
     seen: dict[str, PlannedAtom] = {}
     manifests: dict[str, list[str]] = {}
@@ -88,7 +96,7 @@ def plan(docs: Sequence[Document], tokenizer, base_fingerprint: str,
             pid = atom_id(atom, base_fingerprint, train_config)
             seen.setdefault(pid, PlannedAtom(pid, atom))
             ids.append(pid)
-    return list(seen.values()), problems, manifests
+    return Plan(list(seen.values()), problems, manifests)
 
 
 def store_header(base: BaseModel, embedder: Embedder) -> StoreHeader:
@@ -127,17 +135,22 @@ def compile_documents(
     dry_run: bool = False,
     quota: Quota = Quota(),
     progress: Callable[[int, int], None] | None = None,
+    prepared: Plan | None = None,
 ) -> CompileReport:
     """Compile documents into ``namespace`` of ``store`` (an open, writable store, or a
     directory: opened, or created, and closed again).
 
     ``progress(done, total)`` is called after every batch. With ``prune``, atoms and document
     manifests of the namespace that these documents no longer produce are removed. A
-    ``quota`` that the namespace would exceed fails before anything is trained.
+    ``quota`` that the namespace would exceed fails before anything is trained. ``prepared``:
+    the documents' ``plan`` when the caller made it already (with the same configs), so a
+    large upload is chunked once, not again here.
     """
     report = CompileReport(documents=len(docs))
-    planned, report.problems, manifests = plan(docs, base.tokenizer, base.fingerprint,
-                                               train_config, chunk_config)
+    if prepared is None:
+        prepared = plan(docs, base.tokenizer, base.fingerprint, train_config, chunk_config)
+    planned, manifests = prepared.atoms, prepared.manifests
+    report.problems = list(prepared.problems)
     report.atoms = len(planned)
     with _opened(store, base, embedder, create=bool(planned) and not dry_run,
                  readonly=dry_run) as store:

@@ -108,20 +108,31 @@ class Batcher:
             live, hits = self._retrieve(config, live)
         else:
             hits = [[] for _ in live]
-        if not live:
-            return
+        if live:
+            self._decode(config, live, hits)
+
+    def _decode(self, config: AskConfig, live: list[_Request], hits: list[list]) -> None:
+        """Answer ``live`` as one batch. If the batch raises, one row may be the cause (a
+        prompt too long for memory, a corrupt atom), so each request is answered again alone
+        and only the ones that fail alone get the error; a request whose answer was already
+        streamed in part cannot take that text back and gets the error too."""
         streams = [r.on_text for r in live]
+        streamed = [False] * len(live)
 
         def on_text(row: int, piece: str) -> None:
             if streams[row] is not None:
+                streamed[row] = True
                 streams[row](piece)
 
         try:
             answers = self.composer.ask_batch([r.question for r in live], config=config,
                                               hits=hits, on_text=on_text)
-        except Exception as e:  # noqa: BLE001 - handed to every caller of this batch
-            for r in live:
-                r.future.set_exception(e)
+        except Exception as e:  # noqa: BLE001 - handed to the callers it belongs to
+            for i, r in enumerate(live):
+                if len(live) == 1 or streamed[i]:
+                    r.future.set_exception(e)
+                else:
+                    self._decode(config, [r], [hits[i]])
             return
         self.stats.batches += 1
         self.stats.requests += len(live)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from microlora.core.errors import MicroloraError
+from microlora.core.errors import MicroloraError, TooFewAtomsError
 from store import AdapterStore
 
 USER_PREFIX = "user:"
@@ -51,11 +51,11 @@ def retrieve(store: AdapterStore, queries: np.ndarray, namespaces: Sequence[str]
                              "name a namespace with --namespace")
     total = sum(store.count(ns) for ns in namespaces)  # unknown namespaces raise here
     if total == 0:
-        raise MicroloraError(f"namespaces {', '.join(namespaces)} of store {store.path} hold no "
-                             "atoms; compile documents into them first")
+        raise TooFewAtomsError(f"namespaces {', '.join(namespaces)} of store {store.path} hold "
+                               "no atoms; compile documents into them first", k=k, total=0)
     if k > total:
-        raise MicroloraError(f"k={k} but namespaces {', '.join(namespaces)} hold only {total} "
-                             f"atoms; ask with -k {total} or less")
+        raise TooFewAtomsError(f"k={k} but namespaces {', '.join(namespaces)} hold only "
+                               f"{total} atoms; ask with -k {total} or less", k=k, total=total)
     merged: list[list[Hit]] = [[] for _ in range(len(queries))]
     for ns in namespaces:
         for row, found in zip(merged, store.search(ns, queries, k)):

@@ -194,15 +194,16 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
             return [k[3:].decode() for k, _ in txn.cursor() if k.startswith(b"ns:")]
 
     def _db(self, namespace: str):
-        """The handle of an existing namespace's database."""
+        """The handle of an existing namespace's database. Whether it exists is asked every
+        time: a handle stays cached (and open) after its namespace is dropped (``drop``)."""
         validate_namespace(namespace)
+        with self._env.begin(db=self._meta) as txn:
+            known = txn.get(b"ns:" + namespace.encode()) is not None
+        if not known:
+            have = ", ".join(self.namespaces()) or "none"
+            raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r} "
+                                        f"(it has: {have})", namespace=namespace)
         if namespace not in self._dbs:
-            with self._env.begin(db=self._meta) as txn:
-                known = txn.get(b"ns:" + namespace.encode()) is not None
-            if not known:
-                have = ", ".join(self.namespaces()) or "none"
-                raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r} "
-                                            f"(it has: {have})")
             self._dbs[namespace] = self._env.open_db(namespace.encode(), create=False)
         return self._dbs[namespace]
 
@@ -210,9 +211,7 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         """The namespace's handle inside write transaction ``txn``, registering the namespace
         if it is new (so a failed first put leaves no empty namespace behind)."""
         validate_namespace(namespace)
-        if namespace in self._dbs:
-            return self._dbs[namespace]
-        db = self._env.open_db(namespace.encode(), txn=txn)
+        db = self._dbs.get(namespace) or self._env.open_db(namespace.encode(), txn=txn)
         if txn.get(b"ns:" + namespace.encode(), db=self._meta) is None:
             txn.put(b"ns:" + namespace.encode(), b"{}", db=self._meta)
             txn.put(b"gen:" + namespace.encode(), b"0", db=self._meta)
@@ -222,7 +221,8 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         with self._env.begin(db=self._meta) as txn:
             raw = txn.get(b"gen:" + validate_namespace(namespace).encode())
         if raw is None:
-            raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r}")
+            raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r}",
+                                        namespace=namespace)
         return int(raw)
 
     def _bump(self, txn, namespace: str) -> int:
@@ -232,18 +232,22 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         return gen
 
     def drop(self, namespace: str) -> int:
-        """Delete a namespace with all its atoms and its index; returns how many atoms."""
+        """Delete a namespace with all its atoms and its index; returns how many atoms.
+
+        The database is emptied, not deleted, and its handle stays open: another thread may
+        be reading through it (LMDB forbids closing a handle in use), and LMDB gives a closed
+        handle's slot to the next database opened, so a handle taken before the drop would
+        then read another namespace's atoms. Its name stays in LMDB's catalogue, unlisted."""
         self._guard_writable()
         with self._lock:
             db = self._db(namespace)
             with self._env.begin(write=True) as txn:
                 n = txn.stat(db)["entries"]
-                txn.drop(db, delete=True)
+                txn.drop(db, delete=False)
                 txn.delete(b"ns:" + namespace.encode(), db=self._meta)
                 txn.delete(b"gen:" + namespace.encode(), db=self._meta)
                 for key in list(self._document_keys(txn, namespace)):
                     txn.delete(key, db=self._meta)
-            del self._dbs[namespace]
             self._indexes.pop(namespace, None)
             self._unsaved.discard(namespace)
             VectorIndex.remove(self.layout.index(namespace))
@@ -293,6 +297,8 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
             n = sum(txn.delete(i.encode(), db=db) for i in ids)
             if n:
                 self._bump(txn, namespace)
+        if n:
+            self._forget_index(namespace)
         return n
 
     def ids(self, namespace: str) -> list[str]:

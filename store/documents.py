@@ -46,6 +46,8 @@ class DocumentManifests:
             n = sum(txn.delete(a.encode(), db=db) for a in json.loads(raw) if a not in shared)
             if n:
                 self._bump(txn, namespace)
+        if n:
+            self._forget_index(namespace)
         return n
 
     def _document_items(self, txn, namespace: str) -> Iterator[tuple[bytes, bytes]]:

@@ -47,6 +47,15 @@ class IndexCache:
             index.save(self.layout.index(namespace))
         return index
 
+    def _forget_index(self, namespace: str) -> None:
+        """Atoms were deleted: the cached index still holds their ids and vectors, in memory
+        and on disk. Drop both now (it is rebuilt from LMDB on next use), so a forgotten
+        atom's embedding does not outlive its deletion in a stale index file."""
+        with self._lock:
+            self._indexes.pop(namespace, None)
+            self._unsaved.discard(namespace)
+            VectorIndex.remove(self.layout.index(namespace))
+
     def _extend_index(self, namespace: str, added: list[rec.AtomRecord], gen_before: int,
                       gen: int) -> None:
         """Append new atoms to an up-to-date index instead of rebuilding it. An exact index

@@ -132,3 +132,64 @@ def test_read_documents_reports_bad_inputs_and_keeps_the_rest(tmp_path):
 def test_chunk_config_names_the_flag(bad):
     with pytest.raises(ValueError, match="--max-atom-tokens"):
         ChunkConfig(max_tokens=bad)
+
+
+class CountingText(str):
+    """A document text that counts every character read out of it by indexing or slicing:
+    the work a splitter written in Python does on it."""
+
+    read = 0
+
+    def __getitem__(self, key):
+        piece = super().__getitem__(key)
+        CountingText.read += len(piece)
+        return piece
+
+
+def characters_read(text: str) -> int:
+    CountingText.read = 0
+    atoms = chunk_document(Document("doc.txt", CountingText(text)), TOK, ChunkConfig())
+    assert "".join(a.text for a in atoms).replace(" ", "") == text.replace(" ", "")
+    return CountingText.read
+
+
+@pytest.mark.parametrize("unit", ["a. ", "J. ", "Dr. x ", "no.  ", "x.\u2019 y. ", ".. ",
+                                  "word. " * 3 + "a. " * 5])
+def test_the_splitter_is_linear(unit):
+    """Four times the text, at most about four times the characters read, tokenizer input
+    included (the old splitter re-read each sentence from its start at every candidate end:
+    16 times, for "a. ")."""
+    n = 2000
+    small, large = characters_read(unit * n), characters_read(unit * 4 * n)
+    assert small > 0 and large <= 4.2 * small, (small, large)
+
+
+def _reference_sentences(text, start, end):
+    """The splitter as it was (quadratic), to check the linear one splits the same way."""
+    import re
+
+    from compiler.chunking import _ABBREVIATIONS, _strip
+
+    out, s = [], start
+    for m in re.compile(r"""[.!?…]+["'”’)\]]*(?=\s)""").finditer(text, start, end):
+        word = text[s:m.start()].rsplit(None, 1)[-1].lower() if text[s:m.start()].strip() else ""
+        if text[m.start()] == "." and (word in _ABBREVIATIONS or (len(word) == 1 and
+                                                                  word.isalpha())):
+            continue
+        out.append(_strip(text, s, m.end()))
+        s = m.end()
+    out.append(_strip(text, s, end))
+    return [x for x in out if x[0] < x[1]]
+
+
+PIECES = ["a", "b", "J", "Dr", "no", "approx", "approxi", "e.g", "İ", ".", "..", "!", "?",
+          "…", "'", "”", ")", "]", " ", "  ", "\n", "\t", "3"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=60).map("".join))
+def test_the_linear_splitter_splits_as_before(text):
+    from compiler.chunking import _paragraphs, _sentences
+
+    for start, end in _paragraphs(text) or [(0, len(text))]:
+        assert _sentences(text, start, end) == _reference_sentences(text, start, end)

@@ -474,3 +474,42 @@ def test_a_gated_ensemble_lets_the_other_rows_in_only_where_the_gate_doubts():
     assert combine(torch.stack([other, unsure]), weights, gate=1).argmax() == 1
     torch.testing.assert_close(combine(torch.stack([other, unsure]), weights, gate=1),
                                2 * 0.6 * other + unsure)
+
+
+class _FailsOnBoom:
+    """A composer whose batches fail whenever one of their questions is "boom"."""
+
+    def __init__(self):
+        self.batches = []
+
+    def ask_batch(self, questions, config, hits, on_text):
+        from composer.composer import Answer
+
+        self.batches.append(list(questions))
+        if "boom" in questions:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        for i, q in enumerate(questions):
+            on_text(i, q.upper())
+        return [Answer(q, q.upper(), config.mode) for q in questions]
+
+
+def test_a_batch_where_one_row_raises_fails_that_row_alone():
+    from composer.batcher import Batcher
+
+    composer = _FailsOnBoom()
+    # one batch of exactly three: it closes at max_batch, the gaps are far longer than needed
+    batcher = Batcher(composer, max_batch=3, gap_s=600, max_wait_s=600)
+    try:
+        closed_book = AskConfig(mode="none")
+        streamed = []
+        ok = batcher.submit("fine", [], closed_book)
+        bad = batcher.submit("boom", [], closed_book)
+        also = batcher.submit("also fine", [], closed_book, streamed.append)
+        assert ok.result(60).text == "FINE" and also.result(60).text == "ALSO FINE"
+        with pytest.raises(RuntimeError, match="not enough memory"):
+            bad.result(60)
+    finally:
+        batcher.close()
+    assert composer.batches[0] == ["fine", "boom", "also fine"]
+    assert sorted(composer.batches[1:]) == [["also fine"], ["boom"], ["fine"]]
+    assert streamed == ["ALSO FINE"]

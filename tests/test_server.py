@@ -7,6 +7,7 @@ malformed requests, batching of concurrent requests, and a bounded load test."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,7 +53,7 @@ def server(models, tmp_path):
     tokens = {"ana": keys.add("ana")[0], "bob": keys.add("bob", ("wiki",))[0],
               "carol": keys.add("carol", max_atoms=2)[0]}
     service = Service(Composer(AdapterStore(path), base, emb),
-                      ServeConfig(max_body_bytes=64 << 10, ask=ASK, train=RECIPE, chunk=CHUNK))
+                      ServeConfig(max_body_bytes=256 << 10, ask=ASK, train=RECIPE, chunk=CHUNK))
     with serve_in_thread(service) as url:
         yield url, service, tokens
     service.close()
@@ -98,6 +99,14 @@ def test_health_and_metrics_need_no_key(server):
         text = c.get("/metrics").text
     assert 'microlora_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert "microlora_batch_size_bucket" in text and "microlora_generated_tokens_total" in text
+
+
+def test_healthz_without_a_key_says_nothing_about_tenants(server):
+    _, service, _ = server
+    with client(server) as c:
+        before = c.get("/healthz").json()
+        service.store.put("user:zed", [])  # a new tenant's namespace
+        assert c.get("/healthz").json() == before
 
 
 def test_chat_round_trip_names_its_atoms_and_matches_the_composer(server):
@@ -164,6 +173,31 @@ def test_the_openai_client_works_unchanged(server):
             .chat.completions.create(model="m", messages=[{"role": "user", "content": "w1"}])
 
 
+def test_nothing_relevant_found_is_an_answer(server, monkeypatch):
+    """Every atom under min_score: the answer says nothing relevant was found, with no
+    atoms, rather than one made up from the best unrelated atom."""
+    from dataclasses import replace
+
+    from composer.composer import NOTHING_FOUND
+
+    _, service, _ = server
+    strict = replace(service.config, ask=replace(ASK, min_score=1.01))  # cosine is at most 1
+    monkeypatch.setattr(service, "config", strict)
+    with client(server, "bob") as c:
+        r = chat(c, "w1 w2 w3", k=2)
+        with c.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "w1 w2 w3"}], "stream": True}) as s:
+            events = sse(s)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == NOTHING_FOUND and choice["atoms"] == []
+    assert r.json()["usage"]["completion_tokens"] == 0
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) \
+        == NOTHING_FOUND
+    assert chunks[-1]["choices"][0]["atoms"] == []
+
+
 # -- keys and isolation -----------------------------------------------------------------------
 
 ENDPOINTS = [("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}]}),
@@ -195,9 +229,9 @@ def test_another_users_key_reads_and_changes_nothing(server):
         assert job["status"] == "done", job
         atoms = service.store.documents("user:ana")["ana-notes"]
         before = service.store.count("user:ana")
-        assert bob.get(f"/v1/jobs/{job['id']}").status_code == 403
-        assert bob.get(f"/v1/atoms/{atoms[0]}").status_code == 403
-        assert bob.delete("/v1/documents/ana-notes").status_code == 403
+        assert bob.get(f"/v1/jobs/{job['id']}").status_code == 404
+        assert bob.get(f"/v1/atoms/{atoms[0]}").status_code == 404
+        assert bob.delete("/v1/documents/ana-notes").status_code == 404
         for extra in ({"namespaces": ["user:ana"]}, {"namespaces": ["news"]}):
             r = chat(bob, "w1 w2 w3", **extra)
             assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
@@ -211,6 +245,70 @@ def test_another_users_key_reads_and_changes_nothing(server):
         own = chat(ana, "w1 w2 w3 w4 w5 w6 w7 w8", k=2, namespaces=[]).json()
         assert {a["namespace"] for a in own["choices"][0]["atoms"]} == {"user:ana"}
         ana.delete("/v1/namespace")
+
+
+def test_another_tenants_things_are_answered_exactly_as_missing_ones(server):
+    """Atom ids hash public inputs, so bob can compute the id of a sentence he guesses ana
+    uploaded: what he gets back for her atom, document and job (and for a shared atom he
+    was not granted) must be what he gets for ids nobody has."""
+    _, service, _ = server
+    with client(server, "ana") as ana, client(server, "bob") as bob:
+        job = upload(server, ana, [{"id": "ana-notes", "text": DOC_1}])
+        assert job["status"] == "done", job
+        atom = service.store.documents("user:ana")["ana-notes"][0]
+        assert ana.get(f"/v1/atoms/{atom}").status_code == 200
+        for method, path, theirs, nobodys in [
+                ("GET", "/v1/atoms/", atom, "5" * 32), ("GET", "/v1/atoms/", "news-0", "news-9"),
+                ("DELETE", "/v1/documents/", "ana-notes", "bob-notes"),
+                ("GET", "/v1/jobs/", job["id"], "job-" + "0" * 16)]:
+            held, missing = bob.request(method, path + theirs), bob.request(method, path + nobodys)
+            assert held.status_code == missing.status_code == 404, (path, held.text)
+            assert held.text.replace(theirs, "ID") == missing.text.replace(nobodys, "ID")
+        assert service.store.documents("user:ana") and ana.get(f"/v1/atoms/{atom}").json()
+
+
+def test_errors_name_no_other_tenant_and_no_path_even_in_a_race(server, monkeypatch):
+    """bob's and carol's namespaces are listed but gone when read (as when a DELETE
+    /v1/namespace lands between the two), on every route; then bob asks for namespaces he
+    may not read. No error names a user but the caller (or what the caller sent), the
+    store's path, or a command-line flag."""
+    _, service, _ = server
+    store = service.store
+    with client(server, "ana") as ana:
+        assert upload(server, ana, [{"id": "ana-notes", "text": DOC_1}])["status"] == "done"
+    listed = store.namespaces
+    monkeypatch.setattr(store, "namespaces", lambda: listed() + ["user:bob", "user:carol"])
+    question = {"messages": [{"role": "user", "content": "w1 w2"}]}
+    seen = []
+    with client(server, "bob") as bob, client(server, "carol") as carol:
+        for c, method, path, body in [
+                (bob, "POST", "/v1/chat/completions", question),
+                (bob, "POST", "/v1/chat/completions", question | {"stream": True}),
+                (bob, "POST", "/v1/completions", {"prompt": "w1 w2"}),
+                (bob, "GET", "/v1/documents", None), (bob, "GET", "/v1/atoms/wiki-9", None),
+                (bob, "DELETE", "/v1/documents/notes", None),
+                (bob, "DELETE", "/v1/namespace", None), (bob, "GET", "/v1/jobs/job-1", None),
+                (carol, "POST", "/v1/documents", {"documents": [{"text": DOC_2}]})]:
+            seen.append((c.request(method, path, json=body), body))
+        r = bob.post("/v1/documents", json={"documents": [{"text": DOC_2}]})
+        assert r.status_code == 202, r.text
+        job = r.json()["job"]["id"]
+        assert service.jobs.wait(job, timeout=120).status == "failed"
+        seen.append((bob.get(f"/v1/jobs/{job}"), None))
+        monkeypatch.setattr(store, "namespaces", listed)
+        for asked in (["user:ana"], ["user:nobody"], ["nope"], ["../x"], [""], ["wiki", "news"],
+                      ["wiki", "user:ana"]):
+            seen.append((chat(bob, "w1 w2", namespaces=asked), {"namespaces": asked}))
+        seen.append((chat(bob, "w1 w2", k=9), None))
+    for r, body in seen:
+        sent = json.dumps(body)
+        others = set(re.findall(r"user:[A-Za-z0-9._@-]+", r.text)) - {"user:bob", "user:carol"}
+        assert all(name in sent for name in others), r.text
+        assert str(store.path.parent) not in r.text and "-k " not in r.text, r.text
+        assert "microlora " not in r.text and "--" not in r.text, r.text
+    assert [r.status_code for r, _ in seen[:3]] == [409] * 3
+    assert seen[3][0].json()["data"] == [] and seen[8][0].status_code == 409
+    assert "deleted" in seen[9][0].json()["error"] and seen[-1][0].status_code == 400
 
 
 def test_revoked_key_is_refused_by_the_running_server(server, tmp_path):
@@ -259,6 +357,25 @@ def test_uploaded_documents_are_answered_from_and_forgotten(server):
         assert r.status_code == 400 and "nothing to search" in r.json()["error"]["message"]
 
 
+def test_an_upload_is_chunked_once(server, monkeypatch):
+    """The route plans the documents (to check the quota) and hands the plan to the job,
+    which does not split the text again."""
+    import compiler.pipeline
+
+    chunked = []
+    chunk = compiler.pipeline.chunk_document
+
+    def counting(doc, *args, **kwargs):
+        chunked.append(doc.source)
+        return chunk(doc, *args, **kwargs)
+
+    monkeypatch.setattr(compiler.pipeline, "chunk_document", counting)
+    with client(server, "ana") as c:
+        job = upload(server, c, [{"id": "d1", "text": DOC_1}, {"id": "d2", "text": DOC_2}])
+    assert job["status"] == "done" and job["trained"] == 4, job
+    assert sorted(chunked) == ["d1", "d2"]
+
+
 def test_quota_is_refused_before_any_training(server):
     _, service, _ = server
     with client(server, "carol") as c:
@@ -278,14 +395,14 @@ def test_quota_is_refused_before_any_training(server):
     ({"messages": [{"role": "user", "content": "w1"}], "kk": 3}, 400, "unknown field 'kk'"),
     ({"messages": [{"role": "user", "content": "w1"}], "k": 0}, 400, "k:"),
     ({"messages": [{"role": "user", "content": "w1"}], "k": 99}, 400, "k:"),
-    ({"messages": [{"role": "user", "content": "w1"}], "k": 16}, 400, "ask with -k"),
+    ({"messages": [{"role": "user", "content": "w1"}], "k": 16}, 400, "ask with k <= 8"),
     ({"messages": [{"role": "user", "content": "w1"}], "n": 2}, 400, "n:"),
     ({"messages": [{"role": "user", "content": "w1"}], "mode": "magic"}, 400, "mode:"),
     ({"messages": []}, 400, "messages:"),
     ({"messages": [{"role": "assistant", "content": "w1"}]}, 400, "non-empty user message"),
     ({"messages": [{"role": "user", "content": "w1"}], "max_tokens": 100000}, 400,
      "max_tokens:"),
-    ({"messages": [{"role": "user", "content": "w1 " * 40000}]}, 413, "limit"),
+    ({"messages": [{"role": "user", "content": "w1 " * 100_000}]}, 413, "limit"),
 ])
 def test_malformed_requests_get_a_clear_4xx_and_the_server_stays_up(server, body, status,
                                                                     message):
@@ -297,6 +414,28 @@ def test_malformed_requests_get_a_clear_4xx_and_the_server_stays_up(server, body
         assert message in r.json()["error"]["message"]
         assert c.get("/healthz").status_code == 200
         assert chat(c, "w1 w2").status_code == 200
+
+
+def test_the_off_values_clients_send_are_accepted_and_nothing_else(server):
+    """logprobs false/0 and stop null/[] are what stock clients send: no-ops; values that
+    ask for something microlora does not do are refused, naming the field."""
+    with client(server, "bob") as c:
+        for extra in ({"logprobs": False}, {"logprobs": 0}, {"stop": None}, {"stop": []},
+                      {"logprobs": None, "stop": None}):
+            assert chat(c, "w1 w2", **extra).status_code == 200, extra
+        r = c.post("/v1/completions", json={"prompt": "w1", "logprobs": 0, "stop": []})
+        assert r.status_code == 200, r.text
+        for extra in ({"logprobs": True}, {"logprobs": 3}, {"stop": ["\n"]}, {"stop": "x"}):
+            r = chat(c, "w1 w2", **extra)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["message"].startswith(next(iter(extra)) + ":"), r.text
+
+
+def test_no_page_loads_scripts_from_a_cdn_and_the_schema_is_served(server):
+    with client(server) as c:
+        assert c.get("/docs").status_code == 404 and c.get("/redoc").status_code == 404
+        schema = c.get("/openapi.json")
+    assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -311,7 +450,7 @@ def test_bad_documents_are_refused(server, doc, message):
 
 def test_chunked_upload_over_the_limit_is_refused(server):
     def body():
-        for _ in range(100):
+        for _ in range(400):  # 400 KiB, over the 256 KiB limit
             yield b"x" * 1024
 
     with client(server, "bob") as c:
@@ -384,6 +523,50 @@ def test_load_200_requests_16_concurrent_two_users(server):
         assert c.get("/healthz").json()["batcher_alive"] is True
     with client(server, "ana") as ana:
         ana.delete("/v1/namespace")
+
+
+def test_a_long_prompt_is_refused_before_batching_and_fails_no_one_else(server):
+    """ana's 100k-token question is refused while the model is busy (so before it could be
+    batched), and bob's question, queued at the same time, is answered."""
+    _, service, _ = server
+    cap = ServeConfig().max_prompt_tokens
+    assert service.config.max_prompt_tokens == cap
+    huge, long = "w1." * 50_000, "w1." * cap  # 100k tokens; 2 * cap tokens, 3 * cap chars
+    with client(server, "ana") as ana, client(server, "bob") as bob, \
+            ThreadPoolExecutor(1) as pool:
+        with service.composer.model_lock:
+            other = pool.submit(chat, bob, "w1 w2 w3")
+            refused = [chat(ana, huge), chat(ana, long),
+                       ana.post("/v1/completions", json={"prompt": ["w1 w2", long]})]
+        assert other.result().status_code == 200, other.result().text
+    for r, param in zip(refused, ["messages", "messages", "prompt"]):
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "prompt_too_long" and error["param"] == param
+        assert f"at most {cap} tokens" in error["message"]
+    assert f"({2 * cap} tokens)" in refused[1].json()["error"]["message"]
+
+
+def test_an_unexpected_failure_is_a_500_in_openai_shape_and_counted(server, monkeypatch):
+    _, service, _ = server
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError(f"DefaultCPUAllocator: tried to allocate 166317968041 bytes in "
+                           f"{service.store.path}")
+
+    monkeypatch.setattr(service.composer, "ask_batch", out_of_memory)
+    monkeypatch.setattr(service.store, "documents", out_of_memory)
+    with client(server, "ana") as c:
+        service.store.put("user:ana", [])  # ana has a namespace: listing reads it
+        failed = [chat(c, "w1 w2"), c.get("/v1/documents")]
+        metrics = c.get("/metrics").text
+    for r in failed:
+        assert r.status_code == 500
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and "allocate" not in error["message"]
+        assert str(service.store.path) not in r.text
+    assert 'microlora_requests_total{route="/v1/chat/completions",status="500"} 1.0' in metrics
+    assert 'microlora_requests_total{route="/v1/documents",status="500"} 1.0' in metrics
 
 
 # -- the keys CLI -----------------------------------------------------------------------------

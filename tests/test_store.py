@@ -285,3 +285,36 @@ def test_forgetting_a_document_keeps_atoms_another_document_shares(store):
     assert store.drop("user:ana") == 2
     assert "user:ana" not in store.namespaces()
     assert list(store.documents("user:anabel")) == ["one"]  # a prefix is not the namespace
+
+
+def test_forgotten_atoms_leave_no_vector_in_an_index_file(store):
+    """A deletion takes the namespace's index files with it (rebuilt on next use): a stale
+    index file would keep the forgotten atoms' ids and embeddings on disk."""
+    records = make_records(4, seed=9)
+    store.put("user:ana", records)
+    store.put_documents("user:ana", {"one": [records[0].id], "two": [records[1].id]})
+    store.index("user:ana").save(store.layout.index("user:ana"))  # as close() would
+    store.delete_document("user:ana", "one")
+    store.index("user:ana").save(store.layout.index("user:ana"))
+    store.delete("user:ana", [records[1].id])
+    on_disk = b"".join(f.read_bytes() for f in store.layout.index("user:ana").parent.glob("*"))
+    assert records[0].id.encode() not in on_disk and records[1].id.encode() not in on_disk
+    found = {i for i, _ in store.search("user:ana", np.stack([r.embedding for r in records]),
+                                        4)[0]}
+    assert found == {r.id for r in records[2:]}
+
+
+def test_a_handle_taken_before_a_drop_never_reads_another_namespace(store):
+    """A request in flight holds bob's database handle when bob's namespace is dropped and
+    ana's is created: through that handle it must find nothing, not ana's atoms (LMDB gives
+    a closed handle's slot to the next database opened)."""
+    store.put("user:bob", make_records(2, seed=1))
+    held = store._db("user:bob")
+    assert store.drop("user:bob") == 2
+    store.put("user:ana", make_records(3, seed=2))
+    with store._env.begin(db=held) as txn:
+        assert list(txn.cursor()) == []
+    with pytest.raises(UnknownNamespaceError):
+        store.count("user:bob")
+    assert store.put("user:bob", make_records(1, seed=3)) == 1  # and it comes back empty
+    assert store.count("user:bob") == 1 and store.count("user:ana") == 3

@@ -25,9 +25,12 @@ _SERVE = ServeConfig()
 @click.option("--max-batch", default=_SERVE.max_batch, show_default=True,
               type=click.IntRange(1, 256),
               help="Most requests decoded together in one batch.")
+@click.option("--max-prompt-tokens", default=_SERVE.max_prompt_tokens, show_default=True,
+              type=click.IntRange(1),
+              help="Longest question a request may ask, in base-model tokens (longer: 400).")
 @model_options
 def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens: int,
-                  max_batch: int, base_model, embedder, device) -> None:
+                  max_batch: int, max_prompt_tokens: int, base_model, embedder, device) -> None:
     """Serve a store over an OpenAI-compatible HTTP API.
 
     Requests need an API key (create one with `microlora keys add`). Each key is one user:
@@ -55,7 +58,8 @@ def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens:
 
     from microlora.server.app import create_app, open_service
 
-    config = ServeConfig(max_batch=max_batch, ask=AskConfig(k=k, max_new_tokens=max_new_tokens))
+    config = ServeConfig(max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
+                         ask=AskConfig(k=k, max_new_tokens=max_new_tokens))
     service = open_service(store_dir, base_model=base_model, embedder=embedder, device=device,
                            config=config)
     try:

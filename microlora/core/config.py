@@ -251,10 +251,21 @@ class AskConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Server limits and defaults (``microlora serve`` options)."""
+    """Server limits and defaults (``microlora serve`` options).
+
+    max_prompt_tokens: the longest question a request may ask, in base-model tokens (a prompt
+    of 16 characters per token more is refused without tokenizing it). Far below the model's
+    context: a batch waits for its longest prefill, and 32k tokens on 2 CPU cores stall
+    every request batched with it, or ask for more memory than there is.
+    """
 
     max_batch: int = 16
     max_body_bytes: int = 8 << 20
+    max_prompt_tokens: int = 2048
     ask: AskConfig = AskConfig()  # defaults for k, mode, max_tokens
     train: TrainConfig = TrainConfig()  # the recipe for uploaded documents
     chunk: ChunkConfig = ChunkConfig()
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens < 1:
+            raise MicroloraError("--max-prompt-tokens must be at least 1")

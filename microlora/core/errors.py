@@ -30,11 +30,24 @@ class StoreMismatchError(StoreError):
 
 
 class UnknownNamespaceError(StoreError):
-    """A namespace that the store does not hold."""
+    """A namespace that the store does not hold (``namespace``: which, when known)."""
+
+    def __init__(self, message: str = "", *, namespace: str | None = None):
+        super().__init__(message)
+        self.namespace = namespace
 
 
 class UnknownDocumentError(StoreError):
     """A document id that the namespace does not hold."""
+
+
+class TooFewAtomsError(MicroloraError):
+    """A question asks for more atoms (``k``) than the namespaces searched hold (``total``,
+    0 when they are empty). The numbers travel with it, so a server can word it its own way."""
+
+    def __init__(self, message: str = "", *, k: int = 0, total: int = 0):
+        super().__init__(message)
+        self.k, self.total = k, total
 
 
 class QuotaExceededError(StoreError):

@@ -28,9 +28,12 @@ from microlora.server.service import Service, open_service
 
 
 def create_app(service: Service) -> FastAPI:
-    """The FastAPI application over a ``Service``."""
+    """The FastAPI application over a ``Service``. No /docs or /redoc: FastAPI's pages load
+    their scripts from a CDN (blank offline, and a third party in every browser that opens
+    them); the schema is at /openapi.json."""
     app = FastAPI(title="microlora", version="0.1.0",
-                  description="OpenAI-compatible answers from composed micro-adapters")
+                  description="OpenAI-compatible answers from composed micro-adapters",
+                  docs_url=None, redoc_url=None)
     app.state.service = service
     install_error_handlers(app)
     install_middleware(app, service)

@@ -19,8 +19,8 @@ async def caller(request: Request) -> KeyRecord:
     """The API key's record; 401 without a valid one."""
     header = request.headers.get("authorization", "")
     if not header:
-        raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY' (create one "
-                            "with `microlora keys add USER --store DIR`)",
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY' (the "
+                            "server's operator makes keys)",
                        "authentication_error", "missing_api_key")
     scheme, _, token = header.partition(" ")
     key = service_of(request).keys.authenticate(token.strip()) \

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from compiler.documents import Document
-from compiler.pipeline import Quota, compile_documents
+from compiler.pipeline import Plan, Quota, compile_documents
 from microlora.core.config import ChunkConfig, TrainConfig
 from microlora.core.embedder import Embedder
 from microlora.core.models import BaseModel
+from microlora.server.errors import api_error
 from store import AdapterStore
 
 
@@ -59,15 +60,19 @@ class CompileJobs:
         self._base, self._model_lock = base, model_lock
         self._own_base: BaseModel | None = None
         self._jobs: dict[str, Job] = {}
-        self._queue: queue.Queue[tuple[Job, list[Document], Quota] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Job, list[Document], Quota, Plan | None] | None] = \
+            queue.Queue()
         self._thread = threading.Thread(target=self._run, name="microlora-compile",
                                         daemon=True)
         self._thread.start()
 
-    def submit(self, namespace: str, docs: list[Document], quota: Quota) -> Job:
+    def submit(self, namespace: str, docs: list[Document], quota: Quota,
+               prepared: Plan | None = None) -> Job:
+        """Queue a compile; ``prepared``: the documents' plan when the caller has made it (the
+        route does, to check the quota), so the job does not chunk them again."""
         job = Job(f"job-{uuid.uuid4().hex[:16]}", namespace, [d.source for d in docs])
         self._jobs[job.id] = job
-        self._queue.put((job, docs, quota))
+        self._queue.put((job, docs, quota, prepared))
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -92,7 +97,7 @@ class CompileJobs:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            job, docs, quota = item
+            job, docs, quota, prepared = item
             job.status = "running"
 
             def progress(done: int, total: int, job: Job = job) -> None:
@@ -103,9 +108,9 @@ class CompileJobs:
                                            embedder=self.embedder, namespace=job.namespace,
                                            train_config=self.train_config,
                                            chunk_config=self.chunk_config, quota=quota,
-                                           progress=progress)
+                                           progress=progress, prepared=prepared)
             except Exception as e:  # noqa: BLE001 - reported through GET /v1/jobs/{id}
-                job.status, job.error = "failed", str(e) or type(e).__name__
+                job.status, job.error = "failed", api_error(e).detail  # in API terms
             else:
                 job.status = "done"
                 job.trained, job.already_compiled = report.trained, report.already_compiled

@@ -1,29 +1,58 @@
 """What wraps every request: the body-size limit (before anything is parsed) and the
-Prometheus request counters."""
+Prometheus request counters, which also catch what escapes a route (a 500, counted)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
-from microlora.server.errors import ApiError, error_body
-from microlora.server.service import Service
+from microlora.server.errors import INTERNAL, ApiError, error_body, log
+from microlora.server.service import Metrics, Service
 
 
 def install_middleware(app: FastAPI, service: Service) -> None:
     app.add_middleware(BodyLimit, limit=service.config.max_body_bytes)
+    app.add_middleware(Measure, metrics=service.metrics)  # added last: the outermost
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
+
+class Measure:
+    """Counts every response by route and status, and times it. An exception that escapes
+    the routes and their handlers is logged and answered here with a 500 in OpenAI's shape:
+    Starlette would answer it outside every middleware, as plain text, and uncounted."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        service.metrics.requests.labels(route, str(response.status_code)).inc()
-        service.metrics.latency.labels(route).observe(time.perf_counter() - t0)
-        return response
+        status: int | None = None  # once the response has started
+
+        async def noting_send(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        except Exception as e:
+            log.error("%s %s failed: %s: %s", scope.get("method"), scope.get("path"),
+                      type(e).__name__, e, exc_info=e)
+            if status is not None:  # a stream broke off after its first bytes
+                status = 500
+                raise
+            status = 500
+            response = JSONResponse(error_body(INTERNAL, "server_error", "internal_error"),
+                                    status_code=500)
+            await response(scope, receive, send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status or 500)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
 
 
 class BodyLimit:

@@ -2,8 +2,10 @@
 
 Unknown fields are rejected (400) rather than silently ignored, so a typo such as ``"kk": 4``
 is caught. OpenAI fields that greedy decoding has no use for (temperature, top_p, seed,
-penalties) are accepted and ignored, so stock clients work; ones whose meaning microlora cannot
-honour (n > 1, logprobs, stop, echo) are refused with a clear message.
+penalties) are accepted and ignored, so stock clients work, and so are ``stop`` and
+``logprobs`` at the "off" values clients send by default (null, [], false, 0); values whose
+meaning microlora cannot honour (n > 1, stop sequences, logprobs, echo) are refused with a
+message naming the field.
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ class _Generation(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
-    # refused: not supported
-    stop: None = Field(None, description="not supported: answers end at the QA stop pattern")
-    logprobs: None = None
+    # accepted only when off (null, [], false, 0): clients send those by default
+    stop: str | list[str] | None = Field(
+        None, description="not supported (answers end at the QA stop pattern): null or []")
+    logprobs: bool | int | None = Field(None, description="not supported: null, false or 0")
     # microlora
     k: int | None = Field(None, ge=1, le=MAX_K, description="atoms composed per answer")
     mode: Mode | None = None
@@ -52,6 +55,22 @@ class _Generation(_Strict):
         None, max_length=32,
         description="shared corpora to search (each must be granted to the key); the "
                     "caller's own namespace is always searched")
+
+    @field_validator("stop")
+    @classmethod
+    def _no_stop(cls, v: str | list[str] | None) -> None:
+        if v:
+            raise ValueError("stop sequences are not supported (answers end at the QA stop "
+                             "pattern); send null or leave it out")
+        return None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | int | None) -> None:
+        if v:
+            raise ValueError("logprobs are not supported; send null, false or 0, or leave it "
+                             "out")
+        return None
 
 
 class CompletionRequest(_Generation):

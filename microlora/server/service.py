@@ -11,11 +11,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from composer.batcher import Batcher
 from composer.composer import Answer, Composer
 from composer.retrieval import default_namespaces
-from microlora.core.config import AskConfig, ServeConfig
+from microlora.core.config import AskConfig, Mode, ServeConfig
+from microlora.core.errors import MicroloraError
 from microlora.server.errors import ApiError
 from microlora.server.jobs import CompileJobs
 from microlora.server.keys import KeyRecord, KeyStore
 from microlora.server.schemas import ChatRequest, CompletionRequest
+
+CHARS_PER_TOKEN = 16  # a prompt longer than max_prompt_tokens * this is refused untokenized
 
 
 class Metrics:
@@ -77,11 +80,34 @@ class Service:
                                 "ask for a granted shared namespace", code="no_atoms")
         return own + chosen
 
+    def check_prompts(self, prompts: list[str], param: str) -> None:
+        """Refuse (400) a prompt over ``max_prompt_tokens`` here, before it is batched: one
+        long prefill takes the time, or the memory, of every request decoded beside it. A
+        prompt over 16 characters per token allowed is refused without tokenizing it."""
+        cap = self.config.max_prompt_tokens
+        tokenizer = self.composer.base.tokenizer
+        for prompt in prompts:
+            if len(prompt) > cap * CHARS_PER_TOKEN:
+                size = f"{len(prompt)} characters"
+            else:
+                n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                if n <= cap:
+                    continue
+                size = f"{n} tokens"
+            raise ApiError(400, f"the prompt is too long ({size}): this server answers "
+                                f"prompts of at most {cap} tokens (and {cap * CHARS_PER_TOKEN} "
+                                "characters)", code="prompt_too_long", param=param)
+
     def ask_config(self, body: CompletionRequest | ChatRequest) -> AskConfig:
         d = self.config.ask
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        return replace(d, mode=body.mode or d.mode, k=body.k or d.k,
-                       max_new_tokens=max_tokens or d.max_new_tokens)
+        mode = body.mode or d.mode
+        try:
+            return replace(d, mode=mode, k=body.k or d.k,
+                           max_new_tokens=max_tokens or d.max_new_tokens)
+        except MicroloraError:  # e.g. the ensemble hybrid on a server that merges adapters
+            raise ApiError(400, f"mode {Mode(mode).value!r} is not available on this server",
+                           param="mode") from None
 
     def record(self, answer: Answer) -> None:
         self.metrics.tokens.inc(answer.new_tokens)

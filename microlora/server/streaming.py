@@ -11,9 +11,8 @@ from collections.abc import AsyncIterator
 from fastapi.responses import StreamingResponse
 
 from composer.composer import Answer
-from microlora.core.errors import MicroloraError
 from microlora.server import openai
-from microlora.server.errors import ApiError
+from microlora.server.errors import ApiError, api_error, error_body
 from microlora.server.keys import KeyRecord
 from microlora.server.schemas import ChatRequest, CompletionRequest
 from microlora.server.service import Service
@@ -71,8 +70,7 @@ async def _sse(service: Service, kind: str, rid: str, model: str, futures, event
             try:
                 answers[i] = await result(futures[i])
             except ApiError as e:
-                yield openai.event({"error": {"message": e.detail, "type": e.kind,
-                                              "code": e.code}})
+                yield openai.event(error_body(e.detail, e.kind, e.code, e.param))
             else:
                 service.record(answers[i])
                 yield openai.event(openai.chunk(kind, rid, created, model,
@@ -87,8 +85,8 @@ async def _sse(service: Service, kind: str, rid: str, model: str, futures, event
 
 
 async def result(future) -> Answer:
-    """A batcher future's answer; a user error becomes a 400."""
+    """A batcher future's answer; its failure in API terms (``api_error``)."""
     try:
         return await asyncio.wrap_future(future)
-    except MicroloraError as e:
-        raise ApiError(400, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - this request's own failure
+        raise api_error(e) from None

@@ -15,6 +15,7 @@ router = APIRouter()
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, key: Caller, service: Served):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    service.check_prompts(prompts, "prompt")
     return await streaming.answer(service, openai.TEXT, prompts, body, key)
 
 
@@ -24,4 +25,5 @@ async def chat(body: ChatRequest, key: Caller, service: Served):
         question = body.question()
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+    service.check_prompts([question], "messages")
     return await streaming.answer(service, openai.CHAT, [question], body, key)

@@ -13,8 +13,8 @@ router = APIRouter()
 
 @router.get("/healthz")
 async def healthz(service: Served) -> dict:
+    """Liveness, for anyone (no key): nothing about the store's tenants, not even how many."""
     return {"status": "ok", "base_model": service.composer.base.name,
-            "namespaces": len(service.store.namespaces()),
             "batcher_alive": service.batcher.alive}
 
 
