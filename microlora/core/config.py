@@ -251,10 +251,13 @@ class AskConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Server limits and defaults (``microlora serve`` options)."""
+    """Server limits and defaults (``microlora serve`` options). max_body_bytes: any request
+    body; max_upload_bytes: files uploaded to ``POST /v1/documents`` (multipart), which
+    outgrow JSON (a PDF with figures runs to tens of MiB)."""
 
     max_batch: int = 16
     max_body_bytes: int = 8 << 20
+    max_upload_bytes: int = 64 << 20
     ask: AskConfig = AskConfig()  # defaults for k, mode, max_tokens
     train: TrainConfig = TrainConfig()  # the recipe for uploaded documents
     chunk: ChunkConfig = ChunkConfig()
