@@ -20,8 +20,9 @@ from microlora.core.provenance import cite
 DATA = Path(__file__).parent / "data"
 
 
-def atoms(name: str) -> list[tuple[str, int, tuple[str, ...]]]:
-    """(text, page, section) of each atom of a fixture; every atom is a slice of its text."""
+def atoms(name: str | Path) -> list[tuple[str, int, tuple[str, ...]]]:
+    """(text, page, section) of each atom of a fixture (or of a file); every atom is a slice
+    of its document's text."""
     docs, skipped = read_documents([DATA / name])
     assert skipped == [] and len(docs) == 1
     out = chunk_document(docs[0], TOK)
@@ -66,6 +67,21 @@ def test_html_main_text_without_navigation_banners_or_footer():
     assert doc.title == "The Velmora clock"
     for boilerplate in ("cookies", "Contact us", "Related stories", "Copyright", "newsletter"):
         assert boilerplate not in doc.text
+
+
+def test_html_inline_code_and_emphasis_stay_in_their_sentence(tmp_path):
+    (tmp_path / "doc.html").write_text(
+        "<html><body><nav><a href='/'>Home</a> <a href='/docs'>Docs</a></nav><article>"
+        "<h1>Tools</h1><p>The standard distribution ships with a tool called <code>rustdoc"
+        "</code>, which turns <b>comments</b> into pages. It was first released in 2012 by "
+        "the core team of the language.</p><pre><code>$ rustdoc src/lib.rs</code></pre>"
+        "</article></body></html>")
+    got = [a[0] for a in atoms(tmp_path / "doc.html")]
+    assert got[:2] == [
+        "The standard distribution ships with a tool called rustdoc, which turns comments "
+        "into pages.",
+        "It was first released in 2012 by the core team of the language."
+        "\n\n$ rustdoc src/lib.rs"]  # the short code block: a fragment, joined as in text
 
 
 def test_docx_headings_are_sections_not_atoms():

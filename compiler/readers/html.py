@@ -12,7 +12,7 @@ from lxml import etree
 
 from compiler.readers.structure import Heading, Paragraph, Part, Table, UnreadableError
 
-_TEXT = {"p", "item", "code", "quote"}  # trafilatura's text elements
+_BLOCKS = {"head", "p", "list", "item", "table", "quote"}  # <code> and <hi> in a <p> are inline
 
 
 def read(data: bytes, suffix: str = ".html") -> tuple[list[Part], str]:
@@ -29,6 +29,8 @@ def read(data: bytes, suffix: str = ".html") -> tuple[list[Part], str]:
     parts: list[Part] = []
     main = root.find("main")
     if main is not None:
+        if main.text and main.text.strip():
+            parts.append(Paragraph(main.text))
         _walk(main, parts)
     return parts, root.get("title") or ""
 
@@ -43,11 +45,14 @@ def _walk(element, parts: list[Part]) -> None:
         elif tag == "table":
             parts.append(Table(tuple(tuple(_text(cell) for cell in row.iter("cell"))
                                      for row in child.iter("row"))))
-        elif tag in _TEXT and not any(c.tag in _TEXT | {"list", "table", "head"}
-                                      for c in child):
-            parts.append(Paragraph(_text(child)))
-        else:  # lists, quotes of paragraphs, and anything else that holds text elements
+        elif not any(c.tag in _BLOCKS for c in child):
+            parts.append(Paragraph(_text(child)))  # a paragraph, list item, code block...
+        else:  # lists, and quotes or items that hold paragraphs: their text in order
+            if child.text and child.text.strip():
+                parts.append(Paragraph(child.text))
             _walk(child, parts)
+        if child.tail and child.tail.strip():
+            parts.append(Paragraph(child.tail))
 
 
 def _text(element) -> str:

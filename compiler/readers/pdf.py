@@ -5,8 +5,9 @@ boxes (paragraphs) in reading order with each character's font size, and pdfplum
 ruled tables and their cells. What a PDF does not say is inferred, simply:
 
 - running headers and footers: a line among the first or last two of a page whose text,
-  numbers aside, comes back on at least half the pages (two at least) is dropped, and so is
-  a lone page number there ("3", "Page 3 of 12", "- 3 -", "iv");
+  numbers aside, comes back there on three pages (or on every page of a shorter document)
+  is dropped, and so is a lone page number there ("3", "Page 3 of 12", "- 3 -", "iv");
+  chapter headers thus go unless a chapter has fewer than three pages;
 - headings: lines set larger than the body text (the most common size), a level per size;
 - a paragraph cut by a page or column break (its last line ends no sentence) goes on in the
   next text box, and a word hyphenated at a line end is joined (``structure.join_lines``).
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import pdfplumber
 from pdfminer.layout import LTChar, LTTextBox
 from pdfminer.pdfdocument import PDFPasswordIncorrect
+from pdfplumber.utils.exceptions import PdfminerException
 
 from compiler.readers.structure import (
     Heading,
@@ -34,6 +36,7 @@ from compiler.readers.structure import (
 )
 
 EDGE_LINES = 2  # lines at the top and at the bottom of a page where headers and footers are
+RUNNING_PAGES = 3  # an edge line seen on this many pages (or on every page) is running
 HEADING_RATIO = 1.15  # a line this much larger than the body text is a heading
 MAX_HEADING_CHARS = 200
 _SENTENCE_END = re.compile(r"""[.!?…:;]["'”’)\]]*$""")
@@ -67,7 +70,7 @@ def read(data: bytes, suffix: str = ".pdf") -> tuple[list[Part], str]:
 
 
 def _why(e: Exception) -> str:
-    cause = e.args[0] if type(e).__name__ == "PdfminerException" and e.args else e
+    cause = e.args[0] if isinstance(e, PdfminerException) and e.args else e
     if isinstance(cause, PDFPasswordIncorrect):
         return ("encrypted: it needs a password to open; save a copy without one (e.g. "
                 "qpdf --decrypt) and compile that")
@@ -76,7 +79,8 @@ def _why(e: Exception) -> str:
 
 
 def _read_page(page) -> _Page:
-    tables = page.find_tables()
+    # a ruled grid of two rows and two columns at least: not a frame or a boxed paragraph
+    tables = [t for t in page.find_tables() if len(t.rows) >= 2 and len(t.columns) >= 2]
     boxes = [t.bbox for t in tables]  # (x0, top, x1, bottom), pdfplumber's coordinates
     items: list[list[_Line] | Table] = []
     for box in page.layout:
@@ -155,7 +159,7 @@ def _running_lines(pages: list[_Page]) -> set[int]:
         edge = lines[:EDGE_LINES] + lines[EDGE_LINES:][-EDGE_LINES:]
         edges.append([(line, _shape(line.text)) for line in edge])
     seen = Counter(shape for edge in edges for shape in {s for _, s in edge})
-    repeated = {s for s, n in seen.items() if n >= 2 and n >= len(pages) / 2}
+    repeated = {s for s, n in seen.items() if n >= max(2, min(RUNNING_PAGES, len(pages)))}
     return {id(line) for edge in edges for line, shape in edge
             if shape in repeated or _PAGE_NUMBER.fullmatch(shape)}
 
