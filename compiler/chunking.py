@@ -8,6 +8,10 @@ is an exact slice of its document: ``doc.text[atom.start:atom.end] == atom.text`
 
 Each atom also keeps its paragraph (the atoms around it, up to ``CONTEXT_ATOMS`` either side):
 the text a pronoun refers back to, which the composer reads as the atom's window.
+
+A formatted document (``compiler.readers``) is cut block by block: its paragraphs as above,
+never joined across a heading, and each line of a table (a row with its header) as one atom,
+its table around it as its context. Every atom records its page and heading path.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import bisect
 import re
 from dataclasses import dataclass
 
-from compiler.documents import Document
+from compiler.documents import Block, Document
 from microlora.core.config import ChunkConfig
 
 # A sentence ends at a run of . ! ? … (plus closing quotes/brackets) before whitespace. The
@@ -35,7 +39,8 @@ _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc"
 @dataclass(frozen=True)
 class Atom:
     """text: ``doc.text[start:end]``. context: the atoms of its paragraph around it (itself
-    at ``context[at]``), what its window is cut from; not part of its identity."""
+    at ``context[at]``), what its window is cut from. page, section: where it is in its
+    document (0 and () where the format has none). Only text and title are its identity."""
 
     text: str
     source: str
@@ -44,26 +49,49 @@ class Atom:
     title: str = ""
     context: tuple[str, ...] = ()
     at: int = 0
+    page: int = 0
+    section: tuple[str, ...] = ()
 
 
 def chunk_document(doc: Document, tokenizer, config: ChunkConfig = ChunkConfig()) -> list[Atom]:
-    paragraphs = _paragraphs(doc.text)
-    sentences = [s for p_start, p_end in paragraphs for s in _sentences(doc.text, p_start, p_end)]
-    spans = [piece for start, end in _join_short(sentences, config.min_chars)
-             for piece in _split_long(doc.text, start, end, tokenizer, config.max_tokens)]
+    out = []
+    for block in doc.blocks or (Block(0, len(doc.text)),):
+        cut = _rows if block.kind == "table" else _prose
+        for group in cut(doc.text, block.start, block.end, tokenizer, config):
+            texts = tuple(doc.text[s:e] for s, e in group)
+            for i, (s, e) in enumerate(group):
+                lo = max(0, i - CONTEXT_ATOMS)
+                page, section = doc.place(s)
+                out.append(Atom(texts[i], doc.source, s, e, doc.title,
+                                texts[lo:i + CONTEXT_ATOMS + 1], i - lo, page, section))
+    return out
+
+
+def _prose(text: str, start: int, end: int, tokenizer, config: ChunkConfig
+           ) -> list[list[tuple[int, int]]]:
+    """``text[start:end]``'s sentence spans, grouped by paragraph."""
+    paragraphs = _paragraphs(text, start, end)
+    sentences = [s for p_start, p_end in paragraphs for s in _sentences(text, p_start, p_end)]
+    spans = [piece for s, e in _join_short(sentences, config.min_chars)
+             for piece in _split_long(text, s, e, tokenizer, config.max_tokens)]
     # a span belongs to the paragraph it ends in (a heading joins the sentence it heads)
     ends = [p_end for _, p_end in paragraphs]
     by_paragraph: dict[int, list[tuple[int, int]]] = {}
     for s, e in spans:
         by_paragraph.setdefault(bisect.bisect_left(ends, e), []).append((s, e))
-    out = []
-    for group in by_paragraph.values():
-        texts = tuple(doc.text[s:e] for s, e in group)
-        for i, (s, e) in enumerate(group):
-            lo = max(0, i - CONTEXT_ATOMS)
-            out.append(Atom(texts[i], doc.source, s, e, doc.title,
-                            texts[lo:i + CONTEXT_ATOMS + 1], i - lo))
-    return out
+    return list(by_paragraph.values())
+
+
+def _rows(text: str, start: int, end: int, tokenizer, config: ChunkConfig
+          ) -> list[list[tuple[int, int]]]:
+    """A table's lines, each one atom (split only if over the token limit): one group."""
+    spans, at = [], start
+    for line in text[start:end].split("\n"):
+        s, e = _strip(text, at, at + len(line))
+        if s < e:
+            spans += _split_long(text, s, e, tokenizer, config.max_tokens)
+        at += len(line) + 1
+    return [spans] if spans else []
 
 
 def _count(tokenizer, text: str) -> int:
@@ -78,12 +106,12 @@ def _strip(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def _paragraphs(text: str) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for m in _PARAGRAPH.finditer(text):
+def _paragraphs(text: str, start: int, end: int) -> list[tuple[int, int]]:
+    out = []
+    for m in _PARAGRAPH.finditer(text, start, end):
         out.append((start, m.start()))
         start = m.end()
-    out.append((start, len(text)))
+    out.append((start, end))
     return [s for s in (_strip(text, a, b) for a, b in out) if s[0] < s[1]]
 
 

@@ -1,4 +1,5 @@
-"""Reading a corpus: files and directories of .txt, .md and .jsonl into documents.
+"""Reading a corpus: files and directories of text (.txt, .md, .jsonl) and of formatted
+documents (.pdf, .html, .docx, .pptx, .epub; ``compiler.readers``) into documents.
 
 Anything that cannot be read is reported by name with a reason the user can act on, and the
 rest still compiles: a bad file never stops a corpus.
@@ -6,22 +7,53 @@ rest still compiles: a bad file never stops a corpus.
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-SUPPORTED = (".txt", ".md", ".jsonl")
+TEXT_TYPES = (".txt", ".md", ".jsonl")
+FORMATTED_TYPES = (".pdf", ".html", ".htm", ".docx", ".pptx", ".epub")  # the docs extra
+SUPPORTED = TEXT_TYPES + FORMATTED_TYPES
 MAX_FILE_MB = 16.0
 
 
 @dataclass(frozen=True)
+class Block:
+    """A stretch ``text[start:end]`` of a formatted document, cut into atoms on its own:
+    "text" (paragraphs, cut into sentences) or "table" (one atom per line: a row with its
+    header). Headings lie between blocks: they are sections, not atoms."""
+
+    start: int
+    end: int
+    kind: str = "text"
+
+
+@dataclass(frozen=True)
 class Document:
-    """source: where it came from (a path, or ``path#id`` / ``path:line`` for a JSONL row)."""
+    """source: where it came from (a path, or ``path#id`` / ``path:line`` for a JSONL row).
+
+    blocks: the stretches to cut into atoms; () for plain text, which is cut whole.
+    sections: (offset, heading path) marks: the headings in force from each offset on.
+    pages: (offset, page) marks: the page (PDF) or slide (PPTX) from each offset on.
+    """
 
     source: str
     text: str
     title: str = ""
+    blocks: tuple[Block, ...] = ()
+    sections: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    pages: tuple[tuple[int, int], ...] = ()
+
+    def place(self, offset: int) -> tuple[int, tuple[str, ...]]:
+        """(page, heading path) at ``offset`` of the text: (0, ()) where there are none."""
+        return _mark(self.pages, offset, 0), _mark(self.sections, offset, ())
+
+
+def _mark(marks, offset, default):
+    i = bisect.bisect_right([m[0] for m in marks], offset) - 1
+    return marks[i][1] if i >= 0 else default
 
 
 @dataclass(frozen=True)
@@ -39,7 +71,8 @@ def read_documents(paths: Iterable[str | Path], max_file_mb: float = MAX_FILE_MB
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED)
+            files = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in SUPPORTED)
             if not files:
                 skipped.append(Skipped(str(path), f"no {', '.join(SUPPORTED)} files in this "
                                                   "directory"))
@@ -49,45 +82,63 @@ def read_documents(paths: Iterable[str | Path], max_file_mb: float = MAX_FILE_MB
             skipped.append(Skipped(str(path), "no such file or directory"))
             continue
         for file in files:
-            _read_file(file, max_file_mb, docs, skipped)
+            got, problems = _read_file(file, max_file_mb)
+            docs += got
+            skipped += problems
     return docs, skipped
 
 
-def _read_file(path: Path, max_file_mb: float, docs: list[Document],
-               skipped: list[Skipped]) -> None:
-    def skip(reason: str) -> None:
-        skipped.append(Skipped(str(path), reason))
-
-    if path.suffix not in SUPPORTED:
-        return skip(f"unsupported file type {path.suffix or '(none)'}; use "
-                    f"{', '.join(SUPPORTED)}")
+def _read_file(path: Path, max_file_mb: float) -> tuple[list[Document], list[Skipped]]:
     size = path.stat().st_size
-    if size > max_file_mb * 2**20:
-        return skip(f"{size / 2**20:.1f} MB is over the {max_file_mb:g} MB limit per file; "
-                    "split it, or raise --max-file-mb")
-    data = path.read_bytes()
+    if path.suffix.lower() in SUPPORTED and size > max_file_mb * 2**20:
+        return [], [Skipped(str(path), f"{size / 2**20:.1f} MB is over the {max_file_mb:g} MB "
+                                       "limit per file; split it, or raise --max-file-mb")]
+    return read_file_bytes(str(path), b"" if path.suffix.lower() not in SUPPORTED
+                           else path.read_bytes())
+
+
+def read_file_bytes(source: str, data: bytes) -> tuple[list[Document], list[Skipped]]:
+    """The documents in one file's bytes, by its name's type (a file from disk, or uploaded
+    to the server); its problems name ``source``."""
+    suffix = Path(source).suffix.lower()
+    if suffix not in SUPPORTED:
+        return [], [Skipped(source, f"unsupported file type {suffix or '(none)'}; use "
+                                    f"{', '.join(SUPPORTED)}")]
+    if suffix in FORMATTED_TYPES:
+        from compiler.readers import UnreadableError, read_formatted
+
+        try:
+            return [read_formatted(source, suffix, data)], []
+        except UnreadableError as e:
+            return [], [Skipped(source, str(e))]
     if b"\x00" in data[:8192]:
-        return skip("binary file (it contains NUL bytes); give text files")
+        return [], [Skipped(source, "binary file (it contains NUL bytes); give text files")]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        return skip(f"not UTF-8 (invalid byte at offset {e.start}); convert it to UTF-8")
+        return [], [Skipped(source, f"not UTF-8 (invalid byte at offset {e.start}); convert "
+                                    "it to UTF-8")]
     if not text.strip():
-        return skip("empty file")
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, text, docs, skipped)
-    title = ""
-    if path.suffix == ".md":
+        return [], [Skipped(source, "empty file")]
+    if suffix == ".jsonl":
+        return _read_jsonl(source, text)
+    if suffix == ".md":
+        from compiler.readers.markdown import markdown_sections
+
         title = next((line.lstrip("#").strip() for line in text.splitlines()
                       if line.startswith("# ")), "")
-    docs.append(Document(str(path), text.lstrip("\ufeff"), title))
+        text = text.lstrip("\ufeff")
+        return [Document(source, text, title, sections=markdown_sections(text))], []
+    return [Document(source, text.lstrip("\ufeff"))], []
 
 
-def _read_jsonl(path: Path, text: str, docs: list[Document], skipped: list[Skipped]) -> None:
+def _read_jsonl(source: str, text: str) -> tuple[list[Document], list[Skipped]]:
+    docs: list[Document] = []
+    skipped: list[Skipped] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
+        where = f"{source}:{lineno}"
         try:
             row = json.loads(line)
         except ValueError as e:
@@ -97,5 +148,6 @@ def _read_jsonl(path: Path, text: str, docs: list[Document], skipped: list[Skipp
         if not isinstance(body, str) or not body.strip():
             skipped.append(Skipped(where, 'needs a non-empty "text" field'))
             continue
-        source = f"{path}#{row['id']}" if row.get("id") not in (None, "") else where
-        docs.append(Document(source, body, str(row.get("title") or "")))
+        source_id = f"{source}#{row['id']}" if row.get("id") not in (None, "") else where
+        docs.append(Document(source_id, body, str(row.get("title") or "")))
+    return docs, skipped

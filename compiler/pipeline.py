@@ -254,6 +254,7 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
                            embedding=vectors[rows][i], base_fingerprint=base.fingerprint,
                            source=p.atom.source, start=p.atom.start, end=p.atom.end,
                            context=list(p.atom.context), context_at=p.atom.at,
+                           page=p.atom.page, section=list(p.atom.section),
                            config={**asdict(train_config), **asdict(chunk_config)},
                            extra={"title": p.atom.title, "steps": t.steps,
                                   "final_loss": t.final_loss})

@@ -41,7 +41,8 @@ NOTHING_FOUND = "I found nothing relevant to this question in the store."
 @dataclass
 class Source:
     """A retrieved atom, as ``--explain`` shows it; ``window`` is what the passage modes put
-    in the prompt for it (its sentence and its neighbours: ``composer.windows``)."""
+    in the prompt for it (its sentence and its neighbours: ``composer.windows``); page and
+    section: where it is in its source (0 and [] where the format has none)."""
 
     hit: Hit
     text: str
@@ -49,6 +50,8 @@ class Source:
     start: int
     end: int
     window: list[str] = field(default_factory=list)
+    page: int = 0
+    section: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -268,7 +271,8 @@ class Composer:
                            lambda s: len(tok(s, add_special_tokens=False)["input_ids"]))
         else:
             shown = [text]
-        return Source(hit, text, record.source, record.start, record.end, shown)
+        return Source(hit, text, record.source, record.start, record.end, shown,
+                      record.page, list(record.section))
 
     def _end_ids(self, config: AskConfig) -> list[int]:
         """The tokens ``end_bias`` favours: line breaks, when adapters are composed into a base

@@ -44,6 +44,8 @@ class AtomRecord:
     source, start, end: where the text came from (character offsets into the source).
     context, context_at: the atoms of its paragraph around it, itself at ``context_at``:
         what its window (``composer``) is cut from; empty for atoms stored before windows.
+    page, section: its page (PDF) or slide (PPTX) and heading path in its source; 0 and []
+        where the format has none, and for atoms stored before formatted documents.
     config: the compile config that produced the adapter (rank, scale, targets, ...).
     """
 
@@ -57,6 +59,8 @@ class AtomRecord:
     end: int = 0
     context: list[str] = field(default_factory=list)
     context_at: int = 0
+    page: int = 0
+    section: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +83,10 @@ def encode(record: AtomRecord, dtype: torch.dtype = torch.bfloat16) -> bytes:
             "start": record.start, "end": record.end, "config": record.config,
             "context": list(record.context), "context_at": record.context_at,
             "base_fingerprint": record.base_fingerprint, "extra": record.extra}
+    if record.page:  # only where there is one: records without keep their bytes
+        meta["page"] = record.page
+    if record.section:
+        meta["section"] = list(record.section)
     payload = save_safetensors(tensors, metadata={"microlora": json.dumps(meta),
                                                   "microlora.layout": _layout_json(layout)})
     return _PREFIX.pack(MAGIC, RECORD_VERSION, checksum(payload)) + payload
@@ -115,6 +123,7 @@ def decode(value: bytes | memoryview, *, copy: bool = True) -> AtomRecord:
         embedding=embedding.numpy(), base_fingerprint=meta["base_fingerprint"],
         source=meta["source"], start=meta["start"], end=meta["end"], config=meta["config"],
         context=meta.get("context", []), context_at=meta.get("context_at", 0),
+        page=meta.get("page", 0), section=meta.get("section", []),
         extra=meta.get("extra", {}),
     )
 

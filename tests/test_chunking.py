@@ -107,10 +107,11 @@ def test_read_documents_reports_bad_inputs_and_keeps_the_rest(tmp_path):
         json.dumps({"id": "q2"}),
         json.dumps({"text": "Row without id."}),
     ]))
-    (tmp_path / "ignored.pdf").write_bytes(b"%PDF")
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF")
+    (tmp_path / "ignored.xls").write_bytes(b"\xd0\xcf")
     (tmp_path / "nothing").mkdir()
     docs, skipped = read_documents([tmp_path, tmp_path / "missing.txt", tmp_path / "nothing",
-                                    tmp_path / "ignored.pdf"], max_file_mb=1)
+                                    tmp_path / "ignored.xls"], max_file_mb=1)
     by_source = {d.source: d for d in docs}
     assert set(by_source) == {str(tmp_path / "good.txt"), str(tmp_path / "notes.md"),
                               f"{tmp_path / 'rows.jsonl'}#q1", f"{tmp_path / 'rows.jsonl'}:4"}
@@ -124,8 +125,9 @@ def test_read_documents_reports_bad_inputs_and_keeps_the_rest(tmp_path):
     assert "not valid JSON" in reasons["/rows.jsonl:2"]
     assert '"text"' in reasons["/rows.jsonl:3"]
     assert reasons["/missing.txt"] == "no such file or directory"
-    assert reasons["/nothing"].startswith("no .txt, .md, .jsonl files")
-    assert reasons["/ignored.pdf"].startswith("unsupported file type .pdf")
+    assert reasons["/nothing"].startswith("no .txt, .md, .jsonl, .pdf, .html")
+    assert reasons["/broken.pdf"].startswith("not a readable PDF")
+    assert reasons["/ignored.xls"].startswith("unsupported file type .xls")
 
 
 @pytest.mark.parametrize("bad", [0, 7])

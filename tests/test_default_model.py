@@ -144,3 +144,28 @@ def test_quickstart_answers_from_composed_adapters(gemma, tmp_path):
     again = CliRunner().invoke(cli, ["--home", str(home), "quickstart", "--store",
                                      str(tmp_path / "qs")])
     assert "already compiled" in again.stdout  # a second run trains nothing
+
+
+def test_a_pdf_question_answered_on_page_2_is_explained_with_its_page(gemma, tmp_path):
+    """A PDF compiled with the real models: the question's atom is retrieved from page 2 of
+    report.pdf, and ``ask --explain`` says so ("report.pdf:...  p. 2, Results")."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from microlora.cli import cli
+
+    _, marker = gemma
+    home = marker.parent.parent.parent
+    pdf = Path(__file__).parent / "data" / "report.pdf"
+    store = tmp_path / "kb"
+    done = CliRunner().invoke(cli, ["--home", str(home), "compile", str(pdf), "--store",
+                                    str(store)])
+    assert done.exit_code == 0 and "1 documents, 10 atoms: 10 trained" in done.output, \
+        done.output
+    asked = CliRunner().invoke(cli, ["--home", str(home), "ask", "Which cathedral was the "
+                                     "largest clock of the year built for?", "--store",
+                                     str(store), "--explain"])
+    assert asked.exit_code == 0, asked.output
+    top = next(line for line in asked.output.splitlines() if line.strip().startswith("1."))
+    assert f"{pdf}:" in top and "p. 2, Results" in top and "Velmora" in top, asked.output

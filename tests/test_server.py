@@ -10,6 +10,7 @@ import json
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -457,6 +458,68 @@ def test_chunked_upload_over_the_limit_is_refused(server):
         r = c.post("/v1/documents", content=body(),
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 413
+
+
+# -- files ------------------------------------------------------------------------------------
+
+DATA = Path(__file__).parent / "data"
+
+
+def post_files(c: httpx.Client, *names: str, data: bytes | None = None) -> httpx.Response:
+    return c.post("/v1/documents", files=[
+        ("file", (name, data if data is not None else (DATA / name).read_bytes()))
+        for name in names])
+
+
+def test_uploaded_files_are_compiled_with_their_page_and_section(server):
+    _, service, _ = server
+    with client(server, "ana") as c:
+        r = post_files(c, "report.pdf", "notes.docx")
+        assert r.status_code == 202, r.text
+        service.jobs.wait(r.json()["job"]["id"], timeout=120)
+        job = c.get(f"/v1/jobs/{r.json()['job']['id']}").json()
+        assert job["status"] == "done" and job["documents"] == ["report.pdf", "notes.docx"], job
+        listed = {d["id"] for d in c.get("/v1/documents").json()["data"]}
+        assert listed == {"report.pdf", "notes.docx"}
+        ids = service.store.documents("user:ana")["report.pdf"]
+        atoms = {a["text"]: a for a in (c.get(f"/v1/atoms/{i}").json() for i in ids)}
+    row = atoms["Year: 2019, Revenue: 4.1 M, Clocks: 19"]
+    assert (row["source"], row["page"], row["section"]) == ("report.pdf", 2, ["Results"])
+    assert row["citation"] == "report.pdf p. 2, Results"
+    assert not any("Annual Report" in text for text in atoms)  # its running header: dropped
+
+
+@pytest.mark.parametrize("names, message", [
+    (["encrypted.pdf"], "document encrypted.pdf: encrypted: it needs a password"),
+    (["scanned.pdf", "report.pdf"], "document scanned.pdf: no text layer"),
+    (["site.exe"], "document site.exe: unsupported file type .exe"),
+])
+def test_bad_files_are_refused_with_the_reason(server, names, message):
+    with client(server, "bob") as c:
+        r = post_files(c, *names, data=b"MZ" if names == ["site.exe"] else None)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+        r = c.post("/v1/documents", files={"note": (None, "a field, not a file")})
+        assert r.status_code == 400 and "no files" in r.json()["error"]["message"], r.text
+        r = c.post("/v1/documents", data={"text": "a form"})
+        assert r.status_code == 400 and "as JSON, or files" in r.json()["error"]["message"]
+    assert "user:bob" not in server[1].store.namespaces()
+
+
+def test_files_have_their_own_size_limit(server):
+    """The fixture's JSON limit is 64 KiB: a 100 KiB file is read (and refused as unsupported,
+    not as too large); past the files' limit (64 MiB) an upload is cut off with 413."""
+    with client(server, "bob") as c:
+        r = post_files(c, "big.bin", data=b"x" * (100 << 10))
+        assert r.status_code == 400 and "unsupported file type" in r.text
+
+        def body():
+            yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.pdf"\r\n\r\n'
+            for _ in range(65):
+                yield b"x" * (1 << 20)
+
+        r = c.post("/v1/documents", content=body(),
+                   headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert r.status_code == 413 and "64 MiB limit for files" in r.text
 
 
 # -- concurrency ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import click
 
 from microlora.commands.options import model_options, store_option
 from microlora.core.config import COMPOSITIONS, HYBRIDS, MODES, WEIGHTINGS, AskConfig
+from microlora.core.provenance import cite
 
 _ASK = AskConfig()  # the defaults: one source, the dataclass
 
@@ -87,7 +88,9 @@ def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weigh
             "question": answer.question, "answer": answer.text, "mode": answer.mode.value,
             "seconds": round(answer.seconds, 3), "new_tokens": answer.new_tokens,
             "sources": [{**asdict(s.hit), "text": s.text, "source": s.source,
-                         "start": s.start, "end": s.end} for s in answer.sources]}))
+                         "start": s.start, "end": s.end, "page": s.page or None,
+                         "section": s.section, "citation": cite(s.source, s.page, s.section)}
+                        for s in answer.sources]}))
         return
     click.echo()
     if explain:
@@ -98,4 +101,5 @@ def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weigh
             click.echo(f"\n{len(answer.sources)} atoms {used} ({mode}, {composition}):", err=True)
         for i, s in enumerate(answer.sources, 1):
             click.echo(f"{i:3d}. {s.hit.score:.3f}  w={s.hit.weight:.2f}  [{s.hit.namespace}] "
-                       f"{s.source}:{s.start}-{s.end}  {s.text[:80]!r}", err=True)
+                       f"{cite(s.source, s.page, s.section, s.start, s.end)}  {s.text[:80]!r}",
+                       err=True)

@@ -8,6 +8,7 @@ import click
 
 from compiler.documents import MAX_FILE_MB
 from microlora.commands.options import build_recipe, model_options, recipe_options, store_option
+from microlora.core.provenance import cite
 
 
 @click.command("compile")
@@ -29,8 +30,10 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
     """Compile documents into tiny LoRA adapters, one per sentence-sized atom.
 
     PATHS are files or directories of .txt, .md and .jsonl (a "text" field per line, optional
-    "id" and "title"). Atoms already in the store are skipped, so re-running after an edit
-    trains only the changed sentences, and an interrupted compile resumes where it stopped.
+    "id" and "title"), and of .pdf, .html, .docx, .pptx and .epub with the docs extra
+    (pip install 'microlora[docs]'): each atom records its page and section. Atoms already
+    in the store are skipped, so re-running after an edit trains only the changed
+    sentences, and an interrupted compile resumes where it stopped.
 
     Under torchrun (`torchrun --nproc-per-node N -m microlora compile ...`) the atoms are
     shared out between the N processes (or machines) and merged into the store at the end,
@@ -39,6 +42,7 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
     \b
     Examples:
       microlora compile notes/ --store ~/kb --namespace notes
+      microlora compile report.pdf site.html notes.docx --store ~/kb
       torchrun --nproc-per-node 4 -m microlora compile notes/ --store ~/kb
     """
     from tqdm import tqdm
@@ -86,8 +90,9 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
         click.echo(f"skipped {problem.source}: {problem.reason}", err=True)
     if dry_run:
         for p in report.planned:
-            click.echo(f"{p.id[:12]}  {p.atom.source}:{p.atom.start}-{p.atom.end}  "
-                       f"{p.atom.text[:90]!r}")
+            a = p.atom
+            click.echo(f"{p.id[:12]}  {cite(a.source, a.page, a.section, a.start, a.end)}  "
+                       f"{a.text[:90]!r}")
         click.echo(f"{report.documents} documents, {report.atoms} atoms: "
                    f"{report.already_compiled} already compiled, {len(report.planned)} to train "
                    f"(about {report.estimated_seconds / 60:.1f} min on {base.device.type})")

@@ -28,9 +28,14 @@ _SERVE = ServeConfig()
 @click.option("--max-prompt-tokens", default=_SERVE.max_prompt_tokens, show_default=True,
               type=click.IntRange(1),
               help="Longest question a request may ask, in base-model tokens (longer: 400).")
+@click.option("--max-upload-mb", default=_SERVE.max_upload_bytes / 2**20, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Largest upload of files to POST /v1/documents, in MiB (other "
+                   f"bodies: {_SERVE.max_body_bytes / 2**20:g} MiB).")
 @model_options
 def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens: int,
-                  max_batch: int, max_prompt_tokens: int, base_model, embedder, device) -> None:
+                  max_batch: int, max_prompt_tokens: int, max_upload_mb: float, base_model,
+                  embedder, device) -> None:
     """Serve a store over an OpenAI-compatible HTTP API.
 
     Requests need an API key (create one with `microlora keys add`). Each key is one user:
@@ -42,7 +47,9 @@ def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens:
     Endpoints:
       POST /v1/chat/completions, /v1/completions   (stream: true for SSE; extra fields
                                                     k, mode, namespaces)
-      POST /v1/documents   GET /v1/documents   DELETE /v1/documents/ID
+      POST /v1/documents   (JSON, or files as multipart/form-data: .pdf, .html,
+                            .docx, ... with the docs extra)
+      GET /v1/documents   DELETE /v1/documents/ID
       GET /v1/jobs/ID   GET /v1/atoms/ID   DELETE /v1/namespace
       GET /v1/models   GET /healthz   GET /metrics (Prometheus)
 
@@ -59,6 +66,7 @@ def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens:
     from microlora.server.app import create_app, open_service
 
     config = ServeConfig(max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
+                         max_upload_bytes=int(max_upload_mb * 2**20),
                          ask=AskConfig(k=k, max_new_tokens=max_new_tokens))
     service = open_service(store_dir, base_model=base_model, embedder=embedder, device=device,
                            config=config)

@@ -253,6 +253,9 @@ class AskConfig:
 class ServeConfig:
     """Server limits and defaults (``microlora serve`` options).
 
+    max_body_bytes: any request body; max_upload_bytes: files uploaded to
+    ``POST /v1/documents`` (multipart), which outgrow JSON (a PDF with figures runs to tens of
+    MiB).
     max_prompt_tokens: the longest question a request may ask, in base-model tokens (a prompt
     of 16 characters per token more is refused without tokenizing it). Far below the model's
     context: a batch waits for its longest prefill, and 32k tokens on 2 CPU cores stall
@@ -261,6 +264,7 @@ class ServeConfig:
 
     max_batch: int = 16
     max_body_bytes: int = 8 << 20
+    max_upload_bytes: int = 64 << 20
     max_prompt_tokens: int = 2048
     ask: AskConfig = AskConfig()  # defaults for k, mode, max_tokens
     train: TrainConfig = TrainConfig()  # the recipe for uploaded documents

@@ -13,7 +13,8 @@ from microlora.server.service import Metrics, Service
 
 
 def install_middleware(app: FastAPI, service: Service) -> None:
-    app.add_middleware(BodyLimit, limit=service.config.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=service.config.max_body_bytes,
+                       upload_limit=service.config.max_upload_bytes)
     app.add_middleware(Measure, metrics=service.metrics)  # added last: the outermost
 
 
@@ -56,31 +57,36 @@ class Measure:
 
 
 class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes with 413: at once when Content-Length says
-    so, else (chunked uploads) as soon as the bytes read pass the limit, never buffering more."""
+    """Refuses request bodies over ``limit`` bytes with 413 (``upload_limit`` for files
+    uploaded to ``POST /v1/documents``): at once when Content-Length says so, else (chunked
+    uploads) as soon as the bytes read pass the limit, never buffering more."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, upload_limit: int | None = None):
         self.app, self.limit = app, limit
+        self.upload_limit = limit if upload_limit is None else upload_limit
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            response = JSONResponse(error_body(self._message(), "invalid_request_error",
+        headers = dict(scope["headers"])
+        uploads = (scope["method"] == "POST" and scope["path"] == "/v1/documents" and
+                   headers.get(b"content-type", b"").startswith(b"multipart/form-data"))
+        limit = self.upload_limit if uploads else self.limit
+        message = (f"upload over the {limit / 2**20:g} MiB limit for files" if uploads else
+                   f"request body over the {limit / 2**20:g} MiB limit")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            response = JSONResponse(error_body(message, "invalid_request_error",
                                                "body_too_large"), status_code=413)
             return await response(scope, receive, send)
         received = 0
 
         async def limited_receive():
             nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise ApiError(413, self._message(), code="body_too_large")
-            return message
+            message_in = await receive()
+            received += len(message_in.get("body", b""))
+            if received > limit:
+                raise ApiError(413, message, code="body_too_large")
+            return message_in
 
         await self.app(scope, limited_receive, send)
-
-    def _message(self) -> str:
-        return f"request body over the {self.limit / 2**20:g} MiB limit"
