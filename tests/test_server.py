@@ -526,7 +526,8 @@ def test_files_have_their_own_size_limit(server):
 
 def test_concurrent_requests_are_decoded_in_one_batch_with_their_own_atoms(server, monkeypatch):
     """The model is held busy until all 16 requests are queued (an event, not a timing
-    window), so the batcher must take the 15 that wait behind the first as one batch."""
+    window): whatever batch the worker had closed waits on the model, the rest queue behind
+    it, and once the model is free the worker must take them all as one batch."""
     _, service, _ = server
     questions = [f"w{i} w{i + 1} w{i + 2}" for i in range(0, 80, 5)]
     queued, all_queued = [], threading.Event()
@@ -542,13 +543,15 @@ def test_concurrent_requests_are_decoded_in_one_batch_with_their_own_atoms(serve
     with client(server, "bob") as c:
         alone = {q: chat(c, q, k=1).json()["choices"][0] for q in questions[:4]}
         monkeypatch.setattr(service.batcher, "submit", counting_submit)
+        before = service.batcher.stats.batches
         with ThreadPoolExecutor(16) as pool:
             with service.composer.model_lock:
                 futures = [pool.submit(lambda q=q: chat(c, q, k=1).json()["choices"][0])
                            for q in questions]
                 assert all_queued.wait(60)
             together = [f.result() for f in futures]
-    assert service.batcher.stats.largest_batch >= len(questions) - 1
+    stats = service.batcher.stats
+    assert stats.batches - before <= 2 and stats.largest_batch >= len(questions) // 2
     for q, choice in zip(questions, together):
         if q in alone:
             assert choice["message"]["content"] == alone[q]["message"]["content"]
