@@ -23,7 +23,13 @@ from pathlib import Path
 
 import torch
 
-from composer.generation import encode_prompts, generate
+from composer.generation import (
+    Generated,
+    continuation_logprobs,
+    encode_prompts,
+    generate,
+    pad_id,
+)
 from composer.prompts import build_prompt, line_break_ids, stop_pattern, uses_chat
 from composer.retrieval import Hit, default_namespaces, retrieve
 from composer.windows import merge, window
@@ -209,14 +215,20 @@ class Composer:
         tok = self.base.tokenizer
         ids, mask = encode_prompts(tok, rows.prompts, self.base.device,
                                    chat=uses_chat(tok, config.template))
+        rerank = rows.rerank
         with self.model_lock, self._applied(adapters, config):
             outs = generate(self.base.model, tok, ids, mask,
                             max_new_tokens=config.max_new_tokens,
                             stop=stop_pattern(tok, config.template),
                             no_repeat_ngram=config.no_repeat_ngram,
                             end_ids=self._end_ids(config), end_bias=rows.end_bias,
-                            ensemble=rows.weights, gate=rows.gate, on_text=on_text,
+                            ensemble=rows.weights, gate=rows.gate,
+                            on_text=None if rerank else on_text,
                             on_rows=self.lora.select_samples)
+        if rerank:
+            outs = self._rerank(outs, ids, mask, adapters, config)
+            for i, o in enumerate(outs if on_text is not None else ()):
+                on_text(i, o.text)
         seconds = time.perf_counter() - t0
         prompt_tokens = mask.sum(1).tolist()[:len(questions)]
         return [Answer(q, o.text, config.mode, srcs, o.new_tokens, seconds, n, o.finished)
@@ -258,9 +270,40 @@ class Composer:
         if config.mode is Mode.HYBRID and config.hybrid != "joint" and any(hits):
             silent = [[replace(h, weight=0.0) for h in row] for row in hits]
             bias = [config.end_bias] * len(questions) + [0.0] * len(questions)
+            if config.hybrid == "rerank":  # each row answers alone; _rerank chooses
+                return _Rows(prompts(False) + prompts(True), [*hits, *silent],
+                             torch.tensor(bias), (), rerank=True)
             return _Rows(prompts(False) + prompts(True), [*hits, *silent], torch.tensor(bias),
                          (1.0, config.passage_weight), 1 if config.hybrid == "gated" else None)
         return _Rows(prompts(config.mode.uses_passages), list(hits), config.end_bias, ())
+
+    def _rerank(self, outs: list[Generated], ids: torch.Tensor, mask: torch.Tensor,
+                adapters: BatchedAdapters | None, config: AskConfig) -> list[Generated]:
+        """The rerank hybrid's choice between each question's two answers (the adapters'
+        row, rows 0..N-1, and the passages' row, N..2N-1): the one with the higher
+        log p(adapters) + passage_weight * log p(passages), each answer scored as a whole
+        (with the line break that ends it) under both rows' prompts and adapters."""
+        n = len(outs) // 2
+        differ = [i for i in range(n) if outs[i].text != outs[n + i].text and outs[i].text]
+        chosen = [outs[n + i] if outs[n + i].text or not outs[i].text else outs[i]
+                  for i in range(n)]
+        if not differ:
+            return chosen
+        tok = self.base.tokenizer
+        rows = [r for i in differ for r in (i, i, n + i, n + i)]  # (row, candidate) pairs
+        cands = [tok(f" {outs[c].text}\n", add_special_tokens=False)["input_ids"]
+                 for i in differ for c in (i, n + i, i, n + i)]
+        index = torch.tensor(rows, device=ids.device)
+        picked = None if adapters is None else {
+            name: (A[index.to(A.device)], B[index.to(B.device)])
+            for name, (A, B) in adapters.items()}
+        with self.model_lock, self._applied(picked, config):
+            lp = continuation_logprobs(self.base.model, ids[index], mask[index], cands,
+                                       pad_id(tok)).view(len(differ), 2, 2)  # (q, row, cand)
+        score = lp[:, 0] + config.passage_weight * lp[:, 1]  # (q, cand)
+        for j, i in enumerate(differ):
+            chosen[i] = outs[i] if score[j, 0] > score[j, 1] else outs[n + i]
+        return chosen
 
     def _source(self, hit: Hit, record: AtomRecord, config: AskConfig) -> Source:
         """The hit's text and provenance, and its window when the mode reads passages."""
@@ -302,6 +345,7 @@ class _Rows:
     end_bias: float | torch.Tensor  # one value, or one per row
     weights: tuple[float, ...]  # the ensemble's weight per group of rows; () for one row each
     gate: int | None = None  # the group whose confidence silences the others (``generate``)
+    rerank: bool = False  # the two groups decode alone; ``Composer._rerank`` picks
 
 
 def passages(sources: Sequence[Source]) -> list[str]:

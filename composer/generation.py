@@ -40,10 +40,34 @@ def encode_prompts(tokenizer, prompts: Sequence[str], device: torch.device,
     bos = [] if chat or tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     rows = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     width = max(map(len, rows))
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     return ids, mask
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, ids: torch.Tensor, mask: torch.Tensor,
+                          continuations: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    """log p(continuation | prompt) for each row of left-padded prompts (``ids``, ``mask``):
+    the sum over the continuation's tokens, from one forward whose output layer runs on the
+    last few positions only."""
+    length = max(len(c) for c in continuations)
+    rows = [[pad] * (length - len(c)) for c in continuations]
+    ext = torch.tensor([r + list(c) for r, c in zip(rows, continuations)], device=ids.device)
+    ext_mask = torch.tensor([[0] * len(r) + [1] * len(c) for r, c in zip(rows, continuations)],
+                            device=ids.device)
+    # the continuation right after its prompt: move each row's padding to the front
+    full = torch.cat([ids, ext], 1)
+    full_mask = torch.cat([mask, ext_mask], 1)
+    scored = torch.cat([torch.zeros_like(mask), ext_mask], 1)  # the continuation's tokens
+    order = torch.argsort(full_mask, dim=1, stable=True)  # zeros (padding) first
+    full, full_mask, scored = (t.gather(1, order) for t in (full, full_mask, scored))
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=full, attention_mask=full_mask, position_ids=positions,
+                   logits_to_keep=length + 1).logits[:, :-1].float()  # (N, length, V)
+    logp = logits.log_softmax(-1).gather(-1, full[:, -length:, None])[..., 0]
+    return (logp * scored[:, -length:]).sum(1)
 
 
 @torch.inference_mode()
@@ -226,7 +250,7 @@ def _new_cache(model) -> dict[str, DynamicCache]:
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

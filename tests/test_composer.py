@@ -513,3 +513,36 @@ def test_a_batch_where_one_row_raises_fails_that_row_alone():
     assert composer.batches[0] == ["fine", "boom", "also fine"]
     assert sorted(composer.batches[1:]) == [["also fine"], ["boom"], ["fine"]]
     assert streamed == ["ALSO FINE"]
+
+
+def test_continuation_logprobs_equal_a_plain_forward(kit):
+    from composer.generation import continuation_logprobs, pad_id
+
+    base = kit[0]
+    tok = base.tokenizer
+    prompts, conts = ["w1 w2 w3", "w9"], [[tok.convert_tokens_to_ids("w4")],
+                                          tok.convert_tokens_to_ids(["w7", "w8", "w9"])]
+    ids, mask = encode_prompts(tok, prompts, base.device)
+    ours = continuation_logprobs(base.model, ids, mask, conts, pad_id(tok))
+    for i, (p, c) in enumerate(zip(prompts, conts)):
+        row = encode_prompts(tok, [p], base.device)[0][0].tolist() + c
+        with torch.no_grad():
+            logp = base.model(input_ids=torch.tensor([row])).logits[0].log_softmax(-1)
+        want = sum(logp[len(row) - len(c) - 1 + j, t] for j, t in enumerate(c))
+        torch.testing.assert_close(ours[i], want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_rerank_hybrid_keeps_one_of_the_two_answers(kit):
+    """Each of its answers is the adapters' (parametric) or the passages' (context) answer to
+    the same question; a huge passage weight always keeps the passages' one."""
+    with open_composer(kit) as c:
+        hits = c.retrieve(QUESTIONS, ["wiki"], AskConfig(k=2))
+        ask = dict(k=2, max_new_tokens=4, window_tokens=0)
+        alone = {mode: [a.text for a in c.ask_batch(QUESTIONS, ["wiki"], AskConfig(
+            mode=mode, **ask), hits=hits)] for mode in ("parametric", "context")}
+        for weight in (0.0, 1.0, 1e6):
+            got = [a.text for a in c.ask_batch(QUESTIONS, ["wiki"], AskConfig(
+                mode="hybrid", hybrid="rerank", passage_weight=weight, **ask), hits=hits)]
+            assert all(g in pair for g, pair in zip(got, zip(*alone.values())))
+            if weight == 1e6:
+                assert got == alone["context"]

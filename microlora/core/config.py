@@ -17,7 +17,7 @@ from microlora.core.errors import MicroloraError, TargetError
 VIEW_STYLES = ("sentence", "clause")  # compiler.views: how a question view is asked
 TEMPLATES = ("qa", "completion")  # composer.prompts: answer a question, or continue a text
 COMPOSITIONS = ("stacked", "merged")  # composer: adapters beside W, or folded into it
-HYBRIDS = ("ensemble", "gated", "joint")  # composer: how --mode hybrid combines them
+HYBRIDS = ("ensemble", "gated", "rerank", "joint")  # composer: how --mode hybrid combines
 WEIGHTINGS = ("uniform", "score")  # composer.retrieval: each atom's weight in the sum
 
 
@@ -205,7 +205,9 @@ class AskConfig:
         question and the passages with no adapters, each token maximising
         log p(adapters) + passage_weight * log p(passages); "gated" scales the adapters' term
         by 1 - the passages' top probability at each step, so the passages decide wherever
-        they are sure; "joint" puts both in one row,
+        they are sure; "rerank" decodes the two rows alone and keeps, of their two answers,
+        the one with the higher log p(adapters) + passage_weight * log p(passages) as a
+        whole; "joint" puts both in one row,
         where the composed adapters disturb the reading of the passages (measured:
         benchmarks/RESULTS.md, "hybrid as an ensemble"). Twice the rows per question.
     """
