@@ -27,7 +27,9 @@ _ASK = AskConfig()  # the defaults: one source, the dataclass
 @click.option("-k", "k", default=_ASK.k, show_default=True, type=click.IntRange(1),
               help="Atoms to retrieve and compose.")
 @click.option("--min-score", type=float, default=_ASK.min_score,
-              help="Drop atoms whose cosine similarity to the question is below this.")
+              show_default=True,
+              help="Drop atoms whose cosine similarity to the question is below this; with "
+                   "none left, say that nothing relevant was found.")
 @click.option("--weighting", type=click.Choice(WEIGHTINGS), default=_ASK.weighting,
               show_default=True, help="Weight of each atom's delta: 1, or its score "
                                       "normalised to mean 1.")

@@ -50,7 +50,8 @@ _ASK = AskConfig()
               show_default=True, help="passage_rag and hybrid: each atom's window, in tokens "
                                       "(its sentence and its paragraph around it).")
 @click.option("--min-score", type=float, default=_ASK.min_score,
-              help="Say nothing was found below this retrieval score [default: none].")
+              show_default=True,
+              help="Say nothing was found below this retrieval score.")
 @click.option("--hybrid", "hybrid", type=click.Choice(HYBRIDS), default=_ASK.hybrid,
               show_default=True, help="How hybrid combines passages and adapters.")
 @click.option("--passage-weight", type=click.FloatRange(0), default=_ASK.passage_weight,
