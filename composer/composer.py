@@ -14,6 +14,7 @@ comes from batching requests (``ask_batch``), not from threads.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -222,6 +223,7 @@ class Composer:
                             stop=stop_pattern(tok, config.template),
                             no_repeat_ngram=config.no_repeat_ngram,
                             end_ids=self._end_ids(config), end_bias=rows.end_bias,
+                            logit_bias=self._echo_bias(questions, rows, config),
                             ensemble=rows.weights, gate=rows.gate,
                             on_text=None if rerank else on_text,
                             on_rows=self.lora.select_samples)
@@ -305,6 +307,24 @@ class Composer:
             chosen[i] = outs[i] if score[j, 0] > score[j, 1] else outs[n + i]
         return chosen
 
+    def _echo_bias(self, questions: Sequence[str], rows: _Rows, config: AskConfig
+                   ) -> torch.Tensor | None:
+        """``echo_penalty`` taken off, in the rows with adapters, from the tokens that would
+        begin a name the question itself names: composed atoms tend to answer with the
+        salient name of their sentence, often the one the question asks about."""
+        if not config.echo_penalty or not config.mode.uses_adapters:
+            return None
+        tok, n = self.base.tokenizer, len(questions)
+        vocab = self.base.model.get_output_embeddings().weight.shape[0]
+        bias = torch.zeros(len(rows.prompts), vocab, device=self.base.device)
+        adapted = n if len(rows.prompts) > n else len(rows.prompts)  # hybrids: the first N
+        for i in range(adapted):
+            for word in question_names(questions[i % n]):
+                for text in (word, " " + word):
+                    first = tok(text, add_special_tokens=False)["input_ids"][:1]
+                    bias[i, first] = -config.echo_penalty
+        return bias
+
     def _source(self, hit: Hit, record: AtomRecord, config: AskConfig) -> Source:
         """The hit's text and provenance, and its window when the mode reads passages."""
         text = record.text
@@ -346,6 +366,22 @@ class _Rows:
     weights: tuple[float, ...]  # the ensemble's weight per group of rows; () for one row each
     gate: int | None = None  # the group whose confidence silences the others (``generate``)
     rerank: bool = False  # the two groups decode alone; ``Composer._rerank`` picks
+
+
+_NAME_WORD = re.compile(r"(?<=\s)[A-Z][\w'’-]*")
+_ARTICLES = {"The", "A", "An"}
+
+
+def question_names(question: str) -> set[str]:
+    """The first word of each capitalised name in a question (not its opening word)."""
+    names = set()
+    for m in _NAME_WORD.finditer(question):
+        before = question[:m.start()].split()
+        if m.group() in _ARTICLES or (before and before[-1][:1].isupper() and
+                                      before[-1] not in _ARTICLES):
+            continue  # an article, or inside a name already counted
+        names.add(m.group())
+    return names
 
 
 def passages(sources: Sequence[Source]) -> list[str]:

@@ -74,7 +74,8 @@ def continuation_logprobs(model, ids: torch.Tensor, mask: torch.Tensor,
 def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
              max_new_tokens: int = 32, stop: re.Pattern | None = None, min_new_tokens: int = 0,
              no_repeat_ngram: int = 0, end_ids: Sequence[int] = (),
-             end_bias: float | torch.Tensor = 0.0, ensemble: Sequence[float] = (),
+             end_bias: float | torch.Tensor = 0.0, logit_bias: torch.Tensor | None = None,
+             ensemble: Sequence[float] = (),
              gate: int | None = None,
              on_text: Callable[[int, str], None] | None = None,
              on_rows: Callable[[torch.Tensor], None] | None = None) -> list[Generated]:
@@ -85,6 +86,7 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
     answer itself (not of the prompt, which an answer may quote). ``end_bias`` is added to the
     logits of ``end_ids`` (the tokens that end an answer) once an answer has begun, so a short
     answer stops rather than runs on (a float, or one value per row of ``ids``).
+    ``logit_bias`` (rows of ``ids``, vocabulary) is added to every step's logits.
     ``on_text(row, piece)`` receives each row's answer piece by piece. ``on_rows(keep)`` is
     called with the indices (into the rows still decoding) that stay whenever some rows finish.
 
@@ -113,6 +115,8 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
             logits[:, eos] = float("-inf")
         if end_ids and step >= 1:
             logits[:, list(end_ids)] += end_bias[:, None]
+        if logit_bias is not None:
+            logits += logit_bias
         if weights is not None:
             logits = combine(logits.log_softmax(-1).view(groups, len(active), -1), weights,
                              gate)
@@ -137,6 +141,7 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
             keep = _all_rows(keep, groups, len(done) + len(keep))  # an answer's rows go together
             next(iter(cache.values())).batch_select_indices(keep)
             mask, last, end_bias = mask[keep], last[keep], end_bias[keep]
+            logit_bias = None if logit_bias is None else logit_bias[keep]
             if on_rows is not None:
                 on_rows(keep)
         tokens = tokens.repeat(groups)

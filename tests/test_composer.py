@@ -546,3 +546,21 @@ def test_the_rerank_hybrid_keeps_one_of_the_two_answers(kit):
             assert all(g in pair for g, pair in zip(got, zip(*alone.values())))
             if weight == 1e6:
                 assert got == alone["context"]
+
+
+def test_the_names_a_question_names_and_their_penalty(kit):
+    from composer.composer import question_names
+    from composer.generation import generate
+
+    assert question_names("Who guided Honor Voss across the Red Sands?") == {"Honor", "Red"}
+    assert question_names("In which year did The Tinker Box open?") == {"Tinker"}
+    assert question_names("Where was it built?") == set()
+    base = kit[0]
+    tok = base.tokenizer
+    ids, mask = encode_prompts(tok, ["w1 w2 w3"], base.device)
+    first = generate(base.model, tok, ids, mask, max_new_tokens=1)[0].text
+    vocab = base.model.get_output_embeddings().weight.shape[0]
+    bias = torch.zeros(1, vocab)
+    bias[0, tok.convert_tokens_to_ids(first)] = -1e4
+    other = generate(base.model, tok, ids, mask, max_new_tokens=1, logit_bias=bias)[0].text
+    assert other and other != first

@@ -49,6 +49,9 @@ _ASK = AskConfig()
 @click.option("--window-tokens", type=click.IntRange(0), default=_ASK.window_tokens,
               show_default=True, help="passage_rag and hybrid: each atom's window, in tokens "
                                       "(its sentence and its paragraph around it).")
+@click.option("--echo-penalty", type=click.FloatRange(0), default=_ASK.echo_penalty,
+              show_default=True, help="Taken off, where adapters are composed, from the "
+                                      "tokens that begin a name the question names.")
 @click.option("--min-score", type=float, default=_ASK.min_score,
               show_default=True,
               help="Say nothing was found below this retrieval score.")
@@ -68,7 +71,8 @@ _ASK = AskConfig()
 @recipe_options
 @model_options
 def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, systems,
-                 weighting, end_bias, window_tokens, min_score, hybrid, passage_weight,
+                 weighting, end_bias, window_tokens, echo_penalty, min_score, hybrid,
+                 passage_weight,
                  no_repeat_ngram, out, workdir,
                  reader, rank, max_steps, stop_prob, lr, neighbours, batch_atoms, last_layers,
                  modules, max_atom_tokens, qa_views, view_style, base_model, embedder,
@@ -108,6 +112,7 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
     dataset = load_dataset(data_path, kind, limit=limit, distractors=distractors, seed=seed,
                            split=split)
     ask = AskConfig(weighting=weighting, end_bias=end_bias, window_tokens=window_tokens,
+                    echo_penalty=echo_penalty,
                     min_score=min_score, hybrid=hybrid, passage_weight=passage_weight,
                     no_repeat_ngram=no_repeat_ngram)
     config = EvalConfig(k=k or AskConfig.k, sweep=ks, systems=chosen, ask=ask, train=train,

@@ -202,6 +202,9 @@ class AskConfig:
         compose adapters (base models' prompts): composed atoms answer with a name and then
         run on, while in-context copying ends well by itself and a bias cuts its names short
         (measured: benchmarks/RESULTS.md, "ending answers").
+    echo_penalty: subtracted, in the rows that compose adapters, from the logits of the
+        tokens that would begin a name the question itself names (composed atoms tend to
+        answer with their sentence's salient name, often the one asked about); 0 is off.
     window_tokens: how much of its paragraph each retrieved atom shows in the passage modes
         (``context``, the passage side of ``hybrid``): its sentence and its neighbours up to
         this many tokens (``composer.windows``); 0 shows the sentence alone.
@@ -227,6 +230,7 @@ class AskConfig:
     reader: bool = True
     end_bias: float = 8.0
     window_tokens: int = 160
+    echo_penalty: float = 0.0
     hybrid: str = "ensemble"
     passage_weight: float = 2.0
 
