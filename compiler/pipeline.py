@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from compiler.chunking import Atom, chunk_document
+from compiler.decontext import resolve_pronoun
 from compiler.documents import MAX_FILE_MB, Document, Skipped, read_documents
 from compiler.trainer import AtomTrainer
 from compiler.views import question_views
@@ -232,7 +233,8 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
     if not mine:
         return []
     atoms = [p for batch in mine for p in batch]
-    vectors = embedder.encode([p.atom.text for p in atoms])
+    taught = {p.id: taught_text(p.atom, train_config) for p in atoms}
+    vectors = embedder.encode([taught[p.id] for p in atoms])
     neighbour_ids = _snapshot_neighbours(store, namespace, vectors, train_config)
     losses: list[float] = []
     with AtomTrainer(base.model, base.tokenizer, train_config) as trainer:
@@ -244,10 +246,10 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
                 _stored_adapters(store, namespace, neighbour_ids[rows])
             contexts = ([f"{p.atom.title}\n" if p.atom.title else "" for p in batch]
                         if train_config.title_context else None)
-            views = ([question_views(p.atom.text, train_config.qa_views,
+            views = ([question_views(taught[p.id], train_config.qa_views,
                                      train_config.view_style) for p in batch]
                      if train_config.qa_views else None)
-            trained = trainer.train([p.atom.text for p in batch], [p.id for p in batch],
+            trained = trainer.train([taught[p.id] for p in batch], [p.id for p in batch],
                                     contexts=contexts, frozen_neighbours=neighbours, views=views)
             out.put(namespace, [
                 AtomRecord(id=p.id, text=p.atom.text, adapter=t.adapter,
@@ -265,6 +267,14 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
             if progress:
                 progress(report.trained, len(atoms))
     return losses
+
+
+def taught_text(atom: Atom, config: TrainConfig) -> str:
+    """What an atom is trained and embedded as: its text, or with ``resolve_pronouns`` its
+    text with an opening pronoun replaced by the name it refers to."""
+    if config.resolve_pronouns and atom.context:
+        return resolve_pronoun(atom.context, atom.at)
+    return atom.text
 
 
 def check_quota(store: AdapterStore, namespace: str, atoms: Sequence[PlannedAtom],

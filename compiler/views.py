@@ -60,13 +60,21 @@ def _spans(sentence: str) -> list[tuple[int, int, str]]:
     spans = []
     for m in _NUMBER.finditer(sentence):
         spans.append((m.start(), m.end(), "When" if _is_year(m.group()) else "How many"))
-    for m in _NAME.finditer(sentence):
-        if m.start() == 0 and " " not in m.group():
-            continue  # the sentence's capitalised first word is not a name by itself
+    for m in _names(sentence):
         if any(s < m.end() and m.start() < e for s, e, _ in spans):
             continue
         spans.append((m.start(), m.end(), "Who" if _looks_personal(m.group()) else "What"))
     return sorted(spans, key=lambda s: -(s[1] - s[0]))
+
+
+def names(sentence: str) -> list[str]:
+    """The sentence's names (runs of capitalised words), in order."""
+    return [m.group() for m in _names(sentence)]
+
+
+def _names(sentence: str) -> list[re.Match]:
+    # the sentence's capitalised first word is not a name by itself
+    return [m for m in _NAME.finditer(sentence) if m.start() > 0 or " " in m.group()]
 
 
 def _after_title(sentence: str, start: int, end: int) -> int:

@@ -36,3 +36,32 @@ def test_clause_views_ask_with_the_clause_around_the_answer():
     assert question_views(sentence, 1) == question_views(sentence, 1, "sentence")
     with pytest.raises(ValueError):
         question_views(sentence, 1, "paragraph")
+
+
+def test_an_opening_pronoun_is_replaced_by_its_paragraphs_nearest_name():
+    from compiler.decontext import resolve_pronoun
+
+    paragraph = ["The astronomer Talia Orven grew up in Lisk.",
+                 "She discovered the comet Harrow in 2011.",
+                 "Her later work was on dust.",
+                 "It was widely cited."]
+    assert resolve_pronoun(paragraph, 1) == "Talia Orven discovered the comet Harrow in 2011."
+    # a chain: the second sentence's name (resolved first) is the third's antecedent
+    assert resolve_pronoun(paragraph, 2) == "Talia Orven's later work was on dust."
+    assert resolve_pronoun(paragraph, 3) == "It was widely cited."  # "It" is left alone
+    assert resolve_pronoun(paragraph, 0) == paragraph[0]
+    assert resolve_pronoun(["She left.", "He stayed."], 1) == "He stayed."  # no name: unchanged
+    assert resolve_pronoun(["Shelby Ann Rowe sang.", "Shelby left."], 1) == "Shelby left."
+
+
+def test_resolve_pronouns_changes_what_is_taught_not_what_is_stored():
+    from compiler.chunking import Atom
+    from compiler.pipeline import taught_text
+    from microlora.core.config import TrainConfig
+
+    paragraph = ("Talia Orven grew up in Lisk.", "She discovered a comet in 2011.")
+    atom = Atom(paragraph[1], "d.md", 29, 60, context=paragraph, at=1)
+    assert taught_text(atom, TrainConfig()) == atom.text
+    resolving = TrainConfig(resolve_pronouns=True)
+    assert taught_text(atom, resolving) == "Talia Orven discovered a comet in 2011."
+    assert resolving.key() != TrainConfig().key()  # other atoms, other ids

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from compiler.documents import MAX_FILE_MB
-from microlora.commands.options import build_recipe, model_options, recipe_options, store_option
+from microlora.commands.options import model_options, recipe_options, store_option
 from microlora.core.provenance import cite
 
 
@@ -23,10 +23,8 @@ from microlora.core.provenance import cite
 @click.option("--prune", is_flag=True,
               help="Delete atoms of the namespace that these documents no longer produce.")
 @click.option("--dry-run", is_flag=True, help="List the atoms to train and estimate the time.")
-def compile_command(paths, store_dir, namespace, base_model, embedder, device, rank, max_steps,
-                    stop_prob, lr, neighbours, batch_atoms, last_layers, modules,
-                    max_atom_tokens, qa_views, view_style, max_file_mb, prune,
-                    dry_run) -> None:
+def compile_command(paths, store_dir, namespace, base_model, embedder, device, recipe,
+                    max_file_mb, prune, dry_run) -> None:
     """Compile documents into tiny LoRA adapters, one per sentence-sized atom.
 
     PATHS are files or directories of .txt, .md and .jsonl (a "text" field per line, optional
@@ -54,9 +52,7 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
     from store import validate_namespace
 
     validate_namespace(namespace)
-    config, chunking = build_recipe(rank, max_steps, stop_prob, lr, neighbours,
-                                batch_atoms, last_layers, modules, max_atom_tokens, qa_views,
-                                view_style)
+    config, chunking = recipe
     ranks = Ranks.from_env()
     if ranks is not None and dry_run:
         raise click.UsageError("--dry-run plans in one process: run it without torchrun")

@@ -9,7 +9,6 @@ import click
 
 from microlora.commands.options import (
     StageBars,
-    build_recipe,
     model_options,
     recipe_options,
 )
@@ -72,11 +71,8 @@ _ASK = AskConfig()
 @model_options
 def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, systems,
                  weighting, end_bias, window_tokens, echo_penalty, min_score, hybrid,
-                 passage_weight,
-                 no_repeat_ngram, out, workdir,
-                 reader, rank, max_steps, stop_prob, lr, neighbours, batch_atoms, last_layers,
-                 modules, max_atom_tokens, qa_views, view_style, base_model, embedder,
-                 device) -> None:
+                 passage_weight, no_repeat_ngram, out, workdir, reader, recipe, base_model,
+                 embedder, device) -> None:
     """Compile the passages of a QA dataset into one fresh store and answer every question
     with each system: closed_book (base model), rag (the atoms' sentences in the prompt),
     passage_rag (their windows in the prompt: `ask --mode context`), parametric (composed
@@ -106,9 +102,7 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
     chosen = tuple(s.strip() for s in systems.split(",") if s.strip())
     if not chosen or set(chosen) - set(SYSTEM_NAMES):
         raise click.BadParameter(f"--systems: choose from {', '.join(SYSTEM_NAMES)}")
-    train, chunk = build_recipe(rank, max_steps, stop_prob, lr, neighbours,
-                                batch_atoms, last_layers, modules, max_atom_tokens, qa_views,
-                                view_style)
+    train, chunk = recipe
     dataset = load_dataset(data_path, kind, limit=limit, distractors=distractors, seed=seed,
                            split=split)
     ask = AskConfig(weighting=weighting, end_bias=end_bias, window_tokens=window_tokens,

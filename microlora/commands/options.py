@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -56,6 +57,11 @@ _RECIPE_OPTIONS = [
                  type=click.IntRange(0, 8),
                  help="Also train each atom on this many questions about its own names, "
                       "numbers and dates."),
+    click.option("--resolve-pronouns/--no-resolve-pronouns", default=_TRAIN.resolve_pronouns,
+                 show_default=True,
+                 help="Train and embed an atom that opens with He/She/They/His/Her/Their "
+                      "with the name it refers to in its place (its paragraph's nearest "
+                      "earlier name)."),
     click.option("--view-style", default=_TRAIN.view_style, show_default=True,
                  type=click.Choice(VIEW_STYLES),
                  help="Ask each question view with the whole sentence around its answer, or "
@@ -64,24 +70,39 @@ _RECIPE_OPTIONS = [
 
 
 def recipe_options(f):
-    """The compile recipe's options (see ``build_recipe``)."""
+    """The compile recipe's options, handed to the command as one ``recipe`` argument:
+    (TrainConfig, ChunkConfig), bad values as usage errors."""
+    names = [opt.name for opt in _recipe_params()]
+
+    @functools.wraps(f)
+    def command(*args, **kwargs):
+        return f(*args, recipe=build_recipe(**{n: kwargs.pop(n) for n in names}), **kwargs)
+
     for option in reversed(_RECIPE_OPTIONS):
-        f = option(f)
-    return f
+        command = option(command)
+    return command
+
+
+def _recipe_params() -> list[click.Parameter]:
+    """The click parameters the recipe options declare."""
+    probe = click.command()(lambda **_: None)
+    for option in _RECIPE_OPTIONS:
+        probe = option(probe)
+    return probe.params
 
 
 def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbours: int,
                  batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int,
-                 qa_views: int = _TRAIN.qa_views, view_style: str = _TRAIN.view_style
-                 ) -> tuple[TrainConfig, ChunkConfig]:
+                 qa_views: int = _TRAIN.qa_views, resolve_pronouns: bool = False,
+                 view_style: str = _TRAIN.view_style) -> tuple[TrainConfig, ChunkConfig]:
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
-
     try:
         spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
                           last_layers=last_layers)
         return (TrainConfig(rank=rank, lr=lr, max_steps=max_steps, stop_prob=stop_prob,
                             neighbours=neighbours, batch_atoms=batch_atoms, targets=spec,
-                            qa_views=qa_views, view_style=view_style),
+                            qa_views=qa_views, view_style=view_style,
+                            resolve_pronouns=resolve_pronouns),
                 ChunkConfig(max_tokens=max_atom_tokens))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

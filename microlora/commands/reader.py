@@ -10,7 +10,6 @@ import click
 
 from microlora.commands.options import (
     StageBars,
-    build_recipe,
     model_options,
     recipe_options,
     store_option,
@@ -46,8 +45,7 @@ def reader() -> None:
 @recipe_options
 @model_options
 def train(data_path, split, limit, distractors, out, k, reader_rank, epochs, reader_lr,
-          workdir, rank, max_steps, stop_prob, lr, neighbours, batch_atoms, last_layers,
-          modules, max_atom_tokens, qa_views, view_style, base_model, embedder, device) -> None:
+          workdir, recipe, base_model, embedder, device) -> None:
     """Train a reader on QA data: the data's passages are compiled with the recipe options
     (use the recipe your stores use), each question's atoms retrieved, and the reader trained
     to give the answer with them composed beside it.
@@ -63,19 +61,17 @@ def train(data_path, split, limit, distractors, out, k, reader_rank, epochs, rea
     from microlora.evaluation.datasets import load_dataset
     from microlora.evaluation.reader import build_reader
 
-    recipe, chunk = build_recipe(rank, max_steps, stop_prob, lr, neighbours, batch_atoms,
-                                 last_layers, modules, max_atom_tokens, qa_views,
-                                 view_style)
+    train_config, chunk = recipe
     dataset = load_dataset(data_path, "cpkc", limit=limit, distractors=distractors,
                            split=split)
     base = load_base_model(base_model, device=device)
     emb = load_embedder(embedder, device=device)
     config = ReaderConfig(rank=reader_rank, lr=reader_lr, epochs=epochs,
-                          targets=recipe.targets)
+                          targets=train_config.targets)
     progress = StageBars({"compile": "atom", "train": "step"})
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            folder = build_reader(dataset, workdir or tmp, out, base, emb, k=k, train=recipe,
+            folder = build_reader(dataset, workdir or tmp, out, base, emb, k=k, train=train_config,
                                   chunk=chunk, config=config, progress=progress)
         finally:
             progress.close()

@@ -91,7 +91,7 @@ class TargetSpec:
 
 # Recipe fields newer than the stores in use, with their defaults then: at those values they
 # stay out of the recipe key, so existing atom ids hold (tests/test_atom_ids.py pins them).
-_KEY_SINCE_V1 = {"qa_views": 0, "view_style": "sentence"}
+_KEY_SINCE_V1 = {"qa_views": 0, "view_style": "sentence", "resolve_pronouns": False}
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,8 @@ class TrainConfig:
         on both splits, compiling costs ~2.6x.
     view_style: "sentence" asks each view with the whole sentence around the answer,
         "clause" with only the clause around it (``compiler.views``).
+    resolve_pronouns: an atom that opens with a pronoun is trained, embedded and asked about
+        with the name it refers to in its place (``compiler.decontext``).
     """
 
     rank: int = 2
@@ -136,6 +138,7 @@ class TrainConfig:
     neighbours_learn: bool = False
     qa_views: int = 2  # measured: benchmarks/RESULTS.md, "question views"
     view_style: str = "sentence"
+    resolve_pronouns: bool = False
 
     def __post_init__(self) -> None:
         if self.rank not in (1, 2, 4, 8):
