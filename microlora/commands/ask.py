@@ -48,7 +48,9 @@ _ASK = AskConfig()  # the defaults: one source, the dataclass
                                       "around it (0: the sentence alone).")
 @click.option("--hybrid", type=click.Choice(HYBRIDS), default=_ASK.hybrid, show_default=True,
               help="--mode hybrid: ensemble decodes from the adapters (bare question) and the "
-                   "passages (no adapters) together; joint puts both into one prompt.")
+                   "passages (no adapters) together; gated trusts the passages wherever they "
+                   "are sure; rerank decodes both alone and keeps the likelier answer; joint "
+                   "puts both into one prompt.")
 @click.option("--passage-weight", default=_ASK.passage_weight, show_default=True,
               type=click.FloatRange(0),
               help="Ensemble hybrid: weight of the passages' log-probabilities against the "

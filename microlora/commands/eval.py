@@ -38,7 +38,8 @@ _ASK = AskConfig()
 @click.option("--seed", default=0, show_default=True, help="Which rows are drawn.")
 @click.option("-k", "k", type=click.IntRange(1), default=None,
               help="Atoms per question [default: microlora ask's].")
-@click.option("--sweep", default="", help="More k values for rag/parametric/hybrid, e.g. 1,2,8.")
+@click.option("--sweep", default="", help="More k values for the retrieving systems (rag, "
+                                        "passage_rag, parametric, hybrid), e.g. 1,2,8.")
 @click.option("--systems", default=",".join(SYSTEM_NAMES), show_default=True,
               help="Which systems to run.")
 @click.option("--weighting", type=click.Choice(WEIGHTINGS), default=_ASK.weighting,
