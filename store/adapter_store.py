@@ -45,7 +45,7 @@ from store.reader import Reader
 FORMAT_VERSION = 1
 _META_DB = b"__meta__"
 _HEADER_KEY = b"header"
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # fullmatch: "$" allows "\n"
 _DEFAULT_MAP_SIZE = 1 << 40  # address space only: the file grows as data is written
 
 
@@ -62,7 +62,7 @@ class StoreHeader:
 
 
 def validate_namespace(namespace: str) -> str:
-    if not _NAMESPACE_RE.match(namespace or ""):
+    if not _NAMESPACE_RE.fullmatch(namespace or ""):
         raise StoreError(f"invalid namespace {namespace!r}: use 1-128 letters, digits and "
                          "'._:@-', starting with a letter or digit (e.g. 'docs', 'user:alice')")
     return namespace

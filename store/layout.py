@@ -4,6 +4,7 @@
     index/<namespace>.*       FAISS index per namespace: a cache, rebuilt from LMDB
     reader/                   the store's reader adapter, if one was installed (PEFT folder)
     keys.json                 the server's API keys (hashed), mode 0600
+    keys.json.lock            held while keys.json is read, changed and written back
     shards/rank-<r>/          per-process stores of a distributed compile, merged by rank 0
 """
 
@@ -44,6 +45,10 @@ class StoreLayout:
     @property
     def keys_file(self) -> Path:
         return self.root / "keys.json"
+
+    @property
+    def keys_lock_file(self) -> Path:
+        return self.root / "keys.json.lock"
 
     @property
     def shards_dir(self) -> Path:

@@ -23,8 +23,8 @@ from microlora.core.pack import Adapter, Packed
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])"
-                  r"(?:\.(?P<name>[^.]+))?\.weight$")
+_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])"
+                  r"(?:\.(?P<name>[^.]+))?\.weight")
 
 
 @dataclass
@@ -88,7 +88,7 @@ def read_peft(path: str | Path) -> PeftAdapter:
         raise AdapterError(f"{weights_file} is not a readable safetensors file ({e})") from e
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        m = _KEY.match(key)
+        m = _KEY.fullmatch(key)
         if m is None:
             raise AdapterError(f"{weights_file} holds {key!r}, which is not a LoRA weight "
                                "(only lora_A / lora_B weights import)")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import store_of_random_atoms
+from conftest import HEADER, make_records, store_of_random_atoms
 
 from composer import Composer
 from microlora.cli import cli
@@ -637,10 +637,13 @@ def test_an_unexpected_failure_is_a_500_in_openai_shape_and_counted(server, monk
 
 # -- the keys CLI -----------------------------------------------------------------------------
 
-def test_keys_cli_adds_lists_and_revokes(server):
-    _, service, _ = server
+def test_keys_cli_adds_lists_and_revokes(tmp_path):
+    # its own store, with no server on it: `keys add` opens the store (to check --grant),
+    # which LMDB refuses a second time within one process
+    with AdapterStore.create(tmp_path / "kb", HEADER) as s:
+        s.put("wiki", make_records(1))
     runner = CliRunner()
-    store = str(service.store.path)
+    store = str(tmp_path / "kb")
     r = runner.invoke(cli, ["keys", "add", "erin", "--store", store, "--grant", "wiki",
                             "--max-atoms", "5"])
     assert r.exit_code == 0, r.output
@@ -649,7 +652,7 @@ def test_keys_cli_adds_lists_and_revokes(server):
     assert record.user == "erin" and record.grants == ("wiki",) and record.max_atoms == 5
     listed = runner.invoke(cli, ["keys", "ls", "--store", store]).output
     assert record.id in listed and token not in listed
-    assert token not in (service.store.path / "keys.json").read_text()
+    assert token not in (tmp_path / "kb" / "keys.json").read_text()
     assert runner.invoke(cli, ["keys", "revoke", record.id, "--store", store]).exit_code == 0
     assert KeyStore(store).authenticate(token) is None
     bad = runner.invoke(cli, ["keys", "add", "x", "--store", store, "--grant", "user:ana"])
