@@ -37,7 +37,7 @@ from store import record as rec
 from store.documents import DocumentManifests
 from store.index import EXACT_LIMIT, VectorIndex
 from store.index_cache import IndexCache
-from store.layout import StoreLayout, is_store
+from store.layout import DIR_MODE, FILE_MODE, StoreLayout, is_store
 from store.maintenance import Maintenance
 from store.peft import read_reader
 from store.reader import Reader
@@ -91,6 +91,7 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
             # reading a file; benchmarks/RESULTS.md).
             self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=max_namespaces + 1,
                                   readonly=readonly, create=False, readahead=True,
+                                  mode=FILE_MODE,
                                   lock=not readonly or _lock_is_writable(self.path))
             self._meta = self._env.open_db(_META_DB, create=False)
             with self._env.begin(db=self._meta) as txn:
@@ -129,7 +130,9 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         if path.exists() and any(path.iterdir()):
             raise StoreError(f"{path} is not empty; give a new or empty directory for a store")
         path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(str(path), map_size=kwargs.get("map_size", _DEFAULT_MAP_SIZE), max_dbs=2)
+        path.chmod(DIR_MODE)  # also a directory that existed, empty: it is the store now
+        env = lmdb.open(str(path), map_size=kwargs.get("map_size", _DEFAULT_MAP_SIZE), max_dbs=2,
+                        mode=FILE_MODE)
         with env.begin(write=True) as txn:
             meta = env.open_db(_META_DB, txn=txn)
             txn.put(_HEADER_KEY, json.dumps(asdict(header)).encode(), db=meta)

@@ -87,3 +87,16 @@ def test_the_server_sees_a_change_within_one_mtime_tick(tmp_path):
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert path.stat().st_size == before.st_size
     assert served.authenticate(token) is None
+
+
+def test_keys_json_and_its_lock_are_private(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        KeyStore(tmp_path).add("ana")
+    finally:
+        os.umask(old)
+    for path in tmp_path.glob("keys.json*"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

@@ -318,3 +318,22 @@ def test_a_handle_taken_before_a_drop_never_reads_another_namespace(store):
         store.count("user:bob")
     assert store.put("user:bob", make_records(1, seed=3)) == 1  # and it comes back empty
     assert store.count("user:bob") == 1 and store.count("user:ana") == 3
+
+
+def test_store_files_are_private_to_their_owner(tmp_path):
+    # every tenant's text is in data.mdb and the index: no other user may read them
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with AdapterStore.create(tmp_path / "s", HEADER) as s:
+            s.put("docs", make_records(3))
+            s.search("docs", unit_vectors(1, DIM), k=1)
+    finally:
+        os.umask(old)
+    root = tmp_path / "s"
+    modes = {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [root, *root.rglob("*")]}
+    assert {"data.mdb", "lock.mdb", "index/docs.faiss"} <= set(modes)
+    assert modes == {p: 0o700 if (root / p).is_dir() else 0o600 for p in modes}

@@ -17,15 +17,16 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from composer.retrieval import USER_PREFIX
 from microlora.core.errors import MicroloraError
-from store.layout import StoreLayout
+from store.layout import FILE_MODE, StoreLayout
 
 ALL_SHARED = "*"  # a grant of every shared namespace, present and future
 _USER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")  # fullmatch: "$" allows a "\n"
@@ -70,7 +71,7 @@ class KeyStore:
     def __init__(self, store_dir: str | Path):
         layout = StoreLayout(Path(store_dir))
         self.path = layout.keys_file
-        self._lock = FileLock(layout.keys_lock_file, timeout=30)
+        self._lock = FileLock(layout.keys_lock_file, timeout=30, mode=FILE_MODE)
         self._records: dict[str, KeyRecord] = {}
         self._stat: tuple[int, int, int] | None = None  # (mtime_ns, size, inode) last read
         self._digest = b""  # of the content last read
@@ -97,7 +98,7 @@ class KeyStore:
                                      "namespace, present and future)")
         if any(v is not None and v < 1 for v in (max_atoms, max_bytes)):
             raise MicroloraError("quotas must be positive")
-        with self._lock:  # read, change, write back: no other change in between
+        with self._changing():
             records = self._load(force=True)
             key_id = secrets.token_hex(4)
             while key_id in records:
@@ -109,7 +110,7 @@ class KeyStore:
         return plaintext, record
 
     def revoke(self, key_id: str) -> KeyRecord:
-        with self._lock:
+        with self._changing():
             records = dict(self._load(force=True))
             if key_id not in records:
                 raise MicroloraError(f"no key with id {key_id!r}; `microlora keys ls` lists "
@@ -130,6 +131,18 @@ class KeyStore:
         if record is None or not hmac.compare_digest(record.sha256, _hash(plaintext)):
             return None
         return record
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Held while keys.json is read, changed and written back, so that a concurrent add
+        cannot undo a revoke (or drop another add)."""
+        try:
+            with self._lock:
+                yield
+        except Timeout:
+            raise MicroloraError(f"{self.path} is being changed by another process (its lock "
+                                 f"{self._lock.lock_file} was held for {self._lock.timeout:g} "
+                                 "s); try again") from None
 
     def _load(self, force: bool = False) -> dict[str, KeyRecord]:
         """The keys, re-read when the file changed (a stat per call; the content is read only
@@ -161,7 +174,7 @@ class KeyStore:
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         body = json.dumps({"version": 1, "keys": [asdict(r) for r in records.values()]},
                           indent=1)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(body)
             f.flush()
