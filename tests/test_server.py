@@ -426,10 +426,23 @@ def test_the_off_values_clients_send_are_accepted_and_nothing_else(server):
             assert chat(c, "w1 w2", **extra).status_code == 200, extra
         r = c.post("/v1/completions", json={"prompt": "w1", "logprobs": 0, "stop": []})
         assert r.status_code == 200, r.text
-        for extra in ({"logprobs": True}, {"logprobs": 3}, {"stop": ["\n"]}, {"stop": "x"}):
+        for extra in ({"logprobs": True}, {"logprobs": 3}, {"stop": ["\n"]}, {"stop": "x"},
+                      {"stop": 5}, {"stop": [1]}, {"logprobs": "x"}):
             r = chat(c, "w1 w2", **extra)
             assert r.status_code == 400, r.text
             assert r.json()["error"]["message"].startswith(next(iter(extra)) + ":"), r.text
+        # a wrong value of any type gets one message that names the field and what it
+        # accepts, not pydantic's per-type "Input should be None" / "a valid string"
+        accepted = {"stop": "send null or []", "logprobs": "send null, false or 0",
+                    "suffix": "send null", "echo": "send false", "best_of": "send 1 or null"}
+        for field, bad in (("stop", 5), ("stop", ["x"]), ("logprobs", "x"), ("logprobs", 2),
+                           ("suffix", "x"), ("echo", True), ("best_of", 2)):
+            r = c.post("/v1/completions", json={"prompt": "w1", field: bad})
+            message = r.json()["error"]["message"]
+            assert r.status_code == 400 and message.startswith(f"{field}: "), r.text
+            assert accepted[field] in message and "Input should" not in message, message
+            assert r.json()["error"]["param"] == field
+            assert "Value error" not in message and message.count(":") == 1, message
 
 
 def test_no_page_loads_scripts_from_a_cdn_and_the_schema_is_served(server):
