@@ -121,6 +121,10 @@ def test_cli_compile_and_dry_run(tmp_path, corpus, tiny_models):
     done = CliRunner().invoke(cli, args)
     assert done.exit_code == 0, done.output
     assert "4 trained" in done.output and "[default]" in done.output
+    again = CliRunner().invoke(cli, args)  # every atom is stored: nothing is trained
+    assert again.exit_code == 0, again.output
+    assert "nothing to train, 4 already compiled" in again.output
+    assert "nan" not in again.output and "atoms/s" not in again.output
     nothing = CliRunner().invoke(cli, [*args[:1], str(tmp_path / "nope"), "--store",
                                        str(tmp_path / "s2"), *args[4:]])
     assert nothing.exit_code == 1
