@@ -274,6 +274,14 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
                                  f" the store's embedder gives {self.header.embedding_dim}-d")
             if not 0 < len(r.id.encode()) <= 256:
                 raise StoreError(f"atom id {r.id[:40]!r} must be 1-256 bytes")
+            # a NaN composed into a batch makes every answer of it empty: never store one
+            # (checked as stored: a value finite in fp32 may overflow fp16)
+            for part, finite in (("adapter", torch.isfinite(r.adapter.flat.to(dtype)).all()),
+                                 ("embedding", np.isfinite(r.embedding).all())):
+                if not finite:
+                    raise StoreError(f"atom {r.id} ({r.source or 'no source'}: {r.text[:60]!r}) "
+                                     f"has NaN or inf values in its {part}; nothing of this "
+                                     "batch was written")
         values = [(r.id.encode(), rec.encode(r, dtype)) for r in records]
         added: list[rec.AtomRecord] = []
         try:
