@@ -118,24 +118,26 @@ def read_file_bytes(source: str, data: bytes) -> tuple[list[Document], list[Skip
     except UnicodeDecodeError as e:
         return [], [Skipped(source, f"not UTF-8 (invalid byte at offset {e.start}); convert "
                                     "it to UTF-8")]
+    text = text.removeprefix("\ufeff")  # a BOM is no text, in every text format
     if not text.strip():
         return [], [Skipped(source, "empty file")]
     if suffix == ".jsonl":
         return _read_jsonl(source, text)
     if suffix == ".md":
-        from compiler.readers.markdown import markdown_sections
+        from compiler.readers.markdown import markdown_lines, markdown_sections
 
-        title = next((line.lstrip("#").strip() for line in text.splitlines()
+        title = next((line.lstrip("#").strip() for line in markdown_lines(text)
                       if line.startswith("# ")), "")
-        text = text.lstrip("\ufeff")
         return [Document(source, text, title, sections=markdown_sections(text))], []
-    return [Document(source, text.lstrip("\ufeff"))], []
+    return [Document(source, text)], []
 
 
 def _read_jsonl(source: str, text: str) -> tuple[list[Document], list[Skipped]]:
     docs: list[Document] = []
     skipped: list[Skipped] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # rows end at \n (or \r\n) only: str.splitlines() would also break inside a JSON string
+    # at U+2028, U+2029 or U+0085, which are legal there unescaped
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{source}:{lineno}"

@@ -37,7 +37,7 @@ from store import record as rec
 from store.documents import DocumentManifests
 from store.index import EXACT_LIMIT, VectorIndex
 from store.index_cache import IndexCache
-from store.layout import StoreLayout, is_store
+from store.layout import DIR_MODE, FILE_MODE, StoreLayout, is_store
 from store.maintenance import Maintenance
 from store.peft import read_reader
 from store.reader import Reader
@@ -45,7 +45,7 @@ from store.reader import Reader
 FORMAT_VERSION = 1
 _META_DB = b"__meta__"
 _HEADER_KEY = b"header"
-_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # fullmatch: "$" allows "\n"
 _DEFAULT_MAP_SIZE = 1 << 40  # address space only: the file grows as data is written
 
 
@@ -62,7 +62,7 @@ class StoreHeader:
 
 
 def validate_namespace(namespace: str) -> str:
-    if not _NAMESPACE_RE.match(namespace or ""):
+    if not _NAMESPACE_RE.fullmatch(namespace or ""):
         raise StoreError(f"invalid namespace {namespace!r}: use 1-128 letters, digits and "
                          "'._:@-', starting with a letter or digit (e.g. 'docs', 'user:alice')")
     return namespace
@@ -91,6 +91,7 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
             # reading a file; benchmarks/RESULTS.md).
             self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=max_namespaces + 1,
                                   readonly=readonly, create=False, readahead=True,
+                                  mode=FILE_MODE,
                                   lock=not readonly or _lock_is_writable(self.path))
             self._meta = self._env.open_db(_META_DB, create=False)
             with self._env.begin(db=self._meta) as txn:
@@ -129,7 +130,9 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         if path.exists() and any(path.iterdir()):
             raise StoreError(f"{path} is not empty; give a new or empty directory for a store")
         path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(str(path), map_size=kwargs.get("map_size", _DEFAULT_MAP_SIZE), max_dbs=2)
+        path.chmod(DIR_MODE)  # also a directory that existed, empty: it is the store now
+        env = lmdb.open(str(path), map_size=kwargs.get("map_size", _DEFAULT_MAP_SIZE), max_dbs=2,
+                        mode=FILE_MODE)
         with env.begin(write=True) as txn:
             meta = env.open_db(_META_DB, txn=txn)
             txn.put(_HEADER_KEY, json.dumps(asdict(header)).encode(), db=meta)
@@ -271,6 +274,14 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
                                  f" the store's embedder gives {self.header.embedding_dim}-d")
             if not 0 < len(r.id.encode()) <= 256:
                 raise StoreError(f"atom id {r.id[:40]!r} must be 1-256 bytes")
+            # a NaN composed into a batch makes every answer of it empty: never store one
+            # (checked as stored: a value finite in fp32 may overflow fp16)
+            for part, finite in (("adapter", torch.isfinite(r.adapter.flat.to(dtype)).all()),
+                                 ("embedding", np.isfinite(r.embedding).all())):
+                if not finite:
+                    raise StoreError(f"atom {r.id} ({r.source or 'no source'}: {r.text[:60]!r}) "
+                                     f"has NaN or inf values in its {part}; nothing of this "
+                                     "batch was written")
         values = [(r.id.encode(), rec.encode(r, dtype)) for r in records]
         added: list[rec.AtomRecord] = []
         try:

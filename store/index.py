@@ -26,6 +26,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from store.layout import DIR_MODE, FILE_MODE
+
 EXACT_LIMIT = 50_000
 IVF_CELLS_PER_SQRT_N = 4  # nlist = 4 * sqrt(n)
 IVF_TRAIN_PER_CELL = 40  # k-means sample: 40 vectors per cell
@@ -96,7 +98,7 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         """Write the index files for ``path`` (a stem: ``index/<namespace>``), atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         tmp = {s: path.with_name(f"{path.name}{s}.tmp-{os.getpid()}") for s in _SUFFIXES}
         faiss.write_index(self.index, str(tmp[".faiss"]))
         ids = np.array([self._id(i).encode() for i in range(len(self.ids))], dtype=np.bytes_)
@@ -105,6 +107,7 @@ class VectorIndex:
         stamp = {"generation": self.generation, "count": len(self.ids), "kind": self.kind}
         tmp[".json"].write_text(json.dumps(stamp))
         for suffix in _SUFFIXES:  # the stamp goes last: a crash in between leaves it stale
+            os.chmod(tmp[suffix], FILE_MODE)  # written with the umask's mode (0644)
             with open(tmp[suffix], "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp[suffix], path.with_name(path.name + suffix))

@@ -4,7 +4,11 @@
     index/<namespace>.*       FAISS index per namespace: a cache, rebuilt from LMDB
     reader/                   the store's reader adapter, if one was installed (PEFT folder)
     keys.json                 the server's API keys (hashed), mode 0600
+    keys.json.lock            held while keys.json is read, changed and written back
     shards/rank-<r>/          per-process stores of a distributed compile, merged by rank 0
+
+The directory is created 0700; LMDB's files, the index files and keys.json 0600 (``DIR_MODE``,
+``FILE_MODE``): they hold every tenant's text and the keys.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 DATA_FILE = "data.mdb"
+# A store holds every tenant's text (LMDB and the indexes) and the API keys: its owner's only.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,10 @@ class StoreLayout:
     @property
     def keys_file(self) -> Path:
         return self.root / "keys.json"
+
+    @property
+    def keys_lock_file(self) -> Path:
+        return self.root / "keys.json.lock"
 
     @property
     def shards_dir(self) -> Path:

@@ -23,8 +23,8 @@ from microlora.core.pack import Adapter, Packed
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])"
-                  r"(?:\.(?P<name>[^.]+))?\.weight$")
+_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])"
+                  r"(?:\.(?P<name>[^.]+))?\.weight")
 
 
 @dataclass
@@ -77,6 +77,9 @@ def read_peft(path: str | Path) -> PeftAdapter:
         config = json.loads(config_file.read_text())
     except ValueError as e:
         raise AdapterError(f"{config_file} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file} holds a JSON {_JSON_TYPES.get(type(config), 'value')}"
+                           ", not an object: it is not a PEFT adapter config")
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path} is a {config.get('peft_type')!r} adapter; only LORA imports")
     if config.get("modules_to_save"):
@@ -88,7 +91,7 @@ def read_peft(path: str | Path) -> PeftAdapter:
         raise AdapterError(f"{weights_file} is not a readable safetensors file ({e})") from e
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        m = _KEY.match(key)
+        m = _KEY.fullmatch(key)
         if m is None:
             raise AdapterError(f"{weights_file} holds {key!r}, which is not a LoRA weight "
                                "(only lora_A / lora_B weights import)")
@@ -101,24 +104,48 @@ def read_peft(path: str | Path) -> PeftAdapter:
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise AdapterError(f"module {module}: lora_A {tuple(A.shape)} and lora_B "
                                f"{tuple(B.shape)} do not form a LoRA pair")
-        adapter[module] = (A, B * _scale(config, module, A.shape[0]))
+        B = B * _scale(config_file, config, module, A.shape[0])
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AdapterError(f"{path}: module {module} has NaN or inf values (its lora_A, "
+                               "or lora_B times its scale); the adapter is broken and is not "
+                               "read")
+        adapter[module] = (A, B)
     if not adapter:
         raise AdapterError(f"{weights_file} holds no LoRA weights")
     return PeftAdapter(Packed.of(adapter), str(config.get("base_model_name_or_path") or ""),
                        config)
 
 
-def _scale(config: dict, module: str, rank: int) -> float:
+_JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _scale(config_file: Path, config: dict, module: str, rank: int) -> float:
     """PEFT's scale for one module: alpha / r (alpha / sqrt(r) with rsLoRA), where a
-    rank_pattern / alpha_pattern key matching the module's name overrides the default."""
+    rank_pattern / alpha_pattern key matching the module's name overrides the default.
+    Values that PEFT itself would not accept are refused, naming the field."""
     def pattern(name: str, default):
-        for key, value in (config.get(name) or {}).items():
-            if module == key or module.endswith("." + key) or re.fullmatch(key, module):
-                return value
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"{config_file}: {name!r} must be an object (module name or "
+                               f"regular expression -> value), not {patterns!r}")
+        for key, value in patterns.items():
+            try:
+                if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+                    return value, f"{name}[{key!r}]"
+            except re.error as e:
+                raise AdapterError(f"{config_file}: {name} key {key!r} is not a valid regular "
+                                   f"expression ({e})") from None
         return default
 
-    r = pattern("rank_pattern", config.get("r", rank))
-    alpha = pattern("alpha_pattern", config.get("lora_alpha", r))
+    r, r_field = pattern("rank_pattern", (config.get("r", rank), "'r'"))
+    alpha, alpha_field = pattern("alpha_pattern", (config.get("lora_alpha", r), "'lora_alpha'"))
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterError(f"{config_file}: {r_field} is {r!r}; it must be a positive whole "
+                           "number (the LoRA rank)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise AdapterError(f"{config_file}: {alpha_field} is {alpha!r}; it must be a positive "
+                           "number")
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 

@@ -121,6 +121,10 @@ def test_cli_compile_and_dry_run(tmp_path, corpus, tiny_models):
     done = CliRunner().invoke(cli, args)
     assert done.exit_code == 0, done.output
     assert "4 trained" in done.output and "[default]" in done.output
+    again = CliRunner().invoke(cli, args)  # every atom is stored: nothing is trained
+    assert again.exit_code == 0, again.output
+    assert "nothing to train, 4 already compiled" in again.output
+    assert "nan" not in again.output and "atoms/s" not in again.output
     nothing = CliRunner().invoke(cli, [*args[:1], str(tmp_path / "nope"), "--store",
                                        str(tmp_path / "s2"), *args[4:]])
     assert nothing.exit_code == 1
@@ -216,3 +220,24 @@ def test_torchrun_on_two_processes_trains_what_one_process_trains(tmp_path, corp
             a, b = one.get("default", [atom_id])[0], two.get("default", [atom_id])[0]
             assert a.adapter.layout == b.adapter.layout
             assert torch.equal(a.adapter.flat, b.adapter.flat)
+
+
+def test_a_trained_adapter_with_nan_is_an_error_naming_the_atom(tmp_path, corpus, models,
+                                                                 monkeypatch):
+    from compiler.trainer import AtomTrainer
+    from microlora.core.errors import StoreError
+
+    train = AtomTrainer.train
+
+    def diverged(self, texts, ids, **kw):  # as if training of the batch's 2nd atom blew up
+        trained = train(self, texts, ids, **kw)
+        trained[1].adapter.flat[0] = float("nan")
+        return trained
+
+    monkeypatch.setattr(AtomTrainer, "train", diverged)
+    (tmp_path / "one.txt").write_text(DOC_B)
+    with pytest.raises(StoreError, match=r"atom \w+ \(.*one.txt: 'w37 w38.*'\) has NaN or inf "
+                                         "values in its adapter"):
+        run([tmp_path / "one.txt"], tmp_path / "s", models)
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        assert "docs" not in s.namespaces() or s.count("docs") == 0

@@ -255,3 +255,39 @@ def test_compiled_atoms_keep_page_and_section_and_ask_explains_them(tmp_path, ti
         record = records[source["text"]]
         assert source["page"] == (record.page or None) and source["section"] == record.section
         assert source["citation"] == cite(record.source, record.page, record.section)
+
+
+def test_jsonl_rows_split_only_at_newlines_and_a_bom_keeps_row_one(tmp_path):
+    # U+2028, U+2029 and U+0085 are legal inside a JSON string: str.splitlines() broke the row
+    # there, and later line numbers shifted; a BOM made row 1 invalid JSON.
+    rows = [{"text": "First row."}, {"text": "Line\u2028separator and\u2029paragraph."},
+            {"text": "Next\u0085line."}, {"text": "Windows ending."}, {"text": ""}]
+    body = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    (tmp_path / "rows.jsonl").write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    docs, skipped = read_documents([tmp_path / "rows.jsonl"])
+    where = str(tmp_path / "rows.jsonl")
+    assert [(d.source, d.text) for d in docs] == [
+        (f"{where}:1", "First row."), (f"{where}:2", "Line\u2028separator and\u2029paragraph."),
+        (f"{where}:3", "Next\u0085line."), (f"{where}:4", "Windows ending.")]
+    assert [s.source for s in skipped] == [f"{where}:5"]
+
+
+def test_a_bom_is_stripped_for_every_text_format(tmp_path):
+    # and a Markdown line ends at \n or \r only: "# Not" after U+2028 is no heading
+    (tmp_path / "a.md").write_bytes("\ufeff# Title\n\nSome text.\u2028# Not a heading".encode())
+    (tmp_path / "b.txt").write_bytes("\ufeffPlain text.".encode())
+    docs, skipped = read_documents([tmp_path])
+    assert skipped == []
+    assert [(d.text[:1], d.title) for d in docs] == [("#", "Title"), ("P", "")]
+    assert docs[0].sections == ((0, ("Title",)),)
+
+
+def test_extensions_match_whatever_their_case(tmp_path):
+    (tmp_path / "upper.MD").write_text("# Upper\n\nA sentence.")
+    (tmp_path / "rows.JSONL").write_text('{"text": "A row."}\n')
+    (tmp_path / "notes.Txt").write_text("Some notes.")
+    named, skipped = read_documents(sorted(tmp_path.iterdir()))
+    assert skipped == [] and len(named) == 3
+    found, skipped = read_documents([tmp_path])
+    assert skipped == [] and [d.text for d in found] == [d.text for d in named]
+    assert named[2].title == "Upper"

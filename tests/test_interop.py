@@ -139,3 +139,35 @@ def test_export_then_import_round_trips_the_delta(tmp_path, tiny_models):
                                    atol=2e-3, rtol=1e-2)
     bad = runner.invoke(cli, ["export", str(tmp_path / "o3"), *common, "--atoms", "nope"])
     assert bad.exit_code == 1 and "no atom 'nope'" in bad.output
+
+
+def test_broken_peft_folders_are_refused_with_the_reason(tmp_path):
+    import re
+
+    def folder(name, edit=None, adapter=None):
+        out = write_peft(tmp_path / name, adapter or {"m.up": (torch.ones(2, 4),
+                                                                torch.ones(3, 2))})
+        if edit is not None:
+            config = json.loads((out / "adapter_config.json").read_text())
+            (out / "adapter_config.json").write_text(json.dumps(edit(config)))
+        return out
+
+    cases = {
+        "r0": (lambda c: {**c, "r": 0}, "'r' is 0; it must be a positive whole number"),
+        "list": (lambda c: [c], "holds a JSON list, not an object"),
+        "regex": (lambda c: {**c, "rank_pattern": {"(": 4}},
+                  "rank_pattern key '(' is not a valid regular expression"),
+        "alpha": (lambda c: {**c, "lora_alpha": "big"}, "'lora_alpha' is 'big'; it must be a "
+                                                        "positive number"),
+        "patterns": (lambda c: {**c, "alpha_pattern": [1]},
+                     "'alpha_pattern' must be an object"),
+    }
+    for name, (edit, message) in cases.items():
+        with pytest.raises(AdapterError, match=re.escape(message)):
+            read_peft(folder(name, edit))
+    poisoned = {"m.up": (torch.ones(2, 4), torch.ones(3, 2)),
+                "m.down": (torch.ones(2, 3), torch.full((4, 2), float("nan")))}
+    with pytest.raises(AdapterError, match="m.down has NaN or inf values"):
+        read_peft(folder("nan", adapter=poisoned))
+    with pytest.raises(AdapterError, match="m.up has NaN or inf values"):
+        read_peft(folder("inf", lambda c: {**c, "lora_alpha": 1e300}))  # B * 5e299: inf in fp32

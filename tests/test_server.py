@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import store_of_random_atoms
+from conftest import HEADER, make_records, store_of_random_atoms
 
 from composer import Composer
 from microlora.cli import cli
@@ -426,10 +426,23 @@ def test_the_off_values_clients_send_are_accepted_and_nothing_else(server):
             assert chat(c, "w1 w2", **extra).status_code == 200, extra
         r = c.post("/v1/completions", json={"prompt": "w1", "logprobs": 0, "stop": []})
         assert r.status_code == 200, r.text
-        for extra in ({"logprobs": True}, {"logprobs": 3}, {"stop": ["\n"]}, {"stop": "x"}):
+        for extra in ({"logprobs": True}, {"logprobs": 3}, {"stop": ["\n"]}, {"stop": "x"},
+                      {"stop": 5}, {"stop": [1]}, {"logprobs": "x"}):
             r = chat(c, "w1 w2", **extra)
             assert r.status_code == 400, r.text
             assert r.json()["error"]["message"].startswith(next(iter(extra)) + ":"), r.text
+        # a wrong value of any type gets one message that names the field and what it
+        # accepts, not pydantic's per-type "Input should be None" / "a valid string"
+        accepted = {"stop": "send null or []", "logprobs": "send null, false or 0",
+                    "suffix": "send null", "echo": "send false", "best_of": "send 1 or null"}
+        for field, bad in (("stop", 5), ("stop", ["x"]), ("logprobs", "x"), ("logprobs", 2),
+                           ("suffix", "x"), ("echo", True), ("best_of", 2)):
+            r = c.post("/v1/completions", json={"prompt": "w1", field: bad})
+            message = r.json()["error"]["message"]
+            assert r.status_code == 400 and message.startswith(f"{field}: "), r.text
+            assert accepted[field] in message and "Input should" not in message, message
+            assert r.json()["error"]["param"] == field
+            assert "Value error" not in message and message.count(":") == 1, message
 
 
 def test_no_page_loads_scripts_from_a_cdn_and_the_schema_is_served(server):
@@ -637,10 +650,13 @@ def test_an_unexpected_failure_is_a_500_in_openai_shape_and_counted(server, monk
 
 # -- the keys CLI -----------------------------------------------------------------------------
 
-def test_keys_cli_adds_lists_and_revokes(server):
-    _, service, _ = server
+def test_keys_cli_adds_lists_and_revokes(tmp_path):
+    # its own store, with no server on it: `keys add` opens the store (to check --grant),
+    # which LMDB refuses a second time within one process
+    with AdapterStore.create(tmp_path / "kb", HEADER) as s:
+        s.put("wiki", make_records(1))
     runner = CliRunner()
-    store = str(service.store.path)
+    store = str(tmp_path / "kb")
     r = runner.invoke(cli, ["keys", "add", "erin", "--store", store, "--grant", "wiki",
                             "--max-atoms", "5"])
     assert r.exit_code == 0, r.output
@@ -649,7 +665,7 @@ def test_keys_cli_adds_lists_and_revokes(server):
     assert record.user == "erin" and record.grants == ("wiki",) and record.max_atoms == 5
     listed = runner.invoke(cli, ["keys", "ls", "--store", store]).output
     assert record.id in listed and token not in listed
-    assert token not in (service.store.path / "keys.json").read_text()
+    assert token not in (tmp_path / "kb" / "keys.json").read_text()
     assert runner.invoke(cli, ["keys", "revoke", record.id, "--store", store]).exit_code == 0
     assert KeyStore(store).authenticate(token) is None
     bad = runner.invoke(cli, ["keys", "add", "x", "--store", store, "--grant", "user:ana"])

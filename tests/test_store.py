@@ -113,6 +113,30 @@ def test_a_bad_record_aborts_the_whole_put(store):
     assert store.count("docs") == 2 and store.generation("docs") == before
 
 
+def test_an_atom_with_nan_or_inf_is_refused_by_name(store):
+    import dataclasses
+
+    store.put("docs", make_records(2, seed=0))
+    good = make_records(3, seed=1)
+    flat = good[1].adapter.flat.clone()
+    flat[5] = float("nan")
+    nan = dataclasses.replace(good[1], adapter=dataclasses.replace(good[1].adapter, flat=flat))
+    with pytest.raises(StoreError, match=f"atom {nan.id} .*NaN or inf values in its adapter"):
+        store.put("docs", [good[0], nan, good[2]])
+    big = good[1].adapter.flat.clone()
+    big[0] = 1e6  # finite in fp32 and bf16, inf once stored as fp16
+    overflow = dataclasses.replace(good[1], adapter=dataclasses.replace(good[1].adapter,
+                                                                        flat=big))
+    store.put("other", [overflow])
+    with pytest.raises(StoreError, match="NaN or inf values in its adapter"):
+        store.put("fp16", [overflow], dtype=torch.float16)
+    embedding = good[2].embedding.copy()
+    embedding[0] = np.inf
+    with pytest.raises(StoreError, match=f"atom {good[2].id} .*NaN or inf values in its emb"):
+        store.put("docs", [dataclasses.replace(good[2], embedding=embedding)])
+    assert store.count("docs") == 2 and "fp16" not in store.namespaces()
+
+
 def test_wrong_base_model_or_embedder_is_refused(tmp_path, store):
     store.put("docs", make_records(1))
     store.close()
@@ -318,3 +342,22 @@ def test_a_handle_taken_before_a_drop_never_reads_another_namespace(store):
         store.count("user:bob")
     assert store.put("user:bob", make_records(1, seed=3)) == 1  # and it comes back empty
     assert store.count("user:bob") == 1 and store.count("user:ana") == 3
+
+
+def test_store_files_are_private_to_their_owner(tmp_path):
+    # every tenant's text is in data.mdb and the index: no other user may read them
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with AdapterStore.create(tmp_path / "s", HEADER) as s:
+            s.put("docs", make_records(3))
+            s.search("docs", unit_vectors(1, DIM), k=1)
+    finally:
+        os.umask(old)
+    root = tmp_path / "s"
+    modes = {p.relative_to(root).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [root, *root.rglob("*")]}
+    assert {"data.mdb", "lock.mdb", "index/docs.faiss"} <= set(modes)
+    assert modes == {p: 0o700 if (root / p).is_dir() else 0o600 for p in modes}

@@ -6,11 +6,20 @@ provenance is added, so an atom can say which section it came from.
 
 from __future__ import annotations
 
+import io
 import re
+from collections.abc import Iterator
 
 _ATX = re.compile(r" {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$")
 _SETEXT = re.compile(r" {0,3}(=+|-+)[ \t]*$")
 _FENCE = re.compile(r" {0,3}(```|~~~)")
+
+
+def markdown_lines(text: str, keepends: bool = False) -> Iterator[str]:
+    """The lines of a Markdown text, ended by \\n, \\r\\n or \\r only (CommonMark's line
+    endings): str.splitlines() would also break at U+2028, U+0085 and the like."""
+    for line in io.StringIO(text, newline=""):
+        yield line if keepends else line.rstrip("\r\n")
 
 
 def markdown_sections(text: str) -> tuple[tuple[int, tuple[str, ...]], ...]:
@@ -20,7 +29,7 @@ def markdown_sections(text: str) -> tuple[tuple[int, tuple[str, ...]], ...]:
     path: list[tuple[int, str]] = []
     fence: str | None = None
     offset, previous = 0, None  # previous: (offset, text) of a plain line that may head
-    for line in text.splitlines(keepends=True):
+    for line in markdown_lines(text, keepends=True):
         body = line.rstrip("\r\n")
         heading = None
         if (m := _FENCE.match(body)) and (fence is None or m.group(1) == fence):

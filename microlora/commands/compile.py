@@ -96,7 +96,8 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
     if report.documents == 0:
         raise click.ClickException("nothing to compile: no readable documents in " +
                                    ", ".join(map(str, paths)))
-    click.echo(f"{report.documents} documents, {report.atoms} atoms: {report.trained} trained "
-               f"({report.atoms_per_s:.2f} atoms/s, mean final loss "
-               f"{report.mean_final_loss:.3f}), {report.already_compiled} already compiled"
+    trained = (f"{report.trained} trained ({report.atoms_per_s:.2f} atoms/s, mean final loss "
+               f"{report.mean_final_loss:.3f})" if report.trained else "nothing to train")
+    click.echo(f"{report.documents} documents, {report.atoms} atoms: {trained}, "
+               f"{report.already_compiled} already compiled"
                + (f", {report.pruned} pruned" if prune else "") + f" -> {store_dir} [{namespace}]")

@@ -90,8 +90,8 @@ _keys_store = store_option(help="The store the keys are for.")
 @click.argument("user")
 @_keys_store
 @click.option("--grant", "grants", multiple=True, metavar="NAMESPACE",
-              help="A shared corpus this key may read; repeat for several "
-                   "[default: every shared namespace].")
+              help="A shared namespace of the store this key may read (it must exist); "
+                   "repeat for several [default: every shared namespace, present and future].")
 @click.option("--max-atoms", default=10_000, show_default=True, type=click.IntRange(1),
               help="Quota: most atoms in the user's namespace.")
 @click.option("--max-mb", default=100.0, show_default=True, type=click.FloatRange(0.01),
@@ -99,12 +99,16 @@ _keys_store = store_option(help="The store the keys are for.")
 def add(user: str, store_dir: Path, grants: tuple[str, ...], max_atoms: int,
         max_mb: float) -> None:
     """Create a key for USER (their namespace is user:USER); the key is printed once."""
+    from composer.retrieval import default_namespaces
     from microlora.server.keys import ALL_SHARED, KeyStore
+    from store import AdapterStore
 
     _require_store(store_dir)
+    with AdapterStore(store_dir, readonly=True) as store:
+        shared = default_namespaces(store)
     plaintext, record = KeyStore(store_dir).add(user, grants or (ALL_SHARED,),
                                                 max_atoms=max_atoms,
-                                                max_bytes=int(max_mb * 2**20))
+                                                max_bytes=int(max_mb * 2**20), shared=shared)
     click.echo(plaintext)
     click.echo(f"key {record.id} for {record.namespace}, reads "
                f"{', '.join(record.grants)}; store it now, it is not shown again", err=True)

@@ -82,17 +82,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
-        problems = []
+        problems, fields = [], []
         for err in e.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            fields.append(where)
             if err.get("type") == "json_invalid":
                 problems.append(f"malformed JSON: {err.get('ctx', {}).get('error', err['msg'])}")
             elif err.get("type") == "extra_forbidden":
                 problems.append(f"unknown field {where!r}")
+            elif err.get("type") == "value_error":  # our own message, without "Value error, "
+                problems.append(f"{where or 'body'}: {err.get('ctx', {}).get('error', err['msg'])}")
             else:
                 problems.append(f"{where or 'body'}: {err['msg']}")
-        return JSONResponse(error_body("; ".join(problems), "invalid_request_error", None),
-                            status_code=400)
+        param = fields[0] or None if len(fields) == 1 else None
+        return JSONResponse(error_body("; ".join(problems), "invalid_request_error", None,
+                                       param), status_code=400)
 
     @app.exception_handler(MicroloraError)
     async def stage_error(request: Request, e: MicroloraError) -> JSONResponse:

@@ -29,6 +29,18 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+def _only_off(field: str, off: tuple, message: str) -> Any:
+    """A validator letting through only null and the "off" values clients send by default
+    for an OpenAI field microlora does not implement; anything else, of any type, gets
+    ``message``, which names what is accepted (pydantic alone would answer a wrong type with
+    one error per branch of the field's type, such as "Input should be None")."""
+    def check(cls, v: Any) -> Any:
+        if v is None or any(type(v) is type(o) and v == o for o in off):
+            return v
+        raise ValueError(message)
+    return field_validator(field, mode="before")(classmethod(check))
+
+
 class _Generation(_Strict):
     """Fields common to both completion endpoints."""
 
@@ -56,21 +68,10 @@ class _Generation(_Strict):
         description="shared corpora to search (each must be granted to the key); the "
                     "caller's own namespace is always searched")
 
-    @field_validator("stop")
-    @classmethod
-    def _no_stop(cls, v: str | list[str] | None) -> None:
-        if v:
-            raise ValueError("stop sequences are not supported (answers end at the QA stop "
-                             "pattern); send null or leave it out")
-        return None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | int | None) -> None:
-        if v:
-            raise ValueError("logprobs are not supported; send null, false or 0, or leave it "
-                             "out")
-        return None
+    _no_stop = _only_off("stop", ("", []), "stop sequences are not supported (answers end "
+                         "at the QA stop pattern); send null or [], or leave it out")
+    _no_logprobs = _only_off("logprobs", (False, 0), "logprobs are not supported; send null, "
+                             "false or 0, or leave it out")
 
 
 class CompletionRequest(_Generation):
@@ -78,6 +79,11 @@ class CompletionRequest(_Generation):
     echo: Literal[False] = False
     suffix: None = None
     best_of: Literal[1] | None = None
+
+    _no_echo = _only_off("echo", (False,), "echo is not supported; send false, or leave it out")
+    _no_suffix = _only_off("suffix", (), "suffix is not supported; send null, or leave it out")
+    _one_best = _only_off("best_of", (1,), "one answer per prompt (decoding is greedy); send 1 "
+                          "or null, or leave it out")
 
     @field_validator("prompt")
     @classmethod
