@@ -89,7 +89,7 @@ def _cpkc_groups(path: Path) -> list[tuple[str, str, list[Item]]]:
     """One group per distinct context, in order of first appearance, named by its first
     row's id."""
     groups: dict[str, tuple[str, str, list[Item]]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8-sig").split("\n"):  # as compile reads JSONL
         if not line.strip():
             continue
         row = json.loads(line)

@@ -12,6 +12,7 @@ out).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -78,7 +79,8 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
         "compile": {"atoms": report.atoms, "trained": report.trained,
                     "atom_steps": report.atom_steps, "seconds": round(report.seconds, 1),
                     "atoms_per_s": round(report.atoms_per_s, 3),
-                    "mean_final_loss": round(report.mean_final_loss, 4)},
+                    "mean_final_loss": None if math.isnan(report.mean_final_loss)
+                    else round(report.mean_final_loss, 4)},
         "config": {"train": _jsonable(asdict(config.train)), "chunk": asdict(config.chunk),
                    "ask": _jsonable(asdict(config.ask)), "max_new_tokens": max_new,
                    "reader": str(config.reader) if config.reader else None},
