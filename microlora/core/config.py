@@ -220,6 +220,9 @@ class AskConfig:
         whole; "joint" puts both in one row,
         where the composed adapters disturb the reading of the passages (measured:
         benchmarks/RESULTS.md, "hybrid as an ensemble"). Twice the rows per question.
+    passage_weight: 8, the best ensemble weight on both tune splits with windows (2, 4, 8
+        measured: benchmarks/RESULTS.md, "Fidelity I"); the larger it is, the closer the
+        hybrid comes to the passages alone.
     """
 
     mode: Mode = Mode.PARAMETRIC
@@ -235,7 +238,7 @@ class AskConfig:
     window_tokens: int = 160
     echo_penalty: float = 0.0
     hybrid: str = "ensemble"
-    passage_weight: float = 2.0
+    passage_weight: float = 8.0
 
     def __post_init__(self) -> None:
         try:
