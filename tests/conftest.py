@@ -183,3 +183,26 @@ def write_cpkc(path, n):
             for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def random_atom_kit(tiny_models, folder, corpus: dict[str, list[str]]):
+    """(base model, embedder, store path) for a store of random rank-2 atoms in ``folder``."""
+    from microlora.core.embedder import load_embedder
+    from microlora.core.models import load_base_model
+
+    lm, emb_path = tiny_models
+    base, emb = load_base_model(lm), load_embedder(emb_path)
+    return base, emb, store_of_random_atoms(folder / "kb", base, emb, corpus)
+
+
+def open_composer(kit):
+    """A composer over a ``random_atom_kit`` store, read-only."""
+    from composer import Composer
+
+    base, emb, path = kit
+    return Composer(AdapterStore(path, readonly=True), base, emb)
+
+
+def last_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits[:, -1]

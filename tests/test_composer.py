@@ -9,7 +9,14 @@ import re
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_tiny, store_of_random_atoms, with_deltas_added
+from conftest import (
+    last_logits,
+    open_composer,
+    random_atom_kit,
+    save_tiny,
+    store_of_random_atoms,
+    with_deltas_added,
+)
 
 from compiler.pipeline import store_header
 from composer import Composer, Hit
@@ -35,20 +42,7 @@ ONE_ATOM = Packed.of({"model.layers.2.mlp.up_proj": (torch.zeros(1, 32), torch.z
 @pytest.fixture(scope="module")
 def kit(tiny_models, tmp_path_factory):
     """(base model, embedder, store path) with random rank-2 atoms in three namespaces."""
-    lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
-    path = store_of_random_atoms(tmp_path_factory.mktemp("composer") / "kb", base, emb, CORPUS)
-    return base, emb, path
-
-
-def open_composer(kit) -> Composer:
-    base, emb, path = kit
-    return Composer(AdapterStore(path, readonly=True), base, emb)
-
-
-def last_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    return random_atom_kit(tiny_models, tmp_path_factory.mktemp("composer"), CORPUS)
 
 
 def test_stacked_merged_and_the_sum_of_deltas_agree(kit):

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import random_adapter, store_of_random_atoms, with_deltas_added, write_cpkc
+from conftest import (
+    last_logits,
+    open_composer,
+    random_adapter,
+    random_atom_kit,
+    with_deltas_added,
+    write_cpkc,
+)
 
 from compiler.pipeline import store_header
 from composer import Composer
@@ -26,20 +33,7 @@ CORPUS = {"wiki": [f"w{i} w{i + 1} w{i + 2} w{i + 3}" for i in range(0, 80, 10)]
 @pytest.fixture(scope="module")
 def kit(tiny_models, tmp_path_factory):
     """(base model, embedder, store path) with random rank-2 atoms."""
-    lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
-    path = store_of_random_atoms(tmp_path_factory.mktemp("reader") / "kb", base, emb, CORPUS)
-    return base, emb, path
-
-
-def open_composer(kit) -> Composer:
-    base, emb, path = kit
-    return Composer(AdapterStore(path, readonly=True), base, emb)
-
-
-def last_logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    return random_atom_kit(tiny_models, tmp_path_factory.mktemp("reader"), CORPUS)
 
 
 def test_a_reader_is_composed_beside_every_requests_atoms(kit):
@@ -80,7 +74,6 @@ def test_reader_training_lowers_the_answer_loss(tiny_models):
 def test_reader_trains_on_tune_installs_and_joins_eval(tmp_path, tiny_models):
     """`microlora reader train` on the tune split writes a reader; eval composes it; install
     puts it in a store, where the composer picks it up; another model's reader is refused."""
-    from composer import Composer
     from microlora.core.errors import AdapterError
     from store.peft import read_reader
 
