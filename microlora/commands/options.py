@@ -93,7 +93,7 @@ def _recipe_params() -> list[click.Parameter]:
 
 def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbours: int,
                  batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int,
-                 qa_views: int = _TRAIN.qa_views, resolve_pronouns: bool = False,
+                 qa_views: int = _TRAIN.qa_views, resolve_pronouns: bool = _TRAIN.resolve_pronouns,
                  view_style: str = _TRAIN.view_style) -> tuple[TrainConfig, ChunkConfig]:
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     try:
