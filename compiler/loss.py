@@ -63,9 +63,23 @@ class OutputHead:
             weight = weight.to(torch.bfloat16)
         return cls(weight, getattr(model.config, "final_logit_softcapping", None))
 
-    def cross_entropy(self, h: Tensor, labels: Tensor) -> Tensor:
-        """Per-row cross-entropy over the whole vocabulary."""
-        return linear_cross_entropy(h, self.weight, labels, self.softcap)
+    def cross_entropy(self, h: Tensor, labels: Tensor, soft: SoftTargets | None = None
+                      ) -> tuple[Tensor, Tensor]:
+        """Per-row (training loss, label cross-entropy) over the whole vocabulary."""
+        return linear_cross_entropy(h, self.weight, labels, self.softcap, soft)
+
+    @torch.no_grad()
+    def top(self, h: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The k likeliest tokens per row and their probabilities (full softmax): (n, k) each."""
+        ids, probs = [], []
+        for i in range(0, len(h), LOSS_CHUNK_ROWS):
+            logits = (h[i:i + LOSS_CHUNK_ROWS].to(self.weight.dtype) @ self.weight.T).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            top = torch.log_softmax(logits, -1).topk(k)
+            ids.append(top.indices)
+            probs.append(top.values.exp())
+        return torch.cat(ids), torch.cat(probs)
 
 
 @dataclass(frozen=True)
@@ -87,14 +101,15 @@ class CandidateVocab:
         ids = torch.unique(torch.cat([top.reshape(-1), labels]))
         return cls(ids, weight[ids])
 
-    def cross_entropy(self, h: Tensor, labels: Tensor, softcap: float | None) -> Tensor:
+    def cross_entropy(self, h: Tensor, labels: Tensor, softcap: float | None,
+                      soft: SoftTargets | None = None) -> tuple[Tensor, Tensor]:
         return linear_cross_entropy(h, self.weight, torch.searchsorted(self.ids, labels),
-                                    softcap)
+                                    softcap, None if soft is None else soft.mapped(self.ids))
 
 
 def atom_losses(h: Tensor, labels: Tensor, atoms: Tensor, n_atoms: int, head: OutputHead,
-                vocab: CandidateVocab | None, stop_prob: float, last: bool
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                vocab: CandidateVocab | None, stop_prob: float, last: bool,
+                soft: SoftTargets | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per atom (``atoms`` maps each target to its atom): the training loss (mean
     cross-entropy over its targets, with a gradient), the scored loss and the smallest target
     probability.
@@ -102,19 +117,21 @@ def atom_losses(h: Tensor, labels: Tensor, atoms: Tensor, n_atoms: int, head: Ou
     With a candidate ``vocab`` the training loss covers those tokens only. Atoms that look
     learned under it, and every atom on the ``last`` step, are re-scored with the full
     softmax (the candidate one flatters: its denominator is smaller), so whether an atom
-    stops, and the loss recorded for it, always come from the full softmax.
+    stops, and the loss recorded for it, always come from the full softmax. With ``soft``
+    targets (a teacher's, ``linear_cross_entropy``) the training loss distils; the scored
+    loss and the stop still read the labels.
     """
-    ce = head.cross_entropy(h, labels) if vocab is None else \
-        vocab.cross_entropy(h, labels, head.softcap)
-    loss = per_atom(ce, atoms, n_atoms, "mean")
-    scored = loss.detach().clone()
-    min_prob = torch.exp(-per_atom(ce.detach(), atoms, n_atoms, "amax"))
+    train, ce = head.cross_entropy(h, labels, soft) if vocab is None else \
+        vocab.cross_entropy(h, labels, head.softcap, soft)
+    loss = per_atom(train, atoms, n_atoms, "mean")
+    scored = per_atom(ce, atoms, n_atoms, "mean")
+    min_prob = torch.exp(-per_atom(ce, atoms, n_atoms, "amax"))
     if vocab is not None:
         rescore = torch.ones_like(min_prob, dtype=torch.bool) if last else min_prob > stop_prob
         if rescore.any():
             rows = rescore[atoms]
             with torch.no_grad():
-                full = head.cross_entropy(h[rows].detach(), labels[rows])
+                _, full = head.cross_entropy(h[rows].detach(), labels[rows])
             scored = torch.where(rescore, per_atom(full, atoms[rows], n_atoms, "mean"), scored)
             min_prob = torch.where(rescore, torch.exp(-per_atom(full, atoms[rows], n_atoms,
                                                                 "amax")), min_prob)
@@ -131,18 +148,44 @@ def per_atom(values: Tensor, atoms: Tensor, n: int, how: str) -> Tensor:
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, labels: Tensor,
-                         softcap: float | None = None) -> Tensor:
+                         softcap: float | None = None, soft: SoftTargets | None = None
+                         ) -> tuple[Tensor, Tensor]:
     """Per-row cross-entropy of ``h @ weight.T`` against ``labels``, computed in row chunks
-    with the gradient w.r.t. ``h`` formed in the same pass (softmax minus one-hot, times the
-    weight), so neither the (rows, vocab) logits nor a recomputation are ever kept: two
-    vocabulary-sized matmuls per row instead of three. ``weight`` is frozen."""
-    return _LinearCrossEntropy.apply(h, weight, labels, softcap)
+    with the gradient w.r.t. ``h`` formed in the same pass (softmax minus the target
+    distribution, times the weight), so neither the (rows, vocab) logits nor a recomputation
+    are ever kept: two vocabulary-sized matmuls per row instead of three. ``weight`` is frozen.
+
+    With ``soft`` targets the loss (and its gradient) is the cross-entropy against
+    ``soft.probs`` on ``soft.ids`` (indices into ``weight``'s rows) plus the rest of the
+    unit mass on the label: distillation towards a teacher's share of the target, which
+    differs from the KL to that mixture by its constant entropy. Returns (training loss,
+    label cross-entropy): the second, without a gradient, decides whether a row is learned."""
+    return _LinearCrossEntropy.apply(h, weight, labels, softcap, soft)
+
+
+@dataclass(frozen=True)
+class SoftTargets:
+    """A teacher's share of each row's target: tokens (n, K) and the mass on each (n, K),
+    summing to at most 1; the rest of the row's target is its label. A row the teacher
+    does not speak for has zero mass."""
+
+    ids: Tensor
+    probs: Tensor
+
+    def rows(self, index: Tensor) -> SoftTargets:
+        return SoftTargets(self.ids[index], self.probs[index])
+
+    def mapped(self, vocab: Tensor) -> SoftTargets:
+        """The same targets as indices into ``vocab`` (sorted ids that contain them all)."""
+        return SoftTargets(torch.searchsorted(vocab, self.ids), self.probs)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, softcap: float | None):
+    def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, softcap: float | None,
+                soft: SoftTargets | None):
         losses = torch.empty(len(h), dtype=torch.float32, device=h.device)
+        gold = torch.empty_like(losses)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) \
             if h.requires_grad else None
         rows = torch.arange(len(h), device=h.device)
@@ -154,18 +197,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 t = torch.tanh(logits / softcap)
                 logits = t * softcap
             lse = torch.logsumexp(logits, dim=-1)
-            losses[i:i + len(hc)] = lse - logits[r, yc]
+            loss = lse - logits[r, yc]
+            gold[i:i + len(hc)] = loss
+            keep = 1.0
+            if soft is not None:
+                ids, probs = soft.ids[i:i + len(hc)], soft.probs[i:i + len(hc)]
+                keep = 1.0 - probs.sum(1)
+                loss = keep * loss + (probs * (lse[:, None] - logits.gather(1, ids))).sum(1)
+            losses[i:i + len(hc)] = loss
             if grad_h is not None:
-                dlogits = torch.exp(logits - lse[:, None])  # softmax, then minus one-hot
-                dlogits[r, yc] -= 1
+                dlogits = torch.exp(logits - lse[:, None])  # softmax, minus the targets
+                dlogits[r, yc] -= keep
+                if soft is not None:
+                    dlogits.scatter_add_(1, ids, -probs)
                 if softcap:
                     dlogits *= 1 - t * t
                 grad_h[i:i + len(hc)] = (dlogits.to(weight.dtype) @ weight).float()
         ctx.save_for_backward(grad_h if grad_h is not None else h.new_empty(0))
         ctx.h_dtype = h.dtype
-        return losses
+        ctx.mark_non_differentiable(gold)
+        return losses, gold
 
     @staticmethod
-    def backward(ctx, grad_losses: Tensor):
+    def backward(ctx, grad_losses: Tensor, _grad_gold: Tensor):
         (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_losses[:, None]).to(ctx.h_dtype), None, None, None
+        return (grad_h * grad_losses[:, None]).to(ctx.h_dtype), None, None, None, None

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from compiler.chunking import Atom, chunk_document
-from compiler.decontext import resolve_pronoun
 from compiler.documents import MAX_FILE_MB, Document, Skipped, read_documents
+from compiler.lessons import lesson_views, taught_text, teacher_window
 from compiler.trainer import AtomTrainer
-from compiler.views import question_views
 from microlora.core.config import ChunkConfig, TrainConfig
 from microlora.core.embedder import Embedder
 from microlora.core.errors import QuotaExceededError
@@ -237,6 +236,10 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
     vectors = embedder.encode([taught[p.id] for p in atoms])
     neighbour_ids = _snapshot_neighbours(store, namespace, vectors, train_config)
     losses: list[float] = []
+
+    def count(text: str) -> int:
+        return len(base.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     with AtomTrainer(base.model, base.tokenizer, train_config) as trainer:
         start = 0
         for batch in mine:
@@ -246,11 +249,13 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
                 _stored_adapters(store, namespace, neighbour_ids[rows])
             contexts = ([f"{p.atom.title}\n" if p.atom.title else "" for p in batch]
                         if train_config.title_context else None)
-            views = ([question_views(taught[p.id], train_config.qa_views,
-                                     train_config.view_style) for p in batch]
+            views = ([lesson_views(p.atom, train_config) for p in batch]
                      if train_config.qa_views else None)
+            windows = ([teacher_window(p.atom, train_config, count) for p in batch]
+                       if train_config.distill else None)
             trained = trainer.train([taught[p.id] for p in batch], [p.id for p in batch],
-                                    contexts=contexts, frozen_neighbours=neighbours, views=views)
+                                    contexts=contexts, frozen_neighbours=neighbours, views=views,
+                                    windows=windows)
             out.put(namespace, [
                 AtomRecord(id=p.id, text=p.atom.text, adapter=t.adapter,
                            embedding=vectors[rows][i], base_fingerprint=base.fingerprint,
@@ -267,14 +272,6 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
             if progress:
                 progress(report.trained, len(atoms))
     return losses
-
-
-def taught_text(atom: Atom, config: TrainConfig) -> str:
-    """What an atom is trained and embedded as: its text, or with ``resolve_pronouns`` its
-    text with an opening pronoun replaced by the name it refers to."""
-    if config.resolve_pronouns and atom.context:
-        return resolve_pronoun(atom.context, atom.at)
-    return atom.text
 
 
 def check_quota(store: AdapterStore, namespace: str, atoms: Sequence[PlannedAtom],

@@ -89,4 +89,4 @@ def _loss(base: BaseModel, lora: MultiLoraModel, head: OutputHead, params,
     with lora.adapters(concat(reader, frozen)):
         hidden = base.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
     h, labels, _ = target_states(hidden, ids, tgt)
-    return head.cross_entropy(h, labels).mean()
+    return head.cross_entropy(h, labels)[0].mean()

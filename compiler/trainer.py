@@ -11,6 +11,9 @@ One forward/backward trains a whole batch through ``microlora.core.kernel``'s pe
 - composition in the loop: each atom is trained with other atoms' adapters (frozen) composed
   beside its own, the way it will be used at query time (DESIGN.md: adapters trained alone
   destroy each other when summed; trained this way, sums keep working);
+- distillation (``TrainConfig.distill``): a question view's answer is also taught as the
+  frozen base model answers it with the atom's window in view (Knowledge Modules, Caccia et
+  al. 2025; context distillation), the teacher's top tokens computed once per batch;
 - adaptive budget: an atom stops once every target token has probability > ``stop_prob``
   under its composed adapter (enough for greedy recall), or at ``max_steps``.
 """
@@ -25,7 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from compiler.loss import CandidateVocab, OutputHead, atom_losses, encode_targets, target_states
+from compiler.loss import (
+    CandidateVocab,
+    OutputHead,
+    SoftTargets,
+    atom_losses,
+    encode_targets,
+    target_states,
+)
 from compiler.replay import FrozenPrefix
 from microlora.core.config import TrainConfig
 from microlora.core.kernel import MultiLoraModel
@@ -64,13 +74,15 @@ class AtomTrainer:
     def train(self, texts: Sequence[str], keys: Sequence[str], *,
               contexts: Sequence[str] | None = None,
               frozen_neighbours: Sequence[Sequence[Packed]] | None = None,
-              views: Sequence[Sequence[tuple[str, str]]] | None = None) -> list[TrainedAtom]:
+              views: Sequence[Sequence[tuple[str, str]]] | None = None,
+              windows: Sequence[str] | None = None) -> list[TrainedAtom]:
         """Train one adapter per text. ``keys`` (atom ids) seed each atom's initialisation, so
         an atom starts the same whatever batch it lands in. ``frozen_neighbours[b]`` are stored
         atoms composed beside atom b (retrieved by similarity: its query-time company).
         ``views[b]`` are more (context, target) sequences that atom b's adapter is trained on
         too (e.g. questions about it and their answers); the atom has learned once all of its
-        sequences pass ``stop_prob``."""
+        sequences pass ``stop_prob``. ``windows[b]`` is the text the distilling teacher reads
+        before atom b's views (with ``TrainConfig.distill`` > 0)."""
         cfg = self.config
         n = len(texts)
         row_texts, row_contexts = list(texts), list(contexts or [""] * n)
@@ -82,6 +94,9 @@ class AtomTrainer:
                 group.append(b)
         group_of = torch.tensor(group)
         ids, mask, tgt = encode_targets(self.tokenizer, row_texts, row_contexts, self.device)
+        target_row = tgt[:, 1:].nonzero()[:, 0]  # the row of each target token
+        soft = self._teacher(row_texts, row_contexts, group, n, windows, tgt) \
+            if cfg.distill > 0 and windows is not None and len(row_texts) > n else None
         params = self._init_params(keys)
         frozen = compose(frozen_neighbours, device=self.device) \
             if frozen_neighbours and any(frozen_neighbours) else {}  # (B, F*r, in), (B, out, F*r)
@@ -91,7 +106,7 @@ class AtomTrainer:
         with torch.no_grad(), self._autocast():
             frozen_states = self.prefix.capture(ids, mask)  # (B, T, d): computed once
             with self.prefix.replay(frozen_states):
-                vocab = self._candidate_vocab(ids, mask, tgt)
+                vocab = self._candidate_vocab(ids, mask, tgt, soft)
         done = torch.zeros(n, dtype=torch.bool)
         steps = torch.zeros(n, dtype=torch.long)
         final = torch.zeros(n)
@@ -114,7 +129,8 @@ class AtomTrainer:
                 h, labels, row_of = target_states(hidden, ids[rows], tgt[rows])
                 loss_per_atom, scored, min_prob = atom_losses(
                     h, labels, slot.to(row_of.device)[row_of], len(active), self.head, vocab,
-                    cfg.stop_prob, last=step == cfg.max_steps)
+                    cfg.stop_prob, last=step == cfg.max_steps,
+                    soft=None if soft is None else soft.rows(torch.isin(target_row, rows)))
             finished = (min_prob > cfg.stop_prob) | (step == cfg.max_steps)
             for j in finished.nonzero().squeeze(1).tolist():
                 b = active[j].item()
@@ -187,15 +203,40 @@ class AtomTrainer:
         return concat(own, beside, stored)
 
     @torch.no_grad()
-    def _candidate_vocab(self, ids: Tensor, mask: Tensor, tgt: Tensor) -> CandidateVocab | None:
-        """The candidate vocabulary of this batch (``compiler.loss.CandidateVocab``), or None
-        for the full softmax."""
+    def _candidate_vocab(self, ids: Tensor, mask: Tensor, tgt: Tensor,
+                         soft: SoftTargets | None) -> CandidateVocab | None:
+        """The candidate vocabulary of this batch (``compiler.loss.CandidateVocab``; the
+        teacher's tokens join the targets), or None for the full softmax."""
         n = self.config.vocab_candidates
         if n <= 0 or n * 4 >= self.head.weight.shape[0]:
             return None  # a small vocabulary: the full softmax costs little
         hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         h, labels, _ = target_states(hidden, ids, tgt)
+        if soft is not None:
+            labels = torch.cat([labels, soft.ids[soft.probs > 0]])
         return CandidateVocab.of(self.head, h, labels, n)
+
+    @torch.no_grad()
+    def _teacher(self, texts: Sequence[str], contexts: Sequence[str], group: Sequence[int],
+                 first: int, windows: Sequence[str], tgt: Tensor) -> SoftTargets:
+        """The teacher's share of every target token: rows from ``first`` on (the views) as the
+        frozen base model predicts them reading their atom's window before the question
+        (its top ``distill_topk`` tokens, renormalised, times ``distill``); the rows before it
+        get none."""
+        cfg = self.config
+        read = [f"Context: {windows[group[j]]}\n{contexts[j]}" for j in range(first, len(texts))]
+        t_ids, t_mask, t_tgt = encode_targets(self.tokenizer, texts[first:], read, self.device)
+        with self._autocast():
+            hidden = self.model.base_model(input_ids=t_ids,
+                                           attention_mask=t_mask).last_hidden_state
+        top_ids, top_probs = self.head.top(target_states(hidden, t_ids, t_tgt)[0],
+                                           cfg.distill_topk)
+        taught = tgt[:, 1:].nonzero()[:, 0] >= first  # the views' targets, in the same order
+        ids = torch.zeros(len(taught), cfg.distill_topk, dtype=torch.long, device=self.device)
+        probs = torch.zeros(len(taught), cfg.distill_topk, device=self.device)
+        ids[taught] = top_ids
+        probs[taught] = top_probs / top_probs.sum(1, keepdim=True) * cfg.distill
+        return SoftTargets(ids, probs)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)

@@ -33,13 +33,14 @@ from composer.generation import (
 )
 from composer.prompts import build_prompt, line_break_ids, stop_pattern, uses_chat
 from composer.retrieval import Hit, default_namespaces, retrieve
-from composer.windows import merge, window
+from composer.windows import merge
 from microlora.core.config import AskConfig, Mode
 from microlora.core.embedder import Embedder
 from microlora.core.errors import MicroloraError
 from microlora.core.kernel import MultiLoraModel
 from microlora.core.models import BaseModel
 from microlora.core.pack import BatchedAdapters, Packed, PackLayout, compose
+from microlora.core.windows import window
 from store import AdapterStore, AtomRecord
 
 NOTHING_FOUND = "I found nothing relevant to this question in the store."

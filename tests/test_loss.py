@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from compiler.loss import LOSS_CHUNK_ROWS, linear_cross_entropy
+from compiler.loss import LOSS_CHUNK_ROWS, SoftTargets, linear_cross_entropy
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
@@ -15,7 +15,7 @@ def test_linear_cross_entropy_matches_the_plain_loss_and_gradient(softcap):
     labels = torch.randint(0, 300, (n,), generator=g)
     weights = torch.rand(n, generator=g)  # an arbitrary upstream gradient
 
-    ours = linear_cross_entropy(h, w, labels, softcap)
+    ours, gold = linear_cross_entropy(h, w, labels, softcap)
     (ours * weights).sum().backward()
     grad_ours, h.grad = h.grad.clone(), None
 
@@ -26,3 +26,34 @@ def test_linear_cross_entropy_matches_the_plain_loss_and_gradient(softcap):
     (plain * weights).sum().backward()
     torch.testing.assert_close(ours, plain.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad_ours, h.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gold, plain.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_soft_targets_give_the_cross_entropy_against_the_mixture(softcap):
+    """Distillation: the loss and gradient are the plain cross-entropy against
+    (1 - mix) * one_hot(label) + mix * teacher; the second output is the label's alone."""
+    g = torch.Generator().manual_seed(1)
+    n, vocab, k, mix = LOSS_CHUNK_ROWS + 11, 300, 5, 0.7
+    h = torch.randn(n, 16, generator=g, requires_grad=True)
+    w = torch.randn(vocab, 16, generator=g)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+    probs = torch.softmax(torch.randn(n, k, generator=g), 1)
+    weights = torch.rand(n, generator=g)
+
+    ours, gold = linear_cross_entropy(h, w, labels, softcap, SoftTargets(ids, mix * probs))
+    (ours * weights).sum().backward()
+    grad_ours, h.grad = h.grad.clone(), None
+
+    logits = h @ w.T
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    target = (1 - mix) * torch.nn.functional.one_hot(labels, vocab).float()
+    target.scatter_add_(1, ids, mix * probs)
+    plain = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(ours, plain.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_ours, h.grad, atol=1e-5, rtol=1e-5)
+    label_only = torch.nn.functional.cross_entropy(logits.detach(), labels, reduction="none")
+    torch.testing.assert_close(gold, label_only, atol=1e-5, rtol=1e-5)

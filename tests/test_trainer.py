@@ -145,3 +145,34 @@ def test_question_views_train_the_atoms_own_adapter(base):
 
     trained, untrained = answer_prob(with_views[0].adapter), answer_prob(plain[0].adapter)
     assert trained > 0.2 and trained > 5 * untrained, (trained, untrained)
+
+
+def answer_argmax(base, prompt: str, answer: str, adapter=None) -> list[int]:
+    """The model's likeliest token at each of ``answer``'s positions after ``prompt``."""
+    bos = [base.tokenizer.bos_token_id] if base.tokenizer.bos_token_id is not None else []
+    p = bos + base.tokenizer(prompt, add_special_tokens=False).input_ids
+    a = base.tokenizer(answer, add_special_tokens=False).input_ids
+    ids = torch.tensor([p + a])
+    lora = MultiLoraModel(base.model, config().targets)
+    try:
+        with torch.no_grad(), lora.adapters(compose([[adapter]]) if adapter else {}):
+            logits = base.model(input_ids=ids).logits[0]
+    finally:
+        lora.remove()
+    return logits[len(p) - 1:len(p) + len(a) - 1].argmax(-1).tolist()
+
+
+def test_distillation_teaches_what_the_base_model_says_with_the_window_in_view(base):
+    """distill=1: a view's answer is taught as the frozen model predicts it reading the
+    atom's window first, not as the answer's own tokens: trained, the bare question gets
+    the teacher's answer tokens."""
+    views = [[("w5 w6 w7", " w8 w9 w10")], [("w11 w12", " w13 w14")]]
+    windows = ["w20 w21 w22 w23", "w30 w31 w32"]
+    cfg = config(distill=1.0, distill_topk=8, max_steps=60, stop_prob=0.99)
+    with AtomTrainer(base.model, base.tokenizer, cfg) as trainer:
+        trained = trainer.train(TEXTS[:2], KEYS[:2], views=views, windows=windows)
+    for (question, answer), window, atom in zip([v[0] for v in views], windows, trained):
+        teacher = answer_argmax(base, f"Context: {window}\n{question}", answer)
+        assert teacher != base.tokenizer(answer, add_special_tokens=False).input_ids
+        assert answer_argmax(base, question, answer, atom.adapter) == teacher
+        assert answer_argmax(base, question, answer) != teacher  # the adapter did it

@@ -56,7 +56,7 @@ def test_an_opening_pronoun_is_replaced_by_its_paragraphs_nearest_name():
 
 def test_resolve_pronouns_changes_what_is_taught_not_what_is_stored():
     from compiler.chunking import Atom
-    from compiler.pipeline import taught_text
+    from compiler.lessons import taught_text
     from microlora.core.config import TrainConfig
 
     paragraph = ("Talia Orven grew up in Lisk.", "She discovered a comet in 2011.")
@@ -65,3 +65,24 @@ def test_resolve_pronouns_changes_what_is_taught_not_what_is_stored():
     resolving = TrainConfig(resolve_pronouns=True)
     assert taught_text(atom, resolving) == "Talia Orven discovered a comet in 2011."
     assert resolving.key() != TrainConfig().key()  # other atoms, other ids
+
+
+def test_window_views_teach_an_atom_its_neighbours_facts_by_name():
+    from compiler.chunking import Atom
+    from compiler.lessons import lesson_views, teacher_window
+    from microlora.core.config import TrainConfig
+
+    paragraph = ("Talia Orven grew up in Lisk.", "She discovered a comet in 2011.",
+                 "The comet was named Arvo.", "Nobody saw it again.")
+    atom = Atom(paragraph[0], "d.md", 0, 28, context=paragraph, at=0)
+    alone = lesson_views(atom, TrainConfig(qa_views=2))
+    assert [a for _, a in alone] == [" Talia Orven\n", " Lisk\n"]
+    wide = lesson_views(atom, TrainConfig(qa_views=2, window_views=1))
+    assert [a for _, a in wide] == [" Talia Orven\n", " Lisk\n", " Talia Orven\n",
+                                    " 2011\n"]  # only one place away
+    assert "Talia Orven discovered a comet in" in wide[3][0]  # asked by name, not "She"
+    words = lambda text: len(text.split())  # noqa: E731
+    assert teacher_window(atom, TrainConfig(distill_window=12), words) == \
+        "Talia Orven grew up in Lisk. She discovered a comet in 2011."
+    assert TrainConfig(window_views=1).key() != TrainConfig().key()
+    assert TrainConfig(distill=0.5).key() != TrainConfig().key()

@@ -1,7 +1,8 @@
 """Windows: an atom's sentence and its paragraph around it, within a token budget, merged
 across atoms of one paragraph so nothing is shown twice."""
 
-from composer.windows import merge, window
+from composer.windows import merge
+from microlora.core.windows import window
 
 PARAGRAPH = ["Talia Orven grew up in Mossbeck.", "She trained as a glassblower.",
              "She later founded a glassworks in Carrow Point.", "It closed in 1904.",

@@ -66,6 +66,14 @@ _RECIPE_OPTIONS = [
                  type=click.Choice(VIEW_STYLES),
                  help="Ask each question view with the whole sentence around its answer, or "
                       "with only the clause around it."),
+    click.option("--window-views", default=_TRAIN.window_views, show_default=True,
+                 type=click.IntRange(0, 8),
+                 help="Also train each atom on the question views of the sentences up to N "
+                      "places either side of it in its paragraph."),
+    click.option("--distill", default=_TRAIN.distill, show_default=True,
+                 type=click.FloatRange(0, 1),
+                 help="Share of each question view's target taken from the base model "
+                      "answering it with the atom's window in view (0: the answer alone)."),
 ]
 
 
@@ -94,7 +102,8 @@ def _recipe_params() -> list[click.Parameter]:
 def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbours: int,
                  batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int,
                  qa_views: int = _TRAIN.qa_views, resolve_pronouns: bool = _TRAIN.resolve_pronouns,
-                 view_style: str = _TRAIN.view_style) -> tuple[TrainConfig, ChunkConfig]:
+                 view_style: str = _TRAIN.view_style, window_views: int = _TRAIN.window_views,
+                 distill: float = _TRAIN.distill) -> tuple[TrainConfig, ChunkConfig]:
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     try:
         spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
@@ -102,7 +111,8 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
         return (TrainConfig(rank=rank, lr=lr, max_steps=max_steps, stop_prob=stop_prob,
                             neighbours=neighbours, batch_atoms=batch_atoms, targets=spec,
                             qa_views=qa_views, view_style=view_style,
-                            resolve_pronouns=resolve_pronouns),
+                            resolve_pronouns=resolve_pronouns, window_views=window_views,
+                            distill=distill),
                 ChunkConfig(max_tokens=max_atom_tokens))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

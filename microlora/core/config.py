@@ -91,7 +91,8 @@ class TargetSpec:
 
 # Recipe fields newer than the stores in use, with their defaults then: at those values they
 # stay out of the recipe key, so existing atom ids hold (tests/test_atom_ids.py pins them).
-_KEY_SINCE_V1 = {"qa_views": 0, "view_style": "sentence", "resolve_pronouns": False}
+_KEY_SINCE_V1 = {"qa_views": 0, "view_style": "sentence", "resolve_pronouns": False,
+                 "window_views": 0, "distill": 0.0, "distill_topk": 16, "distill_window": 160}
 
 
 @dataclass(frozen=True)
@@ -139,12 +140,19 @@ class TrainConfig:
     qa_views: int = 2  # measured: benchmarks/RESULTS.md, "question views"
     view_style: str = "sentence"
     resolve_pronouns: bool = False
+    window_views: int = 0
+    distill: float = 0.0
+    distill_topk: int = 16
+    distill_window: int = 160
 
     def __post_init__(self) -> None:
         if self.rank not in (1, 2, 4, 8):
             raise ValueError(f"--rank must be 1, 2, 4 or 8 (micro-adapters), got {self.rank}")
         if self.max_steps < 1 or self.batch_atoms < 1 or self.neighbours < 0:
             raise ValueError("--steps and --batch-size must be >= 1 and neighbours >= 0")
+        if not 0.0 <= self.distill <= 1.0 or self.distill_topk < 1 or self.window_views < 0:
+            raise ValueError("--distill must be in [0, 1], its top-k >= 1 and --window-views "
+                             ">= 0")
         if self.view_style not in VIEW_STYLES:
             raise ValueError(f"--view-style must be one of {VIEW_STYLES}, got "
                              f"{self.view_style!r}")
