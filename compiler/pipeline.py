@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
 from compiler.chunking import Atom, chunk_document
 from compiler.documents import MAX_FILE_MB, Document, Skipped, read_documents
 from compiler.lessons import lesson_views, taught_text, teacher_window
@@ -253,9 +255,11 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
                      if train_config.qa_views else None)
             windows = ([teacher_window(p.atom, train_config, count) for p in batch]
                        if train_config.distill else None)
+            company = nearest_company(vectors[rows], train_config.neighbours) \
+                if train_config.company == "nearest" else None
             trained = trainer.train([taught[p.id] for p in batch], [p.id for p in batch],
                                     contexts=contexts, frozen_neighbours=neighbours, views=views,
-                                    windows=windows)
+                                    windows=windows, company=company)
             out.put(namespace, [
                 AtomRecord(id=p.id, text=p.atom.text, adapter=t.adapter,
                            embedding=vectors[rows][i], base_fingerprint=base.fingerprint,
@@ -272,6 +276,14 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
             if progress:
                 progress(report.trained, len(atoms))
     return losses
+
+
+def nearest_company(vectors, m: int) -> torch.Tensor:
+    """For each atom of a batch, the indices of its ``m`` most similar batch-mates (cosine of
+    unit vectors), most similar first: (n, min(m, n - 1))."""
+    sims = torch.from_numpy(vectors @ vectors.T)
+    sims.fill_diagonal_(-float("inf"))
+    return sims.topk(min(m, len(vectors) - 1), dim=1).indices
 
 
 def check_quota(store: AdapterStore, namespace: str, atoms: Sequence[PlannedAtom],

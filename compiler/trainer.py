@@ -75,14 +75,16 @@ class AtomTrainer:
               contexts: Sequence[str] | None = None,
               frozen_neighbours: Sequence[Sequence[Packed]] | None = None,
               views: Sequence[Sequence[tuple[str, str]]] | None = None,
-              windows: Sequence[str] | None = None) -> list[TrainedAtom]:
+              windows: Sequence[str] | None = None,
+              company: Tensor | None = None) -> list[TrainedAtom]:
         """Train one adapter per text. ``keys`` (atom ids) seed each atom's initialisation, so
         an atom starts the same whatever batch it lands in. ``frozen_neighbours[b]`` are stored
         atoms composed beside atom b (retrieved by similarity: its query-time company).
         ``views[b]`` are more (context, target) sequences that atom b's adapter is trained on
         too (e.g. questions about it and their answers); the atom has learned once all of its
         sequences pass ``stop_prob``. ``windows[b]`` is the text the distilling teacher reads
-        before atom b's views (with ``TrainConfig.distill`` > 0)."""
+        before atom b's views (with ``TrainConfig.distill`` > 0). ``company[b]`` are the batch
+        indices of the atoms composed beside atom b (random ones when None)."""
         cfg = self.config
         n = len(texts)
         row_texts, row_contexts = list(texts), list(contexts or [""] * n)
@@ -116,7 +118,8 @@ class AtomTrainer:
             active = (~done).nonzero().squeeze(1)
             if len(active) == 0:
                 break
-            nbrs = self._batch_neighbours(n, active, gen)
+            nbrs = self._batch_neighbours(n, active, gen) if company is None else \
+                company[active, :min(cfg.neighbours, n - 1)]
             adapters = self._compose(params, active, nbrs, frozen)
             rows = torch.isin(group_of, active).nonzero().squeeze(1)  # the active atoms' rows
             slot = torch.searchsorted(active, group_of[rows])  # row -> its atom in ``active``

@@ -176,3 +176,33 @@ def test_distillation_teaches_what_the_base_model_says_with_the_window_in_view(b
         assert teacher != base.tokenizer(answer, add_special_tokens=False).input_ids
         assert answer_argmax(base, question, answer, atom.adapter) == teacher
         assert answer_argmax(base, question, answer) != teacher  # the adapter did it
+
+
+def test_nearest_company_picks_the_most_similar_batch_mates():
+    import numpy as np
+
+    from compiler.pipeline import nearest_company
+
+    vectors = np.eye(4, dtype=np.float32)
+    vectors[1] = vectors[0] * 0.8 + vectors[1] * 0.6  # 1 is near 0
+    vectors[3] = vectors[2] * 0.6 + vectors[3] * 0.8  # 3 is near 2
+    company = nearest_company(vectors, 1)
+    assert company[:, 0].tolist() == [1, 0, 3, 2]
+    assert nearest_company(vectors, 9).shape == (4, 3)  # never more than the others
+
+
+def test_given_company_is_who_trains_beside_an_atom(base):
+    """With a company, atom 0 trains beside atom 1 only: changing atom 2 or 3 (not its
+    company) leaves atom 0's adapter as it was; changing atom 1 does not."""
+    company = torch.tensor([[1], [0], [3], [2]])
+
+    def atom0(texts):
+        with AtomTrainer(base.model, base.tokenizer, config(neighbours=1, max_steps=5,
+                                                            stop_prob=1.0)) as trainer:
+            return trainer.train(texts, KEYS, company=company)[0].adapter.flat
+
+    first = atom0(TEXTS)
+    same = atom0(TEXTS[:2] + ["w50 w51", "w52 w53 w54"])
+    other = atom0([TEXTS[0], "w60 w61 w62"] + TEXTS[2:])
+    torch.testing.assert_close(first, same, atol=1e-6, rtol=1e-5)  # padding may differ
+    assert (first - other).abs().max() > 1e-3

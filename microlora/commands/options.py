@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from microlora.core.config import VIEW_STYLES, ChunkConfig, TargetSpec, TrainConfig
+from microlora.core.config import COMPANIES, VIEW_STYLES, ChunkConfig, TargetSpec, TrainConfig
 
 
 def model_options(f):
@@ -70,6 +70,10 @@ _RECIPE_OPTIONS = [
                  type=click.IntRange(0, 8),
                  help="Also train each atom on the question views of the sentences up to N "
                       "places either side of it in its paragraph."),
+    click.option("--company", default=_TRAIN.company, show_default=True,
+                 type=click.Choice(COMPANIES),
+                 help="Which batch-mates each atom trains beside: random ones, or its nearest "
+                      "by embedding (its likely company at query time)."),
     click.option("--distill", default=_TRAIN.distill, show_default=True,
                  type=click.FloatRange(0, 1),
                  help="Share of each question view's target taken from the base model "
@@ -103,7 +107,8 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                  batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int,
                  qa_views: int = _TRAIN.qa_views, resolve_pronouns: bool = _TRAIN.resolve_pronouns,
                  view_style: str = _TRAIN.view_style, window_views: int = _TRAIN.window_views,
-                 distill: float = _TRAIN.distill) -> tuple[TrainConfig, ChunkConfig]:
+                 distill: float = _TRAIN.distill, company: str = _TRAIN.company
+                 ) -> tuple[TrainConfig, ChunkConfig]:
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     try:
         spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
@@ -112,7 +117,7 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                             neighbours=neighbours, batch_atoms=batch_atoms, targets=spec,
                             qa_views=qa_views, view_style=view_style,
                             resolve_pronouns=resolve_pronouns, window_views=window_views,
-                            distill=distill),
+                            distill=distill, company=company),
                 ChunkConfig(max_tokens=max_atom_tokens))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

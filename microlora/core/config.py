@@ -19,6 +19,7 @@ TEMPLATES = ("qa", "completion")  # composer.prompts: answer a question, or cont
 COMPOSITIONS = ("stacked", "merged")  # composer: adapters beside W, or folded into it
 HYBRIDS = ("ensemble", "gated", "rerank", "joint")  # composer: how --mode hybrid combines
 WEIGHTINGS = ("uniform", "score")  # composer.retrieval: each atom's weight in the sum
+COMPANIES = ("random", "nearest")  # compiler.trainer: which batch-mates train beside an atom
 
 
 def defaults(cls: type) -> dict[str, Any]:
@@ -92,7 +93,8 @@ class TargetSpec:
 # Recipe fields newer than the stores in use, with their defaults then: at those values they
 # stay out of the recipe key, so existing atom ids hold (tests/test_atom_ids.py pins them).
 _KEY_SINCE_V1 = {"qa_views": 0, "view_style": "sentence", "resolve_pronouns": False,
-                 "window_views": 0, "distill": 0.0, "distill_topk": 16, "distill_window": 160}
+                 "window_views": 0, "distill": 0.0, "distill_topk": 16, "distill_window": 160,
+                 "company": "random"}
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class TrainConfig:
     lr, max_steps: Adam learning rate and the step budget per atom (``--lr``, ``--steps``).
     stop_prob: an atom stops when every target token has at least this probability.
     neighbours: other atoms' adapters composed beside each atom while it trains.
+    company: which batch-mates those are: "random", or the "nearest" by embedding (the atoms
+        a query that finds this one also finds, so it trains in its query-time company).
     batch_atoms: atoms trained together in one step (``--batch-size``).
     bf16: autocast matmuls to bf16 (AMX on CPU, tensor cores on GPU).
     title_context: prefix each atom with its document title (not trained on, only read).
@@ -144,6 +148,7 @@ class TrainConfig:
     distill: float = 0.0
     distill_topk: int = 16
     distill_window: int = 160
+    company: str = "random"
 
     def __post_init__(self) -> None:
         if self.rank not in (1, 2, 4, 8):
@@ -153,6 +158,8 @@ class TrainConfig:
         if not 0.0 <= self.distill <= 1.0 or self.distill_topk < 1 or self.window_views < 0:
             raise ValueError("--distill must be in [0, 1], its top-k >= 1 and --window-views "
                              ">= 0")
+        if self.company not in COMPANIES:
+            raise ValueError(f"--company must be one of {COMPANIES}, got {self.company!r}")
         if self.view_style not in VIEW_STYLES:
             raise ValueError(f"--view-style must be one of {VIEW_STYLES}, got "
                              f"{self.view_style!r}")
