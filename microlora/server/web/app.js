@@ -221,7 +221,7 @@ function failed(item, status, message) {
 async function ask(event) {
   event.preventDefault();
   const question = $("question").value.trim();
-  if (!question) return;
+  if (!question || $("ask-button").disabled) return; // one question at a time
   const mine = session;
   const text = el("p", { className: "text" });
   const sources = el("ol", { className: "sources" });
