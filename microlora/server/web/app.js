@@ -17,10 +17,11 @@ function el(tag, props = {}, ...children) {
 }
 
 async function api(path, options = {}) {
+  const mine = session;
   const headers = { Authorization: `Bearer ${sessionStorage.getItem(KEY)}`, ...options.headers };
   const r = await fetch(path, { ...options, headers });
   if (r.status === 401) {
-    signOut("The server refused this key: paste a valid one.");
+    if (mine === session) signOut("The server refused this key: paste a valid one.");
     throw new ApiError("invalid API key");
   }
   if (!r.ok) throw new ApiError(await errorOf(r));
@@ -66,7 +67,9 @@ async function enter() {
 // -- corpora ---------------------------------------------------------------------------------
 
 async function loadNamespaces() {
+  const mine = session;
   const body = await (await api("/v1/namespaces")).json();
+  if (mine !== session) return; // asked with the key before this one
   $("user").textContent = body.user;
   const checked = new Map(
     [...document.querySelectorAll("#corpora input")].map((box) => [box.value, box.checked]));
