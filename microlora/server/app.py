@@ -4,10 +4,11 @@ Every request carries an API key (``Authorization: Bearer KEY``) that names one 
 reads and writes only ``user:NAME`` and reads the shared corpora the key was granted. Answers
 go through a ``Batcher``, so requests in flight together are decoded in one batch, each with
 its own composed atoms. Documents are compiled into the caller's namespace by a background
-job on a private copy of the base model.
+job on a private copy of the base model. A web page for people is served at ``/``.
 
 The pieces: ``service`` (the state), ``auth`` (keys), ``routes/`` (one module per resource),
-``streaming`` and ``openai`` (answers and their shapes), ``errors`` and ``middleware``.
+``streaming`` and ``openai`` (answers and their shapes), ``errors`` and ``middleware``, and
+``web/`` (the page's HTML, script and stylesheet, package data).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from fastapi import FastAPI
 from microlora.core.config import ServeConfig
 from microlora.server.errors import install_error_handlers
 from microlora.server.middleware import install_middleware
-from microlora.server.routes import completions, documents, system
+from microlora.server.routes import completions, documents, namespaces, system, web
 from microlora.server.service import Service, open_service
 
 
@@ -37,7 +38,7 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     install_error_handlers(app)
     install_middleware(app, service)
-    for routes in (system, completions, documents):
+    for routes in (system, completions, documents, namespaces, web):
         app.include_router(routes.router)
     return app
 

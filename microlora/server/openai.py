@@ -7,6 +7,7 @@ import json
 import time
 
 from composer.composer import Answer
+from microlora.core.provenance import cite
 
 CHAT = "chat.completion"
 TEXT = "text_completion"
@@ -45,9 +46,13 @@ def chunk(kind: str, rid: str, created: int, model: str, choices: list[dict],
 
 
 def atoms(answer: Answer) -> list[dict]:
-    """Which atoms this answer used (composed, quoted, or both, by its mode)."""
+    """Which atoms this answer used (composed, quoted, or both, by its mode), with what
+    ``GET /v1/atoms/ID`` says of where each came from, so a client can show the sources
+    beside the answer without a request per atom."""
     return [{"namespace": s.hit.namespace, "id": s.hit.id, "score": round(s.hit.score, 4),
-             "weight": s.hit.weight} for s in answer.sources]
+             "weight": s.hit.weight, "text": s.text, "source": s.source,
+             "page": s.page or None, "section": list(s.section),
+             "citation": cite(s.source, s.page, s.section)} for s in answer.sources]
 
 
 def finish(answer: Answer) -> str:
