@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import HEADER, make_records, store_of_random_atoms
+from conftest import HEADER, corrupt_atom, make_records, store_of_random_atoms
 
 from composer import Composer
 from microlora.cli import cli
@@ -197,6 +197,16 @@ def test_nothing_relevant_found_is_an_answer(server, monkeypatch):
     assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) \
         == NOTHING_FOUND
     assert chunks[-1]["choices"][0]["atoms"] == []
+
+
+def test_a_corrupt_atom_is_left_out_of_the_answer_not_a_500(server):
+    _, service, _ = server
+    corrupt_atom(service.store, "wiki", "wiki-0")
+    with client(server, "bob") as c:
+        r = chat(c, "w1 w2 w3", k=8)  # every wiki atom
+    assert r.status_code == 200, r.text
+    atoms = [a["id"] for a in r.json()["choices"][0]["atoms"]]
+    assert sorted(atoms) == [f"wiki-{i}" for i in range(1, 8)]
 
 
 # -- keys and isolation -----------------------------------------------------------------------
