@@ -14,6 +14,7 @@ comes from batching requests (``ask_batch``), not from threads.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -36,7 +37,7 @@ from composer.retrieval import Hit, default_namespaces, retrieve
 from composer.windows import merge
 from microlora.core.config import AskConfig, Mode
 from microlora.core.embedder import Embedder
-from microlora.core.errors import MicroloraError
+from microlora.core.errors import CorruptAtomError, MicroloraError
 from microlora.core.kernel import MultiLoraModel
 from microlora.core.models import BaseModel
 from microlora.core.pack import BatchedAdapters, Packed, PackLayout, compose
@@ -44,6 +45,7 @@ from microlora.core.windows import window
 from store import AdapterStore, AtomRecord
 
 NOTHING_FOUND = "I found nothing relevant to this question in the store."
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,19 +128,23 @@ class Composer:
                         weighting=config.weighting)
 
     @contextmanager
-    def fetch(self, requests: Sequence[Sequence[Hit]]
+    def fetch(self, requests: Sequence[Sequence[Hit]], *, skip_corrupt: bool = False
               ) -> Iterator[dict[tuple[str, str], AtomRecord]]:
         """Every hit's record (text, provenance and packed adapter) by (namespace, id), from
-        one read transaction per namespace: zero-copy views, valid inside the ``with`` block."""
+        one read transaction per namespace: zero-copy views, valid inside the ``with`` block.
+        With ``skip_corrupt``, an atom whose record is corrupt is left out (and logged, by
+        id) instead of failing every question of the batch."""
         wanted: dict[str, dict[str, None]] = {}
         for hits in requests:
             for h in hits:
                 wanted.setdefault(h.namespace, {})[h.id] = None
+        on_corrupt = _left_out if skip_corrupt else None
         with ExitStack() as stack:
             records = {}
             for ns, ids in sorted(wanted.items()):
                 reader = stack.enter_context(self.store.read(ns))
-                records.update({(ns, r.id): r for r in reader.gather(list(ids))})
+                records.update({(ns, r.id): r
+                                for r in reader.gather(list(ids), on_corrupt=on_corrupt)})
             yield records
 
     def compose(self, requests: Sequence[Sequence[Hit]],
@@ -208,12 +214,18 @@ class Composer:
             raise MicroloraError("hits must hold one list of atoms per question")
         if config.mode.retrieves and not all(hits):
             return self._answer_found(questions, hits, config, on_text, t0)
-        with self.fetch(hits) as records:  # one read: the texts and the adapters
-            sources = [[self._source(h, records[(h.namespace, h.id)], config) for h in row]
-                       for row in hits]
-            rows = self._rows(questions, hits, sources, config)
-            adapters = self.compose(rows.hits, records, reader=config.reader) \
-                if config.mode.uses_adapters and any(hits) else None
+        with self.fetch(hits, skip_corrupt=True) as records:  # one read: texts and adapters
+            intact = [[h for h in row if (h.namespace, h.id) in records] for row in hits]
+            answerable = not config.mode.retrieves or all(intact)
+            if answerable:
+                hits = intact
+                sources = [[self._source(h, records[(h.namespace, h.id)], config) for h in row]
+                           for row in hits]
+                rows = self._rows(questions, hits, sources, config)
+                adapters = self.compose(rows.hits, records, reader=config.reader) \
+                    if config.mode.uses_adapters and any(hits) else None
+        if not answerable:  # every atom of some question was corrupt: as if none was found
+            return self._answer_found(questions, intact, config, on_text, t0)
         tok = self.base.tokenizer
         ids, mask = encode_prompts(tok, rows.prompts, self.base.device,
                                    chat=uses_chat(tok, config.template))
@@ -367,6 +379,10 @@ class _Rows:
     weights: tuple[float, ...]  # the ensemble's weight per group of rows; () for one row each
     gate: int | None = None  # the group whose confidence silences the others (``generate``)
     rerank: bool = False  # the two groups decode alone; ``Composer._rerank`` picks
+
+
+def _left_out(e: CorruptAtomError) -> None:
+    log.warning("%s; answering without it", e)
 
 
 _NAME_WORD = re.compile(r"(?<=\s)[A-Z][\w'’-]*")

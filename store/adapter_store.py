@@ -34,6 +34,7 @@ from microlora.core.errors import (
 )
 from microlora.core.pack import Packed
 from store import record as rec
+from store.damage import damage_explained
 from store.documents import DocumentManifests
 from store.index import EXACT_LIMIT, VectorIndex
 from store.index_cache import IndexCache
@@ -119,6 +120,7 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         self._dbs: dict[str, object] = {}
         self._indexes: dict[str, VectorIndex] = {}
         self._unsaved: set[str] = set()
+        self._verified: dict[str, tuple[int, set[str]]] = {}  # namespace -> (generation, ids)
         self._lock = threading.RLock()  # the cached FAISS indexes and db handles
 
     @classmethod
@@ -193,21 +195,22 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
     # -- namespaces --------------------------------------------------------------------------
 
     def namespaces(self) -> list[str]:
-        with self._env.begin(db=self._meta) as txn:
+        with self._txn(db=self._meta) as txn:
             return [k[3:].decode() for k, _ in txn.cursor() if k.startswith(b"ns:")]
 
     def _db(self, namespace: str):
         """The handle of an existing namespace's database. Whether it exists is asked every
         time: a handle stays cached (and open) after its namespace is dropped (``drop``)."""
         validate_namespace(namespace)
-        with self._env.begin(db=self._meta) as txn:
+        with self._txn(db=self._meta) as txn:
             known = txn.get(b"ns:" + namespace.encode()) is not None
         if not known:
             have = ", ".join(self.namespaces()) or "none"
             raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r} "
                                         f"(it has: {have})", namespace=namespace)
         if namespace not in self._dbs:
-            self._dbs[namespace] = self._env.open_db(namespace.encode(), create=False)
+            with damage_explained(self.path):
+                self._dbs[namespace] = self._env.open_db(namespace.encode(), create=False)
         return self._dbs[namespace]
 
     def _db_for_write(self, txn, namespace: str):
@@ -221,7 +224,7 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         return db
 
     def generation(self, namespace: str) -> int:
-        with self._env.begin(db=self._meta) as txn:
+        with self._txn(db=self._meta) as txn:
             raw = txn.get(b"gen:" + validate_namespace(namespace).encode())
         if raw is None:
             raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r}",
@@ -244,7 +247,7 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         self._guard_writable()
         with self._lock:
             db = self._db(namespace)
-            with self._env.begin(write=True) as txn:
+            with self._txn(write=True) as txn:
                 n = txn.stat(db)["entries"]
                 txn.drop(db, delete=False)
                 txn.delete(b"ns:" + namespace.encode(), db=self._meta)
@@ -253,6 +256,7 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
                     txn.delete(key, db=self._meta)
             self._indexes.pop(namespace, None)
             self._unsaved.discard(namespace)
+            self._verified.pop(namespace, None)  # a namespace made anew restarts at 0
             VectorIndex.remove(self.layout.index(namespace))
         return n
 
@@ -285,7 +289,7 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         values = [(r.id.encode(), rec.encode(r, dtype)) for r in records]
         added: list[rec.AtomRecord] = []
         try:
-            with self._env.begin(write=True) as txn:
+            with self._txn(write=True) as txn:
                 db = self._db_for_write(txn, namespace)
                 for r, (key, value) in zip(records, values):
                     if txn.put(key, value, db=db, overwrite=False):
@@ -304,7 +308,7 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         """Delete atoms by id in one transaction; returns how many existed."""
         self._guard_writable()
         db = self._db(namespace)
-        with self._env.begin(write=True) as txn:
+        with self._txn(write=True) as txn:
             n = sum(txn.delete(i.encode(), db=db) for i in ids)
             if n:
                 self._bump(txn, namespace)
@@ -314,12 +318,12 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
 
     def ids(self, namespace: str) -> list[str]:
         db = self._db(namespace)
-        with self._env.begin(db=db) as txn:
+        with self._txn(db=db) as txn:
             return [k.decode() for k in txn.cursor().iternext(keys=True, values=False)]
 
     def count(self, namespace: str) -> int:
         db = self._db(namespace)  # open the handle before the transaction that uses it
-        with self._env.begin() as txn:
+        with self._txn() as txn:
             return txn.stat(db)["entries"]
 
     def get(self, namespace: str, ids: Sequence[str]) -> list[rec.AtomRecord]:
@@ -332,8 +336,26 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         """A read transaction: ``reader.get(id)`` returns zero-copy views into the memory map,
         valid until the ``with`` block ends."""
         db = self._db(namespace)
-        with self._env.begin(db=db, buffers=True) as txn:
-            yield Reader(self.path, namespace, txn)
+        with self._txn(db=db, buffers=True) as txn:
+            yield Reader(self.path, namespace, txn, self._verified_ids(txn, namespace))
+
+    def _verified_ids(self, txn, namespace: str) -> set[str]:
+        """The ids of ``namespace`` whose checksums this process has checked, in the generation
+        ``txn`` sees: any write may have replaced an atom's bytes under the same id."""
+        raw = txn.get(b"gen:" + namespace.encode(), db=self._meta)
+        gen = -1 if raw is None else int(bytes(raw))
+        with self._lock:
+            known = self._verified.get(namespace)
+            if known is None or known[0] != gen:
+                known = self._verified[namespace] = (gen, set())
+            return known[1]
+
+    @contextmanager
+    def _txn(self, **kwargs) -> Iterator[lmdb.Transaction]:
+        """``Environment.begin(**kwargs)``, with LMDB's errors for a damaged file, raised in
+        the body or by LMDB, explained as a ``StoreError``."""
+        with damage_explained(self.path), self._env.begin(**kwargs) as txn:
+            yield txn
 
     def _guard_writable(self) -> None:
         if self.readonly:

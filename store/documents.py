@@ -18,7 +18,7 @@ class DocumentManifests:
         documents), so that ``delete_document`` can forget one document."""
         self._guard_writable()
         self._db(namespace)
-        with self._env.begin(write=True) as txn:
+        with self._txn(write=True) as txn:
             for doc_id, atom_ids in manifests.items():
                 txn.put(_document_key(namespace, doc_id), json.dumps(atom_ids).encode(),
                         db=self._meta)
@@ -26,7 +26,7 @@ class DocumentManifests:
     def documents(self, namespace: str) -> dict[str, list[str]]:
         """Document id -> the ids of the atoms it produced."""
         self._db(namespace)
-        with self._env.begin(db=self._meta) as txn:
+        with self._txn(db=self._meta) as txn:
             return {key.split(b"\x00", 1)[1].decode(): json.loads(value)
                     for key, value in self._document_items(txn, namespace)}
 
@@ -36,7 +36,7 @@ class DocumentManifests:
         self._guard_writable()
         db = self._db(namespace)
         key = _document_key(namespace, doc_id)
-        with self._env.begin(write=True) as txn:
+        with self._txn(write=True) as txn:
             raw = txn.get(key, db=self._meta)
             if raw is None:
                 raise UnknownDocumentError(f"namespace {namespace!r} has no document {doc_id!r}")

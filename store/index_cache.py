@@ -4,10 +4,15 @@ LMDB when stale (see ``store/index.py``)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
+from microlora.core.errors import CorruptAtomError
 from store import record as rec
 from store.index import VectorIndex
+
+log = logging.getLogger(__name__)
 
 
 class IndexCache:
@@ -37,7 +42,7 @@ class IndexCache:
     def _rebuild_index(self, namespace: str, gen: int) -> VectorIndex:
         ids, vectors = [], []
         with self.read(namespace) as reader:
-            for atom_id, r in reader.items():
+            for atom_id, r in reader.items(on_corrupt=_left_out):
                 ids.append(atom_id)
                 vectors.append(r.embedding)
         mat = np.stack(vectors) if vectors else np.zeros((0, self.header.embedding_dim),
@@ -73,3 +78,7 @@ class IndexCache:
                   [r.id for r in added], gen)
         self._indexes[namespace] = index
         self._unsaved.add(namespace)  # saved on close(): saving after every put is O(n^2)
+
+
+def _left_out(e: CorruptAtomError) -> None:
+    log.warning("%s; it is left out of the index", e)

@@ -1,42 +1,55 @@
-"""Zero-copy reads of one namespace inside an LMDB read transaction."""
+"""Zero-copy reads of one namespace inside an LMDB read transaction, each record's checksum
+verified the first time this process reads it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from microlora.core.errors import StoreError
+from microlora.core.errors import CorruptAtomError, StoreError
 from store import record as rec
 
 
 class Reader:
-    """Zero-copy access to one namespace inside a read transaction (see ``AdapterStore.read``)."""
+    """Zero-copy access to one namespace inside a read transaction (see ``AdapterStore.read``).
 
-    def __init__(self, store_path: Path, namespace: str, txn):
+    ``verified``: the ids whose checksums this process has already checked in this
+    generation of the namespace (the store keeps one set per generation and shares it among
+    its readers). Hashing a record costs about as much as fetching it, so each one is hashed
+    once, not at every question; a record read for the first time is hashed before use.
+    """
+
+    def __init__(self, store_path: Path, namespace: str, txn, verified: set[str] | None = None):
         self._path, self.namespace, self._txn = store_path, namespace, txn
+        self._verified = set() if verified is None else verified
 
     def __contains__(self, atom_id: str) -> bool:
         return self._txn.get(atom_id.encode()) is not None
 
     def get(self, atom_id: str, *, copy: bool = False) -> rec.AtomRecord:
-        value = self._value(atom_id)
-        with self._explained(atom_id):
-            return rec.decode(value, copy=copy)
+        """The record (``CorruptAtomError`` if it fails its checksum or does not decode)."""
+        return self.check(atom_id, self._value(atom_id), copy=copy)
 
-    def gather(self, ids: Sequence[str], *, copy: bool = False) -> list[rec.AtomRecord]:
+    def gather(self, ids: Sequence[str], *, copy: bool = False,
+               on_corrupt: Callable[[CorruptAtomError], None] | None = None
+               ) -> list[rec.AtomRecord]:
         """The records of ``ids``, in order, from this one transaction: text, provenance and
         packed adapter together (zero-copy views valid inside this ``with`` block unless
         ``copy``). ``microlora.core.pack.compose`` turns their adapters into the kernel's
-        per-request tensors with one copy."""
-        return [self.get(atom_id, copy=copy) for atom_id in ids]
+        per-request tensors with one copy. With ``on_corrupt``, a corrupt record is handed
+        to it and left out instead of failing the whole gather."""
+        records = (self._kept(i, self._value(i), on_corrupt, copy=copy) for i in ids)
+        return [r for r in records if r is not None]
 
-    def items(self) -> Iterator[tuple[str, rec.AtomRecord]]:
+    def items(self, *, on_corrupt: Callable[[CorruptAtomError], None] | None = None
+              ) -> Iterator[tuple[str, rec.AtomRecord]]:
+        """Every record, decoded but not hashed (an index rebuild reads only embeddings);
+        with ``on_corrupt``, one that does not decode is handed to it and left out."""
         for key, value in self._txn.cursor():
-            atom_id = bytes(key).decode()
-            with self._explained(atom_id):
-                record = rec.decode(value, copy=False)
-            yield atom_id, record
+            atom_id = bytes(key).decode(errors="replace")
+            record = self._kept(atom_id, value, on_corrupt, checksum=False)
+            if record is not None:
+                yield atom_id, record
 
     def _value(self, atom_id: str):
         value = self._txn.get(atom_id.encode())
@@ -45,10 +58,35 @@ class Reader:
                              f"store {self._path}")
         return value
 
-    @contextmanager
-    def _explained(self, atom_id: str) -> Iterator[None]:
+    def _kept(self, atom_id: str, value, on_corrupt: Callable[[CorruptAtomError], None] | None,
+              **check) -> rec.AtomRecord | None:
+        """``check``'s record, or None for a corrupt one handed to ``on_corrupt`` (if any)."""
         try:
-            yield
+            return self.check(atom_id, value, **check)
+        except CorruptAtomError as e:
+            if on_corrupt is None:
+                raise
+            on_corrupt(e)
+            return None
+
+    def check(self, atom_id: str, value, *, copy: bool = False,
+              checksum: bool = True) -> rec.AtomRecord:
+        """The record stored under ``atom_id``, checked: its checksum (unless ``checksum`` is
+        False, or this process has checked it in this generation already), that it decodes,
+        and that it is the atom its key names."""
+        try:
+            if checksum and atom_id not in self._verified:
+                problem = rec.verify(value)
+                if problem is not None:
+                    raise StoreError(problem)
+            record = rec.decode(value, copy=copy)
+            if record.id != atom_id:
+                raise StoreError(f"stored under {atom_id} but holds {record.id}")
         except StoreError as e:
-            raise StoreError(f"atom {atom_id} in {self.namespace!r} is corrupt ({e}); "
-                             "run `microlora store verify` and re-compile it") from e
+            raise CorruptAtomError(
+                f"atom {atom_id} in {self.namespace!r} is corrupt ({e}); run `microlora store "
+                f"verify --store {self._path}` and re-compile it",
+                namespace=self.namespace, atom_id=atom_id, problem=str(e)) from e
+        if checksum:
+            self._verified.add(atom_id)
+        return record

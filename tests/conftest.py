@@ -133,6 +133,30 @@ def flip_byte_inside(path, needle: bytes):
     (path / "data.mdb").write_bytes(bytes(data))
 
 
+def corrupt_atom(store: AdapterStore, namespace: str, atom_id: str) -> None:
+    """Flip a byte inside one atom's adapter in an open store's file, as a disk would: the
+    record still decodes, only its checksum tells. (Read without checking it: a checked
+    atom is not hashed again by this process.)"""
+    with store.read(namespace) as reader:
+        flat = dict(reader.items())[atom_id].adapter.flat
+        flip_byte_inside(store.path, flat.view(torch.int16).numpy().tobytes()[:64])
+
+
+def zero_leaf_page_of(path, needle: bytes) -> None:
+    """Zero every LMDB leaf page of data.mdb that holds ``needle``, as a scribbled disk
+    block would: reaching that page makes LMDB answer MDB_CORRUPTED. (Zeros, not random
+    bytes: a random page may look like a branch or a leaf and crash LMDB instead.)"""
+    data = bytearray((path / "data.mdb").read_bytes())
+    page = 4096
+    hit = [p for p in range(len(data) // page)
+           if needle in data[p * page:(p + 1) * page]
+           and int.from_bytes(data[p * page + 10:p * page + 12], "little") == 0x02]  # P_LEAF
+    assert hit
+    for p in hit:
+        data[p * page:(p + 1) * page] = bytes(page)
+    (path / "data.mdb").write_bytes(bytes(data))
+
+
 @pytest.fixture(autouse=True)
 def microlora_home(tmp_path_factory, monkeypatch):
     """Each test gets its own empty cache dir (``MICROLORA_HOME``), so no test sees another's

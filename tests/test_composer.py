@@ -4,12 +4,15 @@ exact restore after merges, user isolation, and the errors a user can hit."""
 from __future__ import annotations
 
 import json
+import logging
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import (
+    corrupt_atom,
     last_logits,
     open_composer,
     random_atom_kit,
@@ -20,6 +23,7 @@ from conftest import (
 
 from compiler.pipeline import store_header
 from composer import Composer, Hit
+from composer.composer import NOTHING_FOUND
 from composer.generation import cut_at_stop, encode_prompts
 from composer.prompts import ANSWER_END
 from microlora.cli import cli
@@ -242,6 +246,24 @@ def test_clear_errors(kit, tmp_path, make_error):
         c.ask(question, namespaces, AskConfig(k=k))
 
 
+def test_a_corrupt_atom_is_skipped_with_a_warning_naming_it(tiny_models, tmp_path, caplog):
+    kit = random_atom_kit(tiny_models, tmp_path, {"wiki": CORPUS["wiki"]})
+    config = AskConfig(k=3, max_new_tokens=4)
+    with Composer(AdapterStore(kit[2]), *kit[:2]) as c:
+        hits = c.retrieve(["w1 w2 w3"], config=config)[0]  # (and saves the index)
+        victim = hits[0]
+        corrupt_atom(c.store, "wiki", victim.id)
+    rest = [h for h in hits if h is not victim]
+    with open_composer(kit) as c, caplog.at_level(logging.WARNING):
+        answer = c.ask("w1 w2 w3", config=config)
+        assert [s.hit.id for s in answer.sources] == [h.id for h in rest]
+        assert answer.text == c.ask_batch(["w1 w2 w3"], config=config, hits=[rest])[0].text
+        alone = c.ask("w1 w2 w3", config=replace(config, k=1))  # its only atom is bad
+    assert not alone.found and alone.text == NOTHING_FOUND
+    assert f"atom {victim.id} in 'wiki' is corrupt" in caplog.text
+    assert "microlora store verify" in caplog.text
+
+
 def test_the_composer_refuses_a_store_of_another_base_model(kit, tmp_path):
     _, emb, path = kit
     stranger = load_base_model(save_tiny(tmp_path / "other", "gemma", seed=7))
@@ -441,8 +463,6 @@ def test_context_mode_shows_each_atoms_window(tiny_models, tmp_path, monkeypatch
 
 
 def test_below_min_score_nothing_is_generated_and_that_is_said(kit, monkeypatch):
-    from composer.composer import NOTHING_FOUND
-
     prompts = spy_on_prompts(monkeypatch)
     with open_composer(kit) as c:
         strict = AskConfig(k=2, min_score=1.01, max_new_tokens=4)  # cosine is at most 1

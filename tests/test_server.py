@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import HEADER, make_records, store_of_random_atoms
+from conftest import HEADER, corrupt_atom, make_records, store_of_random_atoms
 
 from composer import Composer
 from microlora.cli import cli
@@ -197,6 +197,16 @@ def test_nothing_relevant_found_is_an_answer(server, monkeypatch):
     assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) \
         == NOTHING_FOUND
     assert chunks[-1]["choices"][0]["atoms"] == []
+
+
+def test_a_corrupt_atom_is_left_out_of_the_answer_not_a_500(server):
+    _, service, _ = server
+    corrupt_atom(service.store, "wiki", "wiki-0")
+    with client(server, "bob") as c:
+        r = chat(c, "w1 w2 w3", k=8)  # every wiki atom
+    assert r.status_code == 200, r.text
+    atoms = [a["id"] for a in r.json()["choices"][0]["atoms"]]
+    assert sorted(atoms) == [f"wiki-{i}" for i in range(1, 8)]
 
 
 # -- keys and isolation -----------------------------------------------------------------------
@@ -404,6 +414,11 @@ def test_quota_is_refused_before_any_training(server):
     ({"messages": [{"role": "user", "content": "w1"}], "max_tokens": 100000}, 400,
      "max_tokens:"),
     ({"messages": [{"role": "user", "content": "w1 " * 100_000}]}, 413, "limit"),
+    # JSON may spell a lone UTF-16 surrogate ("\ud800"), which no tokenizer takes (a 500)
+    (b'{"messages": [{"role": "user", "content": "w1 \\ud800"}]}', 400,
+     "messages: not valid Unicode (an unpaired surrogate, U+D800)"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     400, "unpaired surrogate, U+DFFF"),
 ])
 def test_malformed_requests_get_a_clear_4xx_and_the_server_stays_up(server, body, status,
                                                                     message):
@@ -415,6 +430,17 @@ def test_malformed_requests_get_a_clear_4xx_and_the_server_stays_up(server, body
         assert message in r.json()["error"]["message"]
         assert c.get("/healthz").status_code == 200
         assert chat(c, "w1 w2").status_code == 200
+
+
+def test_a_prompt_with_a_lone_surrogate_is_refused_naming_the_field(server):
+    with client(server, "bob") as c:
+        r = c.post("/v1/completions", content=b'{"prompt": ["w1", "w2 \\ud83d"]}',
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert "unpaired surrogate, U+D83D" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", content=b'{"prompt": "w1 \\ud83d\\ude00"}',
+                   headers={"Content-Type": "application/json"})  # a pair: an emoji
+        assert r.status_code == 200, r.text
 
 
 def test_the_off_values_clients_send_are_accepted_and_nothing_else(server):
@@ -450,6 +476,23 @@ def test_no_page_loads_scripts_from_a_cdn_and_the_schema_is_served(server):
         assert c.get("/docs").status_code == 404 and c.get("/redoc").status_code == 404
         schema = c.get("/openapi.json")
     assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
+    # the bodies as the routes take them (the fuzz run found looser ones, so nearly every
+    # request made to fit the schema was refused): a question is not blank, a chat has one,
+    # stop and logprobs only "off"
+    defs = schema.json()["components"]["schemas"]
+    prompt = defs["CompletionRequest"]["properties"]["prompt"]["anyOf"]
+    assert prompt[0]["pattern"] == r"\S" and prompt[1]["maxItems"] == 16
+    contains = defs["ChatRequest"]["properties"]["messages"]["contains"]
+    assert contains["properties"]["role"] == {"const": "user"}
+    assert {"type": "string"} not in defs["ChatRequest"]["properties"]["stop"]["anyOf"]
+    assert {"type": "boolean"} not in defs["ChatRequest"]["properties"]["logprobs"]["anyOf"]
+    upload = schema.json()["paths"]["/v1/documents"]["post"]["requestBody"]["content"]
+    body = upload["application/json"]["schema"]
+    assert body["additionalProperties"] is False and body["required"] == ["documents"]
+    documents = body["properties"]["documents"]
+    assert (documents["minItems"], documents["maxItems"]) == (1, 256)
+    assert documents["items"]["additionalProperties"] is False
+    assert documents["items"]["properties"]["id"]["anyOf"][0]["pattern"].startswith("^[A-Za-z0")
 
 
 @pytest.mark.parametrize("doc, message", [

@@ -2,28 +2,35 @@
 and the FAISS index against brute force."""
 
 import json
+import logging
 
 import lmdb
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import (
     DIM,
     HEADER,
     SHAPES,
+    corrupt_atom,
     flip_byte_inside,
     make_records,
     tree_bytes,
     unit_vectors,
+    zero_leaf_page_of,
 )
 
+from microlora.cli import cli
 from microlora.core.errors import (
+    CorruptAtomError,
     StoreError,
     StoreMismatchError,
     UnknownDocumentError,
     UnknownNamespaceError,
 )
 from store import AdapterStore, StoreHeader
+from store import record as rec
 
 
 @pytest.fixture
@@ -186,11 +193,78 @@ def test_verify_names_the_corrupt_atom(store):
     store.put("docs", recs)
     assert store.verify().ok and store.verify().checked == 5
     victim = recs[3]
-    A = victim.adapter.unpack()["model.layers.2.mlp.down_proj"][0].to(torch.bfloat16)
-    flip_byte_inside(store.path, A.view(torch.int16).numpy().tobytes()[:64])
+    corrupt_atom(store, "docs", victim.id)
     report = store.verify()
     assert [(ns, i) for ns, i, _ in report.bad] == [("docs", victim.id)]
     assert "checksum" in report.bad[0][2]
+
+
+def test_a_corrupt_atom_is_refused_by_name_when_first_read(store):
+    recs = make_records(5)
+    store.put("docs", recs)
+    victim = recs[3]
+    corrupt_atom(store, "docs", victim.id)
+    with pytest.raises(CorruptAtomError, match=f"atom {victim.id} in 'docs' is corrupt "
+                                               r"\(checksum.*microlora store verify") as e:
+        store.get("docs", [victim.id])
+    assert (e.value.namespace, e.value.atom_id) == ("docs", victim.id)
+    assert "checksum" in e.value.problem
+    others = [r.id for r in recs if r is not victim]
+    assert [r.id for r in store.get("docs", others)] == others
+
+
+def test_an_index_rebuild_leaves_out_an_atom_that_does_not_decode(store, caplog):
+    recs = make_records(5)
+    store.put("docs", recs)
+    victim = recs[2]
+    flip_byte_inside(store.path, b'\\"id\\": \\"' + victim.id.encode())  # now another id
+    store.close()
+    with AdapterStore(store.path) as again, caplog.at_level(logging.WARNING):
+        assert again.stats()[0].index == "stale"  # no index yet: built from LMDB
+        found = again.search("docs", recs[2].embedding[None], 5)[0]
+    assert sorted(i for i, _ in found) == sorted(r.id for r in recs if r is not victim)
+    assert f"atom {victim.id} in 'docs' is corrupt (stored under {victim.id} but" in caplog.text
+
+
+def test_each_atom_is_hashed_once_per_generation(store, monkeypatch):
+    """Hashing every fetch would cost about the whole fetch budget: an atom's checksum is
+    checked the first time this process reads it in this generation of its namespace."""
+    recs = make_records(4)
+    store.put("docs", recs[:3])
+    hashed = []
+    real = rec.verify
+    monkeypatch.setattr(rec, "verify", lambda value: hashed.append(1) or real(value))
+    for _ in range(3):
+        with store.read("docs") as reader:
+            reader.gather([r.id for r in recs[:3]])
+    assert len(hashed) == 3
+    store.put("docs", recs[3:])  # a new generation: its atoms may differ, check again
+    store.get("docs", [r.id for r in recs])
+    store.get("docs", [r.id for r in recs])
+    assert len(hashed) == 3 + 4
+
+
+def test_a_damaged_lmdb_page_is_a_clear_error_that_says_to_run_verify(tmp_path):
+    recs = make_records(40)  # one record a leaf page, one transaction: no stale copies
+    with AdapterStore.create(tmp_path / "s", HEADER) as s:
+        s.put("docs", recs)
+    victim = recs[0]  # the first leaf: where a walk starts (one stepping onto a damaged
+    # page further on trips an assertion inside LMDB that ends the process)
+    zero_leaf_page_of(tmp_path / "s",
+                      victim.adapter.flat.bfloat16().view(torch.int16).numpy().tobytes()[:64])
+    with AdapterStore(tmp_path / "s") as s:
+        with pytest.raises(StoreError, match="damaged.*microlora store verify") as e:
+            s.get("docs", [victim.id])
+        assert isinstance(e.value.__cause__, lmdb.CorruptedError)
+        assert s.get("docs", [recs[20].id])[0].text == recs[20].text  # the rest still reads
+        with pytest.raises(StoreError, match="damaged"):
+            s.ids("docs")
+    for command, message in [(["rm", "docs", "--atom", victim.id, "--yes"],
+                              "microlora store verify"),
+                             (["verify"], "DAMAGED docs: LMDB cannot read its pages")]:
+        result = CliRunner().invoke(cli, ["store", *command, "--store", str(tmp_path / "s")])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
 
 
 def test_index_search_matches_brute_force(store):

@@ -81,6 +81,12 @@ def verify(store_dir: Path, namespace: tuple[str, ...], base_model: str | None) 
         report = s.verify(list(namespace) or None)
     for ns, atom_id, why in report.bad:
         click.echo(f"BAD {ns}/{atom_id}: {why}")
+    for ns, why in report.damaged:
+        click.echo(f"DAMAGED {ns}: {why}")
+    if report.damaged:
+        raise click.ClickException(f"{len(report.damaged)} namespace(s) have damaged LMDB "
+                                   "pages: restore the store from a backup, or re-compile "
+                                   "into a new store")
     if not report.ok:
         raise click.ClickException(f"{len(report.bad)} of {report.checked} atoms are corrupt; "
                                    "delete them with `microlora store rm` and re-compile")

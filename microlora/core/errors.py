@@ -29,6 +29,16 @@ class StoreMismatchError(StoreError):
     """The store was compiled for another base model (or embedder)."""
 
 
+class CorruptAtomError(StoreError):
+    """One atom's record fails its checksum or does not decode (``problem``: how). It names
+    the atom, so a reader can leave that one out and go on with the rest."""
+
+    def __init__(self, message: str = "", *, namespace: str = "", atom_id: str = "",
+                 problem: str = ""):
+        super().__init__(message)
+        self.namespace, self.atom_id, self.problem = namespace, atom_id, problem
+
+
 class UnknownNamespaceError(StoreError):
     """A namespace that the store does not hold (``namespace``: which, when known)."""
 

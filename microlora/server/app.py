@@ -29,15 +29,22 @@ from microlora.server.service import Service, open_service
 
 
 def create_app(service: Service) -> FastAPI:
-    """The FastAPI application over a ``Service``. No /docs or /redoc: FastAPI's pages load
-    their scripts from a CDN (blank offline, and a third party in every browser that opens
-    them); the schema is at /openapi.json."""
+    """The FastAPI application over a ``Service``."""
+    app = create_api()
+    app.state.service = service
+    install_middleware(app, service)
+    return app
+
+
+def create_api() -> FastAPI:
+    """The routes and their error handlers, with no service behind them: enough to make the
+    OpenAPI schema (the tests fuzz the server against it). No /docs or /redoc: FastAPI's
+    pages load their scripts from a CDN (blank offline, and a third party in every browser
+    that opens them); the schema is at /openapi.json."""
     app = FastAPI(title="microlora", version="0.1.0",
                   description="OpenAI-compatible answers from composed micro-adapters",
                   docs_url=None, redoc_url=None)
-    app.state.service = service
     install_error_handlers(app)
-    install_middleware(app, service)
     for routes in (system, completions, documents, namespaces, web):
         app.include_router(routes.router)
     return app
@@ -70,4 +77,5 @@ def serve_in_thread(service: Service, host: str = "127.0.0.1", port: int = 0
         sock.close()
 
 
-__all__ = ["ServeConfig", "Service", "create_app", "open_service", "serve_in_thread"]
+__all__ = ["ServeConfig", "Service", "create_api", "create_app", "open_service",
+           "serve_in_thread"]

@@ -19,6 +19,12 @@ from microlora.core.config import Mode
 MAX_K = 16
 MAX_TOKENS = 256
 MAX_DOCUMENTS = 256
+MAX_PROMPTS = 16
+# What the schema says of a question: a string with something besides white space. Said in
+# the JSON schema only (the validators below refuse the rest with their own messages), so
+# that clients, and requests made to fit the schema, send what is answered.
+_QUESTION = {"type": "string", "pattern": r"\S"}
+_OFF = {"type": "null"}
 
 
 class _Strict(BaseModel):
@@ -58,8 +64,11 @@ class _Generation(_Strict):
     user: str | None = None
     # accepted only when off (null, [], false, 0): clients send those by default
     stop: str | list[str] | None = Field(
-        None, description="not supported (answers end at the QA stop pattern): null or []")
-    logprobs: bool | int | None = Field(None, description="not supported: null, false or 0")
+        None, description="not supported (answers end at the QA stop pattern): null or []",
+        json_schema_extra={"anyOf": [_OFF, {"const": ""}, {"type": "array", "maxItems": 0}]})
+    logprobs: bool | int | None = Field(
+        None, description="not supported: null, false or 0",
+        json_schema_extra={"anyOf": [_OFF, {"const": False}, {"type": "integer", "const": 0}]})
     # microlora
     k: int | None = Field(None, ge=1, le=MAX_K, description="atoms composed per answer")
     mode: Mode | None = None
@@ -75,7 +84,10 @@ class _Generation(_Strict):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str] = Field(..., description="a question, or a list of them")
+    prompt: str | list[str] = Field(
+        ..., description="a question, or a list of them",
+        json_schema_extra={"anyOf": [_QUESTION, {"type": "array", "items": _QUESTION,
+                                                 "minItems": 1, "maxItems": MAX_PROMPTS}]})
     echo: Literal[False] = False
     suffix: None = None
     best_of: Literal[1] | None = None
@@ -89,8 +101,8 @@ class CompletionRequest(_Generation):
     @classmethod
     def _prompts(cls, v: str | list[str]) -> str | list[str]:
         items = [v] if isinstance(v, str) else v
-        if not items or len(items) > 16:
-            raise ValueError("give 1 to 16 prompts")
+        if not items or len(items) > MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts")
         if any(not p.strip() for p in items):
             raise ValueError("prompts must not be empty")
         return v
@@ -109,7 +121,11 @@ class ChatMessage(_Strict):
 
 
 class ChatRequest(_Generation):
-    messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(
+        ..., min_length=1, max_length=256,
+        json_schema_extra={"contains": {"type": "object", "required": ["role", "content"],
+                                        "properties": {"role": {"const": "user"},
+                                                       "content": _QUESTION}}})
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
 
     def question(self) -> str:

@@ -3,6 +3,7 @@ the compile jobs and the metrics; and who may read what."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from microlora.server.keys import KeyRecord, KeyStore
 from microlora.server.schemas import ChatRequest, CompletionRequest
 
 CHARS_PER_TOKEN = 16  # a prompt longer than max_prompt_tokens * this is refused untokenized
+# JSON may spell half of a UTF-16 pair alone ("\ud800"): Python keeps it, no tokenizer takes it
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Metrics:
@@ -83,10 +86,14 @@ class Service:
     def check_prompts(self, prompts: list[str], param: str) -> None:
         """Refuse (400) a prompt over ``max_prompt_tokens`` here, before it is batched: one
         long prefill takes the time, or the memory, of every request decoded beside it. A
-        prompt over 16 characters per token allowed is refused without tokenizing it."""
+        prompt over 16 characters per token allowed is refused without tokenizing it, and
+        one that is not valid Unicode (the tokenizer would raise) before it is tokenized."""
         cap = self.config.max_prompt_tokens
         tokenizer = self.composer.base.tokenizer
         for prompt in prompts:
+            if (half := _SURROGATE.search(prompt)) is not None:
+                raise ApiError(400, f"{param}: not valid Unicode (an unpaired surrogate, "
+                                    f"U+{ord(half.group()):04X}); send UTF-8 text", param=param)
             if len(prompt) > cap * CHARS_PER_TOKEN:
                 size = f"{len(prompt)} characters"
             else:

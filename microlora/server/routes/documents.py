@@ -29,11 +29,18 @@ from microlora.server.service import Service
 
 router = APIRouter()
 
+
+def _json_schema() -> dict:
+    """``DocumentsRequest``'s JSON schema with its one model inlined (the route reads its body
+    itself, so FastAPI does not list the models under components)."""
+    schema = DocumentsRequest.model_json_schema(ref_template="{model}")
+    defs = schema.pop("$defs")
+    schema["properties"]["documents"]["items"] = defs["DocumentIn"]
+    return schema
+
+
 _UPLOAD = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": {"type": "object", "required": ["documents"], "properties": {
-        "documents": {"type": "array", "items": {"type": "object", "properties": {
-            "text": {"type": "string"}, "id": {"type": "string"},
-            "title": {"type": "string"}}, "required": ["text"]}}}}},
+    "application/json": {"schema": _json_schema()},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "file": {"type": "array", "items": {"type": "string", "format": "binary"},
                  "description": f"files of type {', '.join(SUPPORTED)}"}}}},
