@@ -1,6 +1,7 @@
 """The compile pipeline end to end on tiny models: incremental, prune, dry run, bad inputs,
 identity checks, and a compile killed with SIGKILL that resumes."""
 
+import json
 import os
 import re
 import signal
@@ -241,3 +242,49 @@ def test_a_trained_adapter_with_nan_is_an_error_naming_the_atom(tmp_path, corpus
         run([tmp_path / "one.txt"], tmp_path / "s", models)
     with AdapterStore(tmp_path / "s", readonly=True) as s:
         assert "docs" not in s.namespaces() or s.count("docs") == 0
+
+
+def test_one_corpus_compiled_by_relative_and_absolute_paths_is_one_set_of_documents(
+        tmp_path, corpus, models, monkeypatch):
+    """Document ids are paths relative to the directory compiled: compiling it again by
+    another path changes no manifest, and `store rm --document` forgets all of the text."""
+    monkeypatch.chdir(tmp_path)
+    run(["docs"], "s", models)
+    again = run([corpus.resolve()], tmp_path / "s", models)
+    assert again.trained == 0
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        docs = s.documents("docs")
+    assert {d: len(ids) for d, ids in docs.items()} == {"a.txt": 4, "b.md": 2}
+    listed = CliRunner().invoke(cli, ["store", "docs", "docs", "--store", "s"])
+    assert listed.exit_code == 0 and listed.output == "a.txt\t4 atoms\nb.md\t2 atoms\n"
+    wrong = CliRunner().invoke(cli, ["store", "rm", "docs", "--document", str(corpus / "a.txt"),
+                                     "-y", "--store", "s"])
+    assert wrong.exit_code == 1 and "did you mean 'a.txt'?" in wrong.output
+    forgot = CliRunner().invoke(cli, ["store", "rm", "docs", "--document", "a.txt", "-y",
+                                      "--store", "s"])
+    assert forgot.exit_code == 0 and "forgot a.txt (4 atoms)" in forgot.output
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        assert sorted(s.ids("docs")) == sorted(docs["b.md"])
+        assert list(s.documents("docs")) == ["b.md"]
+
+
+def test_two_files_with_one_document_id_are_refused_by_name(tmp_path, corpus, models):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "b.md").write_text(DOC_A)
+    report = run([corpus / "b.md", tmp_path / "other" / "b.md", corpus / "b.md"],
+                 tmp_path / "s", models)
+    assert (report.documents, report.trained) == (1, 2)
+    assert [p.source for p in report.problems] == [str(tmp_path / "other" / "b.md")]
+    assert "document id 'b.md' is already that of" in report.problems[0].reason
+
+
+def test_a_document_id_over_the_key_limit_is_refused_before_training(tmp_path, models):
+    long_id = "x" * 300  # with the file name, past LMDB's 511-byte key once namespaced
+    (tmp_path / "rows.jsonl").write_text(
+        json.dumps({"id": long_id * 2, "text": DOC_B}) + "\n" +
+        json.dumps({"id": "ok", "text": DOC_A}) + "\n")
+    report = run([tmp_path / "rows.jsonl"], tmp_path / "s", models)
+    assert report.trained == 4 and len(report.problems) == 1
+    assert "must be 1-256 bytes" in report.problems[0].reason
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        assert list(s.documents("docs")) == ["rows.jsonl#ok"]
