@@ -3,7 +3,6 @@ FAISS index per namespace, and checksums to catch corruption. No models, no trai
 
 from store.adapter_store import (
     FORMAT_VERSION,
-    MAX_NAMESPACES,
     AdapterStore,
     StoreHeader,
     validate_namespace,
@@ -15,7 +14,7 @@ from store.maintenance import NamespaceStats, VerifyReport
 from store.reader import Reader
 from store.record import AtomRecord
 
-__all__ = ["FORMAT_VERSION", "MAX_DOCUMENT_ID_BYTES", "MAX_NAMESPACES", "AdapterStore",
+__all__ = ["FORMAT_VERSION", "MAX_DOCUMENT_ID_BYTES", "AdapterStore",
            "AtomRecord", "BatchDocuments", "NamespaceStats", "Reader", "StoreHeader",
            "StoreLayout", "VectorIndex", "VerifyReport", "check_document_id", "is_store",
            "validate_namespace"]

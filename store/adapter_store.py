@@ -27,6 +27,7 @@ import lmdb
 import numpy as np
 import torch
 
+from microlora.core.config import MAX_NAMESPACES
 from microlora.core.errors import (
     StoreError,
     StoreMismatchError,
@@ -47,7 +48,6 @@ _META_DB = b"__meta__"
 _HEADER_KEY = b"header"
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # fullmatch: "$" allows "\n"
 _DEFAULT_MAP_SIZE = 1 << 40  # address space only: the file grows as data is written
-MAX_NAMESPACES = 1024  # the default limit (``max_namespaces``), deleted namespaces included
 
 
 @dataclass(frozen=True)

@@ -228,7 +228,8 @@ def test_compiled_atoms_keep_page_and_section_and_ask_explains_them(tmp_path, ti
             "--last-layers", "2", "--steps", "2"]
     dry = CliRunner().invoke(cli, [*args, "--dry-run"])
     assert dry.exit_code == 0, dry.output
-    assert "report.pdf:" in dry.output and " p. 2, Results  'Year: 2019, Revenue: 4.1 M" in dry.output
+    assert "report.pdf:" in dry.output  # its id: the file's name, as it was given alone
+    assert " p. 2, Results  'Year: 2019, Revenue: 4.1 M" in dry.output
     done = CliRunner().invoke(cli, args)
     assert done.exit_code == 0 and "2 documents, 16 atoms: 16 trained" in done.output, done.output
     with AdapterStore(store, readonly=True) as s, s.read("default") as reader:

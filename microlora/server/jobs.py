@@ -29,7 +29,7 @@ class Job:
     id: str
     namespace: str
     documents: list[str]
-    status: str = "queued"  # queued -> running -> done | failed
+    status: str = "queued"  # queued -> running -> done | failed | cancelled
     atoms_done: int = 0
     atoms_total: int = 0
     trained: int = 0
@@ -38,6 +38,14 @@ class Job:
     created: float = field(default_factory=time.time)
     finished: float | None = None
     ended: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    cancelled: threading.Event = field(default_factory=threading.Event, repr=False,
+                                       compare=False)
+
+    def check(self) -> None:
+        """Stop the compile if the job was cancelled (run before each batch and inside the
+        transaction that writes it)."""
+        if self.cancelled.is_set():
+            raise JobCancelled(self.id)
 
     def public(self) -> dict:
         return {"id": self.id, "object": "microlora.job", "status": self.status,
@@ -46,6 +54,10 @@ class Job:
                 "trained": self.trained, "already_compiled": self.already_compiled,
                 "error": self.error, "created": int(self.created),
                 "finished": None if self.finished is None else int(self.finished)}
+
+
+class JobCancelled(Exception):
+    """A job's namespace was deleted while it was queued or running."""
 
 
 class CompileJobs:
@@ -60,6 +72,7 @@ class CompileJobs:
         self._base, self._model_lock = base, model_lock
         self._own_base: BaseModel | None = None
         self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()  # a job's start against its cancelling
         self._queue: queue.Queue[tuple[Job, list[Document], Quota, Plan | None] | None] = \
             queue.Queue()
         self._thread = threading.Thread(target=self._run, name="microlora-compile",
@@ -85,8 +98,22 @@ class CompileJobs:
             raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
         return job
 
+    def cancel(self, namespace: str) -> int:
+        """Cancel every queued or running job of ``namespace`` (before the namespace is
+        deleted: a job never brings it back); returns how many. A queued job ends at once, a
+        running one before its next batch is written."""
+        n = 0
+        with self._lock:
+            for job in list(self._jobs.values()):
+                if job.namespace == namespace and job.status in ("queued", "running"):
+                    job.cancelled.set()
+                    n += 1
+                    if job.status == "queued":
+                        self._end(job, "cancelled")
+        return n
+
     def counts(self) -> dict[str, int]:
-        out = {"queued": 0, "running": 0, "done": 0, "failed": 0}
+        out = {"queued": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
         for job in list(self._jobs.values()):
             out[job.status] += 1
         return out
@@ -98,7 +125,10 @@ class CompileJobs:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             job, docs, quota, prepared = item
-            job.status = "running"
+            with self._lock:
+                if job.cancelled.is_set():
+                    continue  # ended when it was cancelled
+                job.status = "running"
 
             def progress(done: int, total: int, job: Job = job) -> None:
                 job.atoms_done, job.atoms_total = done, total
@@ -108,20 +138,30 @@ class CompileJobs:
                                            embedder=self.embedder, namespace=job.namespace,
                                            train_config=self.train_config,
                                            chunk_config=self.chunk_config, quota=quota,
-                                           progress=progress, prepared=prepared)
+                                           progress=progress, prepared=prepared,
+                                           check=job.check)
             except Exception as e:  # noqa: BLE001 - reported through GET /v1/jobs/{id}
-                job.status, job.error = "failed", api_error(e).detail  # in API terms
+                if job.cancelled.is_set():  # its namespace went, whatever failed on the way
+                    self._end(job, "cancelled")
+                else:
+                    job.error = api_error(e).detail  # in API terms
+                    self._end(job, "failed")
+                continue
+            job.trained, job.already_compiled = report.trained, report.already_compiled
+            job.atoms_total = job.atoms_done = report.trained
+            if report.problems and not report.atoms:
+                job.error = "; ".join(f"{p.source}: {p.reason}" for p in report.problems)
+                self._end(job, "failed")
             else:
-                job.status = "done"
-                job.trained, job.already_compiled = report.trained, report.already_compiled
-                job.atoms_total = job.atoms_done = report.trained
-                if report.problems and not report.atoms:
-                    job.status = "failed"
-                    job.error = "; ".join(f"{p.source}: {p.reason}" for p in report.problems)
-            job.finished = time.time()
-            job.ended.set()
-            if self.on_done:
-                self.on_done(job)
+                self._end(job, "done")
+
+    def _end(self, job: Job, status: str) -> None:
+        job.status, job.finished = status, time.time()
+        if status == "cancelled":
+            job.error = "cancelled: the namespace was deleted"
+        job.ended.set()
+        if self.on_done:
+            self.on_done(job)
 
     def _training_base(self) -> BaseModel:
         """A private copy of the base model, taken while no request is using the shared one

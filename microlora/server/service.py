@@ -125,5 +125,6 @@ def open_service(store_dir: str | Path, *, base_model: str | None = None,
 
     base = load_base_model(base_model, device=device)
     emb = load_embedder(embedder, device=device)
-    store = AdapterStore.open_or_create(store_dir, store_header(base, emb))
+    store = AdapterStore.open_or_create(store_dir, store_header(base, emb),
+                                        max_namespaces=config.max_namespaces)
     return Service(Composer(store, base, emb), config)

@@ -167,6 +167,7 @@ def delete_document(doc_id: str, key: Caller, service: Served) -> dict:
 
 @router.delete("/v1/namespace")
 def delete_namespace(key: Caller, service: Served) -> dict:
+    service.jobs.cancel(key.namespace)  # first: a running job must not bring it back
     try:
         n = service.store.drop(key.namespace)
     except UnknownNamespaceError:
