@@ -4,6 +4,7 @@ identity checks, and a compile killed with SIGKILL that resumes."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,6 +176,20 @@ def test_sigkill_mid_compile_leaves_a_clean_store_that_resumes(tmp_path, tiny_mo
     with AdapterStore(tmp_path / "s", readonly=True) as s:
         partial = s.count("default")
         assert 3 <= partial < 24 and s.verify().ok
+        stored, manifests = set(s.ids("default")), s.documents("default")
+    # every stored atom is in the manifest of its document (written in the same transaction),
+    # and a manifest is there only for a document with a stored atom: whatever was stored
+    # can be forgotten by its document, before any rerun
+    assert stored == {i for ids in manifests.values() for i in ids} & stored
+    assert all(stored & set(ids) for ids in manifests.values())
+    assert set(manifests) <= {f"d{i:02d}.txt" for i in range(12)}
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")
+    doc, ids = next(iter(manifests.items()))
+    forgot = CliRunner().invoke(cli, ["store", "rm", "default", "--document", doc, "-y",
+                                      "--store", str(tmp_path / "copy")])
+    assert forgot.exit_code == 0, forgot.output
+    with AdapterStore(tmp_path / "copy", readonly=True) as s:
+        assert set(s.ids("default")) == stored - set(ids) and s.verify().ok
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{24 - partial} trained" in resumed.stdout
@@ -182,6 +197,8 @@ def test_sigkill_mid_compile_leaves_a_clean_store_that_resumes(tmp_path, tiny_mo
     with AdapterStore(tmp_path / "s", readonly=True) as s:
         assert s.count("default") == 24 and s.verify().ok
         assert len(s.index("default").ids) == 24  # the stale index was rebuilt
+        assert sorted(i for ids in s.documents("default").values() for i in ids) == \
+            sorted(s.ids("default"))
 
 
 def test_torchrun_on_two_processes_trains_what_one_process_trains(tmp_path, corpus,
