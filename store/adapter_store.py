@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -39,7 +40,7 @@ from store.documents import BatchDocuments, DocumentManifests
 from store.index import EXACT_LIMIT, VectorIndex
 from store.index_cache import IndexCache
 from store.layout import DIR_MODE, FILE_MODE, StoreLayout, is_store
-from store.maintenance import Maintenance
+from store.maintenance import Maintenance, hold_shared
 from store.peft import read_reader
 from store.reader import Reader
 
@@ -87,12 +88,17 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         if not is_store(self.path):
             raise StoreError(f"{self.path} is not a microlora store (no data.mdb there); "
                              "create one with `microlora compile ... --store DIR`")
+        # held until close (or until this object goes, if opening fails below): ``compact``
+        # swaps data.mdb only where no one else holds it
+        self._hold_fd = hold_shared(self.path)
+        self._release = weakref.finalize(self, os.close, self._hold_fd)
+        self._map_size = map_size
         try:
             # Read-ahead stays on (LMDB's default): an atom is ~200 KB of contiguous overflow
             # pages, and without it a cold atom faulted in 4 KB at a time (2.4x slower than
             # reading a file; benchmarks/RESULTS.md).
             self._env = self._open_env(map_size, max_namespaces)
-            self._meta = self._env.open_db(_META_DB, create=False)
+            self._meta = self._env.open_db(_META_DB, create=False)  # (also ``_reopen``)
             with self._env.begin(db=self._meta) as txn:
                 raw = txn.get(_HEADER_KEY)
         except lmdb.Error as e:
@@ -181,6 +187,13 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
                 index.save(self.layout.index(namespace))
         self._unsaved.clear()
         self._env.close()
+        self._release()
+
+    def _reopen(self) -> None:
+        """Open LMDB again after ``compact`` swapped its file (every handle is new)."""
+        self._env = self._open_env(self._map_size, self.max_namespaces)
+        self._meta = self._env.open_db(_META_DB, create=False)
+        self._dbs = {}
 
     def __enter__(self) -> AdapterStore:
         return self

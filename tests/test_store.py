@@ -392,3 +392,39 @@ def test_manifests_are_written_with_their_atoms_and_a_forgotten_document_stays_f
     with pytest.raises(UnknownNamespaceError, match="deleted while"):
         store.put("ns", r, create=False)
     assert "ns" not in store.namespaces()
+
+
+def test_compacting_leaves_no_byte_of_what_was_forgotten_and_frees_namespace_slots(tmp_path):
+    import os
+
+    from click.testing import CliRunner
+
+    from microlora.cli import cli
+    from store.maintenance import hold_shared
+
+    path = tmp_path / "s"
+    secret = make_records(3, seed=11)
+    for r in secret:
+        r.text = f"the vault code is {r.id[-6:]}"
+    with AdapterStore.create(path, HEADER, max_namespaces=2) as s:
+        s.put("user:ana", secret)
+        s.put_documents("user:ana", {"vault": [r.id for r in secret]})
+        s.put("docs", make_records(2, seed=12))
+        s.delete_document("user:ana", "vault")
+        s.drop("user:ana")
+        with pytest.raises(StoreError, match="limit of 2 namespaces"):
+            s.put("user:bob", make_records(1, seed=13))  # the dropped one still counts
+        assert b"the vault code is" in (path / "data.mdb").read_bytes()  # freed, not erased
+        other = hold_shared(path)  # as another process's open AdapterStore holds it
+        with pytest.raises(StoreError, match="open elsewhere"):
+            s.compact()
+        os.close(other)
+    done = CliRunner().invoke(cli, ["store", "compact", "--store", str(path)])
+    assert done.exit_code == 0 and "compacted" in done.output, done.output
+    data = (path / "data.mdb").read_bytes()
+    assert b"the vault code is" not in data and b"user:ana" not in data
+    assert oct(path.joinpath("data.mdb").stat().st_mode & 0o777) == "0o600"
+    with AdapterStore(path, max_namespaces=2) as s:
+        assert s.namespaces() == ["docs"] and s.verify().ok and s.count("docs") == 2
+        s.put("user:bob", make_records(1, seed=13))
+        assert s.compact()[1] > 0 and s.count("user:bob") == 1  # and it works open, twice

@@ -1,4 +1,4 @@
-"""``microlora store ls|docs|stats|verify|rm``: inspect and maintain an adapter store."""
+"""``microlora store ls|docs|stats|verify|rm|compact``: inspect and maintain an adapter store."""
 
 from __future__ import annotations
 
@@ -138,3 +138,18 @@ def rm(store_dir: Path, namespace: str, atoms: tuple[str, ...], documents: tuple
             click.echo(f"deleted {n} of {len(atoms)} atoms from {namespace!r}")
         else:
             click.echo(f"dropped namespace {namespace!r} ({s.drop(namespace)} atoms)")
+    click.echo("(their bytes stay in the store's free pages until `microlora store compact`)",
+               err=True)
+
+
+@store.command()
+@store_option
+def compact(store_dir: Path) -> None:
+    """Rewrite the store with only what it holds now, so deleted atoms, documents and
+    namespaces leave nothing on disk (LMDB keeps freed pages until later writes reuse them).
+
+    Needs the store to itself: stop a server or compile that has it open first.
+    """
+    with _open(store_dir, readonly=False) as s:
+        before, after = s.compact()
+    click.echo(f"compacted {store_dir}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
