@@ -11,6 +11,7 @@ exclusively.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ from microlora.core.errors import StoreError
 from store import record as rec
 from store.index import VectorIndex
 from store.layout import DIR_MODE, FILE_MODE
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,8 @@ def hold_shared(path: Path) -> int:
         os.close(fd)
         raise StoreError(f"store {path} is being compacted; open it again when that is "
                          "done") from None
+    except OSError as e:  # a filesystem without locks: the store works, compaction will not
+        log.warning("cannot lock store %s (%s); it cannot be compacted here", path, e)
     return fd
 
 
@@ -73,6 +78,9 @@ class Maintenance:
         except BlockingIOError:
             raise StoreError(f"store {self.path} is open elsewhere (a server, a compile or "
                              "another command): stop it, then compact") from None
+        except OSError as e:
+            raise StoreError(f"cannot lock store {self.path} ({e}), so cannot tell that no "
+                             "one else has it open: compact it on a local filesystem") from e
         try:
             before = self.layout.data_file.stat().st_size
             with self._lock:
