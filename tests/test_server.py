@@ -760,3 +760,35 @@ def test_a_document_forgotten_while_it_compiles_stays_forgotten(server, paused):
         assert service.jobs.wait(job, timeout=120).status == "done"
         assert [d["id"] for d in c.get("/v1/documents").json()["data"]] == ["keep"]
     assert sorted(store.ids("user:ana")) == sorted(store.documents("user:ana")["keep"])
+
+
+# -- the job queue ----------------------------------------------------------------------------
+
+def test_queued_jobs_count_against_the_quota_and_the_queue_is_bounded_per_user(server, paused):
+    _, service, _ = server
+    reached, go = paused(1)
+    with client(server, "carol") as carol, client(server, "ana") as ana:
+        first = carol.post("/v1/documents", json={"documents": [{"text": DOC_1}]})
+        assert first.status_code == 202 and reached.wait(120)  # 2 atoms: all carol may have
+        r = carol.post("/v1/documents", json={"documents": [{"text": DOC_2}]})
+        assert r.status_code == 429 and "quota of 2" in r.json()["error"]["message"]
+        jobs = [ana.post("/v1/documents", json={"documents": [
+            {"id": f"d{i}", "text": sentences(6 * i, 1)}]}) for i in range(5)]
+        assert [j.status_code for j in jobs] == [202] * 4 + [429]
+        assert jobs[4].json()["error"]["code"] == "too_many_jobs"
+        go.set()
+        for j in jobs[:4]:
+            assert service.jobs.wait(j.json()["job"]["id"], timeout=120).status == "done"
+        assert service.jobs.wait(first.json()["job"]["id"], timeout=120).status == "done"
+        assert ana.post("/v1/documents", json={"documents": [{"text": DOC_2}]}).status_code \
+            == 202  # room again
+
+
+def test_only_the_newest_ended_jobs_are_kept(server):
+    _, service, _ = server
+    service.jobs.keep_finished = 1
+    with client(server, "ana") as c:
+        old = upload(server, c, [{"id": "one", "text": DOC_1}])
+        new = upload(server, c, [{"id": "two", "text": DOC_2}])
+        assert c.get(f"/v1/jobs/{old['id']}").status_code == 404
+        assert c.get(f"/v1/jobs/{new['id']}").json()["status"] == "done"

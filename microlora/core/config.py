@@ -288,6 +288,8 @@ class ServeConfig:
     max_upload_bytes: int = 64 << 20
     max_prompt_tokens: int = 2048
     max_namespaces: int = MAX_NAMESPACES  # one per user with documents, plus shared corpora
+    max_jobs_per_user: int = 4  # compile jobs queued or running per namespace (more: 429)
+    jobs_kept: int = 1000  # ended jobs still answered by GET /v1/jobs/ID (the newest)
     ask: AskConfig = AskConfig()  # defaults for k, mode, max_tokens
     train: TrainConfig = TrainConfig()  # the recipe for uploaded documents
     chunk: ChunkConfig = ChunkConfig()

@@ -40,6 +40,7 @@ class Job:
     ended: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
     cancelled: threading.Event = field(default_factory=threading.Event, repr=False,
                                        compare=False)
+    plan: Plan | None = field(default=None, repr=False, compare=False)  # until it ends
 
     def check(self) -> None:
         """Stop the compile if the job was cancelled (run before each batch and inside the
@@ -60,19 +61,27 @@ class JobCancelled(Exception):
     """A job's namespace was deleted while it was queued or running."""
 
 
+class TooManyJobs(Exception):
+    """A namespace has as many queued and running jobs as it may."""
+
+
 class CompileJobs:
-    """Queue of compile jobs and their progress, by id."""
+    """Queue of compile jobs and their progress, by id. Each namespace may have at most
+    ``max_active`` jobs queued or running; only the newest ``keep_finished`` ended jobs are
+    kept (older ones are answered as unknown)."""
 
     def __init__(self, store: AdapterStore, base: BaseModel, embedder: Embedder, *,
                  model_lock: threading.Lock, train_config: TrainConfig = TrainConfig(),
                  chunk_config: ChunkConfig = ChunkConfig(),
-                 on_done: Callable[[Job], None] | None = None):
+                 on_done: Callable[[Job], None] | None = None, max_active: int = 4,
+                 keep_finished: int = 1000):
         self.store, self.embedder, self.on_done = store, embedder, on_done
+        self.max_active, self.keep_finished = max_active, keep_finished
         self.train_config, self.chunk_config = train_config, chunk_config
         self._base, self._model_lock = base, model_lock
         self._own_base: BaseModel | None = None
         self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()  # a job's start against its cancelling
+        self._lock = threading.RLock()  # the jobs: starts, cancels, submits and pruning
         self._queue: queue.Queue[tuple[Job, list[Document], Quota, Plan | None] | None] = \
             queue.Queue()
         self._thread = threading.Thread(target=self._run, name="microlora-compile",
@@ -81,12 +90,27 @@ class CompileJobs:
 
     def submit(self, namespace: str, docs: list[Document], quota: Quota,
                prepared: Plan | None = None) -> Job:
-        """Queue a compile; ``prepared``: the documents' plan when the caller has made it (the
-        route does, to check the quota), so the job does not chunk them again."""
-        job = Job(f"job-{uuid.uuid4().hex[:16]}", namespace, [d.source for d in docs])
-        self._jobs[job.id] = job
+        """Queue a compile (TooManyJobs if the namespace has ``max_active`` already);
+        ``prepared``: the documents' plan when the caller has made it (the route does, to
+        check the quota), so the job does not chunk them again."""
+        job = Job(f"job-{uuid.uuid4().hex[:16]}", namespace, [d.source for d in docs],
+                  plan=prepared)
+        with self._lock:
+            if len(self._active(namespace)) >= self.max_active:
+                raise TooManyJobs(namespace)
+            self._jobs[job.id] = job
         self._queue.put((job, docs, quota, prepared))
         return job
+
+    def pending_atoms(self, namespace: str) -> list:
+        """The planned atoms of the namespace's queued and running jobs (what a quota must
+        count besides the stored ones)."""
+        with self._lock:
+            return [a for job in self._active(namespace) if job.plan for a in job.plan.atoms]
+
+    def _active(self, namespace: str) -> list[Job]:
+        return [j for j in self._jobs.values()
+                if j.namespace == namespace and j.status in ("queued", "running")]
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -156,10 +180,15 @@ class CompileJobs:
                 self._end(job, "done")
 
     def _end(self, job: Job, status: str) -> None:
-        job.status, job.finished = status, time.time()
+        job.status, job.finished, job.plan = status, time.time(), None
         if status == "cancelled":
             job.error = "cancelled: the namespace was deleted"
         job.ended.set()
+        with self._lock:  # prune the oldest ended jobs
+            ended = sorted((j for j in self._jobs.values() if j.finished is not None),
+                           key=lambda j: j.finished)
+            for old in ended[:max(0, len(ended) - self.keep_finished)]:
+                del self._jobs[old.id]
         if self.on_done:
             self.on_done(job)
 

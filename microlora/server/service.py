@@ -52,7 +52,8 @@ class Service:
                                on_batch=self.metrics.batch_size.observe)
         self.jobs = CompileJobs(self.store, composer.base, composer.embedder,
                                 model_lock=composer.model_lock, train_config=config.train,
-                                chunk_config=config.chunk)
+                                chunk_config=config.chunk, max_active=config.max_jobs_per_user,
+                                keep_finished=config.jobs_kept)
 
     def close(self) -> None:
         self.batcher.close()
