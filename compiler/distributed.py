@@ -7,12 +7,13 @@
 Every rank reads and plans the same corpus, so all agree on the atoms and their batches without
 exchanging them. Rank r trains batches r, r+W, r+2W, ... (W processes) and writes each batch,
 one transaction at a time, to its own shard ``<store>/shards/rank-<r>`` (a small store: an
-interrupted run keeps what it finished). After a barrier, rank 0 merges the shards into the
-store, records the document manifests, rebuilds the index, and deletes the shards; a run that
-was interrupted merges the shards it left behind first. Because every atom's stored neighbours
-come from the store as it was before the compile (``train_atoms``), the adapters equal those of
-a one-process compile. The process group is gloo on CPU, NCCL on GPU (only barriers pass
-through it), and each rank uses ``cuda:LOCAL_RANK`` where there are GPUs.
+interrupted run keeps what it finished, manifests included). After a barrier, rank 0 merges the
+shards into the store (each shard's document manifests with its first atoms), rebuilds the
+index, and deletes the shards; a run that was interrupted merges the shards it left behind
+first. Because every atom's stored neighbours come from the store as it was before the compile
+(``train_atoms``), the adapters equal those of a one-process compile. The process group is
+gloo on CPU, NCCL on GPU (only barriers pass through it), and each rank uses
+``cuda:LOCAL_RANK`` where there are GPUs.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from compiler.documents import MAX_FILE_MB, read_documents
 from compiler.pipeline import (
     CompileReport,
     plan,
-    record_documents,
+    prune_namespace,
     store_header,
     train_atoms,
 )
 from microlora.core.config import ChunkConfig, TrainConfig
 from microlora.core.embedder import Embedder
 from microlora.core.models import BaseModel
-from store import AdapterStore, is_store
+from store import AdapterStore, BatchDocuments, is_store
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ def _compile(paths, store_dir: Path, ranks: Ranks, base, embedder, namespace, tr
     if ranks.rank == 0:  # the store exists, and holds what an interrupted run left, first
         with AdapterStore.open_or_create(store_dir, store_header(base, embedder)) as store:
             merge_shards(store)
+            store.claim_documents(namespace, manifests)
     dist.barrier()
     with AdapterStore(store_dir, readonly=True) as store:
         store.check_compatible(base.fingerprint, embedder.fingerprint, base_name=base.name,
@@ -103,14 +105,16 @@ def _compile(paths, store_dir: Path, ranks: Ranks, base, embedder, namespace, tr
             losses = train_atoms(todo, store, out, base=base, embedder=embedder,
                                  namespace=namespace, train_config=train_config,
                                  chunk_config=chunk_config, report=report,
-                                 share=slice(ranks.rank, None, ranks.world), progress=progress)
+                                 share=slice(ranks.rank, None, ranks.world), progress=progress,
+                                 manifests=manifests)
     dist.barrier()  # every shard is complete
     if ranks.rank != 0:
         return None
     report.already_compiled = len(planned) - len(todo)
     with AdapterStore(store_dir) as store:
         report.trained = merge_shards(store)
-        record_documents(store, namespace, planned, manifests, prune, report)
+        if prune:
+            prune_namespace(store, namespace, planned, manifests, report)
         if namespace in store.namespaces():
             store.index(namespace)  # rebuilt once, here, and saved
     report.seconds = time.perf_counter() - t0
@@ -121,15 +125,19 @@ def _compile(paths, store_dir: Path, ranks: Ranks, base, embedder, namespace, tr
 
 def merge_shards(store: AdapterStore, batch: int = 256) -> int:
     """Move every atom from ``<store>/shards/*`` into ``store`` (atoms it already holds are
-    kept as they are) and delete the shards; returns how many atoms were moved."""
+    kept as they are), the shards' manifests with their first atoms, and delete the shards;
+    returns how many atoms were moved."""
     moved = 0
     for shard_dir in store.layout.shards():
         if is_store(shard_dir):
             with AdapterStore(shard_dir, readonly=True) as shard:
                 for ns in shard.namespaces():
-                    ids = shard.ids(ns)
+                    ids, manifests = shard.ids(ns), shard.documents(ns)
                     for start in range(0, len(ids), batch):
-                        moved += store.put(ns, shard.get(ns, ids[start:start + batch]))
+                        documents = BatchDocuments(manifests, frozenset(manifests)) \
+                            if start == 0 else None
+                        moved += store.put(ns, shard.get(ns, ids[start:start + batch]),
+                                           documents=documents)
         shutil.rmtree(shard_dir)
     if store.layout.shards_dir.is_dir():
         store.layout.shards_dir.rmdir()

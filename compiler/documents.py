@@ -32,7 +32,9 @@ class Block:
 
 @dataclass(frozen=True)
 class Document:
-    """source: where it came from (a path, or ``path#id`` / ``path:line`` for a JSONL row).
+    """source: where it came from, which is also its document id in the store: a file's path
+    relative to the directory compiled (its name, for a file given on its own), with ``#id``
+    (or ``:line``) for a JSONL row; an upload's id.
 
     blocks: the stretches to cut into atoms; () for plain text, which is cut whole.
     sections: (offset, heading path) marks: the headings in force from each offset on.
@@ -65,36 +67,53 @@ class Skipped:
 def read_documents(paths: Iterable[str | Path], max_file_mb: float = MAX_FILE_MB
                    ) -> tuple[list[Document], list[Skipped]]:
     """Every readable document under ``paths`` (files, or directories searched recursively),
-    and every problem found on the way."""
+    and every problem found on the way (naming each path as it was given).
+
+    A document's source is its path relative to the directory given (a file given on its own:
+    its name), so one corpus compiled by a relative and by an absolute path, or from another
+    working directory, has the same documents in the store."""
     docs: list[Document] = []
     skipped: list[Skipped] = []
+    seen: dict[str, Path] = {}  # document source -> the file that has it
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
+            root = path
             files = sorted(p for p in path.rglob("*")
                            if p.is_file() and p.suffix.lower() in SUPPORTED)
             if not files:
                 skipped.append(Skipped(str(path), f"no {', '.join(SUPPORTED)} files in this "
                                                   "directory"))
         elif path.is_file():
-            files = [path]
+            root, files = path.parent, [path]
         else:
             skipped.append(Skipped(str(path), "no such file or directory"))
             continue
         for file in files:
-            got, problems = _read_file(file, max_file_mb)
+            source, real = file.relative_to(root).as_posix(), file.resolve()
+            if source in seen:  # the same file again is read once
+                if seen[source] != real:
+                    skipped.append(Skipped(str(file), f"its document id {source!r} is already "
+                                                      f"that of {seen[source]}; compile the "
+                                                      "directory that holds both instead"))
+                continue
+            seen[source] = real
+            got, problems = _read_file(file, source, max_file_mb)
             docs += got
             skipped += problems
     return docs, skipped
 
 
-def _read_file(path: Path, max_file_mb: float) -> tuple[list[Document], list[Skipped]]:
+def _read_file(path: Path, source: str, max_file_mb: float
+               ) -> tuple[list[Document], list[Skipped]]:
     size = path.stat().st_size
     if path.suffix.lower() in SUPPORTED and size > max_file_mb * 2**20:
         return [], [Skipped(str(path), f"{size / 2**20:.1f} MB is over the {max_file_mb:g} MB "
                                        "limit per file; split it, or raise --max-file-mb")]
-    return read_file_bytes(str(path), b"" if path.suffix.lower() not in SUPPORTED
-                           else path.read_bytes())
+    docs, problems = read_file_bytes(source, b"" if path.suffix.lower() not in SUPPORTED
+                                     else path.read_bytes())
+    # a problem names the path as given (the user's to find), with any ":line" it has
+    return docs, [Skipped(str(path) + p.source[len(source):], p.reason) for p in problems]
 
 
 def read_file_bytes(source: str, data: bytes) -> tuple[list[Document], list[Skipped]]:

@@ -14,7 +14,7 @@ from microlora.core.embedder import Embedder
 from microlora.core.errors import AdapterError, MicroloraError
 from microlora.core.models import BaseModel
 from microlora.core.targets import is_linear, linear_features
-from store import AdapterStore, AtomRecord
+from store import AdapterStore, AtomRecord, BatchDocuments
 from store.peft import read_peft
 
 
@@ -49,12 +49,13 @@ def import_peft(path: str | Path, store: AdapterStore, *, base: BaseModel, embed
         digest.update(name.encode())
         digest.update(A.numpy().tobytes())
         digest.update(B.numpy().tobytes())
+    source = Path(path).name  # its document id, as of a file compiled on its own
     record = AtomRecord(
         id=digest.hexdigest()[:32], text=text.strip(), adapter=peft.adapter,
         embedding=embedder.encode([text.strip()])[0], base_fingerprint=base.fingerprint,
-        source=str(path), config={"imported": "peft", "rank": peft.adapter.rank, "scale": 1.0},
+        source=source, config={"imported": "peft", "rank": peft.adapter.rank, "scale": 1.0},
         extra={"peft_base_model": peft.base_model, "peft_r": peft.config.get("r"),
                "peft_lora_alpha": peft.config.get("lora_alpha")})
-    store.put(namespace, [record])
-    store.put_documents(namespace, {str(path): [record.id]})
+    store.put(namespace, [record], documents=BatchDocuments({source: [record.id]},
+                                                            frozenset([source])))
     return record

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,11 +25,18 @@ from compiler.lessons import lesson_views, taught_text, teacher_window
 from compiler.trainer import AtomTrainer
 from microlora.core.config import ChunkConfig, TrainConfig
 from microlora.core.embedder import Embedder
-from microlora.core.errors import QuotaExceededError
+from microlora.core.errors import QuotaExceededError, StoreError
 from microlora.core.models import BaseModel
 from microlora.core.pack import Packed
 from microlora.core.targets import linear_features, select_targets
-from store import AdapterStore, AtomRecord, StoreHeader, is_store
+from store import (
+    AdapterStore,
+    AtomRecord,
+    BatchDocuments,
+    StoreHeader,
+    check_document_id,
+    is_store,
+)
 
 # Rough throughput for --dry-run estimates before a store has measured its own (atoms/s with
 # the default recipe on the default model; measured on 2 CPU cores, see benchmarks/RESULTS.md).
@@ -89,6 +96,11 @@ def plan(docs: Sequence[Document], tokenizer, base_fingerprint: str,
     seen: dict[str, PlannedAtom] = {}
     manifests: dict[str, list[str]] = {}
     for doc in docs:
+        try:
+            check_document_id(doc.source)  # before any training, not at its manifest
+        except StoreError as e:
+            problems.append(Skipped(doc.source, str(e)))
+            continue
         atoms = chunk_document(doc, tokenizer, chunk_config)
         if not atoms:
             problems.append(Skipped(doc.source, "no text to compile"))
@@ -138,6 +150,7 @@ def compile_documents(
     quota: Quota = Quota(),
     progress: Callable[[int, int], None] | None = None,
     prepared: Plan | None = None,
+    check: Callable[[], None] | None = None,
 ) -> CompileReport:
     """Compile documents into ``namespace`` of ``store`` (an open, writable store, or a
     directory: opened, or created, and closed again).
@@ -146,7 +159,9 @@ def compile_documents(
     manifests of the namespace that these documents no longer produce are removed. A
     ``quota`` that the namespace would exceed fails before anything is trained. ``prepared``:
     the documents' ``plan`` when the caller made it already (with the same configs), so a
-    large upload is chunked once, not again here.
+    large upload is chunked once, not again here. ``check()`` runs before each batch is
+    trained and inside the transaction that writes it; what it raises stops the compile
+    (a server job, cancelled).
     """
     report = CompileReport(documents=len(docs))
     if prepared is None:
@@ -156,42 +171,47 @@ def compile_documents(
     report.atoms = len(planned)
     with _opened(store, base, embedder, create=bool(planned) and not dry_run,
                  readonly=dry_run) as store:
-        existing: set[str] = set()
-        if store is not None and namespace in store.namespaces():
-            existing = set(store.ids(namespace))
-        todo = [p for p in planned if p.id not in existing]
-        report.already_compiled = len(planned) - len(todo)
         if dry_run:
-            report.planned = todo
-            report.estimated_seconds = len(todo) / _ASSUMED_ATOMS_PER_S.get(base.device.type, 1.0)
+            existing = set(store.ids(namespace)) if store is not None and \
+                namespace in store.namespaces() else set()
+            report.planned = [p for p in planned if p.id not in existing]
+            report.already_compiled = len(planned) - len(report.planned)
+            report.estimated_seconds = len(report.planned) / _ASSUMED_ATOMS_PER_S.get(
+                base.device.type, 1.0)
             return report
-        if store is None or not (todo or (prune and existing) or manifests):
+        if store is None or not (planned or prune):
             return report  # nothing to train, prune or record
-        check_quota(store, namespace, todo, base, train_config, quota)
+        check_quota(store, namespace, planned, base, train_config, quota)
+        # which atoms are stored, and the manifests of the documents that have one, in one
+        # transaction: a document forgotten meanwhile cannot take an atom these count on
+        present = store.claim_documents(namespace, manifests)
+        todo = [p for p in planned if p.id not in (present or ())]
+        report.already_compiled = len(planned) - len(todo)
         t0 = time.perf_counter()
         losses = train_atoms(todo, store, store, base=base, embedder=embedder,
                              namespace=namespace, train_config=train_config,
-                             chunk_config=chunk_config, report=report, progress=progress)
-        record_documents(store, namespace, planned, manifests, prune, report)
+                             chunk_config=chunk_config, report=report, progress=progress,
+                             manifests=manifests, create=present is None, check=check,
+                             claimed=[d for d, ids in manifests.items()
+                                      if present and present.intersection(ids)])
+        if prune:
+            prune_namespace(store, namespace, planned, manifests, report)
         report.seconds = time.perf_counter() - t0
     if losses:
         report.mean_final_loss = sum(losses) / len(losses)
     return report
 
 
-def record_documents(store: AdapterStore, namespace: str, planned: Sequence[PlannedAtom],
-                     manifests: dict[str, list[str]], prune: bool, report: CompileReport) -> None:
-    """After training: record each document's atoms, and with ``prune`` drop the atoms and
-    documents of the namespace that the corpus no longer produces."""
+def prune_namespace(store: AdapterStore, namespace: str, planned: Sequence[PlannedAtom],
+                    manifests: dict[str, list[str]], report: CompileReport) -> None:
+    """Drop the atoms and documents of the namespace that the corpus no longer produces.
+    (Manifests are written with the atoms, batch by batch: ``train_atoms``.)"""
     if namespace not in store.namespaces():
         return
-    store.put_documents(namespace, manifests)
-    if prune:
-        keep = {p.id for p in planned}
-        report.pruned = store.delete(namespace, [i for i in store.ids(namespace)
-                                                 if i not in keep])
-        for doc_id in set(store.documents(namespace)) - set(manifests):
-            store.delete_document(namespace, doc_id)
+    keep = {p.id for p in planned}
+    report.pruned = store.delete(namespace, [i for i in store.ids(namespace) if i not in keep])
+    for doc_id in set(store.documents(namespace)) - set(manifests):
+        store.delete_document(namespace, doc_id)
 
 
 @contextmanager
@@ -222,9 +242,16 @@ def batches(todo: Sequence[PlannedAtom], size: int) -> list[list[PlannedAtom]]:
 def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterStore, *,
                 base: BaseModel, embedder: Embedder, namespace: str, train_config: TrainConfig,
                 chunk_config: ChunkConfig, report: CompileReport, share: slice = slice(None),
-                progress: Callable[[int, int], None] | None = None) -> list[float]:
+                progress: Callable[[int, int], None] | None = None,
+                manifests: dict[str, list[str]] | None = None, claimed: Iterable[str] = (),
+                create: bool = True, check: Callable[[], None] | None = None) -> list[float]:
     """Train the batches ``share`` of ``todo`` (all by default; ``slice(rank, None, world)``
     for one of several processes) and write them to ``out``, a batch per transaction.
+
+    Each batch's transaction also writes the ``manifests`` of the documents whose first
+    atom in ``out`` it holds (``claimed``: those whose manifests ``out`` has already, from
+    ``claim_documents``). ``create``: whether the first batch may create the namespace (the
+    later ones never do); ``check``: as ``compile_documents``'.
 
     Each atom's frozen store neighbours are looked up in ``store`` before anything is trained,
     so they are the atoms stored *before* this compile: an atom's adapter depends on its batch
@@ -237,6 +264,11 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
     taught = {p.id: taught_text(p.atom, train_config) for p in atoms}
     vectors = embedder.encode([taught[p.id] for p in atoms])
     neighbour_ids = _snapshot_neighbours(store, namespace, vectors, train_config)
+    owners: dict[str, list[str]] = {}  # atom id -> the documents that have it
+    for doc_id, ids in (manifests or {}).items():
+        for i in ids:
+            owners.setdefault(i, []).append(doc_id)
+    registered = set(claimed)
     losses: list[float] = []
 
     def count(text: str) -> int:
@@ -247,6 +279,8 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
         for batch in mine:
             rows = slice(start, start + len(batch))
             start += len(batch)
+            if check is not None:
+                check()
             neighbours = None if neighbour_ids is None else \
                 _stored_adapters(store, namespace, neighbour_ids[rows])
             contexts = ([f"{p.atom.title}\n" if p.atom.title else "" for p in batch]
@@ -260,6 +294,10 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
             trained = trainer.train([taught[p.id] for p in batch], [p.id for p in batch],
                                     contexts=contexts, frozen_neighbours=neighbours, views=views,
                                     windows=windows, company=company)
+            touched = {d for p in batch for d in owners.get(p.id, ())}
+            documents = BatchDocuments({d: manifests[d] for d in touched},
+                                       frozenset(touched - registered)) if manifests else None
+            registered |= touched
             out.put(namespace, [
                 AtomRecord(id=p.id, text=p.atom.text, adapter=t.adapter,
                            embedding=vectors[rows][i], base_fingerprint=base.fingerprint,
@@ -269,7 +307,9 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
                            config={**asdict(train_config), **asdict(chunk_config)},
                            extra={"title": p.atom.title, "steps": t.steps,
                                   "final_loss": t.final_loss})
-                for i, (p, t) in enumerate(zip(batch, trained))])
+                for i, (p, t) in enumerate(zip(batch, trained))],
+                documents=documents, create=create, check=check)
+            create = False  # the namespace exists now: if it goes, it stays gone
             report.trained += len(batch)
             report.atom_steps += sum(t.steps for t in trained)
             losses += [t.final_loss for t in trained]

@@ -7,12 +7,14 @@ from store.adapter_store import (
     StoreHeader,
     validate_namespace,
 )
+from store.documents import MAX_DOCUMENT_ID_BYTES, BatchDocuments, check_document_id
 from store.index import VectorIndex
 from store.layout import StoreLayout, is_store
 from store.maintenance import NamespaceStats, VerifyReport
 from store.reader import Reader
 from store.record import AtomRecord
 
-__all__ = ["FORMAT_VERSION", "AdapterStore", "AtomRecord", "NamespaceStats", "Reader",
-           "StoreHeader", "StoreLayout", "VectorIndex", "VerifyReport", "is_store",
+__all__ = ["FORMAT_VERSION", "MAX_DOCUMENT_ID_BYTES", "AdapterStore",
+           "AtomRecord", "BatchDocuments", "NamespaceStats", "Reader", "StoreHeader",
+           "StoreLayout", "VectorIndex", "VerifyReport", "check_document_id", "is_store",
            "validate_namespace"]

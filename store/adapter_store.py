@@ -18,7 +18,8 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import lmdb
 import numpy as np
 import torch
 
+from microlora.core.config import MAX_NAMESPACES
 from microlora.core.errors import (
     StoreError,
     StoreMismatchError,
@@ -35,11 +37,11 @@ from microlora.core.errors import (
 from microlora.core.pack import Packed
 from store import record as rec
 from store.damage import damage_explained
-from store.documents import DocumentManifests
+from store.documents import BatchDocuments, DocumentManifests
 from store.index import EXACT_LIMIT, VectorIndex
 from store.index_cache import IndexCache
 from store.layout import DIR_MODE, FILE_MODE, StoreLayout, is_store
-from store.maintenance import Maintenance
+from store.maintenance import Maintenance, hold_shared
 from store.peft import read_reader
 from store.reader import Reader
 
@@ -77,8 +79,9 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
     ``AdapterStore.create(path, header)``.
     """
 
-    def __init__(self, path: str | Path, *, readonly: bool = False, max_namespaces: int = 1024,
-                 map_size: int = _DEFAULT_MAP_SIZE, exact_limit: int = EXACT_LIMIT):
+    def __init__(self, path: str | Path, *, readonly: bool = False,
+                 max_namespaces: int = MAX_NAMESPACES, map_size: int = _DEFAULT_MAP_SIZE,
+                 exact_limit: int = EXACT_LIMIT):
         self.path = Path(path)
         self.layout = StoreLayout(self.path)
         self.readonly = readonly
@@ -86,15 +89,17 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         if not is_store(self.path):
             raise StoreError(f"{self.path} is not a microlora store (no data.mdb there); "
                              "create one with `microlora compile ... --store DIR`")
+        # held until close (or until this object goes, if opening fails below): ``compact``
+        # swaps data.mdb only where no one else holds it
+        self._hold_fd = hold_shared(self.path)
+        self._release = weakref.finalize(self, os.close, self._hold_fd)
+        self._map_size = map_size
         try:
             # Read-ahead stays on (LMDB's default): an atom is ~200 KB of contiguous overflow
             # pages, and without it a cold atom faulted in 4 KB at a time (2.4x slower than
             # reading a file; benchmarks/RESULTS.md).
-            self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=max_namespaces + 1,
-                                  readonly=readonly, create=False, readahead=True,
-                                  mode=FILE_MODE,
-                                  lock=not readonly or _lock_is_writable(self.path))
-            self._meta = self._env.open_db(_META_DB, create=False)
+            self._env = self._open_env(map_size, max_namespaces)
+            self._meta = self._env.open_db(_META_DB, create=False)  # (also ``_reopen``)
             with self._env.begin(db=self._meta) as txn:
                 raw = txn.get(_HEADER_KEY)
         except lmdb.Error as e:
@@ -122,6 +127,25 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         self._unsaved: set[str] = set()
         self._verified: dict[str, tuple[int, set[str]]] = {}  # namespace -> (generation, ids)
         self._lock = threading.RLock()  # the cached FAISS indexes and db handles
+
+    def _open_env(self, map_size: int, max_namespaces: int) -> lmdb.Environment:
+        """LMDB's environment with room for ``max_namespaces`` (LMDB reserves a slot per
+        database in every transaction: a read costs ~1 us per thousand), and never less than
+        the store already has, deleted namespaces included: a store made under a larger limit
+        still opens, only new namespaces are refused."""
+        def open_env(limit: int) -> lmdb.Environment:
+            return lmdb.open(str(self.path), map_size=map_size, max_dbs=limit + 1,
+                             readonly=self.readonly, create=False, readahead=True,
+                             mode=FILE_MODE,
+                             lock=not self.readonly or _lock_is_writable(self.path))
+
+        env = open_env(max_namespaces)
+        held = env.stat()["entries"] - 1  # the main database lists every named one
+        self.max_namespaces = max(max_namespaces, held)
+        if held > max_namespaces:
+            env.close()
+            env = open_env(held)
+        return env
 
     @classmethod
     def create(cls, path: str | Path, header: StoreHeader, **kwargs) -> AdapterStore:
@@ -165,6 +189,13 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
                 index.save(self.layout.index(namespace))
         self._unsaved.clear()
         self._env.close()
+        self._release()
+
+    def _reopen(self) -> None:
+        """Open LMDB again after ``compact`` swapped its file (every handle is new)."""
+        self._env = self._open_env(self._map_size, self.max_namespaces)
+        self._meta = self._env.open_db(_META_DB, create=False)
+        self._dbs = {}
 
     def __enter__(self) -> AdapterStore:
         return self
@@ -210,15 +241,29 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
                                         f"(it has: {have})", namespace=namespace)
         if namespace not in self._dbs:
             with damage_explained(self.path):
-                self._dbs[namespace] = self._env.open_db(namespace.encode(), create=False)
+                self._dbs[namespace] = self._open_db(namespace, create=False)
         return self._dbs[namespace]
 
-    def _db_for_write(self, txn, namespace: str):
+    def _open_db(self, namespace: str, **kwargs):
+        """LMDB's handle of a namespace's database; a clear error past ``max_namespaces``."""
+        try:
+            return self._env.open_db(namespace.encode(), **kwargs)
+        except lmdb.DbsFullError:
+            raise StoreError(
+                f"store {self.path} holds its limit of {self.max_namespaces} namespaces "
+                "(deleted ones count until `microlora store compact`): compact it, or open it "
+                "with a larger limit (`microlora serve --max-namespaces`)") from None
+
+    def _db_for_write(self, txn, namespace: str, create: bool = True):
         """The namespace's handle inside write transaction ``txn``, registering the namespace
-        if it is new (so a failed first put leaves no empty namespace behind)."""
+        if it is new and ``create`` (so a failed first put leaves no empty namespace behind)."""
         validate_namespace(namespace)
-        db = self._dbs.get(namespace) or self._env.open_db(namespace.encode(), txn=txn)
-        if txn.get(b"ns:" + namespace.encode(), db=self._meta) is None:
+        known = txn.get(b"ns:" + namespace.encode(), db=self._meta) is not None
+        if not known and not create:
+            raise UnknownNamespaceError(f"namespace {namespace!r} was deleted while this was "
+                                        "written; nothing of it was kept", namespace=namespace)
+        db = self._dbs.get(namespace) or self._open_db(namespace, txn=txn)
+        if not known:
             txn.put(b"ns:" + namespace.encode(), b"{}", db=self._meta)
             txn.put(b"gen:" + namespace.encode(), b"0", db=self._meta)
         return db
@@ -263,9 +308,16 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
     # -- atoms -------------------------------------------------------------------------------
 
     def put(self, namespace: str, records: Iterable[rec.AtomRecord],
-            dtype: torch.dtype = torch.bfloat16) -> int:
+            dtype: torch.dtype = torch.bfloat16, *, documents: BatchDocuments | None = None,
+            create: bool = True, check: Callable[[], None] | None = None) -> int:
         """Add atoms in one transaction; atoms already present (same id) are kept as they are.
-        Returns how many were new."""
+        Returns how many were new.
+
+        ``documents``: the manifests to write in the same transaction. ``create=False``: the
+        namespace must exist (UnknownNamespaceError if it was dropped meanwhile: a compile
+        never brings back a namespace deleted under it). ``check()`` runs inside the
+        transaction, before anything is written; what it raises aborts the batch (a server job
+        cancelled: the cancel and a drop cannot interleave with the write)."""
         self._guard_writable()
         records = list(records)
         for r in records:  # check everything before writing anything
@@ -290,9 +342,13 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         added: list[rec.AtomRecord] = []
         try:
             with self._txn(write=True) as txn:
-                db = self._db_for_write(txn, namespace)
+                if check is not None:
+                    check()
+                db = self._db_for_write(txn, namespace, create)
+                skip = self._put_batch_documents(txn, namespace, documents) if documents \
+                    else set()
                 for r, (key, value) in zip(records, values):
-                    if txn.put(key, value, db=db, overwrite=False):
+                    if r.id not in skip and txn.put(key, value, db=db, overwrite=False):
                         added.append(r)
                 gen_before = int(txn.get(b"gen:" + namespace.encode(), db=self._meta))
                 gen = self._bump(txn, namespace) if added else gen_before

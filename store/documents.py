@@ -1,13 +1,44 @@
 """Document manifests: which atoms each compiled document produced, kept in the store's
 ``__meta__`` database, so one document can be forgotten without the atoms another document
-of the namespace shares."""
+of the namespace shares.
+
+A compile writes each manifest in the transaction of the first batch that stores an atom of
+the document (``BatchDocuments``), so no stored atom is ever outside every manifest, even
+after a ``kill -9``: whatever a compile stored, ``delete_document`` can forget."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
-from microlora.core.errors import UnknownDocumentError
+from microlora.core.errors import StoreError, UnknownDocumentError
+
+# A manifest's LMDB key is "doc:" + namespace (<= 128 bytes) + NUL + the document id, and LMDB
+# refuses keys over 511 bytes: ids stay well inside that.
+MAX_DOCUMENT_ID_BYTES = 256
+
+
+def check_document_id(doc_id: str) -> str:
+    """``doc_id``, if the store can keep a manifest under it; StoreError naming it if not."""
+    size = len(doc_id.encode())
+    if not 0 < size <= MAX_DOCUMENT_ID_BYTES:
+        raise StoreError(f"document id {doc_id[:60]!r}{'...' if len(doc_id) > 60 else ''} is "
+                         f"{size} bytes; an id (a path relative to the directory compiled, "
+                         f"with '#id' for a JSONL row) must be 1-{MAX_DOCUMENT_ID_BYTES} bytes: "
+                         "shorten it, or compile from a directory nearer the file")
+    return doc_id
+
+
+@dataclass(frozen=True)
+class BatchDocuments:
+    """The manifests written with one batch of atoms: every document with an atom in the
+    batch, mapped to all its atom ids. ``fresh`` are those this batch registers (their first
+    atoms); any other whose manifest is gone was forgotten while it compiled, so its atoms
+    in the batch (those no live document shares) are not written."""
+
+    manifests: Mapping[str, list[str]]
+    fresh: frozenset[str]
 
 
 class DocumentManifests:
@@ -18,10 +49,32 @@ class DocumentManifests:
         documents), so that ``delete_document`` can forget one document."""
         self._guard_writable()
         self._db(namespace)
+        for doc_id in manifests:
+            check_document_id(doc_id)
         with self._txn(write=True) as txn:
             for doc_id, atom_ids in manifests.items():
                 txn.put(_document_key(namespace, doc_id), json.dumps(atom_ids).encode(),
                         db=self._meta)
+
+    def claim_documents(self, namespace: str, manifests: dict[str, list[str]]
+                        ) -> set[str] | None:
+        """Which atoms of ``manifests`` the namespace holds (None: there is no namespace), and,
+        in the same transaction, the manifest of every document that has one of them: so
+        forgetting another document while these compile keeps the atoms they share."""
+        self._guard_writable()
+        if namespace not in self.namespaces():
+            return None
+        db = self._db(namespace)
+        for doc_id in manifests:
+            check_document_id(doc_id)
+        with self._env.begin(write=True) as txn:
+            present = {a for ids in manifests.values() for a in ids
+                       if txn.get(a.encode(), db=db) is not None}
+            for doc_id, atom_ids in manifests.items():
+                if present.intersection(atom_ids):
+                    txn.put(_document_key(namespace, doc_id), json.dumps(atom_ids).encode(),
+                            db=self._meta)
+        return present
 
     def documents(self, namespace: str) -> dict[str, list[str]]:
         """Document id -> the ids of the atoms it produced."""
@@ -49,6 +102,19 @@ class DocumentManifests:
         if n:
             self._forget_index(namespace)
         return n
+
+    def _put_batch_documents(self, txn, namespace: str, docs: BatchDocuments) -> set[str]:
+        """Write a batch's manifests inside its transaction ``txn``; returns the ids of the
+        atoms not to write (those only of documents forgotten meanwhile)."""
+        forgotten = set()
+        for doc_id, atom_ids in docs.manifests.items():
+            key = _document_key(namespace, check_document_id(doc_id))
+            if doc_id in docs.fresh:
+                txn.put(key, json.dumps(atom_ids).encode(), db=self._meta)
+            elif txn.get(key, db=self._meta) is None:
+                forgotten.add(doc_id)
+        live = {a for d, ids in docs.manifests.items() if d not in forgotten for a in ids}
+        return {a for d in forgotten for a in docs.manifests[d]} - live
 
     def _document_items(self, txn, namespace: str) -> Iterator[tuple[bytes, bytes]]:
         prefix = _document_key(namespace, "")

@@ -1,15 +1,30 @@
-"""Looking after a store: per-namespace statistics (from LMDB's page counts, no scan) and
-verification of every record's checksum."""
+"""Looking after a store: per-namespace statistics (from LMDB's page counts, no scan),
+verification of every record's checksum, and compaction.
+
+LMDB is copy-on-write: a deleted atom's pages are freed, not overwritten, so its text stays in
+``data.mdb`` until later writes reuse them. ``compact`` writes a copy holding only what is
+live and swaps it in, which it may do only while no one else has the store open: every
+``AdapterStore`` holds a shared ``flock`` on the store's directory, and compaction needs it
+exclusively.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from microlora.core.errors import CorruptAtomError
+from microlora.core.errors import CorruptAtomError, StoreError
 from store.damage import DAMAGE
 from store.index import VectorIndex
+from store.layout import DIR_MODE, FILE_MODE
 from store.reader import Reader
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,8 +50,65 @@ class VerifyReport:
         return not self.bad and not self.damaged
 
 
+def hold_shared(path: Path) -> int:
+    """A descriptor of the store directory ``path`` with a shared ``flock`` on it, held while
+    the store is open (so ``compact`` knows it is not alone)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"store {path} is being compacted; open it again when that is "
+                         "done") from None
+    except OSError as e:  # a filesystem without locks: the store works, compaction will not
+        log.warning("cannot lock store %s (%s); it cannot be compacted here", path, e)
+    return fd
+
+
 class Maintenance:
     """The maintenance half of ``AdapterStore`` (a mixin over its LMDB environment)."""
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite ``data.mdb`` with only its live pages (LMDB's compacting copy, swapped in),
+        so forgotten atoms leave no bytes behind, and deleted namespaces free their slots.
+        Needs the store to itself: no other process or ``AdapterStore`` may have it open, and
+        no transaction of this one may be in flight. Returns the file's bytes before and after.
+        """
+        self._guard_writable()
+        try:
+            fcntl.flock(self._hold_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"store {self.path} is open elsewhere (a server, a compile or "
+                             "another command): stop it, then compact") from None
+        except OSError as e:
+            raise StoreError(f"cannot lock store {self.path} ({e}), so cannot tell that no "
+                             "one else has it open: compact it on a local filesystem") from e
+        try:
+            before = self.layout.data_file.stat().st_size
+            with self._lock:
+                self._drop_deleted_databases()
+                tmp = self.path / "compacting"
+                shutil.rmtree(tmp, ignore_errors=True)  # what a crash mid-copy left
+                tmp.mkdir(mode=DIR_MODE)
+                self._env.copy(str(tmp), compact=True)
+                self._env.close()
+                (tmp / self.layout.data_file.name).chmod(FILE_MODE)
+                os.replace(tmp / self.layout.data_file.name, self.layout.data_file)
+                tmp.rmdir()
+                self._reopen()
+        finally:
+            fcntl.flock(self._hold_fd, fcntl.LOCK_SH)
+        return before, self.layout.data_file.stat().st_size
+
+    def _drop_deleted_databases(self) -> None:
+        """Delete the LMDB databases of dropped namespaces (``drop`` only empties them, as
+        another thread may still hold their handles; here no one does)."""
+        with self._env.begin(write=True) as txn:
+            names = [bytes(k) for k, _ in txn.cursor()]  # the main database: every named one
+            for name in names:
+                if name != b"__meta__" and txn.get(b"ns:" + name, db=self._meta) is None:
+                    txn.drop(self._env.open_db(name, txn=txn, create=False), delete=True)
+        self._dbs.clear()
 
     def stats(self) -> list[NamespaceStats]:
         """Per namespace: atoms, bytes of LMDB pages they occupy (from LMDB's page counts, so

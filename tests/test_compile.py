@@ -1,8 +1,10 @@
 """The compile pipeline end to end on tiny models: incremental, prune, dry run, bad inputs,
 identity checks, and a compile killed with SIGKILL that resumes."""
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +176,20 @@ def test_sigkill_mid_compile_leaves_a_clean_store_that_resumes(tmp_path, tiny_mo
     with AdapterStore(tmp_path / "s", readonly=True) as s:
         partial = s.count("default")
         assert 3 <= partial < 24 and s.verify().ok
+        stored, manifests = set(s.ids("default")), s.documents("default")
+    # every stored atom is in the manifest of its document (written in the same transaction),
+    # and a manifest is there only for a document with a stored atom: whatever was stored
+    # can be forgotten by its document, before any rerun
+    assert stored == {i for ids in manifests.values() for i in ids} & stored
+    assert all(stored & set(ids) for ids in manifests.values())
+    assert set(manifests) <= {f"d{i:02d}.txt" for i in range(12)}
+    shutil.copytree(tmp_path / "s", tmp_path / "copy")
+    doc, ids = next(iter(manifests.items()))
+    forgot = CliRunner().invoke(cli, ["store", "rm", "default", "--document", doc, "-y",
+                                      "--store", str(tmp_path / "copy")])
+    assert forgot.exit_code == 0, forgot.output
+    with AdapterStore(tmp_path / "copy", readonly=True) as s:
+        assert set(s.ids("default")) == stored - set(ids) and s.verify().ok
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{24 - partial} trained" in resumed.stdout
@@ -181,6 +197,8 @@ def test_sigkill_mid_compile_leaves_a_clean_store_that_resumes(tmp_path, tiny_mo
     with AdapterStore(tmp_path / "s", readonly=True) as s:
         assert s.count("default") == 24 and s.verify().ok
         assert len(s.index("default").ids) == 24  # the stale index was rebuilt
+        assert sorted(i for ids in s.documents("default").values() for i in ids) == \
+            sorted(s.ids("default"))
 
 
 def test_torchrun_on_two_processes_trains_what_one_process_trains(tmp_path, corpus,
@@ -241,3 +259,49 @@ def test_a_trained_adapter_with_nan_is_an_error_naming_the_atom(tmp_path, corpus
         run([tmp_path / "one.txt"], tmp_path / "s", models)
     with AdapterStore(tmp_path / "s", readonly=True) as s:
         assert "docs" not in s.namespaces() or s.count("docs") == 0
+
+
+def test_one_corpus_compiled_by_relative_and_absolute_paths_is_one_set_of_documents(
+        tmp_path, corpus, models, monkeypatch):
+    """Document ids are paths relative to the directory compiled: compiling it again by
+    another path changes no manifest, and `store rm --document` forgets all of the text."""
+    monkeypatch.chdir(tmp_path)
+    run(["docs"], "s", models)
+    again = run([corpus.resolve()], tmp_path / "s", models)
+    assert again.trained == 0
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        docs = s.documents("docs")
+    assert {d: len(ids) for d, ids in docs.items()} == {"a.txt": 4, "b.md": 2}
+    listed = CliRunner().invoke(cli, ["store", "docs", "docs", "--store", "s"])
+    assert listed.exit_code == 0 and listed.output == "a.txt\t4 atoms\nb.md\t2 atoms\n"
+    wrong = CliRunner().invoke(cli, ["store", "rm", "docs", "--document", str(corpus / "a.txt"),
+                                     "-y", "--store", "s"])
+    assert wrong.exit_code == 1 and "did you mean 'a.txt'?" in wrong.output
+    forgot = CliRunner().invoke(cli, ["store", "rm", "docs", "--document", "a.txt", "-y",
+                                      "--store", "s"])
+    assert forgot.exit_code == 0 and "forgot a.txt (4 atoms)" in forgot.output
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        assert sorted(s.ids("docs")) == sorted(docs["b.md"])
+        assert list(s.documents("docs")) == ["b.md"]
+
+
+def test_two_files_with_one_document_id_are_refused_by_name(tmp_path, corpus, models):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "b.md").write_text(DOC_A)
+    report = run([corpus / "b.md", tmp_path / "other" / "b.md", corpus / "b.md"],
+                 tmp_path / "s", models)
+    assert (report.documents, report.trained) == (1, 2)
+    assert [p.source for p in report.problems] == [str(tmp_path / "other" / "b.md")]
+    assert "document id 'b.md' is already that of" in report.problems[0].reason
+
+
+def test_a_document_id_over_the_key_limit_is_refused_before_training(tmp_path, models):
+    long_id = "x" * 300  # with the file name, past LMDB's 511-byte key once namespaced
+    (tmp_path / "rows.jsonl").write_text(
+        json.dumps({"id": long_id * 2, "text": DOC_B}) + "\n" +
+        json.dumps({"id": "ok", "text": DOC_A}) + "\n")
+    report = run([tmp_path / "rows.jsonl"], tmp_path / "s", models)
+    assert report.trained == 4 and len(report.problems) == 1
+    assert "must be 1-256 bytes" in report.problems[0].reason
+    with AdapterStore(tmp_path / "s", readonly=True) as s:
+        assert list(s.documents("docs")) == ["rows.jsonl#ok"]

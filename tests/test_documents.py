@@ -228,13 +228,14 @@ def test_compiled_atoms_keep_page_and_section_and_ask_explains_them(tmp_path, ti
             "--last-layers", "2", "--steps", "2"]
     dry = CliRunner().invoke(cli, [*args, "--dry-run"])
     assert dry.exit_code == 0, dry.output
-    assert f"{pdf}:" in dry.output and " p. 2, Results  'Year: 2019, Revenue: 4.1 M" in dry.output
+    assert "report.pdf:" in dry.output  # its id: the file's name, as it was given alone
+    assert " p. 2, Results  'Year: 2019, Revenue: 4.1 M" in dry.output
     done = CliRunner().invoke(cli, args)
     assert done.exit_code == 0 and "2 documents, 16 atoms: 16 trained" in done.output, done.output
     with AdapterStore(store, readonly=True) as s, s.read("default") as reader:
         records = {r.text: r for _, r in reader.items()}
     row = records["Year: 2019, Revenue: 4.1 M, Clocks: 19"]
-    assert (row.source, row.page, row.section) == (pdf, 2, ["Results"])
+    assert (row.source, row.page, row.section) == ("report.pdf", 2, ["Results"])
     assert row.context == ["Year: 2018, Revenue: 3.2 M, Clocks: 14", row.text]
     tide = records["Spring tides lift the water by four metres at the harbour mouth."]
     assert (tide.page, tide.section) == (0, ["Harbour survey", "Tides"])
@@ -267,8 +268,8 @@ def test_jsonl_rows_split_only_at_newlines_and_a_bom_keeps_row_one(tmp_path):
     docs, skipped = read_documents([tmp_path / "rows.jsonl"])
     where = str(tmp_path / "rows.jsonl")
     assert [(d.source, d.text) for d in docs] == [
-        (f"{where}:1", "First row."), (f"{where}:2", "Line\u2028separator and\u2029paragraph."),
-        (f"{where}:3", "Next\u0085line."), (f"{where}:4", "Windows ending.")]
+        ("rows.jsonl:1", "First row."), ("rows.jsonl:2", "Line\u2028separator and\u2029paragraph."),
+        ("rows.jsonl:3", "Next\u0085line."), ("rows.jsonl:4", "Windows ending.")]
     assert [s.source for s in skipped] == [f"{where}:5"]
 
 

@@ -78,7 +78,7 @@ def test_a_peft_lora_imports_as_an_atom_that_composes_to_peft_outputs(tmp_path, 
     with AdapterStore(store) as s:
         record = import_peft(folder, s, base=base, embedder=emb, namespace="imported",
                              text="w40 w41 w42")
-        assert s.documents("imported") == {str(folder): [record.id]}
+        assert s.documents("imported") == {folder.name: [record.id]}
         assert s.search("imported", emb.encode(["w40 w41 w42"]), 1)[0][0][0] == record.id
         again = import_peft(folder, s, base=base, embedder=emb, namespace="imported",
                             text="w40 w41 w42")

@@ -713,3 +713,125 @@ def test_keys_cli_adds_lists_and_revokes(tmp_path):
     assert KeyStore(store).authenticate(token) is None
     bad = runner.invoke(cli, ["keys", "add", "x", "--store", store, "--grant", "user:ana"])
     assert bad.exit_code != 0 and "cannot grant" in bad.output
+
+
+# -- forgetting while a job compiles ----------------------------------------------------------
+
+def sentences(first: int, n: int) -> str:
+    """n one-atom sentences of the tiny vocabulary, from word ``first`` on."""
+    return " ".join(" ".join(f"w{first + 6 * i + j}" for j in range(6)) + "."
+                    for i in range(n))
+
+
+@pytest.fixture
+def paused(monkeypatch):
+    """Pause compile jobs inside their Nth training batch: ``gate(n)`` returns (reached, go)
+    events; the job waits in batch n (after training it, before writing it) until ``go``."""
+    from compiler.trainer import AtomTrainer
+
+    train, calls, gates = AtomTrainer.train, [0], {}
+
+    def gated(self, *args, **kwargs):
+        calls[0] += 1
+        trained = train(self, *args, **kwargs)
+        if calls[0] in gates:
+            reached, go = gates[calls[0]]
+            reached.set()
+            assert go.wait(120)
+        return trained
+
+    monkeypatch.setattr(AtomTrainer, "train", gated)
+
+    def gate(n: int) -> tuple[threading.Event, threading.Event]:
+        gates[n] = (threading.Event(), threading.Event())
+        return gates[n]
+
+    return gate
+
+
+def test_deleting_the_namespace_cancels_its_jobs_and_none_brings_it_back(server, paused):
+    _, service, _ = server
+    reached, go = paused(2)
+    with client(server, "ana") as c:
+        running = c.post("/v1/documents", json={"documents": [
+            {"id": "long", "text": sentences(0, 10)}]}).json()["job"]["id"]  # 2 batches
+        assert reached.wait(120)  # batch 1 is stored, batch 2 trained and about to be
+        queued = c.post("/v1/documents", json={"documents": [
+            {"id": "next", "text": DOC_2}]}).json()["job"]["id"]
+        assert c.delete("/v1/namespace").json()["atoms_deleted"] == 8
+        assert c.get(f"/v1/jobs/{queued}").json()["status"] == "cancelled"
+        go.set()
+        assert service.jobs.wait(running, timeout=120).status == "cancelled"
+        assert c.get(f"/v1/jobs/{running}").json()["error"].startswith("cancelled")
+        assert "user:ana" not in service.store.namespaces()
+        assert c.get("/v1/documents").json()["data"] == []
+        assert upload(server, c, [{"id": "again", "text": DOC_1}])["status"] == "done"
+    docs = service.store.documents("user:ana")
+    assert list(docs) == ["again"] and sorted(docs["again"]) == sorted(
+        service.store.ids("user:ana"))  # a fresh namespace: nothing of the cancelled jobs
+
+
+def test_forgetting_a_document_while_another_compiles_keeps_the_atoms_they_share(server,
+                                                                                  paused):
+    _, service, _ = server
+    store = service.store
+    with client(server, "ana") as c:
+        assert upload(server, c, [{"id": "one", "text": DOC_1}])["status"] == "done"
+        shared = store.documents("user:ana")["one"]
+        reached, go = paused(2)  # the next job's first batch
+        job = c.post("/v1/documents", json={"documents": [
+            {"id": "two", "text": DOC_1 + " " + sentences(60, 9)}]}).json()["job"]["id"]
+        assert reached.wait(120)
+        assert c.delete("/v1/documents/one").json()["atoms_deleted"] == 0  # "two" has them
+        go.set()
+        assert service.jobs.wait(job, timeout=120).status == "done"
+    two = store.documents("user:ana")["two"]
+    assert set(shared) <= set(two) and sorted(store.ids("user:ana")) == sorted(two)
+
+
+def test_a_document_forgotten_while_it_compiles_stays_forgotten(server, paused):
+    _, service, _ = server
+    store = service.store
+    reached, go = paused(2)
+    with client(server, "ana") as c:
+        keep = c.post("/v1/documents", json={"documents": [
+            {"id": "keep", "text": DOC_2}, {"id": "gone", "text": sentences(0, 10)}]})
+        job = keep.json()["job"]["id"]
+        assert reached.wait(120)  # "gone" is half stored, with its manifest
+        assert c.delete("/v1/documents/gone").json()["atoms_deleted"] > 0
+        go.set()
+        assert service.jobs.wait(job, timeout=120).status == "done"
+        assert [d["id"] for d in c.get("/v1/documents").json()["data"]] == ["keep"]
+    assert sorted(store.ids("user:ana")) == sorted(store.documents("user:ana")["keep"])
+
+
+# -- the job queue ----------------------------------------------------------------------------
+
+def test_queued_jobs_count_against_the_quota_and_the_queue_is_bounded_per_user(server, paused):
+    _, service, _ = server
+    reached, go = paused(1)
+    with client(server, "carol") as carol, client(server, "ana") as ana:
+        first = carol.post("/v1/documents", json={"documents": [{"text": DOC_1}]})
+        assert first.status_code == 202 and reached.wait(120)  # 2 atoms: all carol may have
+        r = carol.post("/v1/documents", json={"documents": [{"text": DOC_2}]})
+        assert r.status_code == 429 and "quota of 2" in r.json()["error"]["message"]
+        jobs = [ana.post("/v1/documents", json={"documents": [
+            {"id": f"d{i}", "text": sentences(6 * i, 1)}]}) for i in range(5)]
+        assert [j.status_code for j in jobs] == [202] * 4 + [429]
+        assert jobs[4].json()["error"]["code"] == "too_many_jobs"
+        go.set()
+        for j in jobs[:4]:
+            assert service.jobs.wait(j.json()["job"]["id"], timeout=120).status == "done"
+        assert service.jobs.wait(first.json()["job"]["id"], timeout=120).status == "done"
+        assert ana.post("/v1/documents", json={"documents": [{"text": DOC_2}]}).status_code \
+            == 202  # room again
+
+
+def test_only_the_newest_ended_jobs_are_kept(server):
+    _, service, _ = server
+    service.jobs.keep_finished = 1
+    with client(server, "ana") as c:
+        old = upload(server, c, [{"id": "one", "text": DOC_1}])
+        new = upload(server, c, [{"id": "two", "text": DOC_2}])
+        assert c.get(f"/v1/jobs/{old['id']}").status_code == 404
+        assert c.get(f"/v1/jobs/{new['id']}").json()["status"] == "done"

@@ -435,3 +435,70 @@ def test_store_files_are_private_to_their_owner(tmp_path):
              for p in [root, *root.rglob("*")]}
     assert {"data.mdb", "lock.mdb", "index/docs.faiss"} <= set(modes)
     assert modes == {p: 0o700 if (root / p).is_dir() else 0o600 for p in modes}
+
+
+def test_the_namespace_limit_is_a_clear_error_and_a_fuller_store_still_opens(tmp_path):
+    with AdapterStore.create(tmp_path / "s", HEADER, max_namespaces=2) as s:
+        s.put("a", make_records(1, seed=1))
+        s.put("b", make_records(1, seed=2))
+        with pytest.raises(StoreError, match="limit of 2 namespaces.*--max-namespaces"):
+            s.put("c", make_records(1, seed=3))
+        assert s.namespaces() == ["a", "b"]
+    with AdapterStore(tmp_path / "s", readonly=True, max_namespaces=1) as s:
+        assert [s.count(ns) for ns in s.namespaces()] == [1, 1]  # opened as it is
+    with AdapterStore(tmp_path / "s", max_namespaces=3) as s:
+        s.put("c", make_records(1, seed=3))
+
+
+def test_manifests_are_written_with_their_atoms_and_a_forgotten_document_stays_forgotten(
+        store):
+    from store import BatchDocuments
+
+    r = make_records(4, seed=5)
+    one, two = {"one": [r[0].id, r[1].id]}, {"two": [r[1].id, r[2].id, r[3].id]}
+    store.put("ns", r[:2], documents=BatchDocuments(one | two, frozenset(["one", "two"])))
+    assert store.documents("ns") == one | two  # in the atoms' own transaction
+    store.delete_document("ns", "two")  # while "two" still compiles
+    store.put("ns", r[2:], documents=BatchDocuments(two, frozenset()))
+    assert sorted(store.ids("ns")) == sorted([r[0].id, r[1].id])  # nothing of "two" came back
+    assert store.documents("ns") == one
+    store.drop("ns")
+    with pytest.raises(UnknownNamespaceError, match="deleted while"):
+        store.put("ns", r, create=False)
+    assert "ns" not in store.namespaces()
+
+
+def test_compacting_leaves_no_byte_of_what_was_forgotten_and_frees_namespace_slots(tmp_path):
+    import os
+
+    from click.testing import CliRunner
+
+    from microlora.cli import cli
+    from store.maintenance import hold_shared
+
+    path = tmp_path / "s"
+    secret = make_records(3, seed=11)
+    for r in secret:
+        r.text = f"the vault code is {r.id[-6:]}"
+    with AdapterStore.create(path, HEADER, max_namespaces=2) as s:
+        s.put("user:ana", secret)
+        s.put_documents("user:ana", {"vault": [r.id for r in secret]})
+        s.put("docs", make_records(2, seed=12))
+        s.delete_document("user:ana", "vault")
+        s.drop("user:ana")
+        with pytest.raises(StoreError, match="limit of 2 namespaces"):
+            s.put("user:bob", make_records(1, seed=13))  # the dropped one still counts
+        assert b"the vault code is" in (path / "data.mdb").read_bytes()  # freed, not erased
+        other = hold_shared(path)  # as another process's open AdapterStore holds it
+        with pytest.raises(StoreError, match="open elsewhere"):
+            s.compact()
+        os.close(other)
+    done = CliRunner().invoke(cli, ["store", "compact", "--store", str(path)])
+    assert done.exit_code == 0 and "compacted" in done.output, done.output
+    data = (path / "data.mdb").read_bytes()
+    assert b"the vault code is" not in data and b"user:ana" not in data
+    assert oct(path.joinpath("data.mdb").stat().st_mode & 0o777) == "0o600"
+    with AdapterStore(path, max_namespaces=2) as s:
+        assert s.namespaces() == ["docs"] and s.verify().ok and s.count("docs") == 2
+        s.put("user:bob", make_records(1, seed=13))
+        assert s.compact()[1] > 0 and s.count("user:bob") == 1  # and it works open, twice

@@ -32,10 +32,14 @@ _SERVE = ServeConfig()
               type=click.FloatRange(0, min_open=True),
               help="Largest upload of files to POST /v1/documents, in MiB (other "
                    f"bodies: {_SERVE.max_body_bytes / 2**20:g} MiB).")
+@click.option("--max-namespaces", default=_SERVE.max_namespaces, show_default=True,
+              type=click.IntRange(1),
+              help="Most namespaces the store may hold (one per user with documents; deleted "
+                   "ones count until `microlora store compact`).")
 @model_options
 def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens: int,
-                  max_batch: int, max_prompt_tokens: int, max_upload_mb: float, base_model,
-                  embedder, device) -> None:
+                  max_batch: int, max_prompt_tokens: int, max_upload_mb: float,
+                  max_namespaces: int, base_model, embedder, device) -> None:
     """Serve a store over an OpenAI-compatible HTTP API.
 
     Requests need an API key (create one with `microlora keys add`). Each key is one user:
@@ -67,6 +71,7 @@ def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens:
 
     config = ServeConfig(max_batch=max_batch, max_prompt_tokens=max_prompt_tokens,
                          max_upload_bytes=int(max_upload_mb * 2**20),
+                         max_namespaces=max_namespaces,
                          ask=AskConfig(k=k, max_new_tokens=max_new_tokens))
     service = open_service(store_dir, base_model=base_model, embedder=embedder, device=device,
                            config=config)

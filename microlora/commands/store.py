@@ -1,4 +1,4 @@
-"""``microlora store ls|stats|verify|rm``: inspect and maintain an adapter store."""
+"""``microlora store ls|docs|stats|verify|rm|compact``: inspect and maintain an adapter store."""
 
 from __future__ import annotations
 
@@ -35,6 +35,20 @@ def ls(store_dir: Path) -> None:
             click.echo("(no namespaces)")
         for ns in names:
             click.echo(f"{ns}\t{s.count(ns)} atoms")
+
+
+@store.command()
+@store_option
+@click.argument("namespace")
+def docs(store_dir: Path, namespace: str) -> None:
+    """List the documents of NAMESPACE and how many atoms each produced: the ids that
+    `store rm --document` takes (a file's path relative to the directory compiled)."""
+    with _open(store_dir) as s:
+        documents = s.documents(namespace)
+    if not documents:
+        click.echo("(no documents)")
+    for doc_id, ids in sorted(documents.items()):
+        click.echo(f"{doc_id}\t{len(ids)} atoms")
 
 
 @store.command()
@@ -98,8 +112,9 @@ def verify(store_dir: Path, namespace: tuple[str, ...], base_model: str | None) 
 @click.argument("namespace")
 @click.option("--atom", "atoms", multiple=True, help="Delete only these atom ids.")
 @click.option("--document", "documents", multiple=True,
-              help="Forget only this document (its source path, or the id it was uploaded "
-                   "with): its atoms that no other document of the namespace shares.")
+              help="Forget only this document (its path relative to the directory compiled, "
+                   "or the id it was uploaded with; `store docs` lists them): its atoms that "
+                   "no other document of the namespace shares.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def rm(store_dir: Path, namespace: str, atoms: tuple[str, ...], documents: tuple[str, ...],
        yes: bool) -> None:
@@ -108,6 +123,14 @@ def rm(store_dir: Path, namespace: str, atoms: tuple[str, ...], documents: tuple
         raise click.UsageError("give --atom or --document, not both")
     with _open(store_dir, readonly=False) as s:
         count = s.count(namespace)  # fails clearly on an unknown namespace
+        known = s.documents(namespace) if documents else {}
+        for doc in documents:  # all checked before anything is deleted
+            if doc not in known:
+                like = [k for k in known if doc.endswith("/" + k) or k.endswith("/" + doc)]
+                raise click.ClickException(
+                    f"namespace {namespace!r} has no document {doc!r}" +
+                    (f" (did you mean {', '.join(map(repr, like))}?)" if like else "") +
+                    f"; `microlora store docs {namespace}` lists them")
         what = (f"{len(atoms)} atom(s) from {namespace!r}" if atoms else
                 f"{len(documents)} document(s) from {namespace!r}" if documents else
                 f"namespace {namespace!r} with {count} atoms")
@@ -121,3 +144,18 @@ def rm(store_dir: Path, namespace: str, atoms: tuple[str, ...], documents: tuple
             click.echo(f"deleted {n} of {len(atoms)} atoms from {namespace!r}")
         else:
             click.echo(f"dropped namespace {namespace!r} ({s.drop(namespace)} atoms)")
+    click.echo("(their bytes stay in the store's free pages until `microlora store compact`)",
+               err=True)
+
+
+@store.command()
+@store_option
+def compact(store_dir: Path) -> None:
+    """Rewrite the store with only what it holds now, so deleted atoms, documents and
+    namespaces leave nothing on disk (LMDB keeps freed pages until later writes reuse them).
+
+    Needs the store to itself: stop a server or compile that has it open first.
+    """
+    with _open(store_dir, readonly=False) as s:
+        before, after = s.compact()
+    click.echo(f"compacted {store_dir}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")

@@ -280,6 +280,11 @@ class AskConfig:
                                  "or the joint hybrid (--hybrid joint)")
 
 
+# Namespaces a store may hold (deleted ones included until it is compacted): LMDB reserves a
+# slot per database in every transaction, so a read transaction costs ~1 us per thousand.
+MAX_NAMESPACES = 1024
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Server limits and defaults (``microlora serve`` options).
@@ -297,6 +302,9 @@ class ServeConfig:
     max_body_bytes: int = 8 << 20
     max_upload_bytes: int = 64 << 20
     max_prompt_tokens: int = 2048
+    max_namespaces: int = MAX_NAMESPACES  # one per user with documents, plus shared corpora
+    max_jobs_per_user: int = 4  # compile jobs queued or running per namespace (more: 429)
+    jobs_kept: int = 1000  # ended jobs still answered by GET /v1/jobs/ID (the newest)
     ask: AskConfig = AskConfig()  # defaults for k, mode, max_tokens
     train: TrainConfig = TrainConfig()  # the recipe for uploaded documents
     chunk: ChunkConfig = ChunkConfig()

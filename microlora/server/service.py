@@ -55,7 +55,8 @@ class Service:
                                on_batch=self.metrics.batch_size.observe)
         self.jobs = CompileJobs(self.store, composer.base, composer.embedder,
                                 model_lock=composer.model_lock, train_config=config.train,
-                                chunk_config=config.chunk)
+                                chunk_config=config.chunk, max_active=config.max_jobs_per_user,
+                                keep_finished=config.jobs_kept)
 
     def close(self) -> None:
         self.batcher.close()
@@ -132,5 +133,6 @@ def open_service(store_dir: str | Path, *, base_model: str | None = None,
 
     base = load_base_model(base_model, device=device)
     emb = load_embedder(embedder, device=device)
-    store = AdapterStore.open_or_create(store_dir, store_header(base, emb))
+    store = AdapterStore.open_or_create(store_dir, store_header(base, emb),
+                                        max_namespaces=config.max_namespaces)
     return Service(Composer(store, base, emb), config)

@@ -23,6 +23,7 @@ from microlora.core.errors import (
 from microlora.core.provenance import cite
 from microlora.server.auth import Caller, Served
 from microlora.server.errors import ApiError, not_found
+from microlora.server.jobs import TooManyJobs
 from microlora.server.keys import KeyRecord
 from microlora.server.schemas import MAX_DOCUMENTS, DocumentsRequest
 from microlora.server.service import Service
@@ -108,11 +109,17 @@ def _submit(docs: list[Document], key: KeyRecord, service: Service) -> dict:
     if planned.problems:
         raise ApiError(400, "; ".join(f"document {p.source}: {p.reason}"
                                       for p in planned.problems))
-    try:
-        check_quota(service.store, key.namespace, planned.atoms, base, config, quota)
+    try:  # the atoms of the caller's queued jobs count too
+        check_quota(service.store, key.namespace,
+                    planned.atoms + service.jobs.pending_atoms(key.namespace), base, config,
+                    quota)
+        job = service.jobs.submit(key.namespace, docs, quota, planned)
     except QuotaExceededError as e:
         raise ApiError(429, str(e), "quota_exceeded", "quota_exceeded") from None
-    job = service.jobs.submit(key.namespace, docs, quota, planned)
+    except TooManyJobs:
+        raise ApiError(429, f"{service.jobs.max_active} of your compile jobs are queued or "
+                            "running already; send more when one has ended (GET /v1/jobs/ID)",
+                       "rate_limit_error", "too_many_jobs") from None
     return {"job": job.public()}
 
 
@@ -174,6 +181,7 @@ def delete_document(doc_id: str, key: Caller, service: Served) -> dict:
 
 @router.delete("/v1/namespace")
 def delete_namespace(key: Caller, service: Served) -> dict:
+    service.jobs.cancel(key.namespace)  # first: a running job must not bring it back
     try:
         n = service.store.drop(key.namespace)
     except UnknownNamespaceError:
