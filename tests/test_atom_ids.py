@@ -12,10 +12,11 @@ SENTENCE = Atom(text="Brightwater Clockworks was founded by Ada Quorne in 1871."
                 start=0, end=10, title="Brightwater")
 FINGERPRINT = "f" * 64
 
-# TrainConfig() as of stop 12 (2026-12): rank 2, 25 steps, 2 sentence-style question views.
+# TrainConfig() as of stop 12 (2026-12): rank 2, 25 steps, 2 sentence-style question views,
+# no distillation (the default since stop 28, which gives new ids).
 V1_DEFAULTS = dict(rank=2, scale=1.0, lr=5e-3, max_steps=25, stop_prob=0.5, neighbours=3, seed=0,
                    bf16=True, title_context=False, vocab_candidates=256, neighbours_learn=False,
-                   qa_views=2, view_style="sentence")
+                   qa_views=2, view_style="sentence", distill=0.0)
 V1_KEY = ('{"bf16": true, "lr": 0.005, "max_steps": 25, "neighbours": 3, "neighbours_learn": '
           'false, "qa_views": 2, "rank": 2, "scale": 1.0, "seed": 0, "stop_prob": 0.5, "targets":'
           ' {"last_layers": 6, "layers": null, "modules": ["mlp.*"]}, "title_context": false, '
@@ -42,5 +43,7 @@ def test_new_recipe_fields_at_their_default_keep_atom_ids():
     assert TrainConfig(qa_views=2).key() != TrainConfig(qa_views=0).key()
     assert "view_style" not in TrainConfig(view_style="sentence").key()
     assert TrainConfig(view_style="clause").key() != TrainConfig(view_style="sentence").key()
+    assert "distill" not in TrainConfig(distill=0.0).key()
+    assert TrainConfig().key() != TrainConfig(distill=0.0).key()  # today's default retrains
     with pytest.raises(ValueError, match="view-style"):
         TrainConfig(view_style="paragraph")

@@ -145,7 +145,7 @@ class TrainConfig:
     view_style: str = "sentence"
     resolve_pronouns: bool = False
     window_views: int = 0
-    distill: float = 0.0
+    distill: float = 0.5  # measured: benchmarks/RESULTS.md, "Fidelity II"
     distill_topk: int = 16
     distill_window: int = 160
     company: str = "random"
