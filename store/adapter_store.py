@@ -38,6 +38,7 @@ from microlora.core.pack import Packed
 from store import record as rec
 from store.damage import damage_explained
 from store.documents import BatchDocuments, DocumentManifests
+from store.environment import open_environment
 from store.index import EXACT_LIMIT, VectorIndex
 from store.index_cache import IndexCache
 from store.layout import DIR_MODE, FILE_MODE, StoreLayout, is_store
@@ -95,10 +96,9 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         self._release = weakref.finalize(self, os.close, self._hold_fd)
         self._map_size = map_size
         try:
-            # Read-ahead stays on (LMDB's default): an atom is ~200 KB of contiguous overflow
-            # pages, and without it a cold atom faulted in 4 KB at a time (2.4x slower than
-            # reading a file; benchmarks/RESULTS.md).
-            self._env = self._open_env(map_size, max_namespaces)
+            self._env, self.max_namespaces = open_environment(
+                self.path, map_size=map_size, max_namespaces=max_namespaces,
+                readonly=readonly)
             self._meta = self._env.open_db(_META_DB, create=False)  # (also ``_reopen``)
             with self._env.begin(db=self._meta) as txn:
                 raw = txn.get(_HEADER_KEY)
@@ -127,25 +127,6 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
         self._unsaved: set[str] = set()
         self._verified: dict[str, tuple[int, set[str]]] = {}  # namespace -> (generation, ids)
         self._lock = threading.RLock()  # the cached FAISS indexes and db handles
-
-    def _open_env(self, map_size: int, max_namespaces: int) -> lmdb.Environment:
-        """LMDB's environment with room for ``max_namespaces`` (LMDB reserves a slot per
-        database in every transaction: a read costs ~1 us per thousand), and never less than
-        the store already has, deleted namespaces included: a store made under a larger limit
-        still opens, only new namespaces are refused."""
-        def open_env(limit: int) -> lmdb.Environment:
-            return lmdb.open(str(self.path), map_size=map_size, max_dbs=limit + 1,
-                             readonly=self.readonly, create=False, readahead=True,
-                             mode=FILE_MODE,
-                             lock=not self.readonly or _lock_is_writable(self.path))
-
-        env = open_env(max_namespaces)
-        held = env.stat()["entries"] - 1  # the main database lists every named one
-        self.max_namespaces = max(max_namespaces, held)
-        if held > max_namespaces:
-            env.close()
-            env = open_env(held)
-        return env
 
     @classmethod
     def create(cls, path: str | Path, header: StoreHeader, **kwargs) -> AdapterStore:
@@ -193,7 +174,9 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
 
     def _reopen(self) -> None:
         """Open LMDB again after ``compact`` swapped its file (every handle is new)."""
-        self._env = self._open_env(self._map_size, self.max_namespaces)
+        self._env, self.max_namespaces = open_environment(
+            self.path, map_size=self._map_size, max_namespaces=self.max_namespaces,
+            readonly=self.readonly)
         self._meta = self._env.open_db(_META_DB, create=False)
         self._dbs = {}
 
@@ -434,11 +417,3 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
             shutil.rmtree(target)
         shutil.copytree(folder, target)
         return info
-
-
-def _lock_is_writable(path: Path) -> bool:
-    """Read-only opens still take LMDB's reader lock when they can, so a concurrent writer
-    cannot reuse pages under them; on a read-only filesystem they go without."""
-    lock = path / "lock.mdb"
-    return os.access(lock if lock.exists() else path, os.W_OK)
-
