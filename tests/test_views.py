@@ -85,4 +85,4 @@ def test_window_views_teach_an_atom_its_neighbours_facts_by_name():
     assert teacher_window(atom, TrainConfig(distill_window=12), words) == \
         "Talia Orven grew up in Lisk. She discovered a comet in 2011."
     assert TrainConfig(window_views=1).key() != TrainConfig().key()
-    assert TrainConfig(distill=0.5).key() != TrainConfig().key()
+    assert TrainConfig(distill=1.0).key() != TrainConfig().key()
