@@ -108,8 +108,8 @@ class TrainConfig:
     lr, max_steps: Adam learning rate and the step budget per atom (``--lr``, ``--steps``).
     stop_prob: an atom stops when every target token has at least this probability.
     neighbours: other atoms' adapters composed beside each atom while it trains.
-    company: which batch-mates those are: "random", or the "nearest" by embedding (the atoms
-        a query that finds this one also finds, so it trains in its query-time company).
+    company: which batch-mates those are: "random", or the "nearest" by embedding (its
+        query-time company; measured worse: an atom leans on them and answers less alone).
     batch_atoms: atoms trained together in one step (``--batch-size``).
     bf16: autocast matmuls to bf16 (AMX on CPU, tensor cores on GPU).
     title_context: prefix each atom with its document title (not trained on, only read).
