@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from compiler.documents import Block, Document
 from microlora.core.config import ChunkConfig
+from microlora.core.windows import count_tokens
 
 # A sentence ends at a run of . ! ? … (plus closing quotes/brackets) before whitespace. The
 # runs are found by a pattern that cannot backtrack and the rest is checked by hand: a pattern
@@ -92,10 +93,6 @@ def _rows(text: str, start: int, end: int, tokenizer, config: ChunkConfig
             spans += _split_long(text, s, e, tokenizer, config.max_tokens)
         at += len(line) + 1
     return [spans] if spans else []
-
-
-def _count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _strip(text: str, start: int, end: int) -> tuple[int, int]:
@@ -180,19 +177,19 @@ def _join_short(spans: list[tuple[int, int]], min_chars: int) -> list[tuple[int,
 
 def _split_long(text: str, start: int, end: int, tokenizer, max_tokens: int
                 ) -> list[tuple[int, int]]:
-    if _count(tokenizer, text[start:end]) <= max_tokens:
+    if count_tokens(tokenizer, text[start:end]) <= max_tokens:
         return [(start, end)]
     # Greedily pack clauses while they fit.
     cuts = [m.end() for m in _CLAUSE_END.finditer(text, start, end)] + [end]
     out, s, last_fit = [], start, None
     for c in cuts:
-        if _count(tokenizer, text[s:c]) <= max_tokens:
+        if count_tokens(tokenizer, text[s:c]) <= max_tokens:
             last_fit = c
             continue
         if last_fit is not None:
             out.append(_strip(text, s, last_fit))
             s, last_fit = last_fit, None
-            if _count(tokenizer, text[s:c]) <= max_tokens:
+            if count_tokens(tokenizer, text[s:c]) <= max_tokens:
                 last_fit = c
                 continue
         out += _split_tokens(text, s, c, tokenizer, max_tokens)  # a clause too long alone

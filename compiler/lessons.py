@@ -10,11 +10,13 @@ One place decides, so the compiler's pipeline and its tests agree on what a reci
 
 from __future__ import annotations
 
+import functools
+
 from compiler.chunking import Atom
 from compiler.decontext import resolve_pronoun
 from compiler.views import question_views
 from microlora.core.config import TrainConfig
-from microlora.core.windows import window
+from microlora.core.windows import count_tokens, window
 
 
 def taught_text(atom: Atom, config: TrainConfig) -> str:
@@ -37,9 +39,10 @@ def lesson_views(atom: Atom, config: TrainConfig) -> list[tuple[str, str]]:
     return views
 
 
-def teacher_window(atom: Atom, config: TrainConfig, count) -> str:
-    """The atom's sentence and its paragraph around it, ``distill_window`` tokens at most
-    (``count(text)`` tokens each)."""
+def teacher_window(atom: Atom, config: TrainConfig, tokenizer) -> str:
+    """The atom's sentence and its paragraph around it, ``distill_window`` of the tokenizer's
+    tokens at most."""
     if not atom.context:
         return atom.text
-    return " ".join(window(atom.context, atom.at, config.distill_window, count))
+    return " ".join(window(atom.context, atom.at, config.distill_window,
+                           functools.partial(count_tokens, tokenizer)))

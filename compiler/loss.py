@@ -73,9 +73,7 @@ class OutputHead:
         """The k likeliest tokens per row and their probabilities (full softmax): (n, k) each."""
         ids, probs = [], []
         for i in range(0, len(h), LOSS_CHUNK_ROWS):
-            logits = (h[i:i + LOSS_CHUNK_ROWS].to(self.weight.dtype) @ self.weight.T).float()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits, _ = _capped_logits(h[i:i + LOSS_CHUNK_ROWS], self.weight, self.softcap)
             top = torch.log_softmax(logits, -1).topk(k)
             ids.append(top.indices)
             probs.append(top.values.exp())
@@ -180,6 +178,17 @@ class SoftTargets:
         return SoftTargets(torch.searchsorted(vocab, self.ids), self.probs)
 
 
+def _capped_logits(h: Tensor, weight: Tensor, softcap: float | None
+                   ) -> tuple[Tensor, Tensor | None]:
+    """fp32 logits of ``h @ weight.T`` with Gemma's soft cap applied, and the cap's tanh (for
+    the gradient; None without a cap)."""
+    logits = (h.to(weight.dtype) @ weight.T).float()
+    if not softcap:
+        return logits, None
+    t = torch.tanh(logits / softcap)
+    return t * softcap, t
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, labels: Tensor, softcap: float | None,
@@ -192,10 +201,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, len(h), LOSS_CHUNK_ROWS):
             hc, yc, r = h[i:i + LOSS_CHUNK_ROWS], labels[i:i + LOSS_CHUNK_ROWS], \
                 rows[:min(LOSS_CHUNK_ROWS, len(h) - i)]
-            logits = (hc.to(weight.dtype) @ weight.T).float()  # (rows, vocab)
-            if softcap:
-                t = torch.tanh(logits / softcap)
-                logits = t * softcap
+            logits, t = _capped_logits(hc, weight, softcap)  # (rows, vocab)
             lse = torch.logsumexp(logits, dim=-1)
             loss = lse - logits[r, yc]
             gold[i:i + len(hc)] = loss

@@ -270,10 +270,6 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
             owners.setdefault(i, []).append(doc_id)
     registered = set(claimed)
     losses: list[float] = []
-
-    def count(text: str) -> int:
-        return len(base.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     with AtomTrainer(base.model, base.tokenizer, train_config) as trainer:
         start = 0
         for batch in mine:
@@ -287,7 +283,7 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
                         if train_config.title_context else None)
             views = ([lesson_views(p.atom, train_config) for p in batch]
                      if train_config.qa_views else None)
-            windows = ([teacher_window(p.atom, train_config, count) for p in batch]
+            windows = ([teacher_window(p.atom, train_config, base.tokenizer) for p in batch]
                        if train_config.distill else None)
             company = nearest_company(vectors[rows], train_config.neighbours) \
                 if train_config.company == "nearest" else None

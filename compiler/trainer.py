@@ -97,7 +97,7 @@ class AtomTrainer:
         group_of = torch.tensor(group)
         ids, mask, tgt = encode_targets(self.tokenizer, row_texts, row_contexts, self.device)
         target_row = tgt[:, 1:].nonzero()[:, 0]  # the row of each target token
-        soft = self._teacher(row_texts, row_contexts, group, n, windows, tgt) \
+        soft = self._teacher(row_texts, row_contexts, group, n, windows, target_row) \
             if cfg.distill > 0 and windows is not None and len(row_texts) > n else None
         params = self._init_params(keys)
         frozen = compose(frozen_neighbours, device=self.device) \
@@ -221,11 +221,11 @@ class AtomTrainer:
 
     @torch.no_grad()
     def _teacher(self, texts: Sequence[str], contexts: Sequence[str], group: Sequence[int],
-                 first: int, windows: Sequence[str], tgt: Tensor) -> SoftTargets:
+                 first: int, windows: Sequence[str], target_row: Tensor) -> SoftTargets:
         """The teacher's share of every target token: rows from ``first`` on (the views) as the
         frozen base model predicts them reading their atom's window before the question
         (its top ``distill_topk`` tokens, renormalised, times ``distill``); the rows before it
-        get none."""
+        get none. ``target_row``: the row of each target token, in order."""
         cfg = self.config
         read = [f"Context: {windows[group[j]]}\n{contexts[j]}" for j in range(first, len(texts))]
         t_ids, t_mask, t_tgt = encode_targets(self.tokenizer, texts[first:], read, self.device)
@@ -234,7 +234,7 @@ class AtomTrainer:
                                            attention_mask=t_mask).last_hidden_state
         top_ids, top_probs = self.head.top(target_states(hidden, t_ids, t_tgt)[0],
                                            cfg.distill_topk)
-        taught = tgt[:, 1:].nonzero()[:, 0] >= first  # the views' targets, in the same order
+        taught = target_row >= first  # the views' targets, in the same order
         ids = torch.zeros(len(taught), cfg.distill_topk, dtype=torch.long, device=self.device)
         probs = torch.zeros(len(taught), cfg.distill_topk, device=self.device)
         ids[taught] = top_ids

@@ -14,6 +14,7 @@ comes from batching requests (``ask_batch``), not from threads.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -41,7 +42,7 @@ from microlora.core.errors import CorruptAtomError, MicroloraError
 from microlora.core.kernel import MultiLoraModel
 from microlora.core.models import BaseModel
 from microlora.core.pack import BatchedAdapters, Packed, PackLayout, compose
-from microlora.core.windows import window
+from microlora.core.windows import count_tokens, window
 from store import AdapterStore, AtomRecord
 
 NOTHING_FOUND = "I found nothing relevant to this question in the store."
@@ -342,9 +343,8 @@ class Composer:
         """The hit's text and provenance, and its window when the mode reads passages."""
         text = record.text
         if config.mode.uses_passages and record.context:
-            tok = self.base.tokenizer
             shown = window(record.context, record.context_at, config.window_tokens,
-                           lambda s: len(tok(s, add_special_tokens=False)["input_ids"]))
+                           functools.partial(count_tokens, self.base.tokenizer))
         else:
             shown = [text]
         return Source(hit, text, record.source, record.start, record.end, shown,

@@ -81,7 +81,9 @@ def test_window_views_teach_an_atom_its_neighbours_facts_by_name():
     assert [a for _, a in wide] == [" Talia Orven\n", " Lisk\n", " Talia Orven\n",
                                     " 2011\n"]  # only one place away
     assert "Talia Orven discovered a comet in" in wide[3][0]  # asked by name, not "She"
-    words = lambda text: len(text.split())  # noqa: E731
+    def words(text, add_special_tokens=True):  # a tokenizer whose tokens are words
+        return {"input_ids": text.split()}
+
     assert teacher_window(atom, TrainConfig(distill_window=12), words) == \
         "Talia Orven grew up in Lisk. She discovered a comet in 2011."
     assert TrainConfig(window_views=1).key() != TrainConfig().key()

@@ -10,6 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def count_tokens(tokenizer, text: str) -> int:
+    """``text``'s length in the tokenizer's tokens (no special tokens): the unit of every
+    token budget (an atom's length, a window's)."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def window(context: Sequence[str], at: int, max_tokens: int, count) -> list[str]:
     """The run of ``context`` around ``context[at]`` that fits ``max_tokens`` (``count(text)``
     tokens each): the atom itself always, then earlier and later sentences in turn, earlier
