@@ -53,8 +53,7 @@ class DocumentManifests:
             check_document_id(doc_id)
         with self._txn(write=True) as txn:
             for doc_id, atom_ids in manifests.items():
-                txn.put(_document_key(namespace, doc_id), json.dumps(atom_ids).encode(),
-                        db=self._meta)
+                self._write_manifest(txn, namespace, doc_id, atom_ids)
 
     def claim_documents(self, namespace: str, manifests: dict[str, list[str]]
                         ) -> set[str] | None:
@@ -67,13 +66,12 @@ class DocumentManifests:
         db = self._db(namespace)
         for doc_id in manifests:
             check_document_id(doc_id)
-        with self._env.begin(write=True) as txn:
+        with self._txn(write=True) as txn:
             present = {a for ids in manifests.values() for a in ids
                        if txn.get(a.encode(), db=db) is not None}
             for doc_id, atom_ids in manifests.items():
                 if present.intersection(atom_ids):
-                    txn.put(_document_key(namespace, doc_id), json.dumps(atom_ids).encode(),
-                            db=self._meta)
+                    self._write_manifest(txn, namespace, doc_id, atom_ids)
         return present
 
     def documents(self, namespace: str) -> dict[str, list[str]]:
@@ -108,13 +106,16 @@ class DocumentManifests:
         atoms not to write (those only of documents forgotten meanwhile)."""
         forgotten = set()
         for doc_id, atom_ids in docs.manifests.items():
-            key = _document_key(namespace, check_document_id(doc_id))
             if doc_id in docs.fresh:
-                txn.put(key, json.dumps(atom_ids).encode(), db=self._meta)
-            elif txn.get(key, db=self._meta) is None:
+                self._write_manifest(txn, namespace, doc_id, atom_ids)
+            elif txn.get(_document_key(namespace, doc_id), db=self._meta) is None:
                 forgotten.add(doc_id)
         live = {a for d, ids in docs.manifests.items() if d not in forgotten for a in ids}
         return {a for d in forgotten for a in docs.manifests[d]} - live
+
+    def _write_manifest(self, txn, namespace: str, doc_id: str, atom_ids: list[str]) -> None:
+        txn.put(_document_key(namespace, check_document_id(doc_id)),
+                json.dumps(atom_ids).encode(), db=self._meta)
 
     def _document_items(self, txn, namespace: str) -> Iterator[tuple[bytes, bytes]]:
         prefix = _document_key(namespace, "")
