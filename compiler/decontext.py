@@ -36,6 +36,27 @@ def resolve_pronoun(context: Sequence[str], at: int) -> str:
     return resolved[at]
 
 
+def subject(context: Sequence[str], at: int) -> str:
+    """The paragraph's subject as seen from ``context[at]``: the first name of its earliest
+    sentence up to ``at`` that has one ("" when none does). Crude like the rest: right for a
+    paragraph that names what it is about first."""
+    for sentence in context[:at + 1]:
+        found = names(sentence)
+        if found:
+            return _name(found[0])
+    return ""
+
+
+def about(context: Sequence[str], at: int) -> str:
+    """``context[at]`` (pronouns resolved) with its paragraph's subject in front when it does
+    not name it: "Talia Orven: In 1891 she opened her own furnace in Carrow Point." A
+    question names the subject ("Where did Talia Orven open her furnace?"); the bare sentence
+    does not, so it is neither retrieved for the question nor taught to answer it."""
+    sentence = resolve_pronoun(context, at)
+    topic = subject(context, at)
+    return f"{topic}: {sentence}" if topic and topic not in sentence else sentence
+
+
 def _name(name: str) -> str:
     """A name as it can stand in a sentence: no trailing full stop or possessive."""
     name = name.rstrip(".")

@@ -5,7 +5,12 @@ One place decides, so the compiler's pipeline and its tests agree on what a reci
   opening pronoun replaced by the name it refers to (``compiler.decontext``);
 - ``lesson_views``: question views of that sentence and, with ``window_views``, of its
   paragraph neighbours' (pronouns resolved), so the atom also answers for its neighbours;
-- ``teacher_window``: the paragraph around it that the distilling teacher reads.
+- ``teacher_window``: the paragraph around it that the distilling teacher reads;
+- ``embedded_text``: what its retrieval vector is computed from.
+
+``subject_context`` puts the paragraph's subject before a sentence that does not name it
+(``compiler.decontext.about``): in its embedding only ("embedding"), or in what it is taught
+as well ("lessons").
 """
 
 from __future__ import annotations
@@ -13,22 +18,37 @@ from __future__ import annotations
 import functools
 
 from compiler.chunking import Atom
-from compiler.decontext import resolve_pronoun
+from compiler.decontext import about, resolve_pronoun, subject
 from compiler.views import question_views
 from microlora.core.config import TrainConfig
 from microlora.core.windows import count_tokens, window
 
 
 def taught_text(atom: Atom, config: TrainConfig) -> str:
-    """What an atom is trained and embedded as."""
+    """What an atom is trained as."""
+    if config.subject_context == "lessons" and atom.context:
+        return about(atom.context, atom.at)
     if config.resolve_pronouns and atom.context:
         return resolve_pronoun(atom.context, atom.at)
     return atom.text
 
 
+def embedded_text(atom: Atom, config: TrainConfig) -> str:
+    """What an atom is retrieved by: its taught text, or its sentence with its subject."""
+    if config.subject_context == "embedding" and atom.context:
+        return about(atom.context, atom.at)
+    return taught_text(atom, config)
+
+
 def lesson_views(atom: Atom, config: TrainConfig) -> list[tuple[str, str]]:
     """(question prompt, answer) pairs the atom's adapter is trained on besides its text."""
-    views = question_views(taught_text(atom, config), config.qa_views, config.view_style)
+    if config.subject_context == "lessons" and atom.context:
+        sentence = resolve_pronoun(atom.context, atom.at)
+        topic = subject(atom.context, atom.at)
+        views = question_views(sentence, config.qa_views, config.view_style,
+                               topic="" if topic in sentence else topic)
+    else:
+        views = question_views(taught_text(atom, config), config.qa_views, config.view_style)
     if config.window_views and atom.context:
         lo = max(0, atom.at - config.window_views)
         hi = min(len(atom.context), atom.at + config.window_views + 1)

@@ -21,7 +21,7 @@ import torch
 
 from compiler.chunking import Atom, chunk_document
 from compiler.documents import MAX_FILE_MB, Document, Skipped, read_documents
-from compiler.lessons import lesson_views, taught_text, teacher_window
+from compiler.lessons import embedded_text, lesson_views, taught_text, teacher_window
 from compiler.trainer import AtomTrainer
 from microlora.core.config import ChunkConfig, TrainConfig
 from microlora.core.embedder import Embedder
@@ -262,7 +262,7 @@ def train_atoms(todo: Sequence[PlannedAtom], store: AdapterStore, out: AdapterSt
         return []
     atoms = [p for batch in mine for p in batch]
     taught = {p.id: taught_text(p.atom, train_config) for p in atoms}
-    vectors = embedder.encode([taught[p.id] for p in atoms])
+    vectors = embedder.encode([embedded_text(p.atom, train_config) for p in atoms])
     neighbour_ids = _snapshot_neighbours(store, namespace, vectors, train_config)
     owners: dict[str, list[str]] = {}  # atom id -> the documents that have it
     for doc_id, ids in (manifests or {}).items():

@@ -32,9 +32,12 @@ _TITLES = {"president", "king", "queen", "prince", "princess", "emperor", "pope"
 _CLAUSE_WORDS = 8  # a clause shorter than this grows by its neighbours
 
 
-def question_views(sentence: str, limit: int, style: str = "sentence") -> list[tuple[str, str]]:
+def question_views(sentence: str, limit: int, style: str = "sentence", topic: str = ""
+                   ) -> list[tuple[str, str]]:
     """Up to ``limit`` (prompt, answer) pairs: the prompt is a question about ``sentence`` in
-    the composer's QA format, the answer a span of it (plus the line break that ends it)."""
+    the composer's QA format, the answer a span of it (plus the line break that ends it).
+    ``topic``: what the sentence is about when it does not say, put before each question
+    ("Talia Orven: In 1891 she opened her own furnace in what?"), never an answer."""
     if style not in VIEW_STYLES:
         raise ValueError(f"view style must be one of {VIEW_STYLES}, got {style!r}")
     out = []
@@ -51,6 +54,8 @@ def question_views(sentence: str, limit: int, style: str = "sentence") -> list[t
         if style == "clause":
             question = _balanced(question).strip(" .,;:")
         question = " ".join(f"{question}?".split())
+        if topic:
+            question = f"{topic}: {question}"
         out.append((QUESTION_FORMAT.format(question=question), f" {answer}\n"))
     return out
 

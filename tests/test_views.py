@@ -88,3 +88,31 @@ def test_window_views_teach_an_atom_its_neighbours_facts_by_name():
         "Talia Orven grew up in Lisk. She discovered a comet in 2011."
     assert TrainConfig(window_views=1).key() != TrainConfig().key()
     assert TrainConfig(distill=1.0).key() != TrainConfig().key()
+
+
+def test_subject_context_names_the_paragraphs_subject_where_a_sentence_does_not():
+    from compiler.chunking import Atom
+    from compiler.decontext import about
+    from compiler.lessons import embedded_text, lesson_views, taught_text
+    from microlora.core.config import TrainConfig
+
+    paragraph = ("Talia Orven grew up in Lisk.", "In 1891 she opened a furnace in Carrow.",
+                 "Talia Orven died in 1920.")
+    assert about(paragraph, 1) == "Talia Orven: In 1891 she opened a furnace in Carrow."
+    assert about(paragraph, 2) == paragraph[2]  # it names her already
+    assert about(("no names in here at all.",), 0) == "no names in here at all."
+    atom = Atom(paragraph[1], "d.md", 29, 68, context=paragraph, at=1)
+    # "embedding": retrieved by the subject, taught as before
+    embedding = TrainConfig(subject_context="embedding")
+    assert embedded_text(atom, embedding) == about(paragraph, 1)
+    assert taught_text(atom, embedding) == atom.text == embedded_text(atom, TrainConfig())
+    assert lesson_views(atom, embedding) == lesson_views(atom, TrainConfig())
+    # "lessons": taught with it too; every question names her, no answer is her name
+    lessons = TrainConfig(subject_context="lessons")
+    assert taught_text(atom, lessons) == embedded_text(atom, lessons) == about(paragraph, 1)
+    views = lesson_views(atom, lessons)
+    assert {a for _, a in views} == {" 1891\n", " Carrow\n"}
+    assert all(q.startswith("Question: Talia Orven: ") for q, _ in views)
+    assert len({TrainConfig().key(), embedding.key(), lessons.key()}) == 3
+    with pytest.raises(ValueError):
+        TrainConfig(subject_context="title")

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from microlora.core.config import COMPANIES, VIEW_STYLES, ChunkConfig, TargetSpec, TrainConfig
+from microlora.core.config import (
+    COMPANIES,
+    SUBJECT_CONTEXTS,
+    VIEW_STYLES,
+    ChunkConfig,
+    TargetSpec,
+    TrainConfig,
+)
 
 
 def model_options(f):
@@ -74,6 +81,11 @@ _RECIPE_OPTIONS = [
                  type=click.Choice(COMPANIES),
                  help="Which batch-mates each atom trains beside: random ones, or its nearest "
                       "by embedding (its likely company at query time)."),
+    click.option("--subject-context", default=_TRAIN.subject_context, show_default=True,
+                 type=click.Choice(SUBJECT_CONTEXTS),
+                 help="Put a paragraph's subject before each of its sentences that does not "
+                      "name it, in the atom's retrieval embedding only, or in what it is "
+                      "taught too (pronoun questions name the subject; the sentence may not)."),
     click.option("--distill", default=_TRAIN.distill, show_default=True,
                  type=click.FloatRange(0, 1),
                  help="Share of each question view's target taken from the base model "
@@ -107,7 +119,8 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                  batch_atoms: int, last_layers: int, modules: str, max_atom_tokens: int,
                  qa_views: int = _TRAIN.qa_views, resolve_pronouns: bool = _TRAIN.resolve_pronouns,
                  view_style: str = _TRAIN.view_style, window_views: int = _TRAIN.window_views,
-                 distill: float = _TRAIN.distill, company: str = _TRAIN.company
+                 distill: float = _TRAIN.distill, company: str = _TRAIN.company,
+                 subject_context: str = _TRAIN.subject_context
                  ) -> tuple[TrainConfig, ChunkConfig]:
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     try:
@@ -117,7 +130,8 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                             neighbours=neighbours, batch_atoms=batch_atoms, targets=spec,
                             qa_views=qa_views, view_style=view_style,
                             resolve_pronouns=resolve_pronouns, window_views=window_views,
-                            distill=distill, company=company),
+                            distill=distill, company=company,
+                            subject_context=subject_context),
                 ChunkConfig(max_tokens=max_atom_tokens))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

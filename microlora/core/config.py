@@ -20,6 +20,7 @@ COMPOSITIONS = ("stacked", "merged")  # composer: adapters beside W, or folded i
 HYBRIDS = ("ensemble", "gated", "rerank", "joint")  # composer: how --mode hybrid combines
 WEIGHTINGS = ("uniform", "score")  # composer.retrieval: each atom's weight in the sum
 COMPANIES = ("random", "nearest")  # compiler.trainer: which batch-mates train beside an atom
+SUBJECT_CONTEXTS = ("off", "embedding", "lessons")  # compiler.lessons: where a subject goes
 
 
 def defaults(cls: type) -> dict[str, Any]:
@@ -94,7 +95,7 @@ class TargetSpec:
 # stay out of the recipe key, so existing atom ids hold (tests/test_atom_ids.py pins them).
 _KEY_SINCE_V1 = {"qa_views": 0, "view_style": "sentence", "resolve_pronouns": False,
                  "window_views": 0, "distill": 0.0, "distill_topk": 16, "distill_window": 160,
-                 "company": "random"}
+                 "company": "random", "subject_context": "off"}
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,9 @@ class TrainConfig:
         "clause" with only the clause around it (``compiler.views``).
     resolve_pronouns: an atom that opens with a pronoun is trained, embedded and asked about
         with the name it refers to in its place (``compiler.decontext``).
+    subject_context: a sentence that does not name its paragraph's subject gets it in front
+        ("Talia Orven: In 1891 she opened ..."): "off", in its retrieval "embedding" only, or
+        in its "lessons" too (its text and its question views; ``compiler.lessons``).
     """
 
     rank: int = 2
@@ -149,6 +153,7 @@ class TrainConfig:
     distill_topk: int = 16
     distill_window: int = 160
     company: str = "random"
+    subject_context: str = "off"
 
     def __post_init__(self) -> None:
         if self.rank not in (1, 2, 4, 8):
@@ -158,6 +163,9 @@ class TrainConfig:
         if not 0.0 <= self.distill <= 1.0 or self.distill_topk < 1 or self.window_views < 0:
             raise ValueError("--distill must be in [0, 1], its top-k >= 1 and --window-views "
                              ">= 0")
+        if self.subject_context not in SUBJECT_CONTEXTS:
+            raise ValueError(f"--subject-context must be one of {SUBJECT_CONTEXTS}, got "
+                             f"{self.subject_context!r}")
         if self.company not in COMPANIES:
             raise ValueError(f"--company must be one of {COMPANIES}, got {self.company!r}")
         if self.view_style not in VIEW_STYLES:
