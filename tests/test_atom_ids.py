@@ -13,10 +13,11 @@ SENTENCE = Atom(text="Brightwater Clockworks was founded by Ada Quorne in 1871."
 FINGERPRINT = "f" * 64
 
 # TrainConfig() as of stop 12 (2026-12): rank 2, 25 steps, 2 sentence-style question views,
-# no distillation (the default since stop 28, which gives new ids).
+# no distillation (the default since stop 28, which gives new ids), no subject context (the
+# default "embedding" since stop 29 gives new ids too).
 V1_DEFAULTS = dict(rank=2, scale=1.0, lr=5e-3, max_steps=25, stop_prob=0.5, neighbours=3, seed=0,
                    bf16=True, title_context=False, vocab_candidates=256, neighbours_learn=False,
-                   qa_views=2, view_style="sentence", distill=0.0)
+                   qa_views=2, view_style="sentence", distill=0.0, subject_context="off")
 V1_KEY = ('{"bf16": true, "lr": 0.005, "max_steps": 25, "neighbours": 3, "neighbours_learn": '
           'false, "qa_views": 2, "rank": 2, "scale": 1.0, "seed": 0, "stop_prob": 0.5, "targets":'
           ' {"last_layers": 6, "layers": null, "modules": ["mlp.*"]}, "title_context": false, '
@@ -45,5 +46,7 @@ def test_new_recipe_fields_at_their_default_keep_atom_ids():
     assert TrainConfig(view_style="clause").key() != TrainConfig(view_style="sentence").key()
     assert "distill" not in TrainConfig(distill=0.0).key()
     assert TrainConfig().key() != TrainConfig(distill=0.0).key()  # today's default retrains
+    assert "subject_context" not in TrainConfig(subject_context="off").key()
+    assert TrainConfig().key() != TrainConfig(subject_context="off").key()
     with pytest.raises(ValueError, match="view-style"):
         TrainConfig(view_style="paragraph")

@@ -305,3 +305,18 @@ def test_a_document_id_over_the_key_limit_is_refused_before_training(tmp_path, m
     assert "must be 1-256 bytes" in report.problems[0].reason
     with AdapterStore(tmp_path / "s", readonly=True) as s:
         assert list(s.documents("docs")) == ["rows.jsonl#ok"]
+
+
+def test_an_atom_is_retrieved_by_its_sentence_with_its_paragraphs_subject(tmp_path, models):
+    import numpy as np
+
+    (tmp_path / "bio.md").write_text("Talia Orven grew up in Lisk. In 1891 she opened a "
+                                     "furnace in Carrow.")
+    run([tmp_path / "bio.md"], tmp_path / "s", models)
+    with AdapterStore(tmp_path / "s", readonly=True) as s, s.read("docs") as reader:
+        stored = {r.text: np.array(r.embedding) for _, r in reader.items()}  # off the map
+    furnace = "In 1891 she opened a furnace in Carrow."
+    assert set(stored) == {"Talia Orven grew up in Lisk.", furnace}  # the text is the original
+    expected = models[1].encode([f"Talia Orven: {furnace}"])[0]
+    assert np.allclose(stored[furnace], expected, atol=1e-6)
+    assert not np.allclose(stored[furnace], models[1].encode([furnace])[0], atol=1e-3)

@@ -102,17 +102,17 @@ def test_subject_context_names_the_paragraphs_subject_where_a_sentence_does_not(
     assert about(paragraph, 2) == paragraph[2]  # it names her already
     assert about(("no names in here at all.",), 0) == "no names in here at all."
     atom = Atom(paragraph[1], "d.md", 29, 68, context=paragraph, at=1)
-    # "embedding": retrieved by the subject, taught as before
-    embedding = TrainConfig(subject_context="embedding")
+    # "embedding" (the default): retrieved by the subject, taught as with "off"
+    embedding, off = TrainConfig(), TrainConfig(subject_context="off")
     assert embedded_text(atom, embedding) == about(paragraph, 1)
-    assert taught_text(atom, embedding) == atom.text == embedded_text(atom, TrainConfig())
-    assert lesson_views(atom, embedding) == lesson_views(atom, TrainConfig())
+    assert taught_text(atom, embedding) == atom.text == embedded_text(atom, off)
+    assert lesson_views(atom, embedding) == lesson_views(atom, off)
     # "lessons": taught with it too; every question names her, no answer is her name
     lessons = TrainConfig(subject_context="lessons")
     assert taught_text(atom, lessons) == embedded_text(atom, lessons) == about(paragraph, 1)
     views = lesson_views(atom, lessons)
     assert {a for _, a in views} == {" 1891\n", " Carrow\n"}
     assert all(q.startswith("Question: Talia Orven: ") for q, _ in views)
-    assert len({TrainConfig().key(), embedding.key(), lessons.key()}) == 3
+    assert len({off.key(), embedding.key(), lessons.key()}) == 3
     with pytest.raises(ValueError):
         TrainConfig(subject_context="title")

@@ -153,7 +153,7 @@ class TrainConfig:
     distill_topk: int = 16
     distill_window: int = 160
     company: str = "random"
-    subject_context: str = "off"
+    subject_context: str = "embedding"  # measured: benchmarks/RESULTS.md, "Fidelity III"
 
     def __post_init__(self) -> None:
         if self.rank not in (1, 2, 4, 8):
