@@ -4,6 +4,8 @@ loop a user would write for the same training rows, side by side in one run; and
     python benchmarks/compile_bench.py [--quick] --out results/compile.json
     python benchmarks/compile_bench.py --growth [--quick] --out results/compile_growth.json
 
+(``--device cuda``, ``--base-model DIR``, ``--embedder DIR``: ``bench_models``.)
+
 (a) microlora: ``compiler.pipeline.compile_documents`` with the default ``TrainConfig`` into a
 fresh store, timed whole (planning, question views, training, embedding, store writes);
 (b) naive: one ``get_peft_model`` LoRA per atom (same rank, targets, lr and step budget),
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_models import add_model_options, load_models, synchronize
 from store_bench import torch_machine, write_results
 from tqdm import tqdm
 
@@ -42,9 +45,7 @@ from compiler.loss import encode_targets
 from compiler.pipeline import compile_documents
 from compiler.views import question_views
 from microlora.core.config import ChunkConfig, TrainConfig
-from microlora.core.embedder import load_embedder
 from microlora.core.kernel import MultiLoraModel
-from microlora.core.models import load_base_model
 from microlora.core.pack import Packed, compose
 from microlora.core.targets import find_blocks, select_targets
 from store import AdapterStore
@@ -77,10 +78,11 @@ def rows_of(text: str, config: TrainConfig) -> list[tuple[str, str]]:
     return [("", text)] + question_views(text, config.qa_views, config.view_style)
 
 
-def labelled(tokenizer, rows: list[tuple[str, str]]) -> tuple[torch.Tensor, ...]:
+def labelled(tokenizer, rows: list[tuple[str, str]], device: torch.device
+             ) -> tuple[torch.Tensor, ...]:
     """HF inputs for an atom's rows: ids, mask, and labels on the target tokens only."""
     ids, mask, tgt = encode_targets(tokenizer, [t for _, t in rows], [c for c, _ in rows],
-                                    torch.device("cpu"))
+                                    device)
     return ids, mask, torch.where(tgt, ids, -100)
 
 
@@ -108,7 +110,7 @@ def train_naive(base, texts: list[str], config: TrainConfig) -> tuple[list[Packe
             lora_dropout=0.0))
         opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad],
                                lr=config.lr)
-        ids, mask, labels = labelled(base.tokenizer, rows_of(text, config))
+        ids, mask, labels = labelled(base.tokenizer, rows_of(text, config), base.device)
         for _ in range(config.max_steps):
             loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad()
@@ -134,8 +136,8 @@ def final_losses(base, texts: list[str], adapters: list[Packed], config: TrainCo
         losses = []
         for i, text in enumerate(texts):
             group = [adapters[(i + j) % len(texts)] for j in range(company + 1)]
-            ids, mask, labels = labelled(base.tokenizer, rows_of(text, config))
-            with lora.adapters(compose([group] * len(ids))):
+            ids, mask, labels = labelled(base.tokenizer, rows_of(text, config), base.device)
+            with lora.adapters(compose([group] * len(ids), device=base.device)):
                 losses.append(base.model(input_ids=ids, attention_mask=mask,
                                          labels=labels).loss.item())
         return losses
@@ -143,19 +145,20 @@ def final_losses(base, texts: list[str], adapters: list[Packed], config: TrainCo
         lora.remove()
 
 
-def bf16_gflops() -> float:
-    """The bf16 matmul rate of this CPU (GFLOP/s), for the compute floor."""
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+def bf16_gflops(device: torch.device, n: int = 2048) -> float:
+    """The bf16 matmul rate of the device (GFLOP/s), for the compute floor."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     a @ a
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(10):
         a @ a
-    return 10 * 2 * 2048 ** 3 / (time.perf_counter() - t0) / 1e9
+    synchronize(device)
+    return 10 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9
 
 
 def side_by_side(args) -> dict:
-    base = load_base_model(device="cpu")
-    embedder = load_embedder(device="cpu")
+    base, embedder = load_models(args)
     config = TrainConfig()
     docs = corpus(base.tokenizer, args.atoms or (16 if args.quick else 64))
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,14 +173,15 @@ def side_by_side(args) -> dict:
             for name, adapters in (("ours", ours), ("naive", naive))}
     alone = {name: final_losses(base, texts, adapters, config, 0)
              for name, adapters in (("ours", ours), ("naive", naive))}
-    tokens = [int(labelled(base.tokenizer, rows_of(t, config))[1].sum()) for t in texts]
+    tokens = [int(labelled(base.tokenizer, rows_of(t, config), base.device)[1].sum())
+              for t in texts]
     # a token through the adapted blocks costs ~6 FLOP per weight (forward 2, backward 4),
     # at every step, plus a forward for the candidate vocabulary
     first = min(int(name.split(".")[2]) for name in select_targets(base.model, config.targets))
     _, blocks = find_blocks(base.model)
     weights = sum(p.numel() for block in blocks[first:] for p in block.parameters())
     flops = sum(tokens) * (6 * report.atom_steps / len(texts) + 2) * weights
-    rate = bf16_gflops()
+    rate = bf16_gflops(base.device, 8192 if base.device.type == "cuda" else 2048)
     n = len(texts)
     return {
         "atoms": n, "tokens_per_atom": sum(tokens) / n, "rows_per_atom": sum(
@@ -192,13 +196,13 @@ def side_by_side(args) -> dict:
         "bf16_gflops": rate, "adapted_block_weights": weights,
         "floor_atoms_per_s": rate * 1e9 / (flops / n),
         "config": {k: str(v) for k, v in vars(config).items()},
+        "machine": torch_machine(base.model),
     }
 
 
 def growth_part(args) -> None:
     """One part of the growth run, in its own process: compile, then report as JSON."""
-    base = load_base_model(device="cpu")
-    embedder = load_embedder(device="cpu")
+    base, embedder = load_models(args)
     docs = corpus(base.tokenizer, args.part_atoms, skip_atoms=args.part * args.part_atoms)
     stamps = []
     t0 = time.perf_counter()
@@ -221,7 +225,8 @@ def growth(args) -> dict:
         for part in range(4):
             out = subprocess.run(
                 [sys.executable, __file__, "--growth-part", str(part), "--part-atoms",
-                 str(part_atoms), "--store", str(Path(tmp) / "s"), "--out", "-"],
+                 str(part_atoms), "--store", str(Path(tmp) / "s"), "--out", "-",
+                 "--device", args.device, *model_folders(args)],
                 check=True, capture_output=True, text=True).stdout
             parts.append(json.loads(out.strip().splitlines()[-1]))
             print(f"part {part}: {parts[-1]['trained']} atoms, "
@@ -233,6 +238,13 @@ def growth(args) -> dict:
             "peak_rss_mb": max(p["peak_rss_mb"] for p in parts)}
 
 
+def model_folders(args) -> list[str]:
+    """The --base-model and --embedder options given, for a child process."""
+    return [arg for flag, folder in (("--base-model", args.base_model),
+                                     ("--embedder", args.embedder)) if folder
+            for arg in (flag, str(folder))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16 atoms (growth: 4 x 64)")
@@ -242,11 +254,13 @@ def main() -> None:
     ap.add_argument("--growth-part", dest="part", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--part-atoms", type=int, default=500, help=argparse.SUPPRESS)
     ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    add_model_options(ap)
     args = ap.parse_args()
     if args.part is not None:
         return growth_part(args)
     result = growth(args) if args.growth else side_by_side(args)
-    write_results(result, Path(args.out), torch_machine())
+    write_results(result, Path(args.out), torch_machine() if args.growth
+                  else result.pop("machine"))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ cost of composed adapters while decoding, side by side in one run on the default
 
     python benchmarks/compose_bench.py [--quick] --out results/compose.json
 
+(``--device cuda``, ``--base-model DIR``, ``--embedder DIR``: ``bench_models``.)
+
 - assembly: time to make k in {1, 4, 8, 16} stored atoms active. microlora: retrieve nothing,
   read the atoms zero-copy from the LMDB store, compose them (one copy) and set them on the
   per-sample layers (``Composer.compose`` + ``MultiLoraModel.adapters``). PEFT: the same atoms
@@ -23,6 +25,7 @@ Trials run interleaved (ABC CBA ...) and medians are reported.
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import statistics
 import tempfile
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_models import add_model_options, load_models, synchronize
 from store_bench import synthetic_atoms, torch_machine, write_peft_dir, write_results
 from tqdm import tqdm
 
@@ -38,7 +42,6 @@ from composer import Composer, Hit
 from composer.generation import encode_prompts, generate
 from composer.prompts import build_prompt
 from microlora.core.config import TargetSpec
-from microlora.core.embedder import load_embedder
 from microlora.core.models import load_base_model
 from microlora.core.targets import select_targets
 from store import AdapterStore
@@ -48,9 +51,12 @@ NEW_TOKENS = 64
 QUESTION = "Which company made the first pocket watch that winds itself with body heat?"
 
 
-def timed(fn) -> float:
+def timed(fn, device: torch.device) -> float:
+    """Seconds ``fn`` takes, its queued device work included."""
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -63,6 +69,7 @@ def peft_assembly(peft_model, folders: list[Path]) -> float:
     peft_model.add_weighted_adapter(names, [1.0] * len(names), adapter_name="combo",
                                     combination_type="cat")
     peft_model.set_adapter("combo")
+    synchronize(next(peft_model.parameters()).device)
     seconds = time.perf_counter() - t0
     return seconds
 
@@ -77,19 +84,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer trials")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
+    add_model_options(ap)
     args = ap.parse_args()
     trials = 3 if args.quick else 7
     assembly_trials = 5 if args.quick else 20
 
-    base = load_base_model()
-    emb = load_embedder()
+    base, emb = load_models(args)
     shapes = {name: (m.in_features, m.out_features)
               for name, m in select_targets(base.model, TargetSpec()).items()}
     n_atoms = max(KS) + 8 * 8
     work = Path(tempfile.mkdtemp())
     try:
-        records = [r for batch in synthetic_atoms(n_atoms, shapes, seed=0, batch=64, std=0.02)
-                   for r in batch]
+        records = [r for batch in synthetic_atoms(n_atoms, shapes, seed=0, batch=64, std=0.02,
+                                                  dim=emb.dim) for r in batch]
         for r in records:
             r.base_fingerprint = base.fingerprint
         with AdapterStore.create(work / "store", store_header(base, emb)) as s:
@@ -98,14 +105,20 @@ def main() -> None:
         for r in records[:max(KS)]:
             write_peft_dir(work / "peft", r)
         ids = [r.id for r in records]
-        result = run(base, emb, work, ids, trials, assembly_trials)
+        result = run(base, emb, work, ids, trials, assembly_trials,
+                     peft_copy=lambda: load_base_model(args.base_model,
+                                                       device=args.device).model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_results(result, args.out, torch_machine(base.model))
 
 
-def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int) -> dict:
+def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int,
+        peft_copy) -> dict:
+    """The measurements; ``peft_copy()`` loads a second copy of the base model for PEFT."""
     from peft import PeftModel
+
+    timed_here = functools.partial(timed, device=base.device)
 
     result: dict = {"new_tokens": NEW_TOKENS, "trials": trials,
                     "assembly_trials": assembly_trials}
@@ -115,7 +128,7 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
     hits_of = {k: [Hit("bench", i, 1.0) for i in ids[:k]] for k in KS}
 
     # -- assembly ------------------------------------------------------------------------------
-    peft_base = load_base_model().model  # a second copy: PEFT rewrites the modules it wraps
+    peft_base = peft_copy()  # a second copy: PEFT rewrites the modules it wraps
     peft_model = PeftModel.from_pretrained(peft_base, str(work / "peft" / ids[0]),
                                            adapter_name="base")
     peft_model.eval()
@@ -127,7 +140,7 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
                 pass
 
         ours()  # warm up (first use wraps the target layers)
-        t_ours = [timed(ours) for _ in range(assembly_trials)]
+        t_ours = [timed_here(ours) for _ in range(assembly_trials)]
         t_peft = []
         for _ in tqdm(range(max(3, assembly_trials // 4)), desc=f"PEFT assembly k={k}"):
             t_peft.append(peft_assembly(peft_model, folders))
@@ -172,7 +185,7 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
     for t in tqdm(range(trials), desc="decoding"):
         order = list(fns) if t % 2 == 0 else list(fns)[::-1]
         for name in order:
-            runs[name].append(timed(fns[name]))
+            runs[name].append(timed_here(fns[name]))
     t_base = statistics.median(runs["base"])
     result["base_tokens_per_s"] = NEW_TOKENS / t_base
     for name in ("stacked", "merged"):
@@ -196,7 +209,7 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
     for t in tqdm(range(trials), desc="mixed batch"):
         for name in (["base", "mixed"] if t % 2 == 0 else ["mixed", "base"]):
             (t_bbase if name == "base" else t_mixed).append(
-                timed(batch_base if name == "base" else batch_mixed))
+                timed_here(batch_base if name == "base" else batch_mixed))
     result["batch8_base_tokens_per_s"] = 8 * NEW_TOKENS / statistics.median(t_bbase)
     result["batch8_mixed_tokens_per_s"] = 8 * NEW_TOKENS / statistics.median(t_mixed)
     result["mixed_batch_vs_base"] = statistics.median(t_bbase) / statistics.median(t_mixed)

@@ -3,6 +3,8 @@ one at a time, through a real `microlora serve` (uvicorn on 127.0.0.1, HTTP, def
 
     python benchmarks/serve_bench.py [--quick] --out results/serve.json
 
+(``--device cuda``, ``--base-model DIR``, ``--embedder DIR``: ``bench_models``.)
+
 The store holds synthetic atoms (rank-2 bf16 adapters of the default targets, std 0.02, so
 the model still writes ordinary text) whose texts are distinct invented facts embedded by the
 default embedder; each client asks about a different fact, so each request retrieves and
@@ -22,13 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from bench_models import add_model_options, load_models
 from store_bench import synthetic_atoms, torch_machine, write_results
 
 from compiler.pipeline import store_header
 from composer import Composer
 from microlora.core.config import AskConfig, ServeConfig, TargetSpec
-from microlora.core.embedder import load_embedder
-from microlora.core.models import load_base_model
 from microlora.core.targets import select_targets
 from microlora.server.app import Service, serve_in_thread
 from microlora.server.keys import KeyStore
@@ -59,18 +60,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one round each, shorter answers")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
+    add_model_options(ap)
     args = ap.parse_args()
     rounds = 1 if args.quick else 3
     max_tokens = 16 if args.quick else 32
 
-    base, emb = load_base_model(), load_embedder()
+    base, emb = load_models(args)
     shapes = {name: (m.in_features, m.out_features)
               for name, m in select_targets(base.model, TargetSpec()).items()}
     pairs = facts()
     work = Path(tempfile.mkdtemp())
     try:
         records = [r for batch in synthetic_atoms(len(pairs), shapes, seed=0, batch=64,
-                                                  std=0.02) for r in batch]
+                                                  std=0.02, dim=emb.dim) for r in batch]
         vectors = emb.encode([text for text, _ in pairs])
         for r, (text, _), v in zip(records, pairs, vectors):
             r.text, r.embedding, r.base_fingerprint = text, v, base.fingerprint

@@ -55,8 +55,9 @@ def default_target_shapes() -> dict[str, tuple[int, int]]:
             for name, m in select_targets(model, TargetSpec()).items()}
 
 
-def synthetic_atoms(n: int, shapes, seed: int, batch: int, std: float = 1.0):
-    """Batches of random atoms; bf16 like a compiled store."""
+def synthetic_atoms(n: int, shapes, seed: int, batch: int, std: float = 1.0,
+                    dim: int = EMBED_DIM):
+    """Batches of random atoms (``dim``-d embeddings); bf16 like a compiled store."""
     g = torch.Generator().manual_seed(seed)
     for start in range(0, n, batch):
         recs = []
@@ -64,7 +65,7 @@ def synthetic_atoms(n: int, shapes, seed: int, batch: int, std: float = 1.0):
             adapter = Packed.of({name: ((torch.randn(RANK, d_in, generator=g) * std),
                                         (torch.randn(d_out, RANK, generator=g) * std))
                                  for name, (d_in, d_out) in shapes.items()}, torch.bfloat16)
-            emb = torch.randn(EMBED_DIM, generator=g)
+            emb = torch.randn(dim, generator=g)
             recs.append(AtomRecord(id=f"{i:012x}", text=f"synthetic atom {i}", adapter=adapter,
                                    embedding=(emb / emb.norm()).numpy(), base_fingerprint="bench",
                                    source="synthetic", config={"rank": RANK, "scale": 1.0}))
@@ -101,9 +102,14 @@ def write_results(result: dict, out: Path, machine: str) -> None:
         print(f"{key:>34}: {value:.4f}" if isinstance(value, float) else f"{key:>34}: {value}")
 
 
-def torch_machine(model) -> str:
-    return (f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}, {next(model.parameters()).dtype}")
+def torch_machine(model=None) -> str:
+    """The machine a result was measured on: its GPU (where the model runs on one) or its
+    CPU threads, torch, and the model's dtype."""
+    param = next(model.parameters()) if model is not None else torch.empty(0)
+    where = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else \
+        f"{torch.get_num_threads()} torch threads"
+    dtype = f", {param.dtype}" if model is not None else ""
+    return f"{platform.machine()}, {where}, torch {torch.__version__}{dtype}"
 
 
 def percentile(xs: list[float], q: float) -> float:

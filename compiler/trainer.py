@@ -85,7 +85,7 @@ class AtomTrainer:
         sequences pass ``stop_prob``. ``windows[b]`` is the text the distilling teacher reads
         before atom b's views (with ``TrainConfig.distill`` > 0). ``company[b]`` are the batch
         indices of the atoms composed beside atom b (random ones when None)."""
-        cfg = self.config
+        cfg, dev = self.config, self.device
         n = len(texts)
         row_texts, row_contexts = list(texts), list(contexts or [""] * n)
         group = list(range(n))  # row -> atom
@@ -94,7 +94,7 @@ class AtomTrainer:
                 row_texts.append(target)
                 row_contexts.append(context)
                 group.append(b)
-        group_of = torch.tensor(group)
+        group_of = torch.tensor(group)  # bookkeeping (this, done, active, ...) stays on the CPU
         ids, mask, tgt = encode_targets(self.tokenizer, row_texts, row_contexts, self.device)
         target_row = tgt[:, 1:].nonzero()[:, 0]  # the row of each target token
         soft = self._teacher(row_texts, row_contexts, group, n, windows, target_row) \
@@ -120,9 +120,10 @@ class AtomTrainer:
                 break
             nbrs = self._batch_neighbours(n, active, gen) if company is None else \
                 company[active, :min(cfg.neighbours, n - 1)]
-            adapters = self._compose(params, active, nbrs, frozen)
+            adapters = self._compose(params, active.to(dev), nbrs.to(dev), frozen)
             rows = torch.isin(group_of, active).nonzero().squeeze(1)  # the active atoms' rows
-            slot = torch.searchsorted(active, group_of[rows])  # row -> its atom in ``active``
+            slot = torch.searchsorted(active, group_of[rows]).to(dev)  # row -> its atom
+            rows = rows.to(dev)
             if len(rows) != len(active):
                 adapters = {k: (A[slot], B[slot]) for k, (A, B) in adapters.items()}
             with self.lora.adapters(adapters), self.prefix.replay(frozen_states[rows]), \
@@ -131,13 +132,14 @@ class AtomTrainer:
                                                attention_mask=mask[rows]).last_hidden_state
                 h, labels, row_of = target_states(hidden, ids[rows], tgt[rows])
                 loss_per_atom, scored, min_prob = atom_losses(
-                    h, labels, slot.to(row_of.device)[row_of], len(active), self.head, vocab,
+                    h, labels, slot[row_of], len(active), self.head, vocab,
                     cfg.stop_prob, last=step == cfg.max_steps,
                     soft=None if soft is None else soft.rows(torch.isin(target_row, rows)))
             finished = (min_prob > cfg.stop_prob) | (step == cfg.max_steps)
+            scored = scored.detach().cpu()  # one copy, not one per finished atom
             for j in finished.nonzero().squeeze(1).tolist():
                 b = active[j].item()
-                done[b], steps[b], final[b] = True, step, scored[j].item()
+                done[b], steps[b], final[b] = True, step, scored[j]
                 for k, (A, B) in params.items():  # keep the adapter as it was when it passed
                     snapshot[k][0][b] = A[b].detach()
                     snapshot[k][1][b] = B[b].detach()
@@ -145,12 +147,13 @@ class AtomTrainer:
             if not training.any():
                 continue
             opt.zero_grad(set_to_none=True)
-            loss_per_atom[training].sum().backward()  # sum: each atom's gradient is its own
+            loss_per_atom[training.to(dev)].sum().backward()  # sum: each atom's own gradient
             opt.step()
+            pinned = done.to(dev)
             with torch.no_grad():  # Adam's momentum would still move finished atoms: pin them,
                 for k, (A, B) in params.items():  # as they stay composed beside the others
-                    A[done] = snapshot[k][0][done]
-                    B[done] = snapshot[k][1][done]
+                    A[pinned] = snapshot[k][0][pinned]
+                    B[pinned] = snapshot[k][1][pinned]
         return [TrainedAtom(Packed.of({k: (A[b].float().cpu(), self._scaled(B[b]).float().cpu())
                                        for k, (A, B) in snapshot.items()}),
                             int(steps[b]), float(final[b]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def with_deltas_added(model, atoms, scale=1.0):
         for name, (A, B) in atom.items():
             layer = ref.get_submodule(name)
             layer = getattr(layer, "base_layer", layer)
-            delta = scale * B @ A  # (out, in)
+            delta = (scale * B @ A).to(layer.weight)  # (out, in), on the weight's device
             layer.weight.data += delta.T if type(layer).__name__ == "Conv1D" else delta
     return ref
 
@@ -172,6 +173,19 @@ def arch(request) -> str:
     return request.param
 
 
+TEST_DEVICE_ENV = "MICROLORA_TEST_DEVICE"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the tests marked ``cuda`` run: ``MICROLORA_TEST_DEVICE`` (default cuda; cpu
+    for the dry run of benchmarks/gpu_check.sh); they skip where that device is missing."""
+    dev = torch.device(os.environ.get(TEST_DEVICE_ENV, "cuda"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"no CUDA device ({TEST_DEVICE_ENV}=cpu runs these on the CPU)")
+    return dev
+
+
 def save_tiny_embedder(path):
     """A randomly initialised 1-layer BERT saved as a sentence-transformers folder."""
     from sentence_transformers import SentenceTransformer
@@ -209,13 +223,16 @@ def write_cpkc(path, n):
     return path
 
 
-def random_atom_kit(tiny_models, folder, corpus: dict[str, list[str]]):
-    """(base model, embedder, store path) for a store of random rank-2 atoms in ``folder``."""
+def random_atom_kit(tiny_models, folder, corpus: dict[str, list[str]], device=None,
+                    dtype=None):
+    """(base model, embedder, store path) for a store of random rank-2 atoms in ``folder``
+    (the models on ``device``, in ``dtype``: ``load_base_model``'s defaults when None)."""
     from microlora.core.embedder import load_embedder
     from microlora.core.models import load_base_model
 
     lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base = load_base_model(lm, device=device, dtype=dtype)
+    emb = load_embedder(emb_path, device=device)
     return base, emb, store_of_random_atoms(folder / "kb", base, emb, corpus)
 
 

@@ -44,6 +44,10 @@ class MultiLoraLinear(nn.Module):
         self._unmerged_weight: Tensor | None = None  # the original W while a merge is active
 
     def set_adapter(self, A: Tensor, B: Tensor) -> None:
+        """Per-sample adapters A (N, R, in), B (N, out, R), or one pair for every sample;
+        moved once to the layer's device (a no-op, autograd kept, when they are there)."""
+        device = self.base_layer.weight.device
+        A, B = A.to(device), B.to(device)
         if A.dim() == 2:  # one adapter for every sample
             A, B = A.unsqueeze(0), B.unsqueeze(0)
         if (A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0]
