@@ -37,7 +37,7 @@ class Run:
     """What a fresh ``microlora quickstart`` printed, and when."""
 
     stdout: str  # the cache directory shown as SHOWN_HOME
-    first_answer_s: float  # from the start of the process to the table's first answer line
+    first_answer_s: float  # from the start of the process to the table's first line
     conversion_s: float | None  # the one-time model conversion, when this run did it
 
 
@@ -56,7 +56,7 @@ def run_quickstart(home: Path) -> Run:
     for line in child.stdout:
         if header_seen and first_answer is None:
             first_answer = time.perf_counter() - t0
-        header_seen = header_seen or line.startswith("question ")
+        header_seen = header_seen or line.startswith("question (kind)")
         lines.append(line)
     if child.wait() != 0 or first_answer is None:
         raise SystemExit(f"the quickstart failed (exit {child.returncode}):\n{''.join(lines)}")

@@ -3,6 +3,7 @@ and a compile that is the same bit for bit every time."""
 
 import re
 
+import click
 import torch
 from click.testing import CliRunner
 
@@ -47,13 +48,16 @@ def test_quickstart_shows_three_columns_and_says_when_adapters_fall_short(tiny_m
     first = CliRunner().invoke(cli, args)
     assert first.exit_code == 0, first.output
     out = first.stdout
-    assert re.search(r"question\s+kind\s+closed book\s+passage RAG\s+adapters", out)
+    assert re.search(r"question \(kind\)\n\s+closed book\s+passage RAG\s+adapters\n", out)
+    assert "In which city did the founder of Brightwater Clockworks grow up? (2 sentences)" in out
     assert re.search(r"closed book \d/6, passage RAG \d/6, adapters \d/6", out)
     assert "1 retrieved atom each" in out and " 1 atoms" not in out
-    assert "short of the aim: the adapters answered 0 of 6" in out  # a random model knows none
+    assert "Short of the aim: the adapters answered 0 of 6" in out  # a random model knows none
+    shown = out[out.index("question (kind)"):out.index("Next:")]
+    assert max(map(len, shown.splitlines())) <= 80  # the table and verdict fit a terminal
     again = CliRunner().invoke(cli, args)
     assert "(already compiled)" in again.stdout
-    table_of = lambda text: text[text.index("question "):]  # noqa: E731
+    table_of = lambda text: text[text.index("question (kind)"):]  # noqa: E731
     assert table_of(again.stdout) == table_of(out)  # the same answers, run after run
 
 
@@ -65,16 +69,19 @@ def test_summary_counts_each_column_and_names_what_the_adapters_missed():
     passages = Column("passage RAG", right)
     five = Column("adapters", right[:-1] + ["nobody"])
     assert summary(questions, [closed, passages, five]) == [
-        "right answers (✓: the expected answer appears in the output): "
-        "closed book 0/6, passage RAG 6/6, adapters 5/6"]  # the aim met: no excuse printed
+        "right answers: closed book 0/6, passage RAG 6/6, adapters 5/6",
+        "(✓: the expected answer appears in the output)"]  # the aim met: no excuse printed
     kinds = {q["kind"] for q in questions}
     four = Column("adapters", [q["answer"] if q["kind"] == "direct" else "x" for q in questions])
-    lines = summary(questions, [closed, passages, four])
-    assert f"adapters answered {sum(q['kind'] == 'direct' for q in questions)} of 6" in lines[1]
-    assert "missed: " + ", ".join(sorted(kinds - {"direct"})) in lines[1]
-    assert lines[2].startswith("Passage RAG answers more of them today (6 right answers)")
+    verdict = " ".join(summary(questions, [closed, passages, four])[3:])
+    assert verdict.startswith("Short of the aim: the adapters answered "
+                              f"{sum(q['kind'] == 'direct' for q in questions)} of 6, ")
+    assert "(missed: " + ", ".join(sorted(kinds - {"direct"})) + ")" in verdict
+    assert "Passage RAG answers more of them today" in verdict
     rows = table(questions, [closed, passages, four])
-    assert len(rows) == 7 and rows[1].count("✓") == 2 and rows[1].count("✗") == 1
+    assert len(rows) == 2 + 2 * 6 and rows[2] == questions[0]["question"] + " (direct)"
+    answers = click.unstyle(rows[3])
+    assert answers.count("✓") == 2 and answers.count("✗") == 1 and len(answers) <= 80
 
 
 def test_corpus_asks_about_a_pronoun_and_a_fact_spread_over_two_sentences():

@@ -7,17 +7,16 @@ Kept apart from the command so the table can be checked without any model.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import click
 
-from microlora.commands.words import plural
-
 # The quickstart is meant to show the adapters answering at least 5 of its 6 questions
 # (issue 25); below that the output says so instead of the questions getting easier.
 AIM_RIGHT, AIM_OF = 5, 6
-QUESTION_WIDTH, KIND_WIDTH, ANSWER_WIDTH = 30, 11, 16
+INDENT, ANSWER_WIDTH = 4, 20  # each question on a line of its own, its answers beneath
 
 
 @dataclass(frozen=True)
@@ -35,17 +34,18 @@ def is_right(expected: str, answer: str) -> bool:
 
 
 def table(questions: Sequence[dict], columns: Sequence[Column]) -> list[str]:
-    """The header and one line per question: its kind, then each column's answer and mark."""
-    head = f"{'question':<{QUESTION_WIDTH}}  {'kind':<{KIND_WIDTH}}"
-    head += "".join(f"  {c.name:<{ANSWER_WIDTH + 2}}" for c in columns)
-    lines = [head.rstrip()]
+    """The header, then two lines per question: the question with its kind, and each
+    column's answer and mark beneath its header (whole questions, in 80 columns)."""
+    lines = ["question (kind)",
+             (" " * INDENT + "".join(f"{c.name:<{ANSWER_WIDTH + 4}}" for c in columns)).rstrip()]
     for i, q in enumerate(questions):
-        line = f"{_fit(q['question'], QUESTION_WIDTH)}  {q.get('kind', ''):<{KIND_WIDTH}}"
+        lines.append(f"{q['question']} ({q.get('kind', 'direct')})")
+        line = " " * INDENT
         for c in columns:
             ok = is_right(q["answer"], c.answers[i])
             mark = click.style("✓", fg="green") if ok else click.style("✗", fg="red")
-            line += f"  {_fit(c.answers[i], ANSWER_WIDTH)} {mark}"
-        lines.append(line)
+            line += f"{_fit(c.answers[i], ANSWER_WIDTH)} {mark}  "
+        lines.append(line.rstrip())
     return lines
 
 
@@ -55,22 +55,23 @@ def scores(questions: Sequence[dict], column: Column) -> int:
 
 def summary(questions: Sequence[dict], columns: Sequence[Column]) -> list[str]:
     """Right answers per column; when the last column (the composed adapters) answers fewer
-    than the aim, a line that says so and which kinds of question it missed."""
+    than the aim, a paragraph that says so and which kinds of question it missed."""
     n = len(questions)
     counts = [scores(questions, c) for c in columns]
-    lines = ["right answers (✓: the expected answer appears in the output): "
-             + ", ".join(f"{c.name} {k}/{n}" for c, k in zip(columns, counts))]
+    lines = ["right answers: " + ", ".join(f"{c.name} {k}/{n}" for c, k in zip(columns, counts)),
+             "(✓: the expected answer appears in the output)"]
     adapters, aim = columns[-1], math.ceil(AIM_RIGHT * n / AIM_OF)
     if counts[-1] < aim:
-        missed = sorted({q.get("kind", "?") for q, a in zip(questions, adapters.answers)
+        missed = sorted({q.get("kind", "direct") for q, a in zip(questions, adapters.answers)
                          if not is_right(q["answer"], a)})
-        lines.append(f"short of the aim: the {adapters.name} answered {counts[-1]} of {n}, "
-                     f"this quickstart aims for {aim} (missed: {', '.join(missed)}).")
+        verdict = (f"Short of the aim: the {adapters.name} answered {counts[-1]} of {n}, where "
+                   f"this quickstart aims for {aim} (missed: {', '.join(missed)}).")
         if counts[-1] < max(counts):
             best = columns[counts.index(max(counts))]
-            lines.append(f"{best.name[:1].upper()}{best.name[1:]} answers more of them today "
-                         f"({plural(max(counts), 'right answer')}); making the adapters carry "
-                         "what the passage carries is the open problem (README, Status).")
+            verdict += (f" {best.name[:1].upper()}{best.name[1:]} answers more of them today; "
+                        "making the adapters carry what the passage carries is the open "
+                        "problem (README, Status).")
+        lines += [""] + textwrap.wrap(verdict, 80)
     return lines
 
 
