@@ -39,6 +39,7 @@ class Run:
     stdout: str  # the cache directory shown as SHOWN_HOME
     first_answer_s: float  # from the start of the process to the table's first line
     conversion_s: float | None  # the one-time model conversion, when this run did it
+    load: float | None = None  # the machine's 1-minute load average as the run started
 
 
 def run_quickstart(home: Path) -> Run:
@@ -46,6 +47,7 @@ def run_quickstart(home: Path) -> Run:
     passed through; conversion seconds from the converted model's marker when it converted."""
     marker = home / "models" / "gemma-3-270m" / "microlora-converted.json"
     converted_before = marker.exists()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     child = subprocess.Popen(
         [sys.executable, "-m", "microlora", "--home", str(home), "quickstart", "--fresh"],
@@ -62,13 +64,15 @@ def run_quickstart(home: Path) -> Run:
         raise SystemExit(f"the quickstart failed (exit {child.returncode}):\n{''.join(lines)}")
     conversion = (None if converted_before
                   else json.loads(marker.read_text()).get("seconds"))
-    return Run("".join(lines).replace(str(home), SHOWN_HOME), first_answer, conversion)
+    return Run("".join(lines).replace(str(home), SHOWN_HOME), first_answer, conversion, load)
 
 
 def sample(run: Run) -> str:
     """The README's block: the output as printed, then the measured times."""
     cores, torch_threads = os.cpu_count(), _torch_threads()
     where = f"{cores} CPU cores, torch on {torch_threads} threads"
+    if run.load is not None:  # a busy machine's times are not a new user's: say so
+        where += f", load average {run.load:.1f} as it started"
     if run.conversion_s is None:
         timing = (f"Time to first answer: {run.first_answer_s:.0f} s from the command's start "
                   f"to the table's first line, measured on a fresh store ({where}; the base "
