@@ -305,6 +305,9 @@ class ServeConfig:
     max_namespaces: int = MAX_NAMESPACES  # one per user with documents, plus shared corpora
     max_jobs_per_user: int = 4  # compile jobs queued or running per namespace (more: 429)
     jobs_kept: int = 1000  # ended jobs still answered by GET /v1/jobs/ID (the newest)
+    # seconds a stopping server waits for a compile batch that is training; then the batch is
+    # not written, and its job (stored, like the queued ones) resumes on the next start
+    stop_wait_s: float = 5.0
     ask: AskConfig = AskConfig()  # defaults for k, mode, max_tokens
     train: TrainConfig = TrainConfig()  # the recipe for uploaded documents
     chunk: ChunkConfig = ChunkConfig()
