@@ -315,3 +315,5 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.max_prompt_tokens < 1:
             raise MicroloraError("--max-prompt-tokens must be at least 1")
+        if self.stop_wait_s < 0:
+            raise MicroloraError("ServeConfig.stop_wait_s must be 0 or more seconds")
