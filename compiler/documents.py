@@ -52,6 +52,21 @@ class Document:
         """(page, heading path) at ``offset`` of the text: (0, ()) where there are none."""
         return _mark(self.pages, offset, 0), _mark(self.sections, offset, ())
 
+    def to_json(self) -> dict:
+        """Everything it holds, as JSON values (a server persists its queued jobs' documents:
+        ``microlora.server.jobs``); ``from_json`` gives it back equal."""
+        return {"source": self.source, "text": self.text, "title": self.title,
+                "blocks": [[b.start, b.end, b.kind] for b in self.blocks],
+                "sections": [[at, list(path)] for at, path in self.sections],
+                "pages": [[at, page] for at, page in self.pages]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Document:
+        return cls(d["source"], d["text"], d["title"],
+                   tuple(Block(*b) for b in d["blocks"]),
+                   tuple((at, tuple(path)) for at, path in d["sections"]),
+                   tuple((at, page) for at, page in d["pages"]))
+
 
 def _mark(marks, offset, default):
     i = bisect.bisect_right([m[0] for m in marks], offset) - 1

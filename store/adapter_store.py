@@ -3,9 +3,9 @@
 
 The ``__meta__`` database holds the header (format version, base-model and embedder identity),
 the namespace registry, a generation counter per namespace that every write bumps (an index
-file built from an older generation is stale and rebuilt), and a manifest per compiled
-document (its atom ids, so a document can be forgotten). Every write is one LMDB
-transaction: it lands whole or not at all.
+file built from an older generation is stale and rebuilt), a manifest per compiled
+document (its atom ids, so a document can be forgotten), and a server's compile jobs
+(``store/jobs.py``). Every write is one LMDB transaction: it lands whole or not at all.
 
 One ``AdapterStore`` may be shared by threads (a server answering while it compiles): LMDB
 transactions are per thread, and a lock guards the in-memory FAISS indexes.
@@ -41,6 +41,7 @@ from store.documents import BatchDocuments, DocumentManifests
 from store.environment import open_environment
 from store.index import EXACT_LIMIT, VectorIndex
 from store.index_cache import IndexCache
+from store.jobs import JobTable
 from store.layout import DIR_MODE, FILE_MODE, StoreLayout, is_store
 from store.maintenance import Maintenance, hold_shared
 from store.peft import read_reader
@@ -72,7 +73,7 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
-class AdapterStore(DocumentManifests, IndexCache, Maintenance):
+class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
     """Atoms (adapters + text + embedding) by namespace, with a FAISS index per namespace.
 
     Open an existing store with ``AdapterStore(path)`` (``readonly=True`` for inspection:
@@ -282,6 +283,7 @@ class AdapterStore(DocumentManifests, IndexCache, Maintenance):
                 txn.delete(b"gen:" + namespace.encode(), db=self._meta)
                 for key in list(self._document_keys(txn, namespace)):
                     txn.delete(key, db=self._meta)
+                self._delete_jobs(txn, namespace)  # none may bring it back after a restart
             self._indexes.pop(namespace, None)
             self._unsaved.discard(namespace)
             self._verified.pop(namespace, None)  # a namespace made anew restarts at 0

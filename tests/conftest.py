@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -247,3 +248,37 @@ def open_composer(kit):
 def last_logits(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).logits[:, -1]
+
+
+# -- compile jobs --------------------------------------------------------------------------
+
+def sentences(first: int, n: int) -> str:
+    """n one-atom sentences of the tiny vocabulary, from word ``first`` on."""
+    return " ".join(" ".join(f"w{first + 6 * i + j}" for j in range(6)) + "."
+                    for i in range(n))
+
+
+@pytest.fixture
+def paused(monkeypatch):
+    """Pause compile jobs inside their Nth training batch: ``gate(n)`` returns (reached, go)
+    events; the job waits in batch n (after training it, before writing it) until ``go``."""
+    from compiler.trainer import AtomTrainer
+
+    train, calls, gates = AtomTrainer.train, [0], {}
+
+    def gated(self, *args, **kwargs):
+        calls[0] += 1
+        trained = train(self, *args, **kwargs)
+        if calls[0] in gates:
+            reached, go = gates[calls[0]]
+            reached.set()
+            assert go.wait(120)
+        return trained
+
+    monkeypatch.setattr(AtomTrainer, "train", gated)
+
+    def gate(n: int) -> tuple[threading.Event, threading.Event]:
+        gates[n] = (threading.Event(), threading.Event())
+        return gates[n]
+
+    return gate

@@ -292,3 +292,10 @@ def test_extensions_match_whatever_their_case(tmp_path):
     found, skipped = read_documents([tmp_path])
     assert skipped == [] and [d.text for d in found] == [d.text for d in named]
     assert named[2].title == "Upper"
+
+
+def test_a_document_survives_json_with_its_blocks_sections_and_pages():
+    doc = read_documents([DATA / "report.pdf"])[0][0]
+    assert doc.blocks and doc.sections and doc.pages
+    again = Document.from_json(json.loads(json.dumps(doc.to_json())))
+    assert again == doc and chunk_document(again, TOK) == chunk_document(doc, TOK)

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from click.testing import CliRunner
-from conftest import HEADER, corrupt_atom, make_records, store_of_random_atoms
+from conftest import HEADER, corrupt_atom, make_records, sentences, store_of_random_atoms
 
 from composer import Composer
 from microlora.cli import cli
@@ -717,38 +717,6 @@ def test_keys_cli_adds_lists_and_revokes(tmp_path):
 
 # -- forgetting while a job compiles ----------------------------------------------------------
 
-def sentences(first: int, n: int) -> str:
-    """n one-atom sentences of the tiny vocabulary, from word ``first`` on."""
-    return " ".join(" ".join(f"w{first + 6 * i + j}" for j in range(6)) + "."
-                    for i in range(n))
-
-
-@pytest.fixture
-def paused(monkeypatch):
-    """Pause compile jobs inside their Nth training batch: ``gate(n)`` returns (reached, go)
-    events; the job waits in batch n (after training it, before writing it) until ``go``."""
-    from compiler.trainer import AtomTrainer
-
-    train, calls, gates = AtomTrainer.train, [0], {}
-
-    def gated(self, *args, **kwargs):
-        calls[0] += 1
-        trained = train(self, *args, **kwargs)
-        if calls[0] in gates:
-            reached, go = gates[calls[0]]
-            reached.set()
-            assert go.wait(120)
-        return trained
-
-    monkeypatch.setattr(AtomTrainer, "train", gated)
-
-    def gate(n: int) -> tuple[threading.Event, threading.Event]:
-        gates[n] = (threading.Event(), threading.Event())
-        return gates[n]
-
-    return gate
-
-
 def test_deleting_the_namespace_cancels_its_jobs_and_none_brings_it_back(server, paused):
     _, service, _ = server
     reached, go = paused(2)
@@ -835,3 +803,4 @@ def test_only_the_newest_ended_jobs_are_kept(server):
         new = upload(server, c, [{"id": "two", "text": DOC_2}])
         assert c.get(f"/v1/jobs/{old['id']}").status_code == 404
         assert c.get(f"/v1/jobs/{new['id']}").json()["status"] == "done"
+    assert [job_id for _, job_id, _ in service.store.jobs()] == [new["id"]]  # also stored

@@ -468,6 +468,25 @@ def test_manifests_are_written_with_their_atoms_and_a_forgotten_document_stays_f
     assert "ns" not in store.namespaces()
 
 
+def test_jobs_are_kept_until_ended_and_go_with_their_namespace(tmp_path, store):
+    store.put("user:ana", make_records(1, seed=3))
+    store.put_job("user:ana", "job-a", {"status": "queued"}, {"documents": ["text a"]})
+    store.put_job("user:ana", "job-b", {"status": "queued"}, {"documents": ["text b"]})
+    store.put_job("user:bob", "job-c", {"status": "queued"}, {"documents": ["text c"]})
+    store.put_job("user:ana", "job-a", {"status": "running"})  # the body stays
+    store.end_job("user:ana", "job-b", {"status": "done"})  # the body goes
+    assert sorted(store.jobs()) == [("user:ana", "job-a", {"status": "running"}),
+                                    ("user:ana", "job-b", {"status": "done"}),
+                                    ("user:bob", "job-c", {"status": "queued"})]
+    assert store.job_body("user:ana", "job-a") == {"documents": ["text a"]}
+    assert store.job_body("user:ana", "job-b") is None
+    store.drop("user:ana")  # in the drop's own transaction: no job brings it back
+    assert store.jobs() == [("user:bob", "job-c", {"status": "queued"})]
+    assert store.job_body("user:ana", "job-a") is None
+    store.end_job("user:bob", "job-c", None)
+    assert store.jobs() == [] and store.job_body("user:bob", "job-c") is None
+
+
 def test_compacting_leaves_no_byte_of_what_was_forgotten_and_frees_namespace_slots(tmp_path):
     import os
 
@@ -483,6 +502,8 @@ def test_compacting_leaves_no_byte_of_what_was_forgotten_and_frees_namespace_slo
     with AdapterStore.create(path, HEADER, max_namespaces=2) as s:
         s.put("user:ana", secret)
         s.put_documents("user:ana", {"vault": [r.id for r in secret]})
+        s.put_job("user:ana", "job-1", {"status": "queued"},  # a server's job, the text too
+                  {"documents": [{"text": "the vault code is 000000"}]})
         s.put("docs", make_records(2, seed=12))
         s.delete_document("user:ana", "vault")
         s.drop("user:ana")

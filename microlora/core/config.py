@@ -313,6 +313,9 @@ class ServeConfig:
     max_namespaces: int = MAX_NAMESPACES  # one per user with documents, plus shared corpora
     max_jobs_per_user: int = 4  # compile jobs queued or running per namespace (more: 429)
     jobs_kept: int = 1000  # ended jobs still answered by GET /v1/jobs/ID (the newest)
+    # seconds a stopping server waits for a compile batch that is training; then the batch is
+    # not written, and its job (stored, like the queued ones) resumes on the next start
+    stop_wait_s: float = 5.0
     ask: AskConfig = AskConfig()  # defaults for k, mode, max_tokens
     train: TrainConfig = TrainConfig()  # the recipe for uploaded documents
     chunk: ChunkConfig = ChunkConfig()
@@ -320,3 +323,5 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.max_prompt_tokens < 1:
             raise MicroloraError("--max-prompt-tokens must be at least 1")
+        if self.stop_wait_s < 0:
+            raise MicroloraError("ServeConfig.stop_wait_s must be 0 or more seconds")

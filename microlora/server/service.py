@@ -56,9 +56,11 @@ class Service:
         self.jobs = CompileJobs(self.store, composer.base, composer.embedder,
                                 model_lock=composer.model_lock, train_config=config.train,
                                 chunk_config=config.chunk, max_active=config.max_jobs_per_user,
-                                keep_finished=config.jobs_kept)
+                                keep_finished=config.jobs_kept,
+                                stop_wait=config.stop_wait_s)
 
     def close(self) -> None:
+        self.jobs.stop()  # a batch in training stops while the batcher drains
         self.batcher.close()
         self.jobs.close()
         self.composer.close()

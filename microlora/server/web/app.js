@@ -181,7 +181,9 @@ async function uploadOne(file) {
       await Promise.all([loadDocuments(), loadNamespaces()]);
       return;
     }
-    if (job.status === "failed") return failed(item, status, job.error);
+    if (["failed", "cancelled", "interrupted"].includes(job.status)) {
+      return failed(item, status, job.error);
+    }
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
     try {
       job = await (await api(`/v1/jobs/${encodeURIComponent(job.id)}`)).json();
