@@ -250,6 +250,22 @@ def last_logits(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits[:, -1]
 
 
+def together_and_alone(composer, base, questions, hits):
+    """The questions' last logits decoded in one batch, each with its own atoms (``hits``),
+    and each question's decoded alone: (together (n, V), [alone (1, V)] * n)."""
+    from composer.generation import encode_prompts
+
+    ids, mask = encode_prompts(base.tokenizer, questions, base.device)  # left-padded
+    with composer.lora.adapters(composer.compose(hits)):
+        together = last_logits(base.model, ids, mask)
+    alone = []
+    for q, row in zip(questions, hits):
+        one_ids, one_mask = encode_prompts(base.tokenizer, [q], base.device)
+        with composer.lora.adapters(composer.compose([row])):
+            alone.append(last_logits(base.model, one_ids, one_mask))
+    return together, alone
+
+
 # -- compile jobs --------------------------------------------------------------------------
 
 def sentences(first: int, n: int) -> str:

@@ -18,6 +18,7 @@ from conftest import (
     random_atom_kit,
     save_tiny,
     store_of_random_atoms,
+    together_and_alone,
     with_deltas_added,
 )
 
@@ -95,14 +96,9 @@ def test_a_mixed_batch_equals_each_request_alone(kit):
     with open_composer(kit) as c:
         hits = c.retrieve(QUESTIONS, ["wiki"], AskConfig(k=2))
         assert len({tuple(h.id for h in row) for row in hits}) == 3  # three different sets
-        ids, mask = encode_prompts(base.tokenizer, QUESTIONS, base.device)  # left-padded
-        with c.lora.adapters(c.compose(hits)):
-            together = last_logits(base.model, ids, mask)
-        for i, q in enumerate(QUESTIONS):
-            one_ids, one_mask = encode_prompts(base.tokenizer, [q], base.device)
-            with c.lora.adapters(c.compose([hits[i]])):
-                alone = last_logits(base.model, one_ids, one_mask)
-            torch.testing.assert_close(together[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+        together, alone = together_and_alone(c, base, QUESTIONS, hits)
+        for i, one in enumerate(alone):
+            torch.testing.assert_close(together[i:i + 1], one, atol=1e-5, rtol=1e-5)
         config = AskConfig(k=2, max_new_tokens=6)
         batched = [a.text for a in c.ask_batch(QUESTIONS, ["wiki"], config)]
         assert batched == [c.ask(q, ["wiki"], config).text for q in QUESTIONS]

@@ -14,6 +14,7 @@ from conftest import (
     random_atom_kit,
     save_tiny,
     tiny_model,
+    together_and_alone,
     with_deltas_added,
 )
 from test_composer import CORPUS, QUESTIONS
@@ -134,14 +135,9 @@ def test_a_mixed_batch_equals_each_request_alone(kit):
     base, emb, path = kit
     with Composer(AdapterStore(path, readonly=True), base, emb) as c:
         hits = c.retrieve(QUESTIONS, ["wiki"], AskConfig(k=2))
-        ids, mask = encode_prompts(base.tokenizer, QUESTIONS, base.device)
-        with c.lora.adapters(c.compose(hits)):
-            together = last_logits(base.model, ids, mask)
-        for i, q in enumerate(QUESTIONS):
-            one_ids, one_mask = encode_prompts(base.tokenizer, [q], base.device)
-            with c.lora.adapters(c.compose([hits[i]])):
-                alone = last_logits(base.model, one_ids, one_mask)
-            torch.testing.assert_close(together[i:i + 1], alone, **EXACT)
+        together, alone = together_and_alone(c, base, QUESTIONS, hits)
+        for i, one in enumerate(alone):
+            torch.testing.assert_close(together[i:i + 1], one, **EXACT)
         for mode in ("parametric", "hybrid"):  # hybrid: the ensemble's two rows per answer
             cfg = AskConfig(k=2, max_new_tokens=6, mode=mode)
             batched = [a.text for a in c.ask_batch(QUESTIONS, ["wiki"], cfg)]
