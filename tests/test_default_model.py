@@ -131,6 +131,7 @@ def test_readme_quickstart_sample_is_what_a_fresh_run_prints(gemma):
     adapters answer some of them; a second run trains nothing."""
     import importlib.util
     import re
+    import sys
     from pathlib import Path
 
     from click.testing import CliRunner
@@ -140,6 +141,7 @@ def test_readme_quickstart_sample_is_what_a_fresh_run_prints(gemma):
     path = Path(__file__).resolve().parent.parent / "scripts" / "readme_quickstart.py"
     spec = importlib.util.spec_from_file_location("readme_quickstart", path)
     script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # its dataclasses look their module up while defined
     spec.loader.exec_module(script)
     _, marker = gemma
     home = marker.parent.parent.parent
