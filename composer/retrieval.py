@@ -73,10 +73,14 @@ def select(hits: Sequence[Hit], k: int, min_score: float | None = None,
 
 
 def weigh(hits: Sequence[Hit], weighting: str) -> list[Hit]:
-    """The hits with weights set: all 1 ("uniform"), or cosine normalised to mean 1 ("score")."""
+    """The hits with weights set: all 1 ("uniform"), cosine normalised to mean 1 ("score"), or
+    all 1/k ("mean": the atoms' mean delta, not their sum, so k atoms move the model as far as
+    one does)."""
     hits = list(hits)
     if weighting == "uniform" or not hits:
         return hits
+    if weighting == "mean":
+        return [Hit(h.namespace, h.id, h.score, 1.0 / len(hits)) for h in hits]
     scores = np.array([max(h.score, 0.0) for h in hits])
     mean = scores.mean()
     weights = scores / mean if mean > 0 else np.ones_like(scores)

@@ -75,12 +75,16 @@ def test_stacked_merged_and_the_sum_of_deltas_agree(kit):
         assert answers["stacked"] == answers["merged"]
 
 
-def test_score_weighting_scales_each_delta(kit):
+@pytest.mark.parametrize("weighting", ["score", "mean"])
+def test_weighting_scales_each_delta(kit, weighting):
     base = kit[0]
     with open_composer(kit) as c:
-        hits = c.retrieve(["w1 w2 w3"], ["wiki"], AskConfig(k=3, weighting="score"))[0]
-        assert sum(h.weight for h in hits) == pytest.approx(3.0)
-        assert len({round(h.weight, 6) for h in hits}) > 1
+        hits = c.retrieve(["w1 w2 w3"], ["wiki"], AskConfig(k=3, weighting=weighting))[0]
+        if weighting == "score":  # cosines normalised to mean 1
+            assert sum(h.weight for h in hits) == pytest.approx(3.0)
+            assert len({round(h.weight, 6) for h in hits}) > 1
+        else:  # the mean delta: 1/k each
+            assert [h.weight for h in hits] == pytest.approx([1 / 3] * 3)
         stored = [r.adapter.unpack() for r in c.store.get("wiki", [h.id for h in hits])]
         weighted = [{k: (A.float(), B.float() * h.weight) for k, (A, B) in a.items()}
                     for a, h in zip(stored, hits)]

@@ -32,8 +32,8 @@ _ASK = AskConfig()  # the defaults: one source, the dataclass
               help="Drop atoms whose cosine similarity to the question is below this; with "
                    "none left, say that nothing relevant was found.")
 @click.option("--weighting", type=click.Choice(WEIGHTINGS), default=_ASK.weighting,
-              show_default=True, help="Weight of each atom's delta: 1, or its score "
-                                      "normalised to mean 1.")
+              show_default=True, help="Weight of each atom's delta: 1, its score "
+                                      "normalised to mean 1, or 1/k (their mean).")
 @click.option("--composition", type=click.Choice(COMPOSITIONS), default=_ASK.composition,
               show_default=True, help="stacked: per-request adapters beside the frozen "
                                       "weights; merged: W += delta, restored after.")

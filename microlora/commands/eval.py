@@ -43,7 +43,7 @@ _ASK = AskConfig()
 @click.option("--systems", default=",".join(SYSTEM_NAMES), show_default=True,
               help="Which systems to run.")
 @click.option("--weighting", type=click.Choice(WEIGHTINGS), default=_ASK.weighting,
-              show_default=True)
+              show_default=True, help="As microlora ask's: 1, score, or 1/k per atom.")
 @click.option("--end-bias", type=float, default=_ASK.end_bias, show_default=True,
               help="Added to the line-break logit once an answer has begun.")
 @click.option("--window-tokens", type=click.IntRange(0), default=_ASK.window_tokens,
