@@ -47,14 +47,20 @@ def subject(context: Sequence[str], at: int) -> str:
     return ""
 
 
+def unnamed_subject(context: Sequence[str], at: int) -> str:
+    """The paragraph's ``subject`` when ``context[at]`` (pronouns resolved) does not name it,
+    else ""."""
+    topic = subject(context, at)
+    return "" if topic in resolve_pronoun(context, at) else topic
+
+
 def about(context: Sequence[str], at: int) -> str:
     """``context[at]`` (pronouns resolved) with its paragraph's subject in front when it does
     not name it: "Talia Orven: In 1891 she opened her own furnace in Carrow Point." A
     question names the subject ("Where did Talia Orven open her furnace?"); the bare sentence
     does not, so it is neither retrieved for the question nor taught to answer it."""
-    sentence = resolve_pronoun(context, at)
-    topic = subject(context, at)
-    return f"{topic}: {sentence}" if topic and topic not in sentence else sentence
+    sentence, topic = resolve_pronoun(context, at), unnamed_subject(context, at)
+    return f"{topic}: {sentence}" if topic else sentence
 
 
 def _name(name: str) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 
 from compiler.chunking import Atom
-from compiler.decontext import about, resolve_pronoun, subject
+from compiler.decontext import about, resolve_pronoun, unnamed_subject
 from compiler.views import question_views
 from microlora.core.config import TrainConfig
 from microlora.core.windows import count_tokens, window
@@ -43,10 +43,8 @@ def embedded_text(atom: Atom, config: TrainConfig) -> str:
 def lesson_views(atom: Atom, config: TrainConfig) -> list[tuple[str, str]]:
     """(question prompt, answer) pairs the atom's adapter is trained on besides its text."""
     if config.subject_context == "lessons" and atom.context:
-        sentence = resolve_pronoun(atom.context, atom.at)
-        topic = subject(atom.context, atom.at)
-        views = question_views(sentence, config.qa_views, config.view_style,
-                               topic="" if topic in sentence else topic)
+        views = question_views(resolve_pronoun(atom.context, atom.at), config.qa_views,
+                               config.view_style, topic=unnamed_subject(atom.context, atom.at))
     else:
         views = question_views(taught_text(atom, config), config.qa_views, config.view_style)
     if config.window_views and atom.context:
