@@ -53,6 +53,7 @@ class _Entry:
     keys: list[Tensor]  # per block (1, kv_heads, P, head_dim)
     values: list[Tensor]
     hidden: list[Tensor]  # per block up to ``depth`` (1, P, d): the states entering it
+    tensor_blocks: bool  # the blocks return a tensor (older transformers: a tuple)
 
 
 class PrefixCache:
@@ -87,12 +88,16 @@ class PrefixCache:
 
     # -- the prefill -------------------------------------------------------------------------
 
+    @torch.no_grad()
     def prefill(self, model: nn.Module, prefix_ids: Sequence[int], ids: Tensor, mask: Tensor,
                 positions: Tensor, cache: dict[str, DynamicCache]) -> Tensor | None:
         """The last position's logits (N, V) of left-padded prompts, with ``cache`` filled as
         a plain prefill fills it; None (``cache`` untouched) where the prefix cannot serve:
-        too few columns shared, adapters in the first block, padding not on the left."""
-        if len(prefix_ids) < self.min_tokens or len(ids) == 0:
+        too few columns shared, adapters in the first block, padding not on the left, or a
+        transformers whose caches and blocks this module does not know (before 4.56 or so:
+        no ``DynamicCache.layers``, blocks that return tuples)."""
+        (store,) = cache.values()
+        if len(prefix_ids) < self.min_tokens or len(ids) == 0 or not hasattr(store, "layers"):
             return None
         _, blocks = find_blocks(model)
         first = first_adapted_block(model, blocks)
@@ -104,8 +109,9 @@ class PrefixCache:
         if split < self.min_tokens:
             return None
         entry = self._entry(model, blocks, prefix, first)
+        if not entry.tensor_blocks:
+            return None
         where = (torch.arange(split, device=ids.device) - pad[:, None]).clamp(min=0)  # (N, C)
-        (store,) = cache.values()
         if first < len(blocks):  # the adapted blocks over the prefix, from the cached states
             with _skipping(blocks, first, entry.hidden[first][0, where]):
                 model.base_model(input_ids=ids[:, :split], attention_mask=mask[:, :split],
@@ -149,6 +155,9 @@ class PrefixCache:
                 raise _Stop
 
         hooks = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in blocks[:depth + 1]]
+        returned: list[bool] = []
+        hooks.append(blocks[0].register_forward_hook(
+            lambda _m, _args, out: returned.append(isinstance(out, Tensor))))
         ids = prefix[None]
         try:
             model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -162,7 +171,7 @@ class PrefixCache:
         layers = store.layers[:depth]
         log.debug("prefix of %d tokens captured through %d blocks", len(prefix), depth)
         return _Entry(prefix, depth, [la.keys for la in layers], [la.values for la in layers],
-                      hidden)
+                      hidden, all(returned))
 
 
 @dataclass(frozen=True)
