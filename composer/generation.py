@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -69,8 +70,9 @@ def continuation_logprobs(model, ids: torch.Tensor, mask: torch.Tensor,
     order = torch.argsort(full_mask, dim=1, stable=True)  # zeros (padding) first
     full, full_mask, scored = (t.gather(1, order) for t in (full, full_mask, scored))
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=full, attention_mask=full_mask, position_ids=positions,
-                   logits_to_keep=length + 1).logits[:, :-1].float()  # (N, length, V)
+    with contiguous_output_layer(model):
+        logits = model(input_ids=full, attention_mask=full_mask, position_ids=positions,
+                       logits_to_keep=length + 1).logits[:, :-1].float()  # (N, length, V)
     logp = logits.log_softmax(-1).gather(-1, full[:, -length:, None])[..., 0]
     return (logp * scored[:, -length:]).sum(1)
 
@@ -113,10 +115,11 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
     eos = sorted(_eos_ids(model, tokenizer))
     cache = _new_cache(model)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = None if prefix is None else prefix.prefill(model, ids, mask, positions, cache)
-    if logits is None:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
+    with contiguous_output_layer(model):
+        logits = None if prefix is None else prefix.prefill(model, ids, mask, positions, cache)
+        if logits is None:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           use_cache=True, logits_to_keep=1, **cache).logits[:, -1]
     active = torch.arange(len(rows), device=ids.device)  # the answers still decoding
     last = positions[:, -1]
     for step in range(max_new_tokens):
@@ -160,6 +163,24 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
                        use_cache=True, **cache).logits[:, -1]
     return [row.result() for row in rows]
+
+
+@contextmanager
+def contiguous_output_layer(model) -> Iterator[None]:
+    """The output layer fed a contiguous copy of the positions it keeps. transformers slices
+    them out of the hidden states (``logits_to_keep``), a strided view, and for more than one
+    row torch's matmul then multiplies by the weight expanded per row (a bmm): on 2 CPU
+    threads, 16 rows took 0.92 s through Gemma's 262k x 640 output layer that way and 0.16 s
+    as the one matrix product a contiguous input gets (measured on the stand-in model)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def combine(logp: torch.Tensor, weights: torch.Tensor, gate: int | None = None
