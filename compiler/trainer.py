@@ -206,6 +206,11 @@ class AtomTrainer:
                                 nb.permute(0, 2, 1, 3).reshape(len(active), B.shape[1], -1))
         stored = {name: (A[active], B[active]) for name, (A, B) in frozen.items()
                   if name in params}  # modules this recipe adapts
+        if self.config.company_weight == "mean":  # each of the composed atoms at 1/count
+            r = self.config.rank
+            count = 1 + nbrs.shape[1] + next((B.shape[2] // r for _, B in stored.values()), 0)
+            own, beside, stored = ({k: (A, B / count) for k, (A, B) in part.items()}
+                                   for part in (own, beside, stored))
         return concat(own, beside, stored)
 
     @torch.no_grad()

@@ -9,6 +9,7 @@ import click
 
 from microlora.core.config import (
     COMPANIES,
+    COMPANY_WEIGHTS,
     SUBJECT_CONTEXTS,
     VIEW_STYLES,
     ChunkConfig,
@@ -81,6 +82,11 @@ _RECIPE_OPTIONS = [
                  type=click.Choice(COMPANIES),
                  help="Which batch-mates each atom trains beside: random ones, or its nearest "
                       "by embedding (its likely company at query time)."),
+    click.option("--company-weight", default=_TRAIN.company_weight, show_default=True,
+                 type=click.Choice(COMPANY_WEIGHTS),
+                 help="Each atom's weight in the composition it trains in: 'one' (the sum, "
+                      "as ask --weighting uniform composes) or 'mean' (1/(1 + neighbours) "
+                      "each, as ask --weighting mean composes 1 + neighbours atoms)."),
     click.option("--subject-context", default=_TRAIN.subject_context, show_default=True,
                  type=click.Choice(SUBJECT_CONTEXTS),
                  help="Put a paragraph's subject before each of its sentences that does not "
@@ -120,8 +126,8 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                  qa_views: int = _TRAIN.qa_views, resolve_pronouns: bool = _TRAIN.resolve_pronouns,
                  view_style: str = _TRAIN.view_style, window_views: int = _TRAIN.window_views,
                  distill: float = _TRAIN.distill, company: str = _TRAIN.company,
-                 subject_context: str = _TRAIN.subject_context
-                 ) -> tuple[TrainConfig, ChunkConfig]:
+                 subject_context: str = _TRAIN.subject_context,
+                 company_weight: str = _TRAIN.company_weight) -> tuple[TrainConfig, ChunkConfig]:
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     try:
         spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
@@ -131,7 +137,8 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                             qa_views=qa_views, view_style=view_style,
                             resolve_pronouns=resolve_pronouns, window_views=window_views,
                             distill=distill, company=company,
-                            subject_context=subject_context),
+                            subject_context=subject_context,
+                            company_weight=company_weight),
                 ChunkConfig(max_tokens=max_atom_tokens))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

@@ -20,6 +20,7 @@ COMPOSITIONS = ("stacked", "merged")  # composer: adapters beside W, or folded i
 HYBRIDS = ("ensemble", "gated", "rerank", "joint")  # composer: how --mode hybrid combines
 WEIGHTINGS = ("uniform", "score", "mean")  # composer.retrieval: each atom's weight in the sum
 COMPANIES = ("random", "nearest")  # compiler.trainer: which batch-mates train beside an atom
+COMPANY_WEIGHTS = ("one", "mean")  # compiler.trainer: each composed atom's weight in training
 SUBJECT_CONTEXTS = ("off", "embedding", "lessons")  # compiler.lessons: where a subject goes
 
 
@@ -95,7 +96,8 @@ class TargetSpec:
 # stay out of the recipe key, so existing atom ids hold (tests/test_atom_ids.py pins them).
 _KEY_SINCE_V1 = {"qa_views": 0, "view_style": "sentence", "resolve_pronouns": False,
                  "window_views": 0, "distill": 0.0, "distill_topk": 16, "distill_window": 160,
-                 "company": "random", "subject_context": "off"}
+                 "company": "random", "subject_context": "off",
+                 "company_weight": "one"}
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ class TrainConfig:
     neighbours: other atoms' adapters composed beside each atom while it trains.
     company: which batch-mates those are: "random", or the "nearest" by embedding (its
         query-time company; measured worse: an atom leans on them and answers less alone).
+    company_weight: each atom's weight in the composition it trains in: "one" (every atom at
+        1, the sum, as ``ask --weighting uniform`` composes) or "mean" (each of the 1 +
+        ``neighbours`` atoms at 1/(1 + neighbours), as ``--weighting mean`` composes
+        1 + neighbours atoms at query time).
     batch_atoms: atoms trained together in one step (``--batch-size``).
     bf16: autocast matmuls to bf16 (AMX on CPU, tensor cores on GPU).
     title_context: prefix each atom with its document title (not trained on, only read).
@@ -154,6 +160,7 @@ class TrainConfig:
     distill_window: int = 160
     company: str = "random"
     subject_context: str = "embedding"  # measured: benchmarks/RESULTS.md, "Fidelity III"
+    company_weight: str = "one"
 
     def __post_init__(self) -> None:
         if self.rank not in (1, 2, 4, 8):
@@ -168,6 +175,9 @@ class TrainConfig:
                              f"{self.subject_context!r}")
         if self.company not in COMPANIES:
             raise ValueError(f"--company must be one of {COMPANIES}, got {self.company!r}")
+        if self.company_weight not in COMPANY_WEIGHTS:
+            raise ValueError(f"--company-weight must be one of {COMPANY_WEIGHTS}, got "
+                             f"{self.company_weight!r}")
         if self.view_style not in VIEW_STYLES:
             raise ValueError(f"--view-style must be one of {VIEW_STYLES}, got "
                              f"{self.view_style!r}")
