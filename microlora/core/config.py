@@ -118,6 +118,9 @@ class TrainConfig:
         ``neighbours`` atoms at 1/(1 + neighbours), as ``--weighting mean`` composes
         1 + neighbours atoms at query time).
     batch_atoms: atoms trained together in one step (``--batch-size``).
+    length_groups: a step's rows run as up to this many forwards of rows of similar length,
+        each at its own width (``compiler.buckets``: less padding computed; 1 = one padded
+        forward). Like batch_atoms it changes speed, not what an atom is: not in its id.
     bf16: autocast matmuls to bf16 (AMX on CPU, tensor cores on GPU).
     title_context: prefix each atom with its document title (not trained on, only read).
     vocab_candidates: train against a candidate vocabulary, the union of the base model's
@@ -146,6 +149,7 @@ class TrainConfig:
     stop_prob: float = 0.5
     neighbours: int = 3
     batch_atoms: int = 32
+    length_groups: int = 3
     seed: int = 0
     bf16: bool = True
     title_context: bool = False
@@ -165,8 +169,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.rank not in (1, 2, 4, 8):
             raise ValueError(f"--rank must be 1, 2, 4 or 8 (micro-adapters), got {self.rank}")
-        if self.max_steps < 1 or self.batch_atoms < 1 or self.neighbours < 0:
-            raise ValueError("--steps and --batch-size must be >= 1 and neighbours >= 0")
+        if self.max_steps < 1 or self.batch_atoms < 1 or self.neighbours < 0 \
+                or self.length_groups < 1:
+            raise ValueError("--steps and --batch-size must be >= 1, neighbours >= 0 and "
+                             "length_groups >= 1")
         if not 0.0 <= self.distill <= 1.0 or self.distill_topk < 1 or self.window_views < 0:
             raise ValueError("--distill must be in [0, 1], its top-k >= 1 and --window-views "
                              ">= 0")
@@ -183,10 +189,11 @@ class TrainConfig:
                              f"{self.view_style!r}")
 
     def key(self) -> str:
-        """A stable text form of the recipe for atom ids (batch size excluded: it changes
-        how fast atoms train, not what they are)."""
+        """A stable text form of the recipe for atom ids (batch size and length groups
+        excluded: they change how fast atoms train, not what they are)."""
         d = asdict(self)
         d.pop("batch_atoms")
+        d.pop("length_groups")
         for name, default in _KEY_SINCE_V1.items():  # fields added later: at their default
             if d[name] == default:  # they stay out of the key, so existing atom ids hold
                 d.pop(name)
