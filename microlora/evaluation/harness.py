@@ -74,7 +74,8 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
     max_new = config.max_new_tokens or (24 if dataset.template == "qa" else 12)
     ks = sorted({config.k, *config.sweep})
     summary: dict = {
-        "dataset": dataset.name, "n": len(items), "passages": len(dataset.passages),
+        "dataset": dataset.name, "data": dataset.source, "n": len(items),
+        "passages": len(dataset.passages),
         "distractors": len(dataset.distractors), "k": config.k,
         "compile": {"atoms": report.atoms, "trained": report.trained,
                     "atom_steps": report.atom_steps, "seconds": round(report.seconds, 1),
