@@ -76,6 +76,7 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
     summary: dict = {
         "dataset": dataset.name, "n": len(items), "passages": len(dataset.passages),
         "distractors": len(dataset.distractors), "k": config.k,
+        "base_dtype": base.base_dtype,
         "compile": {"atoms": report.atoms, "trained": report.trained,
                     "atom_steps": report.atom_steps, "seconds": round(report.seconds, 1),
                     "atoms_per_s": round(report.atoms_per_s, 3),
