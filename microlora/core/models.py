@@ -8,6 +8,7 @@ and take about a second.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -227,6 +228,16 @@ def quantize_base(model: nn.Module, base_dtype: str) -> None:
         log.warning("%d linears stay in bf16: the %s kernel does not take their shape "
                     "(e.g. %s)", len(skipped), base_dtype, skipped[0])
     model.to(torch.bfloat16)
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the pages of the freed fp32 weights back to the OS: glibc keeps them otherwise,
+    and a quantized base would stay resident at nearly its fp32 size."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def load_base_model(
