@@ -21,7 +21,7 @@ from microlora.core.embedder import load_embedder
 from microlora.core.errors import AdapterError, ModelLoadError, StoreMismatchError
 from microlora.core.kernel import MultiLoraModel
 from microlora.core.models import load_base_model
-from microlora.core.quant import QuantizedLinear, quantize_linears
+from microlora.core.quant import KERNEL_ROWS, QuantizedLinear, _int4_order, quantize_linears
 from microlora.core.targets import find_blocks, is_linear
 from store import AdapterStore
 
@@ -73,6 +73,11 @@ def test_quantized_linear_is_close_to_its_float_linear(kind, bits):
     # the CPU kernel computes exactly what dequantize() says W is (its packed layout read right)
     flat = x.reshape(-1, q.in_features)
     assert torch.allclose(q._matmul(flat), flat @ deq.T, atol=1e-4, rtol=1e-4)
+    many = torch.randn(KERNEL_ROWS + 5, q.in_features)  # prefill, training: W dequantised
+    kernel = torch.cat([q._kernel(rows) for rows in many.split(64)])
+    assert torch.allclose(q._matmul(many), kernel, atol=1e-4, rtol=1e-4)
+    if bits == 4:  # read from the packed bytes, not through the kernel
+        assert _int4_order(q.out_features, q.in_features) is not None
 
 
 def test_int4_needs_a_shape_its_kernel_takes():

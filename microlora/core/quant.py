@@ -21,6 +21,8 @@ elsewhere).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,6 +32,9 @@ from microlora.core.targets import linear_features
 QUANTIZED_BITS = {"int8": 8, "int4": 4}
 INT4_GROUP = 32  # inputs per int4 scale; tinygemm takes 32, 64, 128 or 256
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the CPU kernels take as activations
+# Rows up to which the integer kernels beat dequantising W and a bf16 GEMM (2-core AMX CPU,
+# Gemma 3 270M's shapes: even at 64-256 rows, about twice as slow past 1,000)
+KERNEL_ROWS = 256
 
 
 class QuantizedLinear(nn.Module):
@@ -86,23 +91,34 @@ class QuantizedLinear(nn.Module):
         """W (out, in) as the kernels see it."""
         if self.bits == 8:
             return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
-        # the packed layout depends on the CPU's vector width: read it back through the
-        # kernel itself (an identity input gives W^T exactly)
-        eye = torch.eye(self.in_features, dtype=_kernel_dtype(dtype),
-                        device=self.qweight.device)
-        return self._matmul(eye).T.to(dtype)
+        order = _int4_order(self.out_features, self.in_features)
+        if order is None:  # a packing we cannot read: through the kernel (an identity gives
+            eye = torch.eye(self.in_features, dtype=_kernel_dtype(dtype))  # W^T), slowly
+            return self._kernel(eye).T.to(dtype)
+        nibbles = torch.stack([self.qweight & 15, self.qweight >> 4], -1).reshape(-1)
+        q = nibbles.index_select(0, order)  # (out * in,) in row-major order
+        groups = q.reshape(self.out_features, -1, self.group_size).float()  # (out, G, g)
+        scale, zero = self.scales.float().permute(2, 1, 0)[..., None]  # (out, G, 1) each
+        w = torch.addcmul(zero - 8 * scale, groups, scale)  # (q - 8) s + z, in one pass
+        return w.reshape(self.out_features, self.in_features).to(dtype)
 
     def _matmul(self, x: Tensor) -> Tensor:
-        """x (M, in) @ W^T -> (M, out), without the bias."""
-        if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
-            scales = self.scales.to(x.dtype)
-            if self.bits == 8:
-                return torch._weight_int8pack_mm(x.contiguous(), self.qweight, scales)
-            return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.qweight,
-                                                     self.group_size, scales)
-        if self.bits == 4:
-            raise RuntimeError("int4 weights run on the CPU only, in fp32 or bf16")
+        """x (M, in) @ W^T -> (M, out), without the bias. Few rows (decoding): the integer
+        kernel, which reads a quarter or an eighth of the bytes; many (prefill, training):
+        the weight dequantised once and a float GEMM (AMX on this CPU), about twice as fast
+        there as the integer kernels, which are built for few rows."""
+        if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and len(x) <= KERNEL_ROWS:
+            return self._kernel(x)
+        if x.device.type != "cpu" and self.bits == 4:
+            raise RuntimeError("int4 weights run on the CPU only")
         return F.linear(x, self.dequantize(x.dtype))
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        scales = self.scales.to(x.dtype)
+        if self.bits == 8:
+            return torch._weight_int8pack_mm(x.contiguous(), self.qweight, scales)
+        return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.qweight, self.group_size,
+                                                 scales)
 
     def forward(self, x: Tensor) -> Tensor:
         dev = x.device.type
@@ -157,6 +173,35 @@ def quantized_bytes(model: nn.Module) -> int:
     """Bytes held by the quantized layers' buffers (their weights, scales and biases)."""
     return sum(b.numel() * b.element_size() for m in model.modules()
                if isinstance(m, QuantizedLinear) for b in m.buffers())
+
+
+@functools.lru_cache(maxsize=16)
+def _int4_order(n: int, k: int) -> Tensor | None:
+    """Where torch's CPU int4 packing puts each value of an (n, k) matrix: for each value in
+    row-major order, the position of its nibble among the packed (n, k / 2) bytes' nibbles
+    (low then high, in byte order). The layout depends on the CPU's vector width, so it is
+    learnt from the packer itself: pack the base-16 digits of every index, one digit per
+    pass. None if the packing is not a plain rearrangement of nibbles (then ``dequantize``
+    asks the kernel)."""
+    idx = torch.arange(n * k, dtype=torch.int64)
+    order = torch.zeros(n * k, dtype=torch.int64)
+    shift = 0
+    while shift == 0 or (n * k - 1) >> shift:
+        digit = ((idx >> shift) & 15).to(torch.int32).reshape(n, k)
+        packed = torch._convert_weight_to_int4pack_for_cpu(digit, 2)
+        order |= torch.stack([packed & 15, packed >> 4], -1).reshape(-1).long() << shift
+        shift += 4
+    # order: for each nibble, the value it holds; invert it, checking it is a permutation
+    position = torch.full((n * k,), -1, dtype=torch.int64)
+    position[order] = idx
+    if (position < 0).any():
+        return None
+    probe = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    nibbles = torch._convert_weight_to_int4pack_for_cpu(probe, 2)
+    nibbles = torch.stack([nibbles & 15, nibbles >> 4], -1).reshape(-1)
+    if not torch.equal(nibbles.index_select(0, position).long(), probe.reshape(-1).long()):
+        return None
+    return position
 
 
 def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
