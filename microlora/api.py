@@ -61,7 +61,8 @@ def ask(
     """Answer one question from a store: retrieve its atoms, compose their adapters, generate.
 
     ``config`` takes ``composer.AskConfig`` fields (mode, k, min_score, weighting,
-    composition, max_new_tokens). This loads the models on every call; to ask many questions,
+    composition, max_new_tokens); ``base_dtype`` overrides the store's (``compile``). This
+    loads the models on every call; to ask many questions,
     keep a ``microlora.Composer.open(store)`` and call its ``ask``. Returns a
     ``composer.Answer`` (text, sources with scores, timing).
     """

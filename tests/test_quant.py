@@ -283,3 +283,18 @@ def test_cli_base_dtype(tmp_path, tiny_models, caplog):
                                      "--base-dtype", "bf16"])
     assert asked.exit_code == 0, asked.output
     assert [r for r in caplog.records if "--base-dtype bf16" in r.getMessage()]
+
+
+def test_the_server_takes_the_stores_quantization_and_refuses_another(tmp_path, lm, emb,
+                                                                     tiny_models):
+    from microlora.server.service import open_service
+
+    _compile(tmp_path, load_base_model(lm, dtype="int8"), emb, tmp_path / "s")
+    with pytest.raises(StoreMismatchError, match="--base-dtype int8"):  # it compiles uploads
+        open_service(tmp_path / "s", base_model=str(lm), embedder=str(tiny_models[1]),
+                     base_dtype="fp32")
+    service = open_service(tmp_path / "s", base_model=str(lm), embedder=str(tiny_models[1]))
+    try:
+        assert service.composer.base.base_dtype == "int8"
+    finally:
+        service.close()
