@@ -99,6 +99,7 @@ def _compile(paths, store_dir: Path, ranks: Ranks, base, embedder, namespace, tr
     with AdapterStore(store_dir, readonly=True) as store:
         store.check_compatible(base.fingerprint, embedder.fingerprint, base_name=base.name,
                                embedder_name=embedder.name)
+        store.check_base_dtype(base.base_dtype, strict=True)
         existing = set(store.ids(namespace)) if namespace in store.namespaces() else set()
         todo = [p for p in planned if p.id not in existing]
         with AdapterStore.open_or_create(store.layout.shard(ranks.rank), store.header) as out:

@@ -115,7 +115,7 @@ def plan(docs: Sequence[Document], tokenizer, base_fingerprint: str,
 
 def store_header(base: BaseModel, embedder: Embedder) -> StoreHeader:
     return StoreHeader(base.fingerprint, base.name, embedder.fingerprint, embedder.name,
-                       embedder.dim)
+                       embedder.dim, base_dtype=base.quantization)
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,7 @@ def _opened(store: AdapterStore | str | Path, base: BaseModel, embedder: Embedde
     if isinstance(store, AdapterStore):
         store.check_compatible(base.fingerprint, embedder.fingerprint, base_name=base.name,
                                embedder_name=embedder.name)
+        store.check_base_dtype(base.base_dtype, strict=True)
         yield store
         return
     path = Path(store)

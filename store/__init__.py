@@ -5,6 +5,7 @@ from store.adapter_store import (
     FORMAT_VERSION,
     AdapterStore,
     StoreHeader,
+    stored_base_dtype,
     validate_namespace,
 )
 from store.documents import MAX_DOCUMENT_ID_BYTES, BatchDocuments, check_document_id
@@ -17,4 +18,4 @@ from store.record import AtomRecord
 __all__ = ["FORMAT_VERSION", "MAX_DOCUMENT_ID_BYTES", "AdapterStore",
            "AtomRecord", "BatchDocuments", "NamespaceStats", "Reader", "StoreHeader",
            "StoreLayout", "VectorIndex", "VerifyReport", "check_document_id", "is_store",
-           "validate_namespace"]
+           "stored_base_dtype", "validate_namespace"]

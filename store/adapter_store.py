@@ -28,7 +28,7 @@ import lmdb
 import numpy as np
 import torch
 
-from microlora.core.config import MAX_NAMESPACES
+from microlora.core.config import MAX_NAMESPACES, quantization
 from microlora.core.errors import (
     StoreError,
     StoreMismatchError,
@@ -47,7 +47,8 @@ from store.maintenance import Maintenance, hold_shared
 from store.peft import read_reader
 from store.reader import Reader
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reads and writes; v1 is the same without base_dtype
+_READS = (1, 2)
 _META_DB = b"__meta__"
 _HEADER_KEY = b"header"
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # fullmatch: "$" allows "\n"
@@ -56,14 +57,49 @@ _DEFAULT_MAP_SIZE = 1 << 40  # address space only: the file grows as data is wri
 
 @dataclass(frozen=True)
 class StoreHeader:
-    """What a store is for: the base model and embedder every adapter in it belongs to."""
+    """What a store is for: the base model and embedder every adapter in it belongs to.
+
+    base_dtype: "int8" or "int4" when its adapters were trained against a weight-only
+    quantized base (``--base-dtype``), None for a float one (fp32 or bf16). Not part of the
+    fingerprint (nor so of atom ids): the fingerprint names the checkpoint (fp32 and bf16
+    loads already share it), and the same checkpoint rounded to int8 computes nearly the
+    same function, where another checkpoint's adapters are garbage. Answering a store with
+    another precision than it was compiled with is a legitimate choice (compile in bf16 on a
+    GPU, serve from int8 on a CPU) whose cost is measured, not forbidden: ``ask`` loads the
+    store's dtype unless told otherwise, and warns when told otherwise. Compiling into a
+    store refuses another dtype (``check_base_dtype``), so one store never mixes adapters
+    trained against two.
+    A store with a base_dtype is format v2, which a microlora from before quantization
+    refuses ("upgrade microlora") rather than answer from it with a float base; a float store
+    stays v1, readable by every version.
+    """
 
     base_fingerprint: str
     base_name: str
     embedder_fingerprint: str
     embedder_name: str
     embedding_dim: int
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
+    base_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.base_dtype is not None and self.format_version < 2:
+            object.__setattr__(self, "format_version", 2)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        if d["base_dtype"] is None:  # a float store: v1, as before quantization existed
+            d.pop("base_dtype")
+        return json.dumps(d).encode()
+
+
+def stored_base_dtype(path: str | Path) -> str | None:
+    """The quantization the store at ``path`` was compiled against ("int8", "int4"), or
+    None: a float base, or no store there yet. What ``--base-dtype`` defaults to."""
+    if not is_store(Path(path)):
+        return None
+    with AdapterStore(path, readonly=True) as store:
+        return store.header.base_dtype
 
 
 def validate_namespace(namespace: str) -> str:
@@ -116,12 +152,12 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
             self._env.close()
             raise StoreError(f"{self.path} has a corrupt header; restore the store from a "
                              "backup or re-compile it") from None
-        if version != FORMAT_VERSION:
+        if version not in _READS:
             self._env.close()
             hint = ("upgrade microlora" if isinstance(version, int) and version > FORMAT_VERSION
                     else "re-compile your documents into a new store")
             raise StoreError(f"{self.path} is a format v{version} store; this microlora reads "
-                             f"v{FORMAT_VERSION}: {hint}")
+                             f"v{_READS[0]}-v{FORMAT_VERSION}: {hint}")
         self.header = StoreHeader(**header)
         self._dbs: dict[str, object] = {}
         self._indexes: dict[str, VectorIndex] = {}
@@ -143,20 +179,22 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
                         mode=FILE_MODE)
         with env.begin(write=True) as txn:
             meta = env.open_db(_META_DB, txn=txn)
-            txn.put(_HEADER_KEY, json.dumps(asdict(header)).encode(), db=meta)
+            txn.put(_HEADER_KEY, header.to_json(), db=meta)
         env.close()
         return cls(path, **kwargs)
 
     @classmethod
     def open_or_create(cls, path: str | Path, header: StoreHeader, **kwargs) -> AdapterStore:
         """Open the store at ``path``, creating it if it does not exist; either way check that
-        it belongs to ``header``'s base model and embedder."""
+        it belongs to ``header``'s base model (and its quantization) and embedder: this is how
+        compiling opens a store, so it never adds adapters trained against another base."""
         path = Path(path)
         store = cls(path, **kwargs) if is_store(path) else cls.create(
             path, header, **kwargs)
         try:
             store.check_compatible(header.base_fingerprint, header.embedder_fingerprint,
                                    base_name=header.base_name, embedder_name=header.embedder_name)
+            store.check_base_dtype(header.base_dtype, strict=True)
         except StoreMismatchError:
             store.close()
             raise
@@ -206,6 +244,25 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
                 f"{h.embedder_fingerprint[:12]}), not {embedder_name or 'this one'} "
                 f"({embedder_fingerprint[:12]}). Pass --embedder with the store's embedder."
             )
+
+    def check_base_dtype(self, base_dtype: str | None, *, strict: bool) -> str | None:
+        """Compare the quantization of the base in use ("int8", "int4", or None: fp32 or bf16)
+        with the one this store's adapters were trained against. ``strict`` (compiling):
+        a mismatch raises. Otherwise (answering) it is returned as a warning to show: the
+        answers come from another function than the one the adapters were trained on."""
+        theirs, ours = self.header.base_dtype, quantization(base_dtype)
+        if ours == theirs:
+            return None
+        stored, used = theirs or "fp32 or bf16", base_dtype or "fp32 or bf16"
+        if strict:
+            raise StoreMismatchError(
+                f"store {self.path} holds adapters trained against a base in {stored}, and "
+                f"this base is in {used}: one store never mixes the two. Pass --base-dtype "
+                f"{theirs or 'fp32'} (or leave it out: the store's is the default), or "
+                "compile into a new store.")
+        return (f"store {self.path} was compiled against a base in {stored} but is answered "
+                f"with one in {used} (--base-dtype {base_dtype or 'fp32'}); its adapters were "
+                f"trained for the other: leave --base-dtype out to use the store's.")
 
     # -- namespaces --------------------------------------------------------------------------
 

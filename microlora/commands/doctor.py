@@ -6,13 +6,15 @@ import time
 
 import click
 
-from microlora.commands.options import model_options
+from microlora.commands.options import base_dtype_option, model_options
 from microlora.core.paths import dir_bytes
 
 
 @click.command()
 @model_options
-def doctor(base_model: str | None, embedder: str | None, device: str | None) -> None:
+@base_dtype_option("fp32 on the CPU, bf16 on CUDA")
+def doctor(base_model: str | None, embedder: str | None, device: str | None,
+           base_dtype: str | None) -> None:
     """Load the base model and the embedder, and print their fingerprints, sizes and load times.
 
     The first run converts the packaged GGUF base model to safetensors under the cache
@@ -28,7 +30,7 @@ def doctor(base_model: str | None, embedder: str | None, device: str | None) -> 
     if base_model is None and not default_model_dir().exists():
         click.echo("Converting the packaged Gemma 3 270M GGUF to safetensors (once, ~1 min)...")
     t0 = time.perf_counter()
-    base = load_base_model(base_model, device=device)
+    base = load_base_model(base_model, device=device, dtype=base_dtype)
     t_base = time.perf_counter() - t0
     t0 = time.perf_counter()
     emb = load_embedder(embedder, device=device)
@@ -39,9 +41,10 @@ def doctor(base_model: str | None, embedder: str | None, device: str | None) -> 
     shapes = lora.shapes()
     lora.remove()
     per_rank = sum(i + o for i, o in shapes.values())
-    click.echo(f"torch {torch.__version__}, device {base.device}, "
-               f"dtype {next(base.model.parameters()).dtype}")
+    click.echo(f"torch {torch.__version__}, device {base.device}, dtype {base.dtype}"
+               + (f", decoder linears {base.quantization}" if base.quantization else ""))
     click.echo(f"base model  {base.name}: {base.num_parameters / 1e6:.1f}M parameters, "
+               f"{base.weight_bytes / 2**20:.0f} MiB in memory, "
                f"{dir_bytes(base.path) / 2**20:.0f} MiB on disk at {base.path}")
     click.echo(f"            fingerprint {base.fingerprint}, loaded in {t_base:.1f} s")
     click.echo(f"embedder    {emb.name}: {emb.dim}-d, fingerprint {emb.fingerprint}, "

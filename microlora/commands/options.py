@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from microlora.core.config import (
+    BASE_DTYPES,
     COMPANIES,
     COMPANY_WEIGHTS,
     SUBJECT_CONTEXTS,
@@ -28,6 +29,17 @@ def model_options(f):
     return click.option("--base-model", type=click.Path(exists=True, file_okay=False),
                         help="Local Hugging Face causal-LM folder "
                              "[default: packaged Gemma 3 270M].")(f)
+
+
+def base_dtype_option(default: str = "the store's; a new store: fp32 on the CPU, bf16 on "
+                                       "CUDA"):
+    """--base-dtype: how the base model's weights are held (``load_base_model``'s dtype)."""
+    return click.option(
+        "--base-dtype", type=click.Choice(BASE_DTYPES),
+        help="How the base model's weights are held: fp32, bf16, or int8 / int4 "
+             "weight-only quantized decoder linears (the rest in bf16; int4 on the CPU "
+             f"only). A store records int8 and int4 and refuses to mix them [default: "
+             f"{default}].")
 
 
 def store_option(required: bool = True, help: str = "The store directory."):

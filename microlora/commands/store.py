@@ -66,8 +66,9 @@ def stats(store_dir: Path, as_json: bool) -> None:
         h = s.header
         click.echo(f"store {store_dir} (format v{h.format_version}), {disk / 2**20:.1f} MiB "
                    "on disk")
-        click.echo(f"base model {h.base_name} ({h.base_fingerprint[:12]}), embedder "
-                   f"{h.embedder_name} ({h.embedding_dim}-d)")
+        click.echo(f"base model {h.base_name} ({h.base_fingerprint[:12]}, "
+                   f"{h.base_dtype or 'fp32 or bf16'}), embedder {h.embedder_name} "
+                   f"({h.embedding_dim}-d)")
         click.echo(f"{'namespace':<24}{'atoms':>10}{'KiB/atom':>12}  index")
         for r in rows:
             click.echo(f"{r.namespace:<24}{r.atoms:>10}{r.bytes_per_atom / 1024:>12.1f}  "

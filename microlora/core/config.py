@@ -22,6 +22,17 @@ WEIGHTINGS = ("uniform", "score", "mean")  # composer.retrieval: each atom's wei
 COMPANIES = ("random", "nearest")  # compiler.trainer: which batch-mates train beside an atom
 COMPANY_WEIGHTS = ("one", "mean")  # compiler.trainer: each composed atom's weight in training
 SUBJECT_CONTEXTS = ("off", "embedding", "lessons")  # compiler.lessons: where a subject goes
+# core.models: how the base model's weights are held (``--base-dtype``). int8 and int4 are
+# weight-only quantized decoder linears (``core.quant``), everything else in bf16.
+BASE_DTYPES = ("fp32", "bf16", "int8", "int4")
+QUANTIZED_DTYPES = ("int8", "int4")
+
+
+def quantization(base_dtype: str | None) -> str | None:
+    """What a store records of a base dtype: "int8" or "int4", or None for a float base
+    (fp32 and bf16 are one model to the store, as to its fingerprint: adapters move between
+    them, and compiling autocasts to bf16 either way)."""
+    return base_dtype if base_dtype in QUANTIZED_DTYPES else None
 
 
 def defaults(cls: type) -> dict[str, Any]:

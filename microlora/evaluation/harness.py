@@ -77,6 +77,7 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
         "dataset": dataset.name, "data": dataset.source, "n": len(items),
         "passages": len(dataset.passages),
         "distractors": len(dataset.distractors), "k": config.k,
+        "base_dtype": base.base_dtype,
         "compile": {"atoms": report.atoms, "trained": report.trained,
                     "atom_steps": report.atom_steps, "seconds": round(report.seconds, 1),
                     "atoms_per_s": round(report.atoms_per_s, 3),
