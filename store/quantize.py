@@ -17,6 +17,7 @@ same bytes: a store merged or re-encoded from int8 atoms loses nothing more.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -57,14 +58,22 @@ def quantize(packed: Packed) -> tuple[Tensor, Tensor]:
     return q, torch.cat(scales)
 
 
+@functools.lru_cache(maxsize=64)
+def _chunks(layout: PackLayout) -> tuple[int, Tensor]:
+    """(width, row of each chunk): the flat vector cut into chunks of ``width`` values (the
+    gcd of the row lengths, 128 for Gemma 3's 640 and 2048), each inside one row, so that
+    dequantizing is one multiply by a (chunks, 1) column of scales, not one per run of rows."""
+    width = math.gcd(*(length for _, _, length in row_blocks(layout)))
+    per_row = [length // width for _, n, length in row_blocks(layout) for _ in range(n)]
+    return width, torch.repeat_interleave(torch.arange(len(per_row)), torch.tensor(per_row))
+
+
 def dequantize(q: Tensor, scales: Tensor, layout: PackLayout) -> Packed:
-    """The float32 adapter ``scales * q`` (one conversion pass, then one in-place multiply per
-    run of rows); ``q`` and ``scales`` may be read-only views of a memory map."""
+    """The float32 adapter ``scales * q``: one conversion pass and one multiply (a fetch of k
+    atoms pays this k times, so it is kept to a few torch calls); ``q`` and ``scales`` may be
+    read-only views of a memory map."""
+    width, rows_of = _chunks(layout)
     flat = torch.empty(q.numel(), dtype=torch.float32)
     flat.copy_(q)
-    s = scales.float()
-    at = 0
-    for offset, n, length in row_blocks(layout):
-        flat[offset:offset + n * length].view(n, length).mul_(s[at:at + n, None])
-        at += n
+    flat.view(-1, width).mul_(scales.float()[rows_of].unsqueeze(1))  # (chunks, width)
     return Packed(flat, layout)
