@@ -363,8 +363,8 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
 
     @contextmanager
     def read(self, namespace: str) -> Iterator[Reader]:
-        """A read transaction: ``reader.get(id)`` returns zero-copy views into the memory map,
-        valid until the ``with`` block ends."""
+        """A read transaction: ``reader.get(id)`` returns zero-copy views into the memory map
+        (int8 adapters: dequantized copies), valid until the ``with`` block ends."""
         db = self._db(namespace)
         with self._txn(db=db, buffers=True) as txn:
             yield Reader(self.path, namespace, txn, self._verified_ids(txn, namespace))

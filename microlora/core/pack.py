@@ -3,8 +3,8 @@
 An adapter is, per target module, A (r, in) and B (out, r) with any scale folded into B, so its
 delta is exactly B @ A (PEFT's layout with ``lora_alpha = r``). ``Packed`` holds a whole adapter
 as one flat vector in a ``PackLayout``: what the trainer returns, what the store keeps (read
-back as a zero-copy view of LMDB's memory map), and what ``compose`` turns into the kernel's
-per-request tensors with one copy.
+back as a zero-copy view of LMDB's memory map, or dequantized from int8 into float32), and what
+``compose`` turns into the kernel's per-request tensors with one copy.
 
 Composing atoms concatenates them along the rank, which is exactly the sum of their deltas:
 [B_1 B_2] [A_1; A_2] = B_1 A_1 + B_2 A_2.
