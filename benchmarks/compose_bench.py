@@ -19,7 +19,11 @@ cost of composed adapters while decoding, side by side in one run on the default
 
 Atoms are synthetic rank-2 bf16 adapters of the default targets with small weights (std
 0.02), so the model still produces ordinary text; timings do not depend on what they encode.
-Trials run interleaved (ABC CBA ...) and medians are reported.
+Decoding trials run in mirrored blocks (base, stacked, merged, merged, stacked, base:
+``paired.py``); an overhead is measured within each block and the median over blocks is
+reported with the middle half of the blocks (``*_overhead_q25``, ``*_overhead_q75``), so one
+run says whether the merged overhead is within its 2 % goal (``merged_overhead_verdict``).
+Assembly trials are interleaved per k, medians reported.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import torch
 from bench_models import add_model_options, load_models, synchronize
+from paired import mirrored_blocks, overhead
 from store_bench import synthetic_atoms, torch_machine, write_peft_dir, write_results
 from tqdm import tqdm
 
@@ -48,6 +53,7 @@ from store import AdapterStore
 
 KS = (1, 4, 8, 16)
 NEW_TOKENS = 64
+MERGED_GOAL = 0.02  # merged composition: at most 2 % slower than the base model
 QUESTION = "Which company made the first pocket watch that winds itself with body heat?"
 
 
@@ -86,7 +92,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     add_model_options(ap)
     args = ap.parse_args()
-    trials = 3 if args.quick else 7
+    trials = 4 if args.quick else 8  # mirrored blocks: each runs every variant twice
     assembly_trials = 5 if args.quick else 20
 
     base, emb = load_models(args)
@@ -179,18 +185,23 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
         with composer.lora.merged(adapters):
             decode(one_ids, one_mask)
 
-    runs = {"base": [], "stacked": [], "merged": []}
     fns = {"base": request_base, "stacked": request_stacked, "merged": request_merged}
     request_base()  # warm up
-    for t in tqdm(range(trials), desc="decoding"):
-        order = list(fns) if t % 2 == 0 else list(fns)[::-1]
-        for name in order:
-            runs[name].append(timed_here(fns[name]))
-    t_base = statistics.median(runs["base"])
-    result["base_tokens_per_s"] = NEW_TOKENS / t_base
+    request_merged()
+    bar = tqdm(total=trials, desc="decoding (mirrored blocks)")
+    runs = mirrored_blocks({name: functools.partial(timed_here, fn) for name, fn in fns.items()},
+                           trials, progress=lambda b: bar.update(1))
+    bar.close()
+    result["base_tokens_per_s"] = 2 * NEW_TOKENS / statistics.median(runs["base"])
     for name in ("stacked", "merged"):
-        result[f"{name}_tokens_per_s"] = NEW_TOKENS / statistics.median(runs[name])
-        result[f"{name}_overhead"] = statistics.median(runs[name]) / t_base - 1
+        result[f"{name}_tokens_per_s"] = 2 * NEW_TOKENS / statistics.median(runs[name])
+        o = overhead(runs, name, "base")
+        result.update({f"{name}_overhead": o["median"], f"{name}_overhead_q25": o["q25"],
+                       f"{name}_overhead_q75": o["q75"]})
+    result["merged_overhead_verdict"] = (
+        "within goal" if result["merged_overhead_q75"] <= MERGED_GOAL else
+        "over goal" if result["merged_overhead_q25"] > MERGED_GOAL else
+        "undecided: rerun with more trials")
 
     # -- a mixed batch of 8 requests ---------------------------------------------------------
     questions = [f"{QUESTION} ({i})" for i in range(8)]
@@ -205,14 +216,14 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
         with composer.lora.adapters(composer.compose(sets)):
             decode(b_ids, b_mask)
 
-    t_mixed, t_bbase = [], []
-    for t in tqdm(range(trials), desc="mixed batch"):
-        for name in (["base", "mixed"] if t % 2 == 0 else ["mixed", "base"]):
-            (t_bbase if name == "base" else t_mixed).append(
-                timed_here(batch_base if name == "base" else batch_mixed))
-    result["batch8_base_tokens_per_s"] = 8 * NEW_TOKENS / statistics.median(t_bbase)
-    result["batch8_mixed_tokens_per_s"] = 8 * NEW_TOKENS / statistics.median(t_mixed)
-    result["mixed_batch_vs_base"] = statistics.median(t_bbase) / statistics.median(t_mixed)
+    bar = tqdm(total=trials, desc="mixed batch (mirrored blocks)")
+    batch = mirrored_blocks({"base": functools.partial(timed_here, batch_base),
+                             "mixed": functools.partial(timed_here, batch_mixed)},
+                            trials, progress=lambda b: bar.update(1))
+    bar.close()
+    result["batch8_base_tokens_per_s"] = 2 * 8 * NEW_TOKENS / statistics.median(batch["base"])
+    result["batch8_mixed_tokens_per_s"] = 2 * 8 * NEW_TOKENS / statistics.median(batch["mixed"])
+    result["mixed_batch_vs_base"] = 1 / (1 + overhead(batch, "mixed", "base")["median"])
     composer.close()
     return result
 

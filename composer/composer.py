@@ -159,8 +159,8 @@ class Composer:
                 reader: bool = True) -> BatchedAdapters:
         """The kernel's per-request tensors (module -> (A (N, R, in), B (N, out, R))) for the
         hits of each request, each weighted by its hit's weight, the store's reader first
-        (unless ``reader`` is False): read zero-copy from the store (``records``, from
-        ``fetch``, or fetched here) and copied once."""
+        (unless ``reader`` is False): read from the store (``records``, from ``fetch``, or
+        fetched here; zero-copy views of bf16 atoms, int8 ones dequantized) and copied once."""
         if records is None:
             with self.fetch(requests) as fetched:
                 return self.compose(requests, fetched, reader)

@@ -1,14 +1,9 @@
 """The adapter store: LMDB records (adapters, text, embeddings, provenance) per namespace, a
 FAISS index per namespace, and checksums to catch corruption. No models, no training."""
 
-from store.adapter_store import (
-    FORMAT_VERSION,
-    AdapterStore,
-    StoreHeader,
-    stored_base_dtype,
-    validate_namespace,
-)
+from store.adapter_store import AdapterStore, stored_base_dtype, validate_namespace
 from store.documents import MAX_DOCUMENT_ID_BYTES, BatchDocuments, check_document_id
+from store.header import FORMAT_VERSION, StoreHeader
 from store.index import VectorIndex
 from store.layout import StoreLayout, is_store
 from store.maintenance import NamespaceStats, VerifyReport

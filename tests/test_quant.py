@@ -228,7 +228,7 @@ def test_the_store_records_the_quantization_and_compiling_never_mixes(tmp_path, 
     fp32 = load_base_model(lm)
     assert _compile(tmp_path, fp32, emb, tmp_path / "f").trained > 0
     assert "base_dtype" not in _raw_header(tmp_path / "f")  # a float store reads as before
-    assert _raw_header(tmp_path / "f")["format_version"] == 1
+    assert _raw_header(tmp_path / "f")["format_version"] == 2  # a new store (int8 adapters)
     # compiling into a store of the other quantization: refused, naming the flag, nothing written
     for base, other in ((fp32, "q"), (int8, "f")):
         before = {p: p.read_bytes() for p in (tmp_path / other).glob("*.mdb")

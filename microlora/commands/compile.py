@@ -8,6 +8,7 @@ import click
 
 from compiler.documents import MAX_FILE_MB
 from microlora.commands.options import (
+    adapter_dtype_option,
     base_dtype_option,
     model_options,
     recipe_options,
@@ -24,13 +25,14 @@ from microlora.core.provenance import cite
 @model_options
 @base_dtype_option()
 @recipe_options
+@adapter_dtype_option
 @click.option("--max-file-mb", default=MAX_FILE_MB, show_default=True, type=float,
               help="Skip files larger than this.")
 @click.option("--prune", is_flag=True,
               help="Delete atoms of the namespace that these documents no longer produce.")
 @click.option("--dry-run", is_flag=True, help="List the atoms to train and estimate the time.")
 def compile_command(paths, store_dir, namespace, base_model, embedder, device, base_dtype,
-                    recipe, max_file_mb, prune, dry_run) -> None:
+                    recipe, store_config, max_file_mb, prune, dry_run) -> None:
     """Compile documents into tiny LoRA adapters, one per sentence-sized atom.
 
     PATHS are files or directories of .txt, .md and .jsonl (a "text" field per line, optional
@@ -79,12 +81,14 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, b
             report = compile_corpus(paths, store_dir, base=base, embedder=emb,
                                     namespace=namespace, train_config=config,
                                     chunk_config=chunking, prune=prune, dry_run=dry_run,
-                                    max_file_mb=max_file_mb, progress=progress)
+                                    max_file_mb=max_file_mb, progress=progress,
+                                    store_config=store_config)
         else:
             report = compile_distributed(paths, store_dir, ranks, base=base, embedder=emb,
                                          namespace=namespace, train_config=config,
                                          chunk_config=chunking, prune=prune,
-                                         max_file_mb=max_file_mb, progress=progress)
+                                         max_file_mb=max_file_mb, progress=progress,
+                                         store_config=store_config)
     finally:
         bar.close()
     if report is None:

@@ -8,12 +8,14 @@ from pathlib import Path
 import click
 
 from microlora.core.config import (
+    ADAPTER_DTYPES,
     BASE_DTYPES,
     COMPANIES,
     COMPANY_WEIGHTS,
     SUBJECT_CONTEXTS,
     VIEW_STYLES,
     ChunkConfig,
+    StoreConfig,
     TargetSpec,
     TrainConfig,
 )
@@ -45,6 +47,18 @@ def base_dtype_option(default: str = "the store's; a new store: fp32 on the CPU,
 def store_option(required: bool = True, help: str = "The store directory."):
     return click.option("--store", "store_dir", required=required,
                         type=click.Path(path_type=Path, file_okay=False), help=help)
+
+
+def adapter_dtype_option(f):
+    """--adapter-dtype, handed to the command as a ``StoreConfig`` named ``store_config``."""
+    @functools.wraps(f)
+    def command(*args, adapter_dtype: str, **kwargs):
+        return f(*args, store_config=StoreConfig(adapter_dtype), **kwargs)
+
+    return click.option("--adapter-dtype", type=click.Choice(ADAPTER_DTYPES),
+                        default=StoreConfig.adapter_dtype, show_default=True,
+                        help="How the store keeps each new adapter: int8 with one scale per "
+                             "row (half the bytes of bf16), or bf16 / fp16.")(command)
 
 
 

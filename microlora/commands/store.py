@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from microlora.commands.options import store_option
+from microlora.core.config import ADAPTER_DTYPES
 from microlora.core.paths import dir_bytes
 
 store_option = store_option(help="The store directory (made by `microlora compile --store DIR`).")
@@ -151,12 +152,17 @@ def rm(store_dir: Path, namespace: str, atoms: tuple[str, ...], documents: tuple
 
 @store.command()
 @store_option
-def compact(store_dir: Path) -> None:
+@click.option("--adapter-dtype", type=click.Choice(ADAPTER_DTYPES),
+              help="First rewrite every atom's adapter in this storage (e.g. int8: half the "
+                   "bytes of bf16), keeping its id, text and embedding.")
+def compact(store_dir: Path, adapter_dtype: str | None) -> None:
     """Rewrite the store with only what it holds now, so deleted atoms, documents and
     namespaces leave nothing on disk (LMDB keeps freed pages until later writes reuse them).
 
     Needs the store to itself: stop a server or compile that has it open first.
     """
     with _open(store_dir, readonly=False) as s:
+        if adapter_dtype is not None:
+            click.echo(f"re-encoded {s.reencode(adapter_dtype)} atoms as {adapter_dtype}")
         before, after = s.compact()
     click.echo(f"compacted {store_dir}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")

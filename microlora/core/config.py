@@ -320,6 +320,27 @@ class AskConfig:
 # Namespaces a store may hold (deleted ones included until it is compacted): LMDB reserves a
 # slot per database in every transaction, so a read transaction costs ~1 us per thousand.
 MAX_NAMESPACES = 1024
+ADAPTER_DTYPES = ("int8", "bf16", "fp16")  # store.record: how a store keeps an adapter
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How a store writes what it is given (``microlora compile --adapter-dtype``; reading
+    takes any of them, one atom at a time).
+
+    adapter_dtype: "int8" keeps each adapter as int8 values with one bf16 scale per row (a
+        rank component of a module's A or B: ``store/quantize.py``), half the bytes of bf16;
+        every value comes back within half its row's scale. "bf16" and "fp16" keep the
+        adapter as it was trained, to their precision, in the record format every store
+        before int8 holds.
+    """
+
+    adapter_dtype: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise MicroloraError(f"--adapter-dtype must be one of {', '.join(ADAPTER_DTYPES)},"
+                                 f" not {self.adapter_dtype!r}")
 
 
 @dataclass(frozen=True)
