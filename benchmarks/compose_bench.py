@@ -1,7 +1,7 @@
 """Compose benchmark: assembling k stored atoms into the base model, microlora vs PEFT, and the
 cost of composed adapters while decoding, side by side in one run on the default model.
 
-    python benchmarks/compose_bench.py [--quick] --out results/compose.json
+    python benchmarks/compose_bench.py [--quick] [--sections mixed64] --out results/compose.json
 
 (``--device cuda``, ``--base-model DIR``, ``--embedder DIR``: ``bench_models``.)
 
@@ -16,14 +16,15 @@ cost of composed adapters while decoding, side by side in one run on the default
   restore), so the overheads are end to end.
 - mixed batch: 8 requests with 8 different sets of 8 atoms decoded together vs 8 base-model
   requests batched.
+- mixed batch of 64 (``mixed_batch64_vs_base``): 64 requests with 64 different sets of 8 atoms
+  vs 64 base-model requests, both decoded as the composer serves them (the prompt-prefix
+  cache on: the base batch reuses every block's prefix states, the mixed one only those
+  below the first adapted block), 64 new tokens (16 with ``--quick``); and the same two
+  batches without the prefix cache (``..._no_prefix_cache``).
 
 Atoms are synthetic rank-2 bf16 adapters of the default targets with small weights (std
 0.02), so the model still produces ordinary text; timings do not depend on what they encode.
-Decoding trials run in mirrored blocks (base, stacked, merged, merged, stacked, base:
-``paired.py``); an overhead is measured within each block and the median over blocks is
-reported with the middle half of the blocks (``*_overhead_q25``, ``*_overhead_q75``), so one
-run says whether the merged overhead is within its 2 % goal (``merged_overhead_verdict``).
-Assembly trials are interleaved per k, medians reported.
+Trials run interleaved (ABC CBA ...) and medians are reported.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ from store import AdapterStore
 KS = (1, 4, 8, 16)
 NEW_TOKENS = 64
 MERGED_GOAL = 0.02  # merged composition: at most 2 % slower than the base model
+SECTIONS = ("assembly", "decoding", "mixed8", "mixed64")
+BIG_BATCH = 64
 QUESTION = "Which company made the first pocket watch that winds itself with body heat?"
 
 
@@ -90,15 +93,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer trials")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"which measurements, comma-separated, of {','.join(SECTIONS)}")
     add_model_options(ap)
     args = ap.parse_args()
-    trials = 4 if args.quick else 8  # mirrored blocks: each runs every variant twice
+    trials = 4 if args.quick else 8  # decoding: mirrored blocks, each runs every variant twice
     assembly_trials = 5 if args.quick else 20
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        ap.error(f"--sections takes some of {','.join(SECTIONS)}")
 
     base, emb = load_models(args)
     shapes = {name: (m.in_features, m.out_features)
               for name, m in select_targets(base.model, TargetSpec()).items()}
-    n_atoms = max(KS) + 8 * 8
+    n_atoms = max(KS) + 8 * BIG_BATCH
     work = Path(tempfile.mkdtemp())
     try:
         records = [r for batch in synthetic_atoms(n_atoms, shapes, seed=0, batch=64, std=0.02,
@@ -113,27 +121,42 @@ def main() -> None:
         ids = [r.id for r in records]
         result = run(base, emb, work, ids, trials, assembly_trials,
                      peft_copy=lambda: load_base_model(args.base_model,
-                                                       device=args.device).model)
+                                                       device=args.device).model,
+                     sections=sections, big_tokens=16 if args.quick else NEW_TOKENS)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_results(result, args.out, torch_machine(base.model))
 
 
 def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int,
-        peft_copy) -> dict:
+        peft_copy, sections=SECTIONS, big_tokens: int = NEW_TOKENS) -> dict:
     """The measurements; ``peft_copy()`` loads a second copy of the base model for PEFT."""
-    from peft import PeftModel
-
-    timed_here = functools.partial(timed, device=base.device)
-
     result: dict = {"new_tokens": NEW_TOKENS, "trials": trials,
                     "assembly_trials": assembly_trials}
     tok = base.tokenizer
     one_ids, one_mask = encode_prompts(tok, [build_prompt(tok, QUESTION)], base.device)
     composer = Composer(AdapterStore(work / "store", readonly=True), base, emb)
     hits_of = {k: [Hit("bench", i, 1.0) for i in ids[:k]] for k in KS}
+    if "assembly" in sections:
+        result.update(assembly(composer, work, ids, hits_of, one_ids, assembly_trials,
+                               peft_copy))
+    if "decoding" in sections:
+        result.update(decoding(composer, one_ids, one_mask, hits_of[8], trials))
+    if "mixed8" in sections:
+        result.update(mixed_batch(composer, ids, 8, trials, NEW_TOKENS))
+    if "mixed64" in sections:
+        result.update(mixed_batch(composer, ids, BIG_BATCH, trials, big_tokens, prefix=True))
+    composer.close()
+    return result
 
-    # -- assembly ------------------------------------------------------------------------------
+
+def assembly(composer: Composer, work: Path, ids: list[str], hits_of: dict, one_ids,
+             assembly_trials: int, peft_copy) -> dict:
+    """Making k stored atoms active, microlora vs PEFT (and their logits compared)."""
+    from peft import PeftModel
+
+    base, result = composer.base, {}
+    timed_here = functools.partial(timed, device=base.device)
     peft_base = peft_copy()  # a second copy: PEFT rewrites the modules it wraps
     peft_model = PeftModel.from_pretrained(peft_base, str(work / "peft" / ids[0]),
                                            adapter_name="base")
@@ -167,8 +190,14 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
         result[f"assembly_speedup_vs_peft_k{k}"] = statistics.median(t_peft) / statistics.median(
             t_ours)
     del peft_model, peft_base
+    return result
 
-    # -- decoding one request --------------------------------------------------------------------
+
+def decoding(composer: Composer, one_ids, one_mask, hits: list[Hit], trials: int) -> dict:
+    """One request of NEW_TOKENS tokens: base model, stacked k=8, merged k=8."""
+    base, tok, result = composer.base, composer.base.tokenizer, {}
+    timed_here = functools.partial(timed, device=base.device)
+
     def decode(ids_, mask_):
         generate(base.model, tok, ids_, mask_, max_new_tokens=NEW_TOKENS,
                  min_new_tokens=NEW_TOKENS)
@@ -177,11 +206,11 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
         decode(one_ids, one_mask)
 
     def request_stacked():
-        with composer.lora.adapters(composer.compose([hits_of[8]])):
+        with composer.lora.adapters(composer.compose([hits])):
             decode(one_ids, one_mask)
 
     def request_merged():
-        adapters = composer.compose([hits_of[8]])
+        adapters = composer.compose([hits])
         with composer.lora.merged(adapters):
             decode(one_ids, one_mask)
 
@@ -202,29 +231,43 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
         "within goal" if result["merged_overhead_q75"] <= MERGED_GOAL else
         "over goal" if result["merged_overhead_q25"] > MERGED_GOAL else
         "undecided: rerun with more trials")
+    return result
 
-    # -- a mixed batch of 8 requests ---------------------------------------------------------
-    questions = [f"{QUESTION} ({i})" for i in range(8)]
+
+def mixed_batch(composer: Composer, ids: list[str], n: int, trials: int, new_tokens: int,
+                prefix: bool = False) -> dict:
+    """n requests with n different sets of 8 atoms decoded together vs n base requests
+    batched, interleaved; with ``prefix``, both through the prompt-prefix cache (as the
+    composer serves them) and both without it."""
+    base, tok = composer.base, composer.base.tokenizer
+    questions = [f"{QUESTION} ({i})" for i in range(n)]
     b_ids, b_mask = encode_prompts(tok, [build_prompt(tok, q) for q in questions], base.device)
     sets = [[Hit("bench", i, 1.0) for i in ids[max(KS) + 8 * j:max(KS) + 8 * (j + 1)]]
-            for j in range(8)]
+            for j in range(n)]
+    shared = composer.prefixes.for_prompts(tok, "qa", False)
+    settings = [(shared, ""), (None, "_no_prefix_cache")] if prefix else [(None, "")]
+    runs: dict[tuple[str, str], list[float]] = {}
 
-    def batch_base():
-        decode(b_ids, b_mask)
+    def decode(adapters, reuse):
+        with composer.lora.adapters(adapters):
+            generate(base.model, tok, b_ids, b_mask, max_new_tokens=new_tokens,
+                     min_new_tokens=new_tokens, prefix=reuse,
+                     on_rows=composer.lora.select_samples)
 
-    def batch_mixed():
-        with composer.lora.adapters(composer.compose(sets)):
-            decode(b_ids, b_mask)
-
-    bar = tqdm(total=trials, desc="mixed batch (mirrored blocks)")
-    batch = mirrored_blocks({"base": functools.partial(timed_here, batch_base),
-                             "mixed": functools.partial(timed_here, batch_mixed)},
-                            trials, progress=lambda b: bar.update(1))
-    bar.close()
-    result["batch8_base_tokens_per_s"] = 2 * 8 * NEW_TOKENS / statistics.median(batch["base"])
-    result["batch8_mixed_tokens_per_s"] = 2 * 8 * NEW_TOKENS / statistics.median(batch["mixed"])
-    result["mixed_batch_vs_base"] = 1 / (1 + overhead(batch, "mixed", "base")["median"])
-    composer.close()
+    order = [(kind, reuse, tag) for reuse, tag in settings for kind in ("base", "mixed")]
+    for t in tqdm(range(trials), desc=f"mixed batch of {n}"):
+        for kind, reuse, tag in (order if t % 2 == 0 else order[::-1]):
+            adapters = composer.compose(sets) if kind == "mixed" else {}
+            runs.setdefault((kind, tag), []).append(
+                timed(functools.partial(decode, adapters, reuse), base.device))
+    name = "batch8" if n == 8 else f"batch{n}"
+    ratio = "mixed_batch_vs_base" if n == 8 else f"mixed_batch{n}_vs_base"
+    result: dict = {f"{name}_new_tokens": new_tokens} if n != 8 else {}
+    for _, tag in settings:
+        t_base, t_mixed = (statistics.median(runs[(k, tag)]) for k in ("base", "mixed"))
+        result[f"{name}_base_tokens_per_s{tag}"] = n * new_tokens / t_base
+        result[f"{name}_mixed_tokens_per_s{tag}"] = n * new_tokens / t_mixed
+        result[f"{ratio}{tag}"] = t_base / t_mixed
     return result
 
 

@@ -1,7 +1,7 @@
 """Serve benchmark: 16 concurrent clients with distinct atom sets vs the same requests served
 one at a time, through a real `microlora serve` (uvicorn on 127.0.0.1, HTTP, default model).
 
-    python benchmarks/serve_bench.py [--quick] --out results/serve.json
+    python benchmarks/serve_bench.py [--quick] [--prefix-cache both] --out results/serve.json
 
 (``--device cuda``, ``--base-model DIR``, ``--embedder DIR``: ``bench_models``.)
 
@@ -11,6 +11,9 @@ default embedder; each client asks about a different fact, so each request retri
 composes its own k=2 atoms. Rounds alternate sequential / concurrent (and back), and the
 median wall time of each is compared: ``concurrent_speedup`` = sequential / concurrent.
 Concurrent answers are checked to equal the sequential ones (batching changes no answer).
+``--prefix-cache both`` measures it all with the prompt-prefix cache off, then on (the
+default; ``composer.prefix``), in one run: the keys ending ``_no_prefix_cache`` are the first
+half, and the answers of the two halves are checked to be the same.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one round each, shorter answers")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
+    ap.add_argument("--prefix-cache", choices=["on", "off", "both"], default="on",
+                    help="serve with the prompt-prefix cache on, off, or off then on")
     add_model_options(ap)
     args = ap.parse_args()
     rounds = 1 if args.quick else 3
@@ -79,16 +84,30 @@ def main() -> None:
         with AdapterStore.create(work / "store", store_header(base, emb)) as s:
             s.put("corpus", records)
         key, _ = KeyStore(work / "store").add("bench")
-        service = Service(Composer(AdapterStore(work / "store"), base, emb),
-                          ServeConfig(max_batch=CLIENTS, ask=AskConfig(k=2)))
         questions = [q for _, q in pairs if q][:CLIENTS]
-        try:
-            with serve_in_thread(service) as url:
-                result = run(url, key, questions, rounds, max_tokens)
-        finally:
-            service.close()
+        halves = {}
+        for flag in {"on": [True], "off": [False], "both": [False, True]}[args.prefix_cache]:
+            service = Service(Composer(AdapterStore(work / "store"), base, emb),
+                              ServeConfig(max_batch=CLIENTS,
+                                          ask=AskConfig(k=2, prefix_cache=flag)))
+            try:
+                with serve_in_thread(service) as url:
+                    halves[flag] = run(url, key, questions, rounds, max_tokens)
+            finally:
+                service.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result = halves.get(True, halves.get(False))
+    result["prefix_cache"] = True in halves
+    if len(halves) == 2:
+        off = halves[False]
+        result.update({f"{k}_no_prefix_cache": v for k, v in off.items()
+                       if k not in ("answers", "batch_size_histogram")})
+        result["prefix_cache_speedup_sequential"] = off["sequential_s"] / result["sequential_s"]
+        result["prefix_cache_speedup_concurrent"] = off["concurrent_s"] / result["concurrent_s"]
+        result["answers_identical_across_prefix_cache"] = off["answers"] == result["answers"]
+    for half in halves.values():
+        del half["answers"]
     write_results(result, args.out, torch_machine(base.model))
 
 
@@ -136,6 +155,7 @@ def run(url: str, key: str, questions: list[str], rounds: int, max_tokens: int) 
         "concurrent_speedup": t_seq / t_con,
         "answers_identical": texts(seq_answers) == texts(con_answers)
         and atoms(seq_answers) == atoms(con_answers),
+        "answers": texts(seq_answers),  # for the caller's comparison across settings
         "batch_size_histogram": _batch_histogram(metrics),
     }
 

@@ -26,13 +26,8 @@ from pathlib import Path
 
 import torch
 
-from composer.generation import (
-    Generated,
-    continuation_logprobs,
-    encode_prompts,
-    generate,
-    pad_id,
-)
+from composer.generation import Generated, continuation_logprobs, encode_prompts, generate, pad_id
+from composer.prefix import PrefixCache
 from composer.prompts import build_prompt, line_break_ids, stop_pattern, uses_chat
 from composer.retrieval import Hit, default_namespaces, retrieve
 from composer.windows import merge
@@ -95,6 +90,7 @@ class Composer:
             self.use_reader(installed[0])
         self.model_lock = threading.Lock()  # held while the model generates
         self.line_breaks = line_break_ids(base.tokenizer)  # what end_bias favours
+        self.prefixes = PrefixCache()  # the prompts' shared prefix, computed once
 
     @classmethod
     def open(cls, store_dir: str | Path, *, base_model: str | Path | None = None,
@@ -236,6 +232,8 @@ class Composer:
         ids, mask = encode_prompts(tok, rows.prompts, self.base.device,
                                    chat=uses_chat(tok, config.template))
         rerank = rows.rerank
+        prefix = self.prefixes.for_prompts(tok, config.template, config.mode.uses_passages) \
+            if config.prefix_cache else None
         with self.model_lock, self._applied(adapters, config):
             outs = generate(self.base.model, tok, ids, mask,
                             max_new_tokens=config.max_new_tokens,
@@ -245,7 +243,7 @@ class Composer:
                             logit_bias=self._echo_bias(questions, rows, config),
                             ensemble=rows.weights, gate=rows.gate,
                             on_text=None if rerank else on_text,
-                            on_rows=self.lora.select_samples)
+                            on_rows=self.lora.select_samples, prefix=prefix)
         if rerank:
             outs = self._rerank(outs, ids, mask, adapters, config)
             for i, o in enumerate(outs if on_text is not None else ()):

@@ -44,12 +44,17 @@ def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def save_tiny(path, arch="llama", seed=0):
-    tiny_model(arch, seed).save_pretrained(path)
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Words w0..w126 are their own ids; anything else is <unk> (127)."""
     vocab = {f"w{i}": i for i in range(127)} | {"<unk>": 127}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def save_tiny(path, arch="llama", seed=0):
+    tiny_model(arch, seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return path
 
 
@@ -261,14 +266,15 @@ def last_logits(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits[:, -1]
 
 
-def together_and_alone(composer, base, questions, hits):
+def together_and_alone(composer, base, questions, hits, together=None):
     """The questions' last logits decoded in one batch, each with its own atoms (``hits``),
-    and each question's decoded alone: (together (n, V), [alone (1, V)] * n)."""
+    and each question's decoded alone: (together (n, V), [alone (1, V)] * n). ``together``:
+    how the batch's are computed, (model, ids, mask) -> (n, V) (default: one plain forward)."""
     from composer.generation import encode_prompts
 
     ids, mask = encode_prompts(base.tokenizer, questions, base.device)  # left-padded
     with composer.lora.adapters(composer.compose(hits)):
-        together = last_logits(base.model, ids, mask)
+        together = (together or last_logits)(base.model, ids, mask)
     alone = []
     for q, row in zip(questions, hits):
         one_ids, one_mask = encode_prompts(base.tokenizer, [q], base.device)

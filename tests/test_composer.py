@@ -578,3 +578,22 @@ def test_the_names_a_question_names_and_their_penalty(kit):
     bias[0, tok.convert_tokens_to_ids(first)] = -1e4
     other = generate(base.model, tok, ids, mask, max_new_tokens=1, logit_bias=bias)[0].text
     assert other and other != first
+
+
+def test_the_output_layer_gets_a_contiguous_batch(kit):
+    """The prefill's last positions go through the output layer as one matrix product, not
+    a bmm over the weight expanded per row (``generation.contiguous_output_layer``)."""
+    from composer.generation import continuation_logprobs, generate, pad_id
+
+    base = kit[0]
+    tok = base.tokenizer
+    seen = []
+    hook = base.model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: seen.append((args[0].shape[0], args[0].is_contiguous())))
+    ids, mask = encode_prompts(tok, QUESTIONS, base.device)
+    try:
+        generate(base.model, tok, ids, mask, max_new_tokens=2, min_new_tokens=2)
+        continuation_logprobs(base.model, ids, mask, [[5], [6, 7], [8]], pad_id(tok))
+    finally:
+        hook.remove()
+    assert len(seen) == 3 and all(n == len(QUESTIONS) and contiguous for n, contiguous in seen)

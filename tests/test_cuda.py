@@ -1,8 +1,9 @@
 """The equalities the CPU tests prove, again on ``MICROLORA_TEST_DEVICE`` (default cuda;
 skipped without one): kernel == PEFT, trainer loss falls and batched == alone, stacked ==
-merged == the sum of deltas, a mixed batch == each request alone, the fused loss in bf16, and
-compile -> ask end to end. benchmarks/gpu_check.sh runs them (``pytest -m cuda``), and its
-CPU dry run runs them on the CPU so that they cannot rot between GPU machines."""
+merged == the sum of deltas, a mixed batch == each request alone (through the prompt-prefix
+cache too), the fused loss in bf16, and compile -> ask end to end. benchmarks/gpu_check.sh
+runs them (``pytest -m cuda``), and its CPU dry run runs them on the CPU so that they cannot
+rot between GPU machines."""
 
 from dataclasses import replace
 
@@ -19,12 +20,14 @@ from conftest import (
 )
 from test_composer import CORPUS, QUESTIONS
 from test_kernel import IDS, SPEC
+from test_prefix import PREFIX, SUFFIXES, prefix_ids, served
 from test_trainer import KEYS, TEXTS, config
 
 from compiler.loss import linear_cross_entropy
 from compiler.trainer import AtomTrainer
 from composer import Composer
 from composer.generation import encode_prompts
+from composer.prefix import PrefixCache
 from microlora.core.config import AskConfig
 from microlora.core.kernel import MultiLoraModel
 from microlora.core.models import load_base_model
@@ -142,6 +145,23 @@ def test_a_mixed_batch_equals_each_request_alone(kit):
             cfg = AskConfig(k=2, max_new_tokens=6, mode=mode)
             batched = [a.text for a in c.ask_batch(QUESTIONS, ["wiki"], cfg)]
             assert batched == [c.ask(q, ["wiki"], cfg).text for q in QUESTIONS]
+
+
+def test_the_prefix_cache_changes_no_answer(kit):
+    base, emb, path = kit
+    with Composer(AdapterStore(path, readonly=True), base, emb) as c:
+        hits = c.retrieve(SUFFIXES, ["wiki"], AskConfig(k=2))
+        cache = PrefixCache()
+        together, alone = together_and_alone(c, base, [f"{PREFIX} {s}" for s in SUFFIXES],
+                                             hits, together=served(cache,
+                                                                   prefix_ids(base.tokenizer)))
+        for i, one in enumerate(alone):
+            torch.testing.assert_close(together[i:i + 1], one, **EXACT)
+        cfg = AskConfig(k=2, max_new_tokens=6)
+        plain = [a.text for a in c.ask_batch(QUESTIONS, ["wiki"],
+                                             replace(cfg, prefix_cache=False))]
+        assert [a.text for a in c.ask_batch(QUESTIONS, ["wiki"], cfg)] == plain
+        assert cache.captures == 1 and c.prefixes.captures == 1
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])

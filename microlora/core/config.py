@@ -275,6 +275,9 @@ class AskConfig:
     passage_weight: 8, the best ensemble weight on both tune splits with windows (2, 4, 8
         measured: benchmarks/RESULTS.md, "Fidelity I"); the larger it is, the closer the
         hybrid comes to the passages alone.
+    prefix_cache: reuse the prompt prefix's states in the blocks below the first adapted
+        one (computed once per template; ``composer.prefix``): the same answers, a shorter
+        prefill. Off only to measure it.
     """
 
     mode: Mode = Mode.PARAMETRIC
@@ -291,6 +294,7 @@ class AskConfig:
     echo_penalty: float = 0.0
     hybrid: str = "ensemble"
     passage_weight: float = 8.0
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         try:
