@@ -226,7 +226,7 @@ def growth(args) -> dict:
             out = subprocess.run(
                 [sys.executable, __file__, "--growth-part", str(part), "--part-atoms",
                  str(part_atoms), "--store", str(Path(tmp) / "s"), "--out", "-",
-                 "--device", args.device, *model_folders(args)],
+                 *(["--device", args.device] if args.device else []), *model_folders(args)],
                 check=True, capture_output=True, text=True).stdout
             parts.append(json.loads(out.strip().splitlines()[-1]))
             print(f"part {part}: {parts[-1]['trained']} atoms, "

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 from bench_models import add_model_options, load_models, synchronize
+from paired import mirrored_blocks, overhead
 from store_bench import synthetic_atoms, torch_machine, write_peft_dir, write_results
 from tqdm import tqdm
 
@@ -53,6 +54,7 @@ from store import AdapterStore
 
 KS = (1, 4, 8, 16)
 NEW_TOKENS = 64
+MERGED_GOAL = 0.02  # merged composition: at most 2 % slower than the base model
 SECTIONS = ("assembly", "decoding", "mixed8", "mixed64")
 BIG_BATCH = 64
 QUESTION = "Which company made the first pocket watch that winds itself with body heat?"
@@ -95,7 +97,7 @@ def main() -> None:
                     help=f"which measurements, comma-separated, of {','.join(SECTIONS)}")
     add_model_options(ap)
     args = ap.parse_args()
-    trials = 3 if args.quick else 7
+    trials = 4 if args.quick else 8  # decoding: mirrored blocks, each runs every variant twice
     assembly_trials = 5 if args.quick else 20
     sections = set(args.sections.split(","))
     if not sections <= set(SECTIONS):
@@ -213,18 +215,23 @@ def decoding(composer: Composer, one_ids, one_mask, hits: list[Hit], trials: int
         with composer.lora.merged(adapters):
             decode(one_ids, one_mask)
 
-    runs = {"base": [], "stacked": [], "merged": []}
     fns = {"base": request_base, "stacked": request_stacked, "merged": request_merged}
     request_base()  # warm up
-    for t in tqdm(range(trials), desc="decoding"):
-        order = list(fns) if t % 2 == 0 else list(fns)[::-1]
-        for name in order:
-            runs[name].append(timed_here(fns[name]))
-    t_base = statistics.median(runs["base"])
-    result["base_tokens_per_s"] = NEW_TOKENS / t_base
+    request_merged()
+    bar = tqdm(total=trials, desc="decoding (mirrored blocks)")
+    runs = mirrored_blocks({name: functools.partial(timed_here, fn) for name, fn in fns.items()},
+                           trials, progress=lambda b: bar.update(1))
+    bar.close()
+    result["base_tokens_per_s"] = 2 * NEW_TOKENS / statistics.median(runs["base"])
     for name in ("stacked", "merged"):
-        result[f"{name}_tokens_per_s"] = NEW_TOKENS / statistics.median(runs[name])
-        result[f"{name}_overhead"] = statistics.median(runs[name]) / t_base - 1
+        result[f"{name}_tokens_per_s"] = 2 * NEW_TOKENS / statistics.median(runs[name])
+        o = overhead(runs, name, "base")
+        result.update({f"{name}_overhead": o["median"], f"{name}_overhead_q25": o["q25"],
+                       f"{name}_overhead_q75": o["q75"]})
+    result["merged_overhead_verdict"] = (
+        "within goal" if result["merged_overhead_q75"] <= MERGED_GOAL else
+        "over goal" if result["merged_overhead_q25"] > MERGED_GOAL else
+        "undecided: rerun with more trials")
     return result
 
 

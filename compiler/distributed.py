@@ -36,7 +36,7 @@ from compiler.pipeline import (
     store_header,
     train_atoms,
 )
-from microlora.core.config import ChunkConfig, TrainConfig
+from microlora.core.config import ChunkConfig, StoreConfig, TrainConfig
 from microlora.core.embedder import Embedder
 from microlora.core.models import BaseModel
 from store import AdapterStore, BatchDocuments, is_store
@@ -67,23 +67,25 @@ def compile_distributed(paths: Sequence[str | Path], store_dir: str | Path, rank
                         train_config: TrainConfig = TrainConfig(),
                         chunk_config: ChunkConfig = ChunkConfig(), prune: bool = False,
                         max_file_mb: float = MAX_FILE_MB,
-                        progress: Callable[[int, int], None] | None = None
-                        ) -> CompileReport | None:
+                        progress: Callable[[int, int], None] | None = None,
+                        store_config: StoreConfig = StoreConfig()) -> CompileReport | None:
     """This rank's part of a distributed compile; rank 0 returns the whole run's report,
-    the other ranks None."""
+    the other ranks None. The shards and the store keep adapters as ``store_config`` says
+    (int8 shards merged into the store give the same bytes: ``store/quantize.py``)."""
     backend = "nccl" if base.device.type == "cuda" else "gloo"
     if base.device.type == "cuda":
         torch.cuda.set_device(base.device)
     dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world)
     try:
         return _compile(paths, Path(store_dir), ranks, base, embedder, namespace, train_config,
-                        chunk_config, prune, max_file_mb, progress)
+                        chunk_config, prune, max_file_mb, progress, store_config.adapter_dtype)
     finally:
         dist.destroy_process_group()
 
 
 def _compile(paths, store_dir: Path, ranks: Ranks, base, embedder, namespace, train_config,
-             chunk_config, prune, max_file_mb, progress) -> CompileReport | None:
+             chunk_config, prune, max_file_mb, progress, adapter_dtype: str
+             ) -> CompileReport | None:
     t0 = time.perf_counter()
     docs, problems = read_documents(paths, max_file_mb)
     report = CompileReport(documents=len(docs))
@@ -92,16 +94,19 @@ def _compile(paths, store_dir: Path, ranks: Ranks, base, embedder, namespace, tr
     report.problems[:0] = problems
     report.atoms = len(planned)
     if ranks.rank == 0:  # the store exists, and holds what an interrupted run left, first
-        with AdapterStore.open_or_create(store_dir, store_header(base, embedder)) as store:
+        with AdapterStore.open_or_create(store_dir, store_header(base, embedder),
+                                         adapter_dtype=adapter_dtype) as store:
             merge_shards(store)
             store.claim_documents(namespace, manifests)
     dist.barrier()
     with AdapterStore(store_dir, readonly=True) as store:
         store.check_compatible(base.fingerprint, embedder.fingerprint, base_name=base.name,
                                embedder_name=embedder.name)
+        store.check_base_dtype(base.base_dtype, strict=True)
         existing = set(store.ids(namespace)) if namespace in store.namespaces() else set()
         todo = [p for p in planned if p.id not in existing]
-        with AdapterStore.open_or_create(store.layout.shard(ranks.rank), store.header) as out:
+        with AdapterStore.open_or_create(store.layout.shard(ranks.rank), store.header,
+                                         adapter_dtype=adapter_dtype) as out:
             losses = train_atoms(todo, store, out, base=base, embedder=embedder,
                                  namespace=namespace, train_config=train_config,
                                  chunk_config=chunk_config, report=report,
@@ -111,7 +116,7 @@ def _compile(paths, store_dir: Path, ranks: Ranks, base, embedder, namespace, tr
     if ranks.rank != 0:
         return None
     report.already_compiled = len(planned) - len(todo)
-    with AdapterStore(store_dir) as store:
+    with AdapterStore(store_dir, adapter_dtype=adapter_dtype) as store:
         report.trained = merge_shards(store)
         if prune:
             prune_namespace(store, namespace, planned, manifests, report)

@@ -23,7 +23,7 @@ from compiler.chunking import Atom, chunk_document
 from compiler.documents import MAX_FILE_MB, Document, Skipped, read_documents
 from compiler.lessons import embedded_text, lesson_views, taught_text, teacher_window
 from compiler.trainer import AtomTrainer
-from microlora.core.config import ChunkConfig, TrainConfig
+from microlora.core.config import ChunkConfig, StoreConfig, TrainConfig
 from microlora.core.embedder import Embedder
 from microlora.core.errors import QuotaExceededError, StoreError
 from microlora.core.models import BaseModel
@@ -37,6 +37,7 @@ from store import (
     check_document_id,
     is_store,
 )
+from store.record import adapter_bytes
 
 # Rough throughput for --dry-run estimates before a store has measured its own (atoms/s with
 # the default recipe on the default model; measured on 2 CPU cores, see benchmarks/RESULTS.md).
@@ -115,7 +116,7 @@ def plan(docs: Sequence[Document], tokenizer, base_fingerprint: str,
 
 def store_header(base: BaseModel, embedder: Embedder) -> StoreHeader:
     return StoreHeader(base.fingerprint, base.name, embedder.fingerprint, embedder.name,
-                       embedder.dim)
+                       embedder.dim, base_dtype=base.quantization)
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,7 @@ def compile_documents(
     progress: Callable[[int, int], None] | None = None,
     prepared: Plan | None = None,
     check: Callable[[], None] | None = None,
+    store_config: StoreConfig = StoreConfig(),
 ) -> CompileReport:
     """Compile documents into ``namespace`` of ``store`` (an open, writable store, or a
     directory: opened, or created, and closed again).
@@ -161,7 +163,7 @@ def compile_documents(
     the documents' ``plan`` when the caller made it already (with the same configs), so a
     large upload is chunked once, not again here. ``check()`` runs before each batch is
     trained and inside the transaction that writes it; what it raises stops the compile
-    (a server job, cancelled).
+    (a server job, cancelled). ``store_config``: how a store opened here keeps adapters.
     """
     report = CompileReport(documents=len(docs))
     if prepared is None:
@@ -170,7 +172,7 @@ def compile_documents(
     report.problems = list(prepared.problems)
     report.atoms = len(planned)
     with _opened(store, base, embedder, create=bool(planned) and not dry_run,
-                 readonly=dry_run) as store:
+                 readonly=dry_run, adapter_dtype=store_config.adapter_dtype) as store:
         if dry_run:
             existing = set(store.ids(namespace)) if store is not None and \
                 namespace in store.namespaces() else set()
@@ -216,20 +218,21 @@ def prune_namespace(store: AdapterStore, namespace: str, planned: Sequence[Plann
 
 @contextmanager
 def _opened(store: AdapterStore | str | Path, base: BaseModel, embedder: Embedder, *,
-            create: bool, readonly: bool) -> Iterator[AdapterStore | None]:
+            create: bool, readonly: bool, adapter_dtype: str) -> Iterator[AdapterStore | None]:
     """An open store checked against the models: the caller's (left open), or the one at a
     path (created only if ``create``; None when there is none), closed afterwards."""
     if isinstance(store, AdapterStore):
         store.check_compatible(base.fingerprint, embedder.fingerprint, base_name=base.name,
                                embedder_name=embedder.name)
+        store.check_base_dtype(base.base_dtype, strict=True)
         yield store
         return
     path = Path(store)
     if not is_store(path) and not create:
         yield None
         return
-    with AdapterStore.open_or_create(path, store_header(base, embedder),
-                                     readonly=readonly) as opened:
+    with AdapterStore.open_or_create(path, store_header(base, embedder), readonly=readonly,
+                                     adapter_dtype=adapter_dtype) as opened:
         yield opened
 
 
@@ -326,7 +329,8 @@ def check_quota(store: AdapterStore, namespace: str, atoms: Sequence[PlannedAtom
                 base: BaseModel, config: TrainConfig, quota: Quota) -> None:
     """Raise ``QuotaExceededError`` if storing ``atoms`` (those not stored yet) would take the
     namespace past its quota; called before anything is trained. Bytes are estimated from the
-    adapter shapes (rank x (in + out) bf16 values per target) plus text and embedding."""
+    adapter shapes (rank x (in + out) values per target, as the store keeps them) plus text
+    and embedding."""
     if quota.max_atoms is None and quota.max_bytes is None:
         return
     have_ids = set(store.ids(namespace)) if namespace in store.namespaces() else set()
@@ -339,8 +343,9 @@ def check_quota(store: AdapterStore, namespace: str, atoms: Sequence[PlannedAtom
             f"namespace {namespace!r} would hold {have + len(todo)} atoms, over its quota of "
             f"{quota.max_atoms} ({have} stored, {len(todo)} new); delete documents first")
     if quota.max_bytes is not None:
-        per_atom = 2 * config.rank * sum(
-            sum(linear_features(m)) for m in select_targets(base.model, config.targets).values())
+        targets = select_targets(base.model, config.targets).values()
+        per_atom = adapter_bytes(config.rank * sum(sum(linear_features(m)) for m in targets),
+                                 2 * config.rank * len(targets), store.adapter_dtype)
         stored = next((s.bytes for s in store.stats() if s.namespace == namespace), 0)
         new = sum(per_atom + len(p.atom.text.encode()) + 4 * store.header.embedding_dim
                   for p in todo)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from compiler.buckets import length_groups
 from compiler.loss import (
     CandidateVocab,
     OutputHead,
@@ -126,11 +127,9 @@ class AtomTrainer:
             rows = rows.to(dev)
             if len(rows) != len(active):
                 adapters = {k: (A[slot], B[slot]) for k, (A, B) in adapters.items()}
-            with self.lora.adapters(adapters), self.prefix.replay(frozen_states[rows]), \
-                    self._autocast():
-                hidden = self.model.base_model(input_ids=ids[rows],
-                                               attention_mask=mask[rows]).last_hidden_state
-                h, labels, row_of = target_states(hidden, ids[rows], tgt[rows])
+            h, labels, row_of = self._target_states(adapters, rows, ids, mask, tgt,
+                                                    frozen_states)
+            with self._autocast():
                 loss_per_atom, scored, min_prob = atom_losses(
                     h, labels, slot[row_of], len(active), self.head, vocab,
                     cfg.stop_prob, last=step == cfg.max_steps,
@@ -158,6 +157,31 @@ class AtomTrainer:
                                        for k, (A, B) in snapshot.items()}),
                             int(steps[b]), float(final[b]))
                 for b in range(n)]
+
+    def _target_states(self, adapters, rows: Tensor, ids: Tensor, mask: Tensor, tgt: Tensor,
+                       frozen_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``target_states`` of ``rows`` with ``adapters`` (one per row) composed: each group
+        of rows of similar length (``compiler.buckets``) runs at its own width, and the
+        states come back in the order one padded forward of all rows would give."""
+        lengths = mask[rows].sum(1)
+        groups = length_groups(lengths.cpu(), self.config.length_groups)
+        parts, keys = [], []
+        for group in groups:
+            g = group.to(rows.device)
+            r, w = rows[g], int(lengths[g].max())
+            own = adapters if len(groups) == 1 else \
+                {k: (A[g], B[g]) for k, (A, B) in adapters.items()}
+            with self.lora.adapters(own), self.prefix.replay(frozen_states[r, :w]), \
+                    self._autocast():
+                hidden = self.model.base_model(input_ids=ids[r, :w],
+                                               attention_mask=mask[r, :w]).last_hidden_state
+                h, labels, local = target_states(hidden, ids[r, :w], tgt[r, :w])
+            parts.append((h, labels, g[local]))
+            keys.append(g[local] * ids.shape[1] + tgt[r, 1:w].nonzero()[:, 1])
+        if len(parts) == 1:
+            return parts[0]
+        order = torch.argsort(torch.cat(keys))  # row by row, position by position
+        return tuple(torch.cat(p)[order] for p in zip(*parts))
 
     def _init_params(self, keys: Sequence[str]) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         """PEFT's init per atom: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0, seeded by the atom."""
@@ -206,6 +230,11 @@ class AtomTrainer:
                                 nb.permute(0, 2, 1, 3).reshape(len(active), B.shape[1], -1))
         stored = {name: (A[active], B[active]) for name, (A, B) in frozen.items()
                   if name in params}  # modules this recipe adapts
+        if self.config.company_weight == "mean":  # each of the composed atoms at 1/count
+            r = self.config.rank
+            count = 1 + nbrs.shape[1] + next((B.shape[2] // r for _, B in stored.values()), 0)
+            own, beside, stored = ({k: (A, B / count) for k, (A, B) in part.items()}
+                                   for part in (own, beside, stored))
         return concat(own, beside, stored)
 
     @torch.no_grad()

@@ -79,6 +79,9 @@ class Composer:
     def __init__(self, store: AdapterStore, base: BaseModel, embedder: Embedder):
         store.check_compatible(base.fingerprint, embedder.fingerprint, base_name=base.name,
                                embedder_name=embedder.name)
+        mismatch = store.check_base_dtype(base.base_dtype, strict=False)
+        if mismatch:  # allowed (its cost is measured), never silent
+            log.warning(mismatch)
         self.store, self.base, self.embedder = store, base, embedder
         self.lora = MultiLoraModel(base.model, {})
         self.reader: Packed | None = None
@@ -91,16 +94,19 @@ class Composer:
 
     @classmethod
     def open(cls, store_dir: str | Path, *, base_model: str | Path | None = None,
-             embedder: str | Path | None = None, device: str | None = None) -> Composer:
+             embedder: str | Path | None = None, device: str | None = None,
+             base_dtype: str | None = None) -> Composer:
         """Open a store read-only and load the models it was compiled with (the packaged
-        defaults unless paths are given)."""
+        defaults unless paths are given), the base in the store's quantization unless
+        ``base_dtype`` says otherwise (``load_base_model``'s dtype)."""
         from microlora.core.embedder import load_embedder
         from microlora.core.models import load_base_model
 
         store = AdapterStore(store_dir, readonly=True)
         try:
-            return cls(store, load_base_model(base_model, device=device),
-                       load_embedder(embedder, device=device))
+            base = load_base_model(base_model, device=device,
+                                   dtype=base_dtype or store.header.base_dtype)
+            return cls(store, base, load_embedder(embedder, device=device))
         except BaseException:
             store.close()
             raise
@@ -149,17 +155,16 @@ class Composer:
                 reader: bool = True) -> BatchedAdapters:
         """The kernel's per-request tensors (module -> (A (N, R, in), B (N, out, R))) for the
         hits of each request, each weighted by its hit's weight, the store's reader first
-        (unless ``reader`` is False): read zero-copy from the store (``records``, from
-        ``fetch``, or fetched here) and copied once."""
+        (unless ``reader`` is False): read from the store (``records``, from ``fetch``, or
+        fetched here; zero-copy views of bf16 atoms, int8 ones dequantized) and copied once."""
         if records is None:
             with self.fetch(requests) as fetched:
                 return self.compose(requests, fetched, reader)
         rows = [[records[(h.namespace, h.id)].adapter for h in hits] for hits in requests]
         for layout in {p.layout for row in rows for p in row}:
             self._attach(layout)
-        model_dtype = next(self.base.model.parameters()).dtype
         return compose(rows, [[h.weight for h in hits] for hits in requests],
-                       shared=self.reader if reader else None, dtype=model_dtype,
+                       shared=self.reader if reader else None, dtype=self.base.dtype,
                        device=self.base.device)
 
     def _attach(self, layout: PackLayout) -> None:

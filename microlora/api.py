@@ -17,6 +17,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     base_model: str | Path | None = None,
     embedder: str | Path | None = None,
     device: str | None = None,
+    base_dtype: str | None = None,
     prune: bool = False,
     dry_run: bool = False,
     max_atom_tokens: int = 64,
@@ -26,16 +27,21 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     """Compile documents (files or directories of .txt, .md, .jsonl) into a store namespace.
 
     ``recipe`` takes ``compiler.trainer.TrainConfig`` fields (rank, lr, max_steps, neighbours,
-    batch_atoms, ...). Returns a ``compiler.pipeline.CompileReport``.
+    batch_atoms, ...). ``base_dtype``: "fp32", "bf16", "int8" or "int4" (default: the store's,
+    or fp32 on the CPU and bf16 on CUDA for a new store). Returns a
+    ``compiler.pipeline.CompileReport``.
     """
     from compiler.pipeline import compile_corpus
     from microlora.core.config import ChunkConfig, TrainConfig
     from microlora.core.embedder import load_embedder
     from microlora.core.models import load_base_model
+    from store import stored_base_dtype
 
     config = TrainConfig(**recipe, **({"targets": targets} if targets else {}))
+    base = load_base_model(base_model, device=device,
+                           dtype=base_dtype or stored_base_dtype(store))
     return compile_corpus(
-        paths, store, base=load_base_model(base_model, device=device),
+        paths, store, base=base,
         embedder=load_embedder(embedder, device=device), namespace=namespace,
         train_config=config, chunk_config=ChunkConfig(max_tokens=max_atom_tokens),
         prune=prune, dry_run=dry_run)
@@ -49,17 +55,20 @@ def ask(
     base_model: str | Path | None = None,
     embedder: str | Path | None = None,
     device: str | None = None,
+    base_dtype: str | None = None,
     **config,
 ):
     """Answer one question from a store: retrieve its atoms, compose their adapters, generate.
 
     ``config`` takes ``composer.AskConfig`` fields (mode, k, min_score, weighting,
-    composition, max_new_tokens). This loads the models on every call; to ask many questions,
+    composition, max_new_tokens); ``base_dtype`` overrides the store's (``compile``). This
+    loads the models on every call; to ask many questions,
     keep a ``microlora.Composer.open(store)`` and call its ``ask``. Returns a
     ``composer.Answer`` (text, sources with scores, timing).
     """
     from composer import Composer
     from microlora.core.config import AskConfig
 
-    with Composer.open(store, base_model=base_model, embedder=embedder, device=device) as c:
+    with Composer.open(store, base_model=base_model, embedder=embedder, device=device,
+                       base_dtype=base_dtype) as c:
         return c.ask(question, namespaces, AskConfig(**config))

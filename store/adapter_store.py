@@ -13,7 +13,6 @@ transactions are per thread, and a lock guards the in-memory FAISS indexes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -21,14 +20,13 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import torch
 
-from microlora.core.config import MAX_NAMESPACES
+from microlora.core.config import MAX_NAMESPACES, StoreConfig, quantization
 from microlora.core.errors import (
     StoreError,
     StoreMismatchError,
@@ -39,6 +37,7 @@ from store import record as rec
 from store.damage import damage_explained
 from store.documents import BatchDocuments, DocumentManifests
 from store.environment import open_environment
+from store.header import HEADER_KEY, StoreHeader, parse_header
 from store.index import EXACT_LIMIT, VectorIndex
 from store.index_cache import IndexCache
 from store.jobs import JobTable
@@ -47,23 +46,18 @@ from store.maintenance import Maintenance, hold_shared
 from store.peft import read_reader
 from store.reader import Reader
 
-FORMAT_VERSION = 1
 _META_DB = b"__meta__"
-_HEADER_KEY = b"header"
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # fullmatch: "$" allows "\n"
 _DEFAULT_MAP_SIZE = 1 << 40  # address space only: the file grows as data is written
 
 
-@dataclass(frozen=True)
-class StoreHeader:
-    """What a store is for: the base model and embedder every adapter in it belongs to."""
-
-    base_fingerprint: str
-    base_name: str
-    embedder_fingerprint: str
-    embedder_name: str
-    embedding_dim: int
-    format_version: int = FORMAT_VERSION
+def stored_base_dtype(path: str | Path) -> str | None:
+    """The quantization the store at ``path`` was compiled against ("int8", "int4"), or
+    None: a float base, or no store there yet. What ``--base-dtype`` defaults to."""
+    if not is_store(Path(path)):
+        return None
+    with AdapterStore(path, readonly=True) as store:
+        return store.header.base_dtype
 
 
 def validate_namespace(namespace: str) -> str:
@@ -78,16 +72,19 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
 
     Open an existing store with ``AdapterStore(path)`` (``readonly=True`` for inspection:
     then nothing on disk changes, not even the index cache), or create one with
-    ``AdapterStore.create(path, header)``.
+    ``AdapterStore.create(path, header)``. ``adapter_dtype``: how ``put`` stores adapters
+    (``StoreConfig``); atoms of every kind are read.
     """
 
     def __init__(self, path: str | Path, *, readonly: bool = False,
                  max_namespaces: int = MAX_NAMESPACES, map_size: int = _DEFAULT_MAP_SIZE,
-                 exact_limit: int = EXACT_LIMIT):
+                 exact_limit: int = EXACT_LIMIT,
+                 adapter_dtype: str = StoreConfig.adapter_dtype):
         self.path = Path(path)
         self.layout = StoreLayout(self.path)
         self.readonly = readonly
         self.exact_limit = exact_limit
+        self.adapter_dtype = rec.storage(StoreConfig(adapter_dtype).adapter_dtype)
         if not is_store(self.path):
             raise StoreError(f"{self.path} is not a microlora store (no data.mdb there); "
                              "create one with `microlora compile ... --store DIR`")
@@ -102,27 +99,18 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
                 readonly=readonly)
             self._meta = self._env.open_db(_META_DB, create=False)  # (also ``_reopen``)
             with self._env.begin(db=self._meta) as txn:
-                raw = txn.get(_HEADER_KEY)
+                raw = txn.get(HEADER_KEY)
         except lmdb.Error as e:
             raise StoreError(f"{self.path} is not a readable microlora store ({e}); if it was "
                              "one, restore it from a backup or re-compile it") from e
-        if raw is None:
-            self._env.close()
-            raise StoreError(f"{self.path} has no microlora header; it is not a microlora store")
         try:
-            header = json.loads(raw)
-            version = header.get("format_version")
-        except (ValueError, AttributeError):
+            if raw is None:
+                raise StoreError(f"{self.path} has no microlora header; it is not a microlora "
+                                 "store")
+            self.header = parse_header(raw, self.path)
+        except StoreError:
             self._env.close()
-            raise StoreError(f"{self.path} has a corrupt header; restore the store from a "
-                             "backup or re-compile it") from None
-        if version != FORMAT_VERSION:
-            self._env.close()
-            hint = ("upgrade microlora" if isinstance(version, int) and version > FORMAT_VERSION
-                    else "re-compile your documents into a new store")
-            raise StoreError(f"{self.path} is a format v{version} store; this microlora reads "
-                             f"v{FORMAT_VERSION}: {hint}")
-        self.header = StoreHeader(**header)
+            raise
         self._dbs: dict[str, object] = {}
         self._indexes: dict[str, VectorIndex] = {}
         self._unsaved: set[str] = set()
@@ -143,20 +131,22 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
                         mode=FILE_MODE)
         with env.begin(write=True) as txn:
             meta = env.open_db(_META_DB, txn=txn)
-            txn.put(_HEADER_KEY, json.dumps(asdict(header)).encode(), db=meta)
+            txn.put(HEADER_KEY, header.to_bytes(), db=meta)
         env.close()
         return cls(path, **kwargs)
 
     @classmethod
     def open_or_create(cls, path: str | Path, header: StoreHeader, **kwargs) -> AdapterStore:
         """Open the store at ``path``, creating it if it does not exist; either way check that
-        it belongs to ``header``'s base model and embedder."""
+        it belongs to ``header``'s base model (and its quantization) and embedder: this is how
+        compiling opens a store, so it never adds adapters trained against another base."""
         path = Path(path)
         store = cls(path, **kwargs) if is_store(path) else cls.create(
             path, header, **kwargs)
         try:
             store.check_compatible(header.base_fingerprint, header.embedder_fingerprint,
                                    base_name=header.base_name, embedder_name=header.embedder_name)
+            store.check_base_dtype(header.base_dtype, strict=True)
         except StoreMismatchError:
             store.close()
             raise
@@ -207,6 +197,25 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
                 f"({embedder_fingerprint[:12]}). Pass --embedder with the store's embedder."
             )
 
+    def check_base_dtype(self, base_dtype: str | None, *, strict: bool) -> str | None:
+        """Compare the quantization of the base in use ("int8", "int4", or None: fp32 or bf16)
+        with the one this store's adapters were trained against. ``strict`` (compiling):
+        a mismatch raises. Otherwise (answering) it is returned as a warning to show: the
+        answers come from another function than the one the adapters were trained on."""
+        theirs, ours = self.header.base_dtype, quantization(base_dtype)
+        if ours == theirs:
+            return None
+        stored, used = theirs or "fp32 or bf16", base_dtype or "fp32 or bf16"
+        if strict:
+            raise StoreMismatchError(
+                f"store {self.path} holds adapters trained against a base in {stored}, and "
+                f"this base is in {used}: one store never mixes the two. Pass --base-dtype "
+                f"{theirs or 'fp32'} (or leave it out: the store's is the default), or "
+                "compile into a new store.")
+        return (f"store {self.path} was compiled against a base in {stored} but is answered "
+                f"with one in {used} (--base-dtype {base_dtype or 'fp32'}); its adapters were "
+                f"trained for the other: leave --base-dtype out to use the store's.")
+
     # -- namespaces --------------------------------------------------------------------------
 
     def namespaces(self) -> list[str]:
@@ -252,6 +261,14 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
             txn.put(b"gen:" + namespace.encode(), b"0", db=self._meta)
         return db
 
+    def _hold_version(self, txn, record_version: int) -> StoreHeader:
+        """The header able to hold ``record_version`` records, written in ``txn`` if the
+        format had to rise (``store/header.py``); the caller adopts it once ``txn`` commits."""
+        header = self.header.holding(record_version)
+        if header != self.header:
+            txn.put(HEADER_KEY, header.to_bytes(), db=self._meta)
+        return header
+
     def generation(self, namespace: str) -> int:
         with self._txn(db=self._meta) as txn:
             raw = txn.get(b"gen:" + validate_namespace(namespace).encode())
@@ -293,10 +310,11 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
     # -- atoms -------------------------------------------------------------------------------
 
     def put(self, namespace: str, records: Iterable[rec.AtomRecord],
-            dtype: torch.dtype = torch.bfloat16, *, documents: BatchDocuments | None = None,
+            dtype: str | torch.dtype | None = None, *, documents: BatchDocuments | None = None,
             create: bool = True, check: Callable[[], None] | None = None) -> int:
         """Add atoms in one transaction; atoms already present (same id) are kept as they are.
-        Returns how many were new.
+        Returns how many were new. ``dtype``: how their adapters are stored (int8, bf16 or
+        fp16; default the store's ``adapter_dtype``).
 
         ``documents``: the manifests to write in the same transaction. ``create=False``: the
         namespace must exist (UnknownNamespaceError if it was dropped meanwhile: a compile
@@ -304,7 +322,7 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
         transaction, before anything is written; what it raises aborts the batch (a server job
         cancelled: the cancel and a drop cannot interleave with the write)."""
         self._guard_writable()
-        records = list(records)
+        records, dtype = list(records), rec.storage(dtype or self.adapter_dtype)
         for r in records:  # check everything before writing anything
             if r.base_fingerprint != self.header.base_fingerprint:
                 raise StoreMismatchError(
@@ -317,7 +335,7 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
                 raise StoreError(f"atom id {r.id[:40]!r} must be 1-256 bytes")
             # a NaN composed into a batch makes every answer of it empty: never store one
             # (checked as stored: a value finite in fp32 may overflow fp16)
-            for part, finite in (("adapter", torch.isfinite(r.adapter.flat.to(dtype)).all()),
+            for part, finite in (("adapter", rec.finite_as_stored(r.adapter, dtype)),
                                  ("embedding", np.isfinite(r.embedding).all())):
                 if not finite:
                     raise StoreError(f"atom {r.id} ({r.source or 'no source'}: {r.text[:60]!r}) "
@@ -330,6 +348,7 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
                 if check is not None:
                     check()
                 db = self._db_for_write(txn, namespace, create)
+                header = self._hold_version(txn, rec.version_for(dtype))
                 skip = self._put_batch_documents(txn, namespace, documents) if documents \
                     else set()
                 for r, (key, value) in zip(records, values):
@@ -340,7 +359,7 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
         except lmdb.MapFullError as e:
             raise StoreError(f"store {self.path} reached its map size ({e}); nothing from this "
                              "batch was written. Open it with a larger map_size") from e
-        self._dbs[namespace] = db  # only now: a handle opened in an aborted txn is invalid
+        self._dbs[namespace], self.header = db, header  # only now: the txn committed
         if added:
             self._extend_index(namespace, added, gen_before, gen)
         return len(added)
@@ -374,8 +393,8 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
 
     @contextmanager
     def read(self, namespace: str) -> Iterator[Reader]:
-        """A read transaction: ``reader.get(id)`` returns zero-copy views into the memory map,
-        valid until the ``with`` block ends."""
+        """A read transaction: ``reader.get(id)`` returns zero-copy views into the memory map
+        (int8 adapters: dequantized copies), valid until the ``with`` block ends."""
         db = self._db(namespace)
         with self._txn(db=db, buffers=True) as txn:
             yield Reader(self.path, namespace, txn, self._verified_ids(txn, namespace))

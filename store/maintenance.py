@@ -1,5 +1,6 @@
 """Looking after a store: per-namespace statistics (from LMDB's page counts, no scan),
-verification of every record's checksum, and compaction.
+verification of every record's checksum, re-encoding adapters (bf16 to int8, say), and
+compaction.
 
 LMDB is copy-on-write: a deleted atom's pages are freed, not overwritten, so its text stays in
 ``data.mdb`` until later writes reuse them. ``compact`` writes a copy holding only what is
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from microlora.core.errors import CorruptAtomError, StoreError
+from store import record as rec
 from store.damage import DAMAGE
 from store.index import VectorIndex
 from store.layout import DIR_MODE, FILE_MODE
@@ -99,6 +101,31 @@ class Maintenance:
         finally:
             fcntl.flock(self._hold_fd, fcntl.LOCK_SH)
         return before, self.layout.data_file.stat().st_size
+
+    def reencode(self, dtype: str, batch: int = 256) -> int:
+        """Rewrite every atom whose adapter is not stored as ``dtype`` (int8, bf16 or fp16)
+        with its adapter in ``dtype``; ids, text and embeddings stay as they are, so the same
+        trained adapters can be compared across storages. Each record's checksum is checked
+        before it is rewritten. Returns how many atoms were rewritten; their old pages are
+        freed, and ``compact`` gives them back to the filesystem."""
+        self._guard_writable()
+        dtype, changed = rec.storage(dtype), 0
+        for ns in self.namespaces():
+            ids, db = self.ids(ns), self._db(ns)
+            for start in range(0, len(ids), batch):
+                with self._txn(write=True, db=db) as txn:
+                    reader, n = Reader(self.path, ns, txn), 0
+                    header = self._hold_version(txn, rec.version_for(dtype))
+                    for atom_id in ids[start:start + batch]:
+                        value = reader._value(atom_id)
+                        if rec.stored_dtype(value) != dtype:
+                            record = reader.check(atom_id, value, copy=True)
+                            txn.put(atom_id.encode(), rec.encode(record, dtype))
+                            n += 1
+                    if n:  # the bytes under these ids changed: checksums are checked anew
+                        self._bump(txn, ns)
+                self.header, changed = header, changed + n
+        return changed
 
     def _drop_deleted_databases(self) -> None:
         """Delete the LMDB databases of dropped namespaces (``drop`` only empties them, as

@@ -35,9 +35,10 @@ class Reader:
                ) -> list[rec.AtomRecord]:
         """The records of ``ids``, in order, from this one transaction: text, provenance and
         packed adapter together (zero-copy views valid inside this ``with`` block unless
-        ``copy``). ``microlora.core.pack.compose`` turns their adapters into the kernel's
-        per-request tensors with one copy. With ``on_corrupt``, a corrupt record is handed
-        to it and left out instead of failing the whole gather."""
+        ``copy``; an int8 adapter is always a dequantized copy). ``microlora.core.pack.compose``
+        turns their adapters into the kernel's per-request tensors with one copy. With
+        ``on_corrupt``, a corrupt record is handed to it and left out instead of failing the
+        whole gather."""
         records = (self._kept(i, self._value(i), on_corrupt, copy=copy) for i in ids)
         return [r for r in records if r is not None]
 

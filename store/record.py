@@ -1,11 +1,16 @@
 """One atom on disk: its adapter, embedding, text and provenance in a single LMDB value.
 
 A value is a 24-byte prefix (magic, record version, BLAKE2b-128 checksum of the rest) followed
-by a standard safetensors payload with two tensors: ``microlora.adapter``, the whole adapter as
-one flat bf16/fp16 vector in ``PackLayout`` order (``microlora.core.pack.Packed``), and
-``microlora.embedding``; the layout, text, provenance and config are JSON in the safetensors
-metadata. Decoding reads tensors straight out of the buffer (LMDB's memory map) without
-copying; verification recomputes the checksum.
+by a standard safetensors payload: ``microlora.adapter``, the whole adapter as one flat vector
+in ``PackLayout`` order (``microlora.core.pack.Packed``), and ``microlora.embedding`` (float32);
+the layout, text, provenance and config are JSON in the safetensors metadata. Two versions:
+
+    1  the adapter in bf16 or fp16 (``--adapter-dtype bf16|fp16``; every store before int8)
+    2  the adapter in int8 with one bf16 scale per row, ``microlora.scales`` (``store/quantize``)
+
+Decoding reads tensors straight out of the buffer (LMDB's memory map): a version 1 adapter is
+a zero-copy view; a version 2 adapter is dequantized into a float32 ``Packed`` (so everything
+after the store sees one form of an adapter). Verification recomputes the checksum.
 """
 
 from __future__ import annotations
@@ -23,15 +28,20 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from microlora.core.config import ADAPTER_DTYPES
 from microlora.core.errors import StoreError
 from microlora.core.pack import Packed, PackLayout
+from store import quantize
 
 MAGIC = b"MLA\x00"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # what an int8 record is written as; bf16 and fp16 ones stay version 1
+READ_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<4sI16s")  # magic, record version, checksum: 24 bytes keeps 8-alignment
 EMBEDDING_KEY = "microlora.embedding"
 ADAPTER_KEY = "microlora.adapter"
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+SCALES_KEY = "microlora.scales"
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8}
+_FLOATS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -72,13 +82,44 @@ def checksum(payload: bytes | memoryview) -> bytes:
     return hashlib.blake2b(payload, digest_size=16).digest()
 
 
-def encode(record: AtomRecord, dtype: torch.dtype = torch.bfloat16) -> bytes:
-    """Serialise a record; adapter tensors are stored in ``dtype`` (bf16 or fp16)."""
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise StoreError(f"adapters are stored as bf16 or fp16, not {dtype}")
+def storage(dtype: str | torch.dtype) -> str:
+    """The name of an adapter storage (``ADAPTER_DTYPES``) given as a name or a torch dtype."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}.get(dtype, dtype)
+    if name not in ADAPTER_DTYPES:
+        raise StoreError(f"adapters are stored as {', '.join(ADAPTER_DTYPES)}, not {dtype}")
+    return name
+
+
+def version_for(dtype: str | torch.dtype) -> int:
+    """The record version an adapter stored as ``dtype`` is written with."""
+    return 2 if storage(dtype) == "int8" else 1
+
+
+def adapter_bytes(values: int, rows: int, dtype: str | torch.dtype) -> int:
+    """Bytes an adapter of ``values`` numbers in ``rows`` rows (rank components of A's and
+    B's) takes stored as ``dtype``: int8 counts its bf16 scales."""
+    return values + 2 * rows if storage(dtype) == "int8" else 2 * values
+
+
+def finite_as_stored(adapter: Packed, dtype: str | torch.dtype) -> bool:
+    """Whether the adapter stays finite once stored (a value finite in fp32 may overflow fp16;
+    int8 scales are absmax / 127, finite wherever the values are)."""
+    name = storage(dtype)
+    flat = adapter.flat if name == "int8" else adapter.flat.to(_FLOATS[name])
+    return bool(torch.isfinite(flat).all())
+
+
+def encode(record: AtomRecord, dtype: str | torch.dtype = "int8") -> bytes:
+    """Serialise a record, its adapter stored as ``dtype``: "int8" (version 2), "bf16" or
+    "fp16" (version 1, byte for byte what every store before int8 holds)."""
+    name = storage(dtype)
     layout = record.adapter.layout
-    tensors = {ADAPTER_KEY: record.adapter.flat.to("cpu", dtype),
-               EMBEDDING_KEY: torch.as_tensor(np.asarray(record.embedding, np.float32)).reshape(-1)}
+    tensors = {EMBEDDING_KEY: torch.as_tensor(np.asarray(record.embedding, np.float32))
+               .reshape(-1)}
+    if name == "int8":
+        tensors[ADAPTER_KEY], tensors[SCALES_KEY] = quantize.quantize(record.adapter)
+    else:
+        tensors[ADAPTER_KEY] = record.adapter.flat.to("cpu", _FLOATS[name])
     meta = {"id": record.id, "text": record.text, "source": record.source,
             "start": record.start, "end": record.end, "config": record.config,
             "context": list(record.context), "context_at": record.context_at,
@@ -89,7 +130,12 @@ def encode(record: AtomRecord, dtype: torch.dtype = torch.bfloat16) -> bytes:
         meta["section"] = list(record.section)
     payload = save_safetensors(tensors, metadata={"microlora": json.dumps(meta),
                                                   "microlora.layout": _layout_json(layout)})
-    return _PREFIX.pack(MAGIC, RECORD_VERSION, checksum(payload)) + payload
+    return _PREFIX.pack(MAGIC, version_for(name), checksum(payload)) + payload
+
+
+def stored_dtype(value: bytes | memoryview) -> str:
+    """How a record's adapter is stored ("int8", "bf16" or "fp16"), from its header alone."""
+    return storage(_parse(value)[1][ADAPTER_KEY].dtype)
 
 
 def verify(value: bytes | memoryview) -> str | None:
@@ -99,8 +145,8 @@ def verify(value: bytes | memoryview) -> str | None:
     magic, version, digest = _PREFIX.unpack_from(value)
     if magic != MAGIC:
         return "not a microlora atom record (bad magic)"
-    if version != RECORD_VERSION:
-        return f"record version {version}, this microlora reads {RECORD_VERSION}"
+    if version not in READ_VERSIONS:
+        return f"record version {version}, this microlora reads versions {READ_VERSIONS}"
     if checksum(memoryview(value)[_PREFIX.size:]) != digest:
         return "checksum mismatch (the record's bytes changed after it was written)"
     return None
@@ -108,7 +154,8 @@ def verify(value: bytes | memoryview) -> str | None:
 
 def decode(value: bytes | memoryview, *, copy: bool = True) -> AtomRecord:
     """Parse a record (``verify`` checks it). With ``copy=False`` the tensors are views into
-    ``value`` (no copy), valid only as long as the buffer is (for LMDB: the read transaction)."""
+    ``value`` (no copy), valid only as long as the buffer is (for LMDB: the read transaction);
+    an int8 adapter is always a new float32 tensor."""
     header, tensors = _parse(value)
     try:
         meta = json.loads(header["microlora"])
@@ -117,7 +164,9 @@ def decode(value: bytes | memoryview, *, copy: bool = True) -> AtomRecord:
         raise StoreError(f"unreadable record metadata: {e}") from e
     adapter = _adapter(header, tensors)
     if copy:
-        adapter, embedding = adapter.to(adapter.flat.dtype), embedding.clone()
+        if tensors[ADAPTER_KEY].dtype != torch.int8:  # a view (int8 was dequantized anew)
+            adapter = adapter.to(adapter.flat.dtype)
+        embedding = embedding.clone()
     return AtomRecord(
         id=meta["id"], text=meta["text"], adapter=adapter,
         embedding=embedding.numpy(), base_fingerprint=meta["base_fingerprint"],
@@ -148,7 +197,13 @@ def _adapter(metadata: dict[str, str], tensors: dict[str, Tensor]) -> Packed:
         raise StoreError(f"unreadable adapter layout: {e}") from e
     if flat.dim() != 1 or flat.numel() != layout.size:
         raise StoreError(f"adapter has {flat.numel()} values, its layout needs {layout.size}")
-    return Packed(flat, layout)
+    if flat.dtype != torch.int8:
+        return Packed(flat, layout)
+    scales = tensors.get(SCALES_KEY)
+    if scales is None or scales.shape != (quantize.rows(layout),):
+        raise StoreError(f"an int8 adapter needs {quantize.rows(layout)} scales, it has "
+                         f"{None if scales is None else tuple(scales.shape)}")
+    return quantize.dequantize(flat, scales, layout)
 
 
 def _layout_json(layout: PackLayout) -> str:

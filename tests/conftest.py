@@ -22,6 +22,7 @@ from transformers import (
 from microlora.core.pack import Packed
 from microlora.core.paths import HOME_ENV
 from store import AdapterStore, AtomRecord, StoreHeader
+from store import record as rec
 
 TINY_CONFIGS = {
     "gemma": lambda: Gemma3TextConfig(
@@ -140,13 +141,23 @@ def flip_byte_inside(path, needle: bytes):
     (path / "data.mdb").write_bytes(bytes(data))
 
 
+def stored_adapter_bytes(packed: Packed, dtype: str = "int8") -> bytes:
+    """The bytes of an adapter as a record stores it (int8 values, or bf16)."""
+    from store.quantize import quantize
+
+    if dtype == "int8":
+        return quantize(packed)[0].numpy().tobytes()
+    return packed.flat.bfloat16().view(torch.int16).numpy().tobytes()
+
+
 def corrupt_atom(store: AdapterStore, namespace: str, atom_id: str) -> None:
     """Flip a byte inside one atom's adapter in an open store's file, as a disk would: the
     record still decodes, only its checksum tells. (Read without checking it: a checked
     atom is not hashed again by this process.)"""
     with store.read(namespace) as reader:
-        flat = dict(reader.items())[atom_id].adapter.flat
-        flip_byte_inside(store.path, flat.view(torch.int16).numpy().tobytes()[:64])
+        value = bytes(reader._value(atom_id))  # the record's bytes, as stored
+    stored = rec._parse(value)[1][rec.ADAPTER_KEY]
+    flip_byte_inside(store.path, stored.view(torch.uint8).numpy().tobytes()[:64])
 
 
 def zero_leaf_page_of(path, needle: bytes) -> None:

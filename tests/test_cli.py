@@ -4,7 +4,15 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import HEADER, flip_byte_inside, make_records, save_tiny, tiny_model, tree_bytes
+from conftest import (
+    HEADER,
+    flip_byte_inside,
+    make_records,
+    save_tiny,
+    stored_adapter_bytes,
+    tiny_model,
+    tree_bytes,
+)
 
 from microlora.cli import cli
 from store import AdapterStore, StoreHeader
@@ -42,8 +50,7 @@ def test_ls_and_stats(store_dir):
 def test_verify_reports_corruption_with_exit_code(store_dir):
     assert run("store", "verify", "--store", store_dir).output.strip() == "ok: 6 atoms verified"
     victim = make_records(2, seed=1)[1]
-    A = next(iter(victim.adapter.unpack().values()))[0].bfloat16()
-    flip_byte_inside(store_dir, A.view(dtype=__import__("torch").int16).numpy().tobytes()[:64])
+    flip_byte_inside(store_dir, stored_adapter_bytes(victim.adapter)[:64])
     before = tree_bytes(store_dir)
     result = run("store", "verify", "--store", store_dir)
     assert result.exit_code == 1

@@ -21,6 +21,7 @@ from microlora.core.embedder import load_embedder
 from microlora.core.errors import StoreMismatchError
 from microlora.core.models import load_base_model
 from store import AdapterStore
+from store.record import stored_dtype
 
 RECIPE = TrainConfig(targets=TargetSpec(last_layers=2), max_steps=3, lr=2e-2, bf16=False,
                      batch_atoms=4, neighbours=1)
@@ -145,6 +146,13 @@ def test_cli_compile_and_dry_run(tmp_path, corpus, tiny_models):
         assert set(s.documents("default")) == set(docs) - {a_txt}
         assert sorted(s.ids("default")) == sorted(i for d, ids in docs.items() if d != a_txt
                                                   for i in ids)
+    # adapters are stored as int8 unless told otherwise
+    bf16 = CliRunner().invoke(cli, [*args[:2], "--store", str(tmp_path / "s3"), *args[4:],
+                                    "--adapter-dtype", "bf16"])
+    assert bf16.exit_code == 0, bf16.output
+    for path, kind in ((tmp_path / "s", "int8"), (tmp_path / "s3", "bf16")):
+        with AdapterStore(path, readonly=True) as s, s.read("default") as reader:
+            assert {stored_dtype(reader._value(i)) for i in s.ids("default")} == {kind}
 
 
 def test_sigkill_mid_compile_leaves_a_clean_store_that_resumes(tmp_path, tiny_models):

@@ -95,7 +95,9 @@ def test_a_whole_run_on_tiny_models(tmp_path, tiny_models):
     assert {"compile", "answer"} <= set(seen)
     written = write_report(summary, rows, tmp_path / "out" / "result.json")
     assert [p.suffix for p in written] == [".json", ".jsonl", ".md", ".png"]
-    assert "| parametric |" in (tmp_path / "out" / "result.md").read_text()
+    report = (tmp_path / "out" / "result.md").read_text()
+    assert "| parametric |" in report
+    assert report.startswith("qa.jsonl: 4 questions")  # named by its file, not its format
 
 
 def test_scores_count_the_right_answers(tmp_path, tiny_models, monkeypatch):

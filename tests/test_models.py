@@ -33,7 +33,7 @@ def test_fingerprint_ignores_dtype_but_not_weights(tmp_path):
 def test_bad_paths_and_dtypes_are_clear(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_base_model(tmp_path / "missing")
-    with pytest.raises(ModelLoadError, match="unknown dtype"):
+    with pytest.raises(ModelLoadError, match="unknown base dtype .float8.: --base-dtype takes"):
         load_base_model(save_tiny(tmp_path / "m"), dtype="float8")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")

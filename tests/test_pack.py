@@ -72,6 +72,13 @@ def test_compose_copies_into_the_requested_dtype_and_leaves_the_atoms_alone():
     assert all(A.dtype == torch.float32 for A, _ in composed.values())
     assert torch.equal(atom.flat, before)
     assert compose([[], []]) == {}
+    # the usual request (no weights, no padding) converts as it stacks: the same values
+    other = Packed.of(random_adapter(SHAPES, rank=2, seed=8), dtype=torch.bfloat16)
+    as_fp32 = compose([[atom, other]], dtype=torch.float32)
+    as_bf16 = compose([[atom, other]], dtype=torch.bfloat16)
+    for name, (A, B) in as_fp32.items():
+        assert A.dtype == B.dtype == torch.float32
+        assert torch.equal(A, as_bf16[name][0].float()) and torch.equal(B, as_bf16[name][1].float())
 
 
 def test_concat_keeps_gradients_and_broadcasts_a_shared_part():

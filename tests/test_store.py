@@ -16,6 +16,7 @@ from conftest import (
     corrupt_atom,
     flip_byte_inside,
     make_records,
+    stored_adapter_bytes,
     tree_bytes,
     unit_vectors,
     zero_leaf_page_of,
@@ -41,7 +42,7 @@ def store(tmp_path):
 
 def test_round_trip_keeps_everything(store):
     recs = make_records(3)
-    assert store.put("docs", recs) == 3
+    assert store.put("docs", recs, dtype="bf16") == 3
     got = store.get("docs", [recs[2].id, recs[0].id])
     for want, have in zip([recs[2], recs[0]], got):
         assert (have.id, have.text, have.source, have.start, have.end, have.config) == (
@@ -65,7 +66,7 @@ def test_fp16_storage(store):
 
 def test_reads_are_zero_copy_views_of_the_map(store):
     rec = make_records(1)[0]
-    store.put("docs", [rec])
+    store.put("docs", [rec], dtype="bf16")  # (an int8 adapter is dequantized on every read)
     with store.read("docs") as reader:
         first = reader.get(rec.id).adapter.flat
         second = reader.get(rec.id).adapter.flat
@@ -91,7 +92,7 @@ def test_namespaces_delete_drop_and_stats(store):
     assert sorted(store.ids("docs")) == ["atom000000", "atom000002", "atom000003"]
     stats = {s.namespace: s for s in store.stats()}
     assert stats["docs"].atoms == 3 and stats["user:alice"].atoms == 2
-    adapter_bytes = make_records(1)[0].nbytes() // 2  # fp32 in memory, bf16 on disk
+    adapter_bytes = make_records(1)[0].nbytes() // 4  # fp32 in memory, int8 on disk
     assert adapter_bytes < stats["docs"].bytes_per_atom <= adapter_bytes + 4096  # + a page
     assert store.drop("user:alice") == 2
     assert store.namespaces() == ["docs"]
@@ -250,8 +251,7 @@ def test_a_damaged_lmdb_page_is_a_clear_error_that_says_to_run_verify(tmp_path):
         s.put("docs", recs)
     victim = recs[0]  # the first leaf: where a walk starts (one stepping onto a damaged
     # page further on trips an assertion inside LMDB that ends the process)
-    zero_leaf_page_of(tmp_path / "s",
-                      victim.adapter.flat.bfloat16().view(torch.int16).numpy().tobytes()[:64])
+    zero_leaf_page_of(tmp_path / "s", stored_adapter_bytes(victim.adapter)[:64])
     with AdapterStore(tmp_path / "s") as s:
         with pytest.raises(StoreError, match="damaged.*microlora store verify") as e:
             s.get("docs", [victim.id])
@@ -340,7 +340,7 @@ def test_index_extended_by_puts_is_saved_on_close(store):
 
 def test_gather_reads_whole_records_in_order_from_one_transaction(store):
     recs = make_records(5)
-    store.put("docs", recs)
+    store.put("docs", recs, dtype="bf16")  # zero-copy views: bf16 (int8 is dequantized)
     pick = [recs[3], recs[0], recs[4]]
     with store.read("docs") as reader:
         got = reader.gather([r.id for r in pick])

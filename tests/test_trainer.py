@@ -30,12 +30,13 @@ def train(base, texts=TEXTS, keys=KEYS, **kw):
         return trainer.train(texts, keys)
 
 
-def full_loss(base, text, adapter) -> float:
-    """The stock HF loss of ``text`` (the tiny tokenizer adds no BOS) with ``adapter`` alone."""
+def full_loss(base, text, adapter, *beside, weights=None) -> float:
+    """The stock HF loss of ``text`` (the tiny tokenizer adds no BOS) with ``adapter`` alone, or
+    composed with ``beside`` (each atom weighted by ``weights``)."""
     ids = base.tokenizer(text, return_tensors="pt").input_ids
     lora = MultiLoraModel(base.model, config().targets)
     try:
-        with torch.no_grad(), lora.adapters(compose([[adapter]])):
+        with torch.no_grad(), lora.adapters(compose([[adapter, *beside]], weights)):
             return base.model(input_ids=ids, labels=ids).loss.item()
     finally:
         lora.remove()
@@ -107,6 +108,8 @@ def test_the_scale_is_folded_into_the_returned_adapter(base):
 def test_bad_recipes_name_the_flag():
     with pytest.raises(ValueError, match="--rank"):
         TrainConfig(rank=3)
+    with pytest.raises(ValueError, match="--company-weight"):
+        TrainConfig(company_weight="sum")
     with pytest.raises(ValueError, match="--steps"):
         TrainConfig(max_steps=0)
 
@@ -206,3 +209,19 @@ def test_given_company_is_who_trains_beside_an_atom(base):
     other = atom0([TEXTS[0], "w60 w61 w62"] + TEXTS[2:])
     torch.testing.assert_close(first, same, atol=1e-6, rtol=1e-5)  # padding may differ
     assert (first - other).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("weighting", ["one", "mean"])
+def test_an_atom_trains_in_its_company_at_the_weight_it_is_composed_with(base, weighting):
+    """Atoms 0 and 1 train beside each other: their recorded loss is the loss of the two
+    composed at 1 each (the sum) or at 1/2 each (their mean), as ``--company-weight`` says."""
+    company = torch.tensor([[1], [0], [3], [2]])
+    cfg = config(neighbours=1, max_steps=6, stop_prob=1.0, company_weight=weighting)
+    with AtomTrainer(base.model, base.tokenizer, cfg) as trainer:
+        out = trainer.train(TEXTS, KEYS, company=company)
+    w = 1.0 if weighting == "one" else 0.5
+    composed = full_loss(base, TEXTS[0], out[0].adapter, out[1].adapter, weights=[[w, w]])
+    assert composed == pytest.approx(out[0].final_loss, rel=1e-4)
+    other = full_loss(base, TEXTS[0], out[0].adapter, out[1].adapter,
+                      weights=[[1.5 - w, 1.5 - w]])
+    assert other != pytest.approx(out[0].final_loss, rel=1e-2)

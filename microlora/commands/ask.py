@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from microlora.commands.options import model_options, store_option
+from microlora.commands.options import base_dtype_option, model_options, store_option
 from microlora.commands.words import plural
 from microlora.core.config import COMPOSITIONS, HYBRIDS, MODES, WEIGHTINGS, AskConfig
 from microlora.core.provenance import cite
@@ -62,10 +62,11 @@ _ASK = AskConfig()  # the defaults: one source, the dataclass
 @click.option("--explain", is_flag=True, help="List the atoms used, with scores and sources.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
 @model_options
+@base_dtype_option()
 def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weighting,
                 composition, max_new_tokens, end_bias, window_tokens, hybrid, passage_weight,
                 no_reader,
-                explain, as_json, base_model, embedder, device) -> None:
+                explain, as_json, base_model, embedder, device, base_dtype) -> None:
     """Answer QUESTION from the adapters of the atoms it retrieves.
 
     The question is embedded, the k most similar atoms are found in the store's FAISS
@@ -85,7 +86,7 @@ def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weigh
                        passage_weight=passage_weight,
                        reader=not no_reader)
     with Composer.open(store_dir, base_model=base_model, embedder=embedder,
-                       device=device) as composer:
+                       device=device, base_dtype=base_dtype) as composer:
         stream = None if as_json else (lambda text: click.echo(text, nl=False))
         answer = composer.ask(question, namespaces or None, config, on_text=stream)
     if as_json:

@@ -7,7 +7,13 @@ from pathlib import Path
 import click
 
 from compiler.documents import MAX_FILE_MB
-from microlora.commands.options import model_options, recipe_options, store_option
+from microlora.commands.options import (
+    adapter_dtype_option,
+    base_dtype_option,
+    model_options,
+    recipe_options,
+    store_option,
+)
 from microlora.core.provenance import cite
 
 
@@ -17,14 +23,16 @@ from microlora.core.provenance import cite
 @click.option("--namespace", "-n", default="default", show_default=True,
               help="Namespace to compile into: a corpus name, or user:NAME.")
 @model_options
+@base_dtype_option()
 @recipe_options
+@adapter_dtype_option
 @click.option("--max-file-mb", default=MAX_FILE_MB, show_default=True, type=float,
               help="Skip files larger than this.")
 @click.option("--prune", is_flag=True,
               help="Delete atoms of the namespace that these documents no longer produce.")
 @click.option("--dry-run", is_flag=True, help="List the atoms to train and estimate the time.")
-def compile_command(paths, store_dir, namespace, base_model, embedder, device, recipe,
-                    max_file_mb, prune, dry_run) -> None:
+def compile_command(paths, store_dir, namespace, base_model, embedder, device, base_dtype,
+                    recipe, store_config, max_file_mb, prune, dry_run) -> None:
     """Compile documents into tiny LoRA adapters, one per sentence-sized atom.
 
     PATHS are files or directories of .txt, .md and .jsonl (a "text" field per line, optional
@@ -49,7 +57,7 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
     from compiler.pipeline import compile_corpus
     from microlora.core.embedder import load_embedder
     from microlora.core.models import load_base_model
-    from store import validate_namespace
+    from store import stored_base_dtype, validate_namespace
 
     validate_namespace(namespace)
     config, chunking = recipe
@@ -58,7 +66,8 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
         raise click.UsageError("--dry-run plans in one process: run it without torchrun")
     if ranks is not None:
         device = ranks.device(device)
-    base = load_base_model(base_model, device=device)
+    base = load_base_model(base_model, device=device,
+                           dtype=base_dtype or stored_base_dtype(store_dir))
     emb = load_embedder(embedder, device=device)
     bar = tqdm(total=0, unit="atom", disable=dry_run or (ranks is not None and ranks.rank != 0),
                desc="compiling" if ranks is None else f"compiling (rank 0 of {ranks.world})")
@@ -72,12 +81,14 @@ def compile_command(paths, store_dir, namespace, base_model, embedder, device, r
             report = compile_corpus(paths, store_dir, base=base, embedder=emb,
                                     namespace=namespace, train_config=config,
                                     chunk_config=chunking, prune=prune, dry_run=dry_run,
-                                    max_file_mb=max_file_mb, progress=progress)
+                                    max_file_mb=max_file_mb, progress=progress,
+                                    store_config=store_config)
         else:
             report = compile_distributed(paths, store_dir, ranks, base=base, embedder=emb,
                                          namespace=namespace, train_config=config,
                                          chunk_config=chunking, prune=prune,
-                                         max_file_mb=max_file_mb, progress=progress)
+                                         max_file_mb=max_file_mb, progress=progress,
+                                         store_config=store_config)
     finally:
         bar.close()
     if report is None:

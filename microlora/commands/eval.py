@@ -9,6 +9,8 @@ import click
 
 from microlora.commands.options import (
     StageBars,
+    adapter_dtype_option,
+    base_dtype_option,
     model_options,
     recipe_options,
 )
@@ -69,11 +71,13 @@ _ASK = AskConfig()
 @click.option("--reader", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A reader (`microlora reader train`) to compose beside the atoms.")
 @recipe_options
+@adapter_dtype_option
 @model_options
+@base_dtype_option("fp32 on the CPU, bf16 on CUDA")
 def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, systems,
                  weighting, end_bias, window_tokens, echo_penalty, min_score, hybrid,
-                 passage_weight, no_repeat_ngram, out, workdir, reader, recipe, base_model,
-                 embedder, device) -> None:
+                 passage_weight, no_repeat_ngram, out, workdir, reader, recipe, store_config,
+                 base_model, embedder, device, base_dtype) -> None:
     """Compile the passages of a QA dataset into one fresh store and answer every question
     with each system: closed_book (base model), rag (the atoms' sentences in the prompt),
     passage_rag (their windows in the prompt: `ask --mode context`), parametric (composed
@@ -111,8 +115,8 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
                     min_score=min_score, hybrid=hybrid, passage_weight=passage_weight,
                     no_repeat_ngram=no_repeat_ngram)
     config = EvalConfig(k=k or AskConfig.k, sweep=ks, systems=chosen, ask=ask, train=train,
-                        chunk=chunk, reader=reader)
-    base = load_base_model(base_model, device=device)
+                        chunk=chunk, store=store_config, reader=reader)
+    base = load_base_model(base_model, device=device, dtype=base_dtype)
     emb = load_embedder(embedder, device=device)
     progress = StageBars({"compile": "atom", "answer": "answer"})
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from microlora.commands.options import model_options, store_option
+from microlora.commands.options import base_dtype_option, model_options, store_option
 from microlora.core.config import AskConfig
 
 
@@ -23,8 +23,9 @@ from microlora.core.config import AskConfig
 @click.option("-k", "k", default=AskConfig.k, show_default=True, type=click.IntRange(1),
               help="Atoms to retrieve with --query.")
 @model_options
+@base_dtype_option()
 def export_command(out_dir: Path, store_dir: Path, atoms, query, namespaces, k, base_model,
-                   embedder, device) -> None:
+                   embedder, device, base_dtype) -> None:
     """Write the composition of some atoms as a standard PEFT LoRA in OUT_DIR.
 
     OUT_DIR gets adapter_config.json and adapter_model.safetensors (PEFT's key names and
@@ -43,7 +44,7 @@ def export_command(out_dir: Path, store_dir: Path, atoms, query, namespaces, k, 
     if bool(atoms) == bool(query):
         raise click.UsageError("give --atoms ID... or --query TEXT (one of them)")
     with Composer.open(store_dir, base_model=base_model, embedder=embedder,
-                       device=device) as composer:
+                       device=device, base_dtype=base_dtype) as composer:
         hits = hits_for_atoms(composer.store, atoms, namespaces) if atoms else \
             composer.retrieve([query], namespaces or None, AskConfig(k=k))[0]
         out = export_peft(composer, hits, out_dir)

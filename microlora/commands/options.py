@@ -8,10 +8,14 @@ from pathlib import Path
 import click
 
 from microlora.core.config import (
+    ADAPTER_DTYPES,
+    BASE_DTYPES,
     COMPANIES,
+    COMPANY_WEIGHTS,
     SUBJECT_CONTEXTS,
     VIEW_STYLES,
     ChunkConfig,
+    StoreConfig,
     TargetSpec,
     TrainConfig,
 )
@@ -29,9 +33,32 @@ def model_options(f):
                              "[default: packaged Gemma 3 270M].")(f)
 
 
+def base_dtype_option(default: str = "the store's; a new store: fp32 on the CPU, bf16 on "
+                                       "CUDA"):
+    """--base-dtype: how the base model's weights are held (``load_base_model``'s dtype)."""
+    return click.option(
+        "--base-dtype", type=click.Choice(BASE_DTYPES),
+        help="How the base model's weights are held: fp32, bf16, or int8 / int4 "
+             "weight-only quantized decoder linears (the rest in bf16; int4 on the CPU "
+             f"only). A store records int8 and int4 and refuses to mix them [default: "
+             f"{default}].")
+
+
 def store_option(required: bool = True, help: str = "The store directory."):
     return click.option("--store", "store_dir", required=required,
                         type=click.Path(path_type=Path, file_okay=False), help=help)
+
+
+def adapter_dtype_option(f):
+    """--adapter-dtype, handed to the command as a ``StoreConfig`` named ``store_config``."""
+    @functools.wraps(f)
+    def command(*args, adapter_dtype: str, **kwargs):
+        return f(*args, store_config=StoreConfig(adapter_dtype), **kwargs)
+
+    return click.option("--adapter-dtype", type=click.Choice(ADAPTER_DTYPES),
+                        default=StoreConfig.adapter_dtype, show_default=True,
+                        help="How the store keeps each new adapter: int8 with one scale per "
+                             "row (half the bytes of bf16), or bf16 / fp16.")(command)
 
 
 
@@ -81,6 +108,11 @@ _RECIPE_OPTIONS = [
                  type=click.Choice(COMPANIES),
                  help="Which batch-mates each atom trains beside: random ones, or its nearest "
                       "by embedding (its likely company at query time)."),
+    click.option("--company-weight", default=_TRAIN.company_weight, show_default=True,
+                 type=click.Choice(COMPANY_WEIGHTS),
+                 help="Each atom's weight in the composition it trains in: 'one' (the sum, "
+                      "as ask --weighting uniform composes) or 'mean' (1/(1 + neighbours) "
+                      "each, as ask --weighting mean composes 1 + neighbours atoms)."),
     click.option("--subject-context", default=_TRAIN.subject_context, show_default=True,
                  type=click.Choice(SUBJECT_CONTEXTS),
                  help="Put a paragraph's subject before each of its sentences that does not "
@@ -120,8 +152,8 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                  qa_views: int = _TRAIN.qa_views, resolve_pronouns: bool = _TRAIN.resolve_pronouns,
                  view_style: str = _TRAIN.view_style, window_views: int = _TRAIN.window_views,
                  distill: float = _TRAIN.distill, company: str = _TRAIN.company,
-                 subject_context: str = _TRAIN.subject_context
-                 ) -> tuple[TrainConfig, ChunkConfig]:
+                 subject_context: str = _TRAIN.subject_context,
+                 company_weight: str = _TRAIN.company_weight) -> tuple[TrainConfig, ChunkConfig]:
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     try:
         spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
@@ -131,7 +163,8 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                             qa_views=qa_views, view_style=view_style,
                             resolve_pronouns=resolve_pronouns, window_views=window_views,
                             distill=distill, company=company,
-                            subject_context=subject_context),
+                            subject_context=subject_context,
+                            company_weight=company_weight),
                 ChunkConfig(max_tokens=max_atom_tokens))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

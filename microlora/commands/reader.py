@@ -10,6 +10,7 @@ import click
 
 from microlora.commands.options import (
     StageBars,
+    base_dtype_option,
     model_options,
     recipe_options,
     store_option,
@@ -44,8 +45,9 @@ def reader() -> None:
               help="Keep the compiled training store here [default: a temporary directory].")
 @recipe_options
 @model_options
+@base_dtype_option("fp32 on the CPU, bf16 on CUDA")
 def train(data_path, split, limit, distractors, out, k, reader_rank, epochs, reader_lr,
-          workdir, recipe, base_model, embedder, device) -> None:
+          workdir, recipe, base_model, embedder, device, base_dtype) -> None:
     """Train a reader on QA data: the data's passages are compiled with the recipe options
     (use the recipe your stores use), each question's atoms retrieved, and the reader trained
     to give the answer with them composed beside it.
@@ -64,7 +66,7 @@ def train(data_path, split, limit, distractors, out, k, reader_rank, epochs, rea
     train_config, chunk = recipe
     dataset = load_dataset(data_path, "cpkc", limit=limit, distractors=distractors,
                            split=split)
-    base = load_base_model(base_model, device=device)
+    base = load_base_model(base_model, device=device, dtype=base_dtype)
     emb = load_embedder(embedder, device=device)
     config = ReaderConfig(rank=reader_rank, lr=reader_lr, epochs=epochs,
                           targets=train_config.targets)

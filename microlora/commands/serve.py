@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from microlora.commands.options import model_options, store_option
+from microlora.commands.options import base_dtype_option, model_options, store_option
 from microlora.core.config import AskConfig, ServeConfig
 
 _SERVE = ServeConfig()
@@ -37,9 +37,10 @@ _SERVE = ServeConfig()
               help="Most namespaces the store may hold (one per user with documents; deleted "
                    "ones count until `microlora store compact`).")
 @model_options
+@base_dtype_option()
 def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens: int,
                   max_batch: int, max_prompt_tokens: int, max_upload_mb: float,
-                  max_namespaces: int, base_model, embedder, device) -> None:
+                  max_namespaces: int, base_model, embedder, device, base_dtype) -> None:
     """Serve a store over an OpenAI-compatible HTTP API.
 
     Requests need an API key (create one with `microlora keys add`). Each key is one user:
@@ -74,7 +75,7 @@ def serve_command(store_dir: Path, host: str, port: int, k: int, max_new_tokens:
                          max_namespaces=max_namespaces,
                          ask=AskConfig(k=k, max_new_tokens=max_new_tokens))
     service = open_service(store_dir, base_model=base_model, embedder=embedder, device=device,
-                           config=config)
+                           base_dtype=base_dtype, config=config)
     try:
         click.echo(f"serving {store_dir} ({service.composer.base.name}) on "
                    f"http://{host}:{port}  - keys: {len(service.keys.list())}", err=True)

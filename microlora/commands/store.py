@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from microlora.commands.options import store_option
+from microlora.core.config import ADAPTER_DTYPES
 from microlora.core.paths import dir_bytes
 
 store_option = store_option(help="The store directory (made by `microlora compile --store DIR`).")
@@ -66,8 +67,9 @@ def stats(store_dir: Path, as_json: bool) -> None:
         h = s.header
         click.echo(f"store {store_dir} (format v{h.format_version}), {disk / 2**20:.1f} MiB "
                    "on disk")
-        click.echo(f"base model {h.base_name} ({h.base_fingerprint[:12]}), embedder "
-                   f"{h.embedder_name} ({h.embedding_dim}-d)")
+        click.echo(f"base model {h.base_name} ({h.base_fingerprint[:12]}, "
+                   f"{h.base_dtype or 'fp32 or bf16'}), embedder {h.embedder_name} "
+                   f"({h.embedding_dim}-d)")
         click.echo(f"{'namespace':<24}{'atoms':>10}{'KiB/atom':>12}  index")
         for r in rows:
             click.echo(f"{r.namespace:<24}{r.atoms:>10}{r.bytes_per_atom / 1024:>12.1f}  "
@@ -150,12 +152,17 @@ def rm(store_dir: Path, namespace: str, atoms: tuple[str, ...], documents: tuple
 
 @store.command()
 @store_option
-def compact(store_dir: Path) -> None:
+@click.option("--adapter-dtype", type=click.Choice(ADAPTER_DTYPES),
+              help="First rewrite every atom's adapter in this storage (e.g. int8: half the "
+                   "bytes of bf16), keeping its id, text and embedding.")
+def compact(store_dir: Path, adapter_dtype: str | None) -> None:
     """Rewrite the store with only what it holds now, so deleted atoms, documents and
     namespaces leave nothing on disk (LMDB keeps freed pages until later writes reuse them).
 
     Needs the store to itself: stop a server or compile that has it open first.
     """
     with _open(store_dir, readonly=False) as s:
+        if adapter_dtype is not None:
+            click.echo(f"re-encoded {s.reencode(adapter_dtype)} atoms as {adapter_dtype}")
         before, after = s.compact()
     click.echo(f"compacted {store_dir}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")

@@ -20,7 +20,19 @@ COMPOSITIONS = ("stacked", "merged")  # composer: adapters beside W, or folded i
 HYBRIDS = ("ensemble", "gated", "rerank", "joint")  # composer: how --mode hybrid combines
 WEIGHTINGS = ("uniform", "score", "mean")  # composer.retrieval: each atom's weight in the sum
 COMPANIES = ("random", "nearest")  # compiler.trainer: which batch-mates train beside an atom
+COMPANY_WEIGHTS = ("one", "mean")  # compiler.trainer: each composed atom's weight in training
 SUBJECT_CONTEXTS = ("off", "embedding", "lessons")  # compiler.lessons: where a subject goes
+# core.models: how the base model's weights are held (``--base-dtype``). int8 and int4 are
+# weight-only quantized decoder linears (``core.quant``), everything else in bf16.
+BASE_DTYPES = ("fp32", "bf16", "int8", "int4")
+QUANTIZED_DTYPES = ("int8", "int4")
+
+
+def quantization(base_dtype: str | None) -> str | None:
+    """What a store records of a base dtype: "int8" or "int4", or None for a float base
+    (fp32 and bf16 are one model to the store, as to its fingerprint: adapters move between
+    them, and compiling autocasts to bf16 either way)."""
+    return base_dtype if base_dtype in QUANTIZED_DTYPES else None
 
 
 def defaults(cls: type) -> dict[str, Any]:
@@ -95,7 +107,8 @@ class TargetSpec:
 # stay out of the recipe key, so existing atom ids hold (tests/test_atom_ids.py pins them).
 _KEY_SINCE_V1 = {"qa_views": 0, "view_style": "sentence", "resolve_pronouns": False,
                  "window_views": 0, "distill": 0.0, "distill_topk": 16, "distill_window": 160,
-                 "company": "random", "subject_context": "off"}
+                 "company": "random", "subject_context": "off",
+                 "company_weight": "one"}
 
 
 @dataclass(frozen=True)
@@ -111,7 +124,14 @@ class TrainConfig:
     neighbours: other atoms' adapters composed beside each atom while it trains.
     company: which batch-mates those are: "random", or the "nearest" by embedding (its
         query-time company; measured worse: an atom leans on them and answers less alone).
+    company_weight: each atom's weight in the composition it trains in: "one" (every atom at
+        1, the sum, as ``ask --weighting uniform`` composes) or "mean" (each of the 1 +
+        ``neighbours`` atoms at 1/(1 + neighbours), as ``--weighting mean`` composes
+        1 + neighbours atoms at query time).
     batch_atoms: atoms trained together in one step (``--batch-size``).
+    length_groups: a step's rows run as up to this many forwards of rows of similar length,
+        each at its own width (``compiler.buckets``: less padding computed; 1 = one padded
+        forward). Like batch_atoms it changes speed, not what an atom is: not in its id.
     bf16: autocast matmuls to bf16 (AMX on CPU, tensor cores on GPU).
     title_context: prefix each atom with its document title (not trained on, only read).
     vocab_candidates: train against a candidate vocabulary, the union of the base model's
@@ -140,6 +160,7 @@ class TrainConfig:
     stop_prob: float = 0.5
     neighbours: int = 3
     batch_atoms: int = 32
+    length_groups: int = 3
     seed: int = 0
     bf16: bool = True
     title_context: bool = False
@@ -154,12 +175,15 @@ class TrainConfig:
     distill_window: int = 160
     company: str = "random"
     subject_context: str = "embedding"  # measured: benchmarks/RESULTS.md, "Fidelity III"
+    company_weight: str = "one"
 
     def __post_init__(self) -> None:
         if self.rank not in (1, 2, 4, 8):
             raise ValueError(f"--rank must be 1, 2, 4 or 8 (micro-adapters), got {self.rank}")
-        if self.max_steps < 1 or self.batch_atoms < 1 or self.neighbours < 0:
-            raise ValueError("--steps and --batch-size must be >= 1 and neighbours >= 0")
+        if self.max_steps < 1 or self.batch_atoms < 1 or self.neighbours < 0 \
+                or self.length_groups < 1:
+            raise ValueError("--steps and --batch-size must be >= 1, neighbours >= 0 and "
+                             "length_groups >= 1")
         if not 0.0 <= self.distill <= 1.0 or self.distill_topk < 1 or self.window_views < 0:
             raise ValueError("--distill must be in [0, 1], its top-k >= 1 and --window-views "
                              ">= 0")
@@ -168,15 +192,19 @@ class TrainConfig:
                              f"{self.subject_context!r}")
         if self.company not in COMPANIES:
             raise ValueError(f"--company must be one of {COMPANIES}, got {self.company!r}")
+        if self.company_weight not in COMPANY_WEIGHTS:
+            raise ValueError(f"--company-weight must be one of {COMPANY_WEIGHTS}, got "
+                             f"{self.company_weight!r}")
         if self.view_style not in VIEW_STYLES:
             raise ValueError(f"--view-style must be one of {VIEW_STYLES}, got "
                              f"{self.view_style!r}")
 
     def key(self) -> str:
-        """A stable text form of the recipe for atom ids (batch size excluded: it changes
-        how fast atoms train, not what they are)."""
+        """A stable text form of the recipe for atom ids (batch size and length groups
+        excluded: they change how fast atoms train, not what they are)."""
         d = asdict(self)
         d.pop("batch_atoms")
+        d.pop("length_groups")
         for name, default in _KEY_SINCE_V1.items():  # fields added later: at their default
             if d[name] == default:  # they stay out of the key, so existing atom ids hold
                 d.pop(name)
@@ -296,6 +324,27 @@ class AskConfig:
 # Namespaces a store may hold (deleted ones included until it is compacted): LMDB reserves a
 # slot per database in every transaction, so a read transaction costs ~1 us per thousand.
 MAX_NAMESPACES = 1024
+ADAPTER_DTYPES = ("int8", "bf16", "fp16")  # store.record: how a store keeps an adapter
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """How a store writes what it is given (``microlora compile --adapter-dtype``; reading
+    takes any of them, one atom at a time).
+
+    adapter_dtype: "int8" keeps each adapter as int8 values with one bf16 scale per row (a
+        rank component of a module's A or B: ``store/quantize.py``), half the bytes of bf16;
+        every value comes back within half its row's scale. "bf16" and "fp16" keep the
+        adapter as it was trained, to their precision, in the record format every store
+        before int8 holds.
+    """
+
+    adapter_dtype: str = "int8"
+
+    def __post_init__(self) -> None:
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise MicroloraError(f"--adapter-dtype must be one of {', '.join(ADAPTER_DTYPES)},"
+                                 f" not {self.adapter_dtype!r}")
 
 
 @dataclass(frozen=True)

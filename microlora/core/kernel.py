@@ -39,15 +39,21 @@ class MultiLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.transposed = type(base_layer).__name__ == "Conv1D"  # weight stored as (in, out)
         self.in_features, self.out_features = linear_features(base_layer)
+        # an int8/int4 base (``core.quant``) has no float weight to merge into
+        self.quantized = type(base_layer).__name__ == "QuantizedLinear"
         self.lora_A: Tensor | None = None  # (N, R, in); N = batch size, or 1 to broadcast
         self.lora_B: Tensor | None = None  # (N, out, R)
         self._unmerged_weight: Tensor | None = None  # the original W while a merge is active
 
+    @property
+    def device(self) -> torch.device:
+        """Where the base weight lives (a quantized one is a buffer, not a parameter)."""
+        return (self.base_layer.qweight if self.quantized else self.base_layer.weight).device
+
     def set_adapter(self, A: Tensor, B: Tensor) -> None:
         """Per-sample adapters A (N, R, in), B (N, out, R), or one pair for every sample;
         moved once to the layer's device (a no-op, autograd kept, when they are there)."""
-        device = self.base_layer.weight.device
-        A, B = A.to(device), B.to(device)
+        A, B = A.to(self.device), B.to(self.device)
         if A.dim() == 2:  # one adapter for every sample
             A, B = A.unsqueeze(0), B.unsqueeze(0)
         if (A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0]
@@ -96,6 +102,10 @@ class MultiLoraLinear(nn.Module):
         leaves rounding error behind)."""
         if self.merged:
             raise AdapterError("this layer is already merged; unmerge before merging again")
+        if self.quantized:
+            raise AdapterError(f"cannot merge adapters into a {self.base_layer.bits}-bit base "
+                               "weight: use stacked composition (--composition stacked), or "
+                               "load the base in fp32 or bf16 (--base-dtype)")
         if A.shape != (A.shape[0], self.in_features) or B.shape != (self.out_features,
                                                                      A.shape[0]):
             raise AdapterError(f"cannot merge A{tuple(A.shape)} B{tuple(B.shape)} into a "

@@ -8,6 +8,7 @@ and take about a second.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -21,8 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from microlora.core.config import BASE_DTYPES, QUANTIZED_DTYPES, quantization
 from microlora.core.errors import ModelLoadError
 from microlora.core.paths import microlora_home
+from microlora.core.quant import QUANTIZED_BITS, QuantizedLinear, quantize_linears
+from microlora.core.targets import find_blocks, is_linear
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +46,35 @@ class BaseModel:
     fingerprint: str
     name: str
     path: Path
+    base_dtype: str = "fp32"  # how its weights are held: fp32, bf16, int8 or int4
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype it computes in (an int8 or int4 base: its bf16 parts')."""
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
+    @property
+    def quantization(self) -> str | None:
+        """"int8" or "int4" for a weight-only quantized base, None for a float one."""
+        return quantization(self.base_dtype)
+
+    @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        quantized = sum(m.in_features * m.out_features for m in self.model.modules()
+                        if isinstance(m, QuantizedLinear))
+        return sum(p.numel() for p in self.model.parameters()) + quantized
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes its weights take in memory (parameters and buffers, quantized ones
+        included)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}  # tied: once
+        return sum(unique.values())
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -57,6 +82,9 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -68,7 +96,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+        raise ModelLoadError(f"unknown base dtype {dtype!r}: --base-dtype takes "
+                             f"{', '.join(BASE_DTYPES)}")
     return names[dtype]
 
 
@@ -185,6 +214,32 @@ def load_default_tokenizer(folder: Path):
     return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
 
 
+def quantize_base(model: nn.Module, base_dtype: str) -> None:
+    """Weight-only quantize every linear of the decoder blocks to ``base_dtype`` ("int8" or
+    "int4", ``core.quant``) and hold the rest (embeddings, the output layer, often tied to
+    them, norms) in bf16: for Gemma 3 270M the 262k-token embedding is 63 % of the weights,
+    so an int8 base that kept it in fp32 would be larger than a bf16 one. The output layer
+    stays float because compiling reads it as a matrix (``compiler.loss.OutputHead``)."""
+    prefix, blocks = find_blocks(model)
+    linears = {f"{prefix}.{i}.{rel}": m for i, block in enumerate(blocks)
+               for rel, m in block.named_modules() if is_linear(m)}
+    skipped = quantize_linears(linears, model, QUANTIZED_BITS[base_dtype])
+    if skipped:
+        log.warning("%d linears stay in bf16: the %s kernel does not take their shape "
+                    "(e.g. %s)", len(skipped), base_dtype, skipped[0])
+    model.to(torch.bfloat16)
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the pages of the freed fp32 weights back to the OS: glibc keeps them otherwise,
+    and a quantized base would stay resident at nearly its fp32 size."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def load_base_model(
     path: str | Path | None = None,
     *,
@@ -193,6 +248,10 @@ def load_base_model(
 ) -> BaseModel:
     """Load a frozen causal LM from a local Hugging Face folder (default: packaged Gemma 3 270M).
 
+    ``dtype`` (``--base-dtype``): "fp32", "bf16" (or a torch dtype), or "int8" / "int4" for
+    a weight-only quantized base (``quantize_base``); None: bf16 on CUDA, fp32 on the CPU.
+    The fingerprint is taken before quantizing: it names the checkpoint, whatever the dtype
+    (a store records the quantization beside it: ``store.StoreHeader.base_dtype``).
     Nothing is downloaded: a path that is not a local model folder is an error.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -208,7 +267,11 @@ def load_base_model(
                 "pass a folder made by save_pretrained, or omit --base-model for the default"
             )
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    quantized = dtype if isinstance(dtype, str) and dtype in QUANTIZED_DTYPES else None
+    if quantized == "int4" and dev.type != "cpu":
+        raise ModelLoadError(f"--base-dtype int4 runs on the CPU only (torch's int4 kernel "
+                             f"there); on {dev.type} use int8 or bf16")
+    torch_dtype = torch.float32 if quantized else resolve_dtype(dtype, dev)  # quantize fp32
     try:
         tokenizer = (load_default_tokenizer(folder) if path is None
                      else AutoTokenizer.from_pretrained(folder, local_files_only=True))
@@ -217,5 +280,9 @@ def load_base_model(
         )
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load a causal LM from {folder}: {e}") from e
+    fingerprint = fingerprint_model(model)  # of the checkpoint, before any rounding
+    if quantized:
+        quantize_base(model, quantized)
     model.to(dev).eval().requires_grad_(False)
-    return BaseModel(model, tokenizer, fingerprint_model(model), name, folder)
+    return BaseModel(model, tokenizer, fingerprint, name, folder,
+                     quantized or _DTYPE_NAMES.get(torch_dtype, str(torch_dtype)))

@@ -3,8 +3,8 @@
 An adapter is, per target module, A (r, in) and B (out, r) with any scale folded into B, so its
 delta is exactly B @ A (PEFT's layout with ``lora_alpha = r``). ``Packed`` holds a whole adapter
 as one flat vector in a ``PackLayout``: what the trainer returns, what the store keeps (read
-back as a zero-copy view of LMDB's memory map), and what ``compose`` turns into the kernel's
-per-request tensors with one copy.
+back as a zero-copy view of LMDB's memory map, or dequantized from int8 into float32), and what
+``compose`` turns into the kernel's per-request tensors with one copy.
 
 Composing atoms concatenates them along the rank, which is exactly the sum of their deltas:
 [B_1 B_2] [A_1; A_2] = B_1 A_1 + B_2 A_2.
@@ -176,24 +176,34 @@ def compose(rows: Sequence[Sequence[Packed]],
 def _stacked(layout: PackLayout, flats: list[Tensor], n: int, dtype: torch.dtype,
              device: torch.device | str | None) -> dict[str, tuple[Tensor, Tensor]]:
     """``compose`` when every request has k atoms of one layout and nothing else: one stack
-    per shape group and side, then one conversion to ``dtype`` on ``device``."""
+    per shape group and side, converting to ``dtype`` as it copies where the result stays on
+    the CPU (a store's float32 or bf16 atoms for a model of the other dtype: one pass, not
+    two), else one conversion to ``dtype`` on ``device``."""
     out = {}
+    on_cpu = device is None or torch.device(device).type == "cpu"
     for group in layout.groups:
-        A, Bt = (t.to(device=device, dtype=dtype) for t in _stack_group(group, flats, n))
+        A, Bt = _stack_group(group, flats, n, dtype if on_cpu else None)
+        if not on_cpu:
+            A, Bt = A.to(device=device, dtype=dtype), Bt.to(device=device, dtype=dtype)
         out.update({name: (A[j], Bt[j].transpose(1, 2)) for j, name in enumerate(group[0])})
     return out
 
 
-def _stack_group(group: tuple, flats: list[Tensor], n: int) -> tuple[Tensor, Tensor]:
+def _stack_group(group: tuple, flats: list[Tensor], n: int, dtype: torch.dtype | None = None
+                 ) -> tuple[Tensor, Tensor]:
     """One shape group of N requests' k atoms each (``flats`` request by request): A's
-    (m, N, k*r, in) and B's transposed (m, N, k*r, out), copied once."""
+    (m, N, k*r, in) and B's transposed (m, N, k*r, out), copied once (into ``dtype``, if
+    given)."""
     names, r, d_in, d_out, oa, ob = group
     m, k = len(names), len(flats) // n
     # stacking every atom's (m, r, in) block along dim 1 puts each module's atoms one after
     # another: (m, N*k, r, in) is already (m, N, k*r, in) in memory
-    A = torch.stack([f[oa:oa + m * r * d_in].view(m, r, d_in) for f in flats], dim=1)
-    Bt = torch.stack([f[ob:ob + m * r * d_out].view(m, r, d_out) for f in flats], dim=1)
-    return A.view(m, n, k * r, d_in), Bt.view(m, n, k * r, d_out)
+    sides = []
+    for offset, d in ((oa, d_in), (ob, d_out)):
+        views = [f[offset:offset + m * r * d].view(m, r, d) for f in flats]
+        out = None if dtype is None else torch.empty(m, len(flats), r, d, dtype=dtype)
+        sides.append(torch.stack(views, dim=1, out=out).view(m, n, k * r, d))
+    return sides[0], sides[1]
 
 
 class _Buffers:

@@ -17,12 +17,17 @@ from microlora.core.errors import TargetError
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or transformers' Conv1D (GPT-2), which is a linear with a transposed weight."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """nn.Linear, transformers' Conv1D (GPT-2), which is a linear with a transposed weight, or
+    a ``microlora.core.quant.QuantizedLinear`` (a base loaded in int8 or int4)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D",
+                                                                       "QuantizedLinear")
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear; Conv1D stores its weight as (in, out)."""
+    """(in_features, out_features) of a linear; Conv1D stores its weight as (in, out), and a
+    quantized linear keeps no float weight."""
+    if type(module).__name__ == "QuantizedLinear":
+        return module.in_features, module.out_features
     w = module.weight
     return (w.shape[0], w.shape[1]) if type(module).__name__ == "Conv1D" else \
         (w.shape[1], w.shape[0])

@@ -47,6 +47,7 @@ class Dataset:
     passages: dict[str, str]  # every passage to compile: asked ones, then distractors
     items: list[Item] = field(default_factory=list)
     distractors: list[str] = field(default_factory=list)  # passage ids nobody asks about
+    source: str = ""  # the file it came from ("docs_dev.jsonl"): name is its format
 
 
 def load_dataset(path: str | Path, name: str = "cpkc", *, limit: int | None = None,
@@ -75,7 +76,7 @@ def load_dataset(path: str | Path, name: str = "cpkc", *, limit: int | None = No
         raise MicroloraError(f"the {split} split of {path.name} has {len(groups)} passages: "
                              f"not enough for {limit} asked + {distractors} distractors")
     asked, extra = groups[:limit], groups[limit:limit + distractors]
-    ds = Dataset(name, "qa" if name == "cpkc" else "completion", {})
+    ds = Dataset(name, "qa" if name == "cpkc" else "completion", {}, source=path.name)
     for pid, passage, items in asked:
         ds.passages[pid] = passage
         ds.items += items

@@ -21,7 +21,7 @@ from pathlib import Path
 from compiler.pipeline import CompileReport, compile_corpus
 from composer import Composer, Hit
 from composer.retrieval import select
-from microlora.core.config import AskConfig, ChunkConfig, Mode, TrainConfig
+from microlora.core.config import AskConfig, ChunkConfig, Mode, StoreConfig, TrainConfig
 from microlora.core.embedder import Embedder
 from microlora.core.models import BaseModel
 from microlora.evaluation import metrics
@@ -54,6 +54,7 @@ class EvalConfig:
     ask: AskConfig = field(default_factory=AskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)  # how the compiled store keeps them
     reader: Path | None = None  # a reader folder (`microlora reader train`) to compose too
 
 
@@ -68,20 +69,23 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
         raise ValueError(f"unknown systems {sorted(unknown)}; choose from {list(SYSTEMS)}")
     workdir = Path(workdir)
     report = compile_dataset(dataset, workdir, NAMESPACE, base, embedder, config.train,
-                             config.chunk, progress)
+                             config.chunk, progress, config.store)
     items = dataset.items
     questions = [it.question for it in items]
     max_new = config.max_new_tokens or (24 if dataset.template == "qa" else 12)
     ks = sorted({config.k, *config.sweep})
     summary: dict = {
-        "dataset": dataset.name, "n": len(items), "passages": len(dataset.passages),
+        "dataset": dataset.name, "data": dataset.source, "n": len(items),
+        "passages": len(dataset.passages),
         "distractors": len(dataset.distractors), "k": config.k,
+        "base_dtype": base.base_dtype,
         "compile": {"atoms": report.atoms, "trained": report.trained,
                     "atom_steps": report.atom_steps, "seconds": round(report.seconds, 1),
                     "atoms_per_s": round(report.atoms_per_s, 3),
                     "mean_final_loss": None if math.isnan(report.mean_final_loss)
                     else round(report.mean_final_loss, 4)},
         "config": {"train": _jsonable(asdict(config.train)), "chunk": asdict(config.chunk),
+                   "store": asdict(config.store),
                    "ask": _jsonable(asdict(config.ask)), "max_new_tokens": max_new,
                    "reader": str(config.reader) if config.reader else None},
         "systems": {}, "sweep": {},
@@ -135,7 +139,8 @@ def run_eval(dataset: Dataset, workdir: str | Path, base: BaseModel, embedder: E
 
 def compile_dataset(dataset: Dataset, workdir: Path, namespace: str, base: BaseModel,
                     embedder: Embedder, train: TrainConfig, chunk: ChunkConfig,
-                    progress: Callable[[str, int, int], None] | None = None) -> CompileReport:
+                    progress: Callable[[str, int, int], None] | None = None,
+                    store: StoreConfig = StoreConfig()) -> CompileReport:
     """Compile every passage of ``dataset`` into ``workdir/store`` (via ``corpus.jsonl``, one
     row per passage). Pruned: a reused workdir then holds exactly this recipe's atoms, never
     another's as well."""
@@ -145,7 +150,7 @@ def compile_dataset(dataset: Dataset, workdir: Path, namespace: str, base: BaseM
                               for pid, text in dataset.passages.items()), encoding="utf-8")
     return compile_corpus([corpus], workdir / "store", base=base, embedder=embedder,
                           namespace=namespace, train_config=train, chunk_config=chunk,
-                          prune=True,
+                          prune=True, store_config=store,
                           progress=progress and (lambda d, t: progress("compile", d, t)))
 
 

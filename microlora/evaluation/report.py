@@ -32,7 +32,7 @@ def markdown(summary: dict) -> str:
     kinds = sorted({k for s in systems.values() for k in s.get("by_kind", {})})
     head = ["system", "EM", "F1", "contains"] + (["original"] if has_original else []) \
         + [f"{k} EM" for k in kinds] + ["s/question"]
-    lines = [f"{summary['dataset']}: {summary['n']} questions, {summary['passages']} passages "
+    lines = [f"{_title(summary)}: {summary['n']} questions, {summary['passages']} passages "
              f"({summary['distractors']} distractors), {summary['compile']['atoms']} atoms, "
              f"k={summary['k']}, recall@k {summary['recall_at_k']:.2f}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -83,7 +83,7 @@ def bar_chart(summary: dict, path: Path) -> bool:
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylim(0, 1)
     ax.legend()
-    ax.set_title(f"{summary['dataset']}, n={summary['n']}, k={summary['k']}")
+    ax.set_title(f"{_title(summary)}, n={summary['n']}, k={summary['k']}")
     if panels == 2:
         ax = axes[0][1]
         ks = sorted(sweep, key=int)
@@ -100,3 +100,8 @@ def bar_chart(summary: dict, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _title(summary: dict) -> str:
+    """The data file's name, or the dataset's format where an older summary has no file."""
+    return summary.get("data") or summary["dataset"]

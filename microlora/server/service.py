@@ -126,14 +126,18 @@ class Service:
 
 def open_service(store_dir: str | Path, *, base_model: str | None = None,
                  embedder: str | None = None, device: str | None = None,
+                 base_dtype: str | None = None,
                  config: ServeConfig = ServeConfig()) -> Service:
-    """Load the models and open (or create) the store at ``store_dir`` for serving."""
+    """Load the models and open (or create) the store at ``store_dir`` for serving; the
+    base in ``base_dtype`` (default: the store's), which the store must have been compiled
+    with (the server compiles uploads into it)."""
     from compiler.pipeline import store_header
     from microlora.core.embedder import load_embedder
     from microlora.core.models import load_base_model
-    from store import AdapterStore
+    from store import AdapterStore, stored_base_dtype
 
-    base = load_base_model(base_model, device=device)
+    base = load_base_model(base_model, device=device,
+                           dtype=base_dtype or stored_base_dtype(store_dir))
     emb = load_embedder(embedder, device=device)
     store = AdapterStore.open_or_create(store_dir, store_header(base, emb),
                                         max_namespaces=config.max_namespaces)
