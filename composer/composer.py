@@ -232,7 +232,8 @@ class Composer:
         ids, mask = encode_prompts(tok, rows.prompts, self.base.device,
                                    chat=uses_chat(tok, config.template))
         rerank = rows.rerank
-        prefix = self.prefixes.for_prompts(tok, config.template, config.mode.uses_passages) \
+        prefix = self.prefixes.for_prompts(tok, config.template, config.mode.uses_passages,
+                                           adapted=config.adapt_prefix) \
             if config.prefix_cache else None
         with self.model_lock, self._applied(adapters, config):
             outs = generate(self.base.model, tok, ids, mask,

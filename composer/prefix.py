@@ -79,28 +79,35 @@ class PrefixCache:
         self._entries.clear()
         self._templates.clear()
 
-    def for_prompts(self, tokenizer, template: str, passages: bool) -> SharedPrefix:
-        """The prefix every prompt of ``template`` (with passages, or without) begins with."""
+    def for_prompts(self, tokenizer, template: str, passages: bool,
+                    adapted: bool = True) -> SharedPrefix:
+        """The prefix every prompt of ``template`` (with passages, or without) begins with;
+        ``adapted=False``: the base model alone reads it, in every block."""
         key = (id(tokenizer), template, passages)
         if key not in self._templates:
             self._templates[key] = template_prefix(tokenizer, template, passages)
-        return SharedPrefix(self, self._templates[key])
+        return SharedPrefix(self, self._templates[key], adapted)
 
     # -- the prefill -------------------------------------------------------------------------
 
     @torch.no_grad()
     def prefill(self, model: nn.Module, prefix_ids: Sequence[int], ids: Tensor, mask: Tensor,
-                positions: Tensor, cache: dict[str, DynamicCache]) -> Tensor | None:
+                positions: Tensor, cache: dict[str, DynamicCache],
+                adapted: bool = True) -> Tensor | None:
         """The last position's logits (N, V) of left-padded prompts, with ``cache`` filled as
         a plain prefill fills it; None (``cache`` untouched) where the prefix cannot serve:
         too few columns shared, adapters in the first block, padding not on the left, or a
         transformers whose caches and blocks this module does not know (before 4.56 or so:
-        no ``DynamicCache.layers``, blocks that return tuples)."""
+        no ``DynamicCache.layers``, blocks that return tuples). ``adapted=False``: the prefix's
+        states come from the base model alone in every block (the adapters, stacked, act on
+        the rest of each prompt only), so nothing of the prefix is recomputed."""
         (store,) = cache.values()
         if len(prefix_ids) < self.min_tokens or len(ids) == 0 or not hasattr(store, "layers"):
             return None
         _, blocks = find_blocks(model)
         first = first_adapted_block(model, blocks)
+        if not adapted and not any(m.merged for m in _kernels(model)):
+            first = len(blocks)  # merged weights cannot leave the prefix: adapt it all
         if first == 0 or not bool((mask[:, :-1] <= mask[:, 1:]).all()):
             return None
         prefix = torch.tensor(prefix_ids, device=ids.device)
@@ -120,9 +127,13 @@ class PrefixCache:
         for i in range(first):  # (1, kv, P, hd) -> each row's (kv, C, hd), shifted by its pad
             store.update(entry.keys[i][0][:, where].transpose(0, 1),
                          entry.values[i][0][:, where].transpose(0, 1), i)
-        return model(input_ids=ids[:, split:], attention_mask=mask,
-                     position_ids=positions[:, split:], use_cache=True, logits_to_keep=1,
-                     **cache).logits[:, -1]
+        # kept off the prefix: a padded row's last prefix tokens fall past ``split``
+        keep = None if first < len(blocks) else \
+            torch.arange(split, ids.shape[1], device=ids.device) - pad[:, None] >= len(prefix)
+        with _adapting_only(model, keep):
+            return model(input_ids=ids[:, split:], attention_mask=mask,
+                         position_ids=positions[:, split:], use_cache=True, logits_to_keep=1,
+                         **cache).logits[:, -1]
 
     def _entry(self, model: nn.Module, blocks: nn.ModuleList, prefix: Tensor,
                depth: int) -> _Entry:
@@ -160,9 +171,10 @@ class PrefixCache:
             lambda _m, _args, out: returned.append(isinstance(out, Tensor))))
         ids = prefix[None]
         try:
-            model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             position_ids=torch.arange(len(prefix), device=ids.device)[None],
-                             use_cache=True, **{cache_keyword(model.base_model): store})
+            with _without_adapters(model):  # the prefix's own states: the base model's
+                model.base_model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 position_ids=torch.arange(len(prefix), device=ids.device)[None],
+                                 use_cache=True, **{cache_keyword(model.base_model): store})
         except _Stop:
             pass
         finally:
@@ -180,10 +192,11 @@ class SharedPrefix:
 
     cache: PrefixCache
     ids: tuple[int, ...]
+    adapted: bool = True  # the adapters act on the prefix too (False: the base model alone)
 
     def prefill(self, model: nn.Module, ids: Tensor, mask: Tensor, positions: Tensor,
                 cache: dict[str, DynamicCache]) -> Tensor | None:
-        return self.cache.prefill(model, self.ids, ids, mask, positions, cache)
+        return self.cache.prefill(model, self.ids, ids, mask, positions, cache, self.adapted)
 
 
 def template_prefix(tokenizer, template: str, passages: bool) -> tuple[int, ...]:
@@ -217,8 +230,7 @@ def first_adapted_block(model: nn.Module, blocks: nn.ModuleList) -> int:
     """The index of the lowest block with an adapter active (stacked or merged) in one of its
     linears; len(blocks) when none is; 0 when a linear outside the blocks (other than the
     output layer) carries one, so that nothing is reused."""
-    active = [m for m in model.modules()
-              if isinstance(m, MultiLoraLinear) and (m.lora_A is not None or m.merged)]
+    active = [m for m in _kernels(model) if m.lora_A is not None or m.merged]
     block_of = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
     output = model.get_output_embeddings()
     first = len(blocks)
@@ -228,6 +240,36 @@ def first_adapted_block(model: nn.Module, blocks: nn.ModuleList) -> int:
         elif m is not output and m.base_layer is not output:
             return 0
     return first
+
+
+def _kernels(model: nn.Module) -> list[MultiLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, MultiLoraLinear)]
+
+
+@contextmanager
+def _without_adapters(model: nn.Module) -> Iterator[None]:
+    """The stacked adapters set aside (a capture reads the base model's own states)."""
+    held = [(m, m.lora_A, m.lora_B) for m in _kernels(model) if m.lora_A is not None]
+    for m, _, _ in held:
+        m.clear_adapter()
+    try:
+        yield
+    finally:
+        for m, A, B in held:
+            m.lora_A, m.lora_B = A, B
+
+
+@contextmanager
+def _adapting_only(model: nn.Module, keep: Tensor | None) -> Iterator[None]:
+    """The stacked adapters act only where ``keep`` (N, T) is true, for one forward."""
+    kernels = [] if keep is None else [m for m in _kernels(model) if m.lora_A is not None]
+    for m in kernels:
+        m.token_mask = keep
+    try:
+        yield
+    finally:
+        for m in kernels:
+            m.token_mask = None
 
 
 @contextmanager

@@ -28,7 +28,7 @@ def compile(  # noqa: A001 - mirrors the CLI verb
 
     ``recipe`` takes ``compiler.trainer.TrainConfig`` fields (rank, lr, max_steps, neighbours,
     batch_atoms, ...). ``base_dtype``: "fp32", "bf16", "int8" or "int4" (default: the store's,
-    or fp32 on the CPU and bf16 on CUDA for a new store). Returns a
+    or bf16 for a new store). Returns a
     ``compiler.pipeline.CompileReport``.
     """
     from compiler.pipeline import compile_corpus

@@ -241,9 +241,10 @@ def write_cpkc(path, n):
 
 
 def random_atom_kit(tiny_models, folder, corpus: dict[str, list[str]], device=None,
-                    dtype=None):
+                    dtype="fp32"):
     """(base model, embedder, store path) for a store of random rank-2 atoms in ``folder``
-    (the models on ``device``, in ``dtype``: ``load_base_model``'s defaults when None)."""
+    (the models on ``device`` (``load_base_model``'s default when None), in ``dtype``: fp32
+    by default, so tests compare numerics exactly)."""
     from microlora.core.embedder import load_embedder
     from microlora.core.models import load_base_model
 

@@ -44,7 +44,7 @@ def running(tiny_models, tmp_path_factory):
     """(base url, API key) of a server over a small store; the key reads every corpus and
     may compile 2 atoms of its own (so fuzzed uploads train little)."""
     lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base, emb = load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
     path = store_of_random_atoms(tmp_path_factory.mktemp("fuzz") / "kb", base, emb, CORPUS)
     token = KeyStore(path).add("fuzz", max_atoms=2)[0]
     service = Service(Composer(AdapterStore(path), base, emb), CONFIG)

@@ -34,7 +34,7 @@ CHUNK = ChunkConfig(max_tokens=16, min_chars=10)
 @pytest.fixture(scope="module")
 def models(tiny_models):
     lm, emb = tiny_models
-    return load_base_model(lm), load_embedder(emb)
+    return load_base_model(lm, dtype="fp32"), load_embedder(emb)
 
 
 @pytest.fixture

@@ -399,7 +399,7 @@ def test_decoding_loop_matches_transformers_generate(arch, tmp_path):
     transformers' generate gives, left padding included, on every architecture."""
     from composer.generation import generate
 
-    base = load_base_model(save_tiny(tmp_path / arch, arch))
+    base = load_base_model(save_tiny(tmp_path / arch, arch), dtype="fp32")
     tok = base.tokenizer
     ids, mask = encode_prompts(tok, ["w1 w2 w3 w4 w5", "w9", "w7 w7 w8"], base.device)
     eos = base.model.generation_config.eos_token_id
@@ -442,7 +442,7 @@ def spy_on_prompts(monkeypatch) -> list[str]:
 
 def test_context_mode_shows_each_atoms_window(tiny_models, tmp_path, monkeypatch):
     lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base, emb = load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
     texts = ["w1 w2 w3 w4", "w5 w6 w7", "w8 w9 w10", "w11 w12 w13 w14"]
     path = store_of_random_atoms(tmp_path / "kb", base, emb, {"wiki": texts}, paragraphs=True)
     import composer.composer as composer_module

@@ -197,7 +197,7 @@ def test_compile_then_ask(device, tiny_models, tmp_path):
     from microlora.core.embedder import load_embedder
 
     lm, emb_path = tiny_models
-    base = load_base_model(lm, device=device)
+    base = load_base_model(lm, device=device, dtype="fp32")
     emb = load_embedder(emb_path, device=device)
     cfg = TrainConfig(max_steps=3, batch_atoms=4, company="nearest")
     docs = [Document(f"d{i}", " ".join(f"w{i + j}" for j in range(12)) + ".")

@@ -25,7 +25,7 @@ def gemma(tmp_path_factory):
     home = os.environ.get("MICROLORA_TEST_MODEL_HOME") or tmp_path_factory.mktemp("model-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(HOME_ENV, str(home))
-        base = load_base_model()
+        base = load_base_model(dtype="fp32")  # the tests below compare numerics
         marker = default_model_dir() / "microlora-converted.json"
         yield base, marker
 
@@ -36,9 +36,9 @@ def test_default_model_converts_once_and_reloads_identically(gemma):
     stamp = marker.stat().st_mtime_ns
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(HOME_ENV, str(marker.parent.parent.parent))
-        again = load_base_model(dtype="bf16")
+        again = load_base_model()  # the default: bf16
     assert marker.stat().st_mtime_ns == stamp  # not converted a second time
-    assert again.fingerprint == base.fingerprint
+    assert again.fingerprint == base.fingerprint and again.base_dtype == "bf16"
     assert not list(marker.parent.parent.glob("*.tmp-*"))
     for prompt, want in [("Question: What is the capital of France?\nAnswer:", "Paris"),
                          ("One, two, three, four,", "five")]:

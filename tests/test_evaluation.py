@@ -73,7 +73,7 @@ def test_fictional_probes(tmp_path):
 
 def test_a_whole_run_on_tiny_models(tmp_path, tiny_models):
     lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base, emb = load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
     data = write_cpkc(tmp_path / "qa.jsonl", 110)
     ds = load_dataset(data, "cpkc", limit=4, distractors=2, split="eval")
     config = EvalConfig(k=2, sweep=(1,), batch_size=3, max_new_tokens=3,
@@ -106,7 +106,7 @@ def test_scores_count_the_right_answers(tmp_path, tiny_models, monkeypatch):
     from composer import Answer, Composer
 
     lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base, emb = load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
     ds = load_dataset(write_cpkc(tmp_path / "qa.jsonl", 110), "cpkc", limit=4, distractors=0)
     gold = {it.question: it.answer for it in ds.items}
     ways = [lambda a: a, lambda a: f"it is {a} today", lambda a: "w99", lambda a: "nothing"]
@@ -129,7 +129,7 @@ def test_oracle_composes_the_gold_passage_atoms(tmp_path, tiny_models, monkeypat
     from composer import Composer
 
     lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base, emb = load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
     ds = load_dataset(write_cpkc(tmp_path / "qa.jsonl", 110), "cpkc", limit=2, distractors=3)
     used = []
     original = Composer.ask_batch

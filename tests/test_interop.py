@@ -39,7 +39,7 @@ def logits(model, tok, text="w1 w2 w3 w5 w8"):
 def test_exported_adapter_gives_peft_the_same_logits(tmp_path, tiny_models, arch):
     lm = save_tiny(tmp_path / arch, arch)
     _, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base, emb = load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
     store = make_store(tmp_path / "kb", base, emb)
     with Composer(AdapterStore(store, readonly=True), base, emb) as composer:
         hits = hits_for_atoms(composer.store, ["wiki-0", "wiki-2"])
@@ -51,7 +51,7 @@ def test_exported_adapter_gives_peft_the_same_logits(tmp_path, tiny_models, arch
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 4
     assert config["fan_in_fan_out"] == (arch == "gpt2")
-    fresh = load_base_model(lm).model
+    fresh = load_base_model(lm, dtype="fp32").model
     theirs = logits(peft.PeftModel.from_pretrained(fresh, out), base.tokenizer)
     assert (ours - plain).abs().max() > 1e-3  # the atoms do move the output
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
@@ -61,7 +61,7 @@ def peft_lora(tmp_path, lm, **config):
     """A LoRA made and saved by PEFT itself, with random (non-zero) A and B."""
     torch.manual_seed(3)
     targets = ["c_fc"] if config.get("fan_in_fan_out") else ["up_proj", "down_proj"]
-    model = peft.get_peft_model(load_base_model(lm).model, peft.LoraConfig(
+    model = peft.get_peft_model(load_base_model(lm, dtype="fp32").model, peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **config))
     model.save_pretrained(tmp_path / "their-lora")
     return model, tmp_path / "their-lora"
@@ -71,7 +71,7 @@ def peft_lora(tmp_path, lm, **config):
 def test_a_peft_lora_imports_as_an_atom_that_composes_to_peft_outputs(tmp_path, tiny_models,
                                                                        config):
     lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base, emb = load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
     store = make_store(tmp_path / "kb", base, emb)
     theirs_model, folder = peft_lora(tmp_path, lm, **config)
     theirs = logits(theirs_model, base.tokenizer)
@@ -94,7 +94,7 @@ def test_a_peft_lora_imports_as_an_atom_that_composes_to_peft_outputs(tmp_path, 
 
 def test_imports_that_do_not_fit_are_refused(tmp_path, tiny_models):
     lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base, emb = load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
     store = make_store(tmp_path / "kb", base, emb)
     other = save_tiny(tmp_path / "gpt2", "gpt2")  # another architecture: other module names
     _, folder = peft_lora(tmp_path, other, fan_in_fan_out=True)
@@ -119,7 +119,7 @@ def test_imports_that_do_not_fit_are_refused(tmp_path, tiny_models):
 
 def test_export_then_import_round_trips_the_delta(tmp_path, tiny_models):
     lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base, emb = load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
     store = make_store(tmp_path / "kb", base, emb)
     runner = CliRunner()
     common = ["--store", str(store), "--base-model", str(lm), "--embedder", str(emb_path)]

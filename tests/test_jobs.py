@@ -32,7 +32,7 @@ ANA = "user:ana"
 @pytest.fixture(scope="module")
 def models(tiny_models):
     lm, emb_path = tiny_models
-    return load_base_model(lm), load_embedder(emb_path)
+    return load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from microlora.core.models import fingerprint_model, load_base_model
 
 def test_load_any_local_folder(tmp_path, arch):
     base = load_base_model(save_tiny(tmp_path / "m", arch))
-    assert base.name == "m" and base.device.type == "cpu"
+    assert base.name == "m" and base.device.type == "cpu" and base.base_dtype == "bf16"
+    assert {p.dtype for p in base.model.parameters()} == {torch.bfloat16}
     assert all(not p.requires_grad for p in base.model.parameters())
     assert base.fingerprint == fingerprint_model(tiny_model(arch))
     ids = base.tokenizer("w1 w2 w3", return_tensors="pt").input_ids

@@ -241,3 +241,38 @@ def test_every_prompt_of_the_template_begins_with_its_prefix(kit):
             ids, _ = encode_prompts(tok, [prompt], torch.device("cpu"))
             assert tuple(ids[0, :len(shared)].tolist()) == shared
     assert template_prefix(tok, "qa", False) != template_prefix(tok, "qa", True)
+
+
+@pytest.mark.parametrize("arch", ["gemma-mixed", "llama"])
+def test_atoms_kept_off_the_prefix_act_on_each_rows_own_tokens_only(arch):
+    """adapted=False: each row's logits are those of the base model reading the prefix
+    alone, then the row's own atoms reading the rest, as a plain two-step prefill gives."""
+    model, tok = model_of(arch), tiny_tokenizer()
+    lora, atoms = per_row_adapters(model, last_layers=2, rows=len(SUFFIXES))
+    ids, mask, positions = batch(tok, [f"{PREFIX} {s}" for s in SUFFIXES])
+    cache, pre = PrefixCache(), prefix_ids(tok)
+    weights = [[1.0, 1.0]] * len(SUFFIXES)
+    with lora.adapters(compose(atoms, weights)), torch.no_grad():
+        kept_off = cache.prefill(model, pre, ids, mask, positions, _new_cache(model),
+                                 adapted=False)
+        adapted = cache.prefill(model, pre, ids, mask, positions, _new_cache(model))
+    assert kept_off is not None and cache.captures == 1  # every block's states captured once
+    for i, suffix in enumerate(SUFFIXES):
+        row = tok(f"{PREFIX} {suffix}", return_tensors="pt").input_ids
+        split = len(pre)
+        assert row[0, :split].tolist() == list(pre)
+        past = _new_cache(model)
+        with torch.no_grad():
+            model(input_ids=row[:, :split], use_cache=True, **past)  # no adapters set
+            with lora.adapters(compose([atoms[i]], [[1.0, 1.0]])):
+                want = model(input_ids=row[:, split:], use_cache=True, **past).logits[:, -1]
+        torch.testing.assert_close(kept_off[i:i + 1], want, atol=1e-5, rtol=1e-5)
+    assert (adapted - kept_off).abs().max() > 1e-4  # the prefix's adapters did matter
+
+
+def test_keeping_atoms_off_the_prefix_needs_the_cache_and_stacked_adapters():
+    from microlora.core.errors import MicroloraError
+
+    for bad in ({"prefix_cache": False}, {"composition": "merged"}):
+        with pytest.raises(MicroloraError, match="--no-adapt-prefix"):
+            AskConfig(adapt_prefix=False, **bad)

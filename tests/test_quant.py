@@ -140,7 +140,7 @@ def lm(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype, bound", [("int8", 0.05), ("int4", 0.3)])
 def test_quantized_base_logits_are_close_to_fp32(lm, dtype, bound):
-    fp32 = load_base_model(lm)
+    fp32 = load_base_model(lm, dtype="fp32")
     bf16 = load_base_model(lm, dtype="bf16")
     quant = load_base_model(lm, dtype=dtype)
     assert quant.base_dtype == dtype and quant.quantization == dtype
@@ -225,7 +225,7 @@ def test_the_store_records_the_quantization_and_compiling_never_mixes(tmp_path, 
     assert _compile(tmp_path, int8, emb, tmp_path / "q").trained > 0
     header = _raw_header(tmp_path / "q")
     assert header["base_dtype"] == "int8" and header["format_version"] == 2
-    fp32 = load_base_model(lm)
+    fp32 = load_base_model(lm, dtype="fp32")
     assert _compile(tmp_path, fp32, emb, tmp_path / "f").trained > 0
     assert "base_dtype" not in _raw_header(tmp_path / "f")  # a float store reads as before
     assert _raw_header(tmp_path / "f")["format_version"] == 2  # a new store (int8 adapters)

@@ -32,7 +32,7 @@ def test_quickstart_compile_is_the_same_bit_for_bit(tiny_models, tmp_path):
     from microlora.core.models import load_base_model
 
     lm, emb_path = tiny_models
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base, emb = load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
     docs = sorted(corpus_dir().glob("*.md"))
     reports = [compile_corpus(docs, tmp_path / folder, base=base, embedder=emb,
                               namespace=NAMESPACE) for folder in "ab"]

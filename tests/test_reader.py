@@ -61,7 +61,7 @@ def test_reader_training_lowers_the_answer_loss(tiny_models):
     from compiler.reader import ReaderExample, train_reader
     from microlora.core.config import ReaderConfig
 
-    base = load_base_model(tiny_models[0])
+    base = load_base_model(tiny_models[0], dtype="fp32")
     examples = [ReaderExample(f"w{i} w{i + 1} w{i + 2}", f" w{100 + i}\n", []) for i in range(6)]
     config = ReaderConfig(rank=4, lr=2e-2, epochs=8, batch=3, targets=TargetSpec(last_layers=2))
     losses = []
@@ -85,7 +85,7 @@ def test_reader_trains_on_tune_installs_and_joins_eval(tmp_path, tiny_models):
                                  "--out", str(tmp_path / "reader"), "--epochs", "2",
                                  "--reader-rank", "2", *common])
     assert r.exit_code == 0, r.output
-    base, emb = load_base_model(lm), load_embedder(emb_path)
+    base, emb = load_base_model(lm, dtype="fp32"), load_embedder(emb_path)
     adapter, info = read_reader(tmp_path / "reader", base.fingerprint)
     assert info["questions"] == 6 and adapter.rank == 2
     with pytest.raises(AdapterError, match="trained for base model"):

@@ -16,7 +16,7 @@ KEYS = ["a", "b", "c", "d"]
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return load_base_model(save_tiny(tmp_path_factory.mktemp("m") / "tiny", "gemma"))
+    return load_base_model(save_tiny(tmp_path_factory.mktemp("m") / "tiny", "gemma"), dtype="fp32")
 
 
 def config(**kw):

@@ -54,7 +54,7 @@ PAGE_2_QUESTION = "How much does the clock built for the cathedral of Velmora we
 def web(tiny_models, tmp_path_factory):
     """A server over a fresh store: (base url, service, keys by user). ana reads every shared
     corpus, bob only the handbook."""
-    base, emb = load_base_model(tiny_models[0]), load_embedder()
+    base, emb = load_base_model(tiny_models[0], dtype="fp32"), load_embedder()
     path = store_of_random_atoms(tmp_path_factory.mktemp("web") / "kb", base, emb, SHARED)
     keys = KeyStore(path)
     tokens = {"ana": keys.add("ana")[0], "bob": keys.add("bob", ("handbook",))[0]}

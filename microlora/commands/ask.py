@@ -8,7 +8,12 @@ from pathlib import Path
 
 import click
 
-from microlora.commands.options import base_dtype_option, model_options, store_option
+from microlora.commands.options import (
+    adapt_prefix_option,
+    base_dtype_option,
+    model_options,
+    store_option,
+)
 from microlora.commands.words import plural
 from microlora.core.config import COMPOSITIONS, HYBRIDS, MODES, WEIGHTINGS, AskConfig
 from microlora.core.provenance import cite
@@ -59,14 +64,15 @@ _ASK = AskConfig()  # the defaults: one source, the dataclass
 @click.option("--no-reader", is_flag=True,
               help="Leave out the store's reader adapter (if `microlora reader install` "
                    "gave it one).")
+@adapt_prefix_option
 @click.option("--explain", is_flag=True, help="List the atoms used, with scores and sources.")
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
 @model_options
 @base_dtype_option()
 def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weighting,
                 composition, max_new_tokens, end_bias, window_tokens, hybrid, passage_weight,
-                no_reader,
-                explain, as_json, base_model, embedder, device, base_dtype) -> None:
+                no_reader, adapt_prefix, explain, as_json, base_model, embedder, device,
+                base_dtype) -> None:
     """Answer QUESTION from the adapters of the atoms it retrieves.
 
     The question is embedded, the k most similar atoms are found in the store's FAISS
@@ -83,8 +89,8 @@ def ask_command(question, store_dir: Path, namespaces, mode, k, min_score, weigh
     config = AskConfig(mode=mode, k=k, min_score=min_score, weighting=weighting,
                        composition=composition, max_new_tokens=max_new_tokens,
                        end_bias=end_bias, window_tokens=window_tokens, hybrid=hybrid,
-                       passage_weight=passage_weight,
-                       reader=not no_reader)
+                       passage_weight=passage_weight, reader=not no_reader,
+                       adapt_prefix=adapt_prefix)
     with Composer.open(store_dir, base_model=base_model, embedder=embedder,
                        device=device, base_dtype=base_dtype) as composer:
         stream = None if as_json else (lambda text: click.echo(text, nl=False))

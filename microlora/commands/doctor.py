@@ -12,7 +12,7 @@ from microlora.core.paths import dir_bytes
 
 @click.command()
 @model_options
-@base_dtype_option("fp32 on the CPU, bf16 on CUDA")
+@base_dtype_option(from_store=False)
 def doctor(base_model: str | None, embedder: str | None, device: str | None,
            base_dtype: str | None) -> None:
     """Load the base model and the embedder, and print their fingerprints, sizes and load times.

@@ -9,6 +9,7 @@ import click
 
 from microlora.commands.options import (
     StageBars,
+    adapt_prefix_option,
     adapter_dtype_option,
     base_dtype_option,
     model_options,
@@ -64,6 +65,7 @@ _ASK = AskConfig()
               help="Ensemble hybrid: weight of the passages' log-probabilities.")
 @click.option("--no-repeat-ngram", type=click.IntRange(0), default=_ASK.no_repeat_ngram,
               show_default=True, help="Ban repeating an n-gram of the answer (0: off).")
+@adapt_prefix_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="RESULT.json; .answers.jsonl, .md and .png are written beside it.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
@@ -73,11 +75,11 @@ _ASK = AskConfig()
 @recipe_options
 @adapter_dtype_option
 @model_options
-@base_dtype_option("fp32 on the CPU, bf16 on CUDA")
+@base_dtype_option(from_store=False)
 def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, systems,
                  weighting, end_bias, window_tokens, echo_penalty, min_score, hybrid,
-                 passage_weight, no_repeat_ngram, out, workdir, reader, recipe, store_config,
-                 base_model, embedder, device, base_dtype) -> None:
+                 passage_weight, no_repeat_ngram, adapt_prefix, out, workdir, reader, recipe,
+                 store_config, base_model, embedder, device, base_dtype) -> None:
     """Compile the passages of a QA dataset into one fresh store and answer every question
     with each system: closed_book (base model), rag (the atoms' sentences in the prompt),
     passage_rag (their windows in the prompt: `ask --mode context`), parametric (composed
@@ -113,7 +115,7 @@ def eval_command(data_path, kind, split, limit, distractors, seed, k, sweep, sys
     ask = AskConfig(weighting=weighting, end_bias=end_bias, window_tokens=window_tokens,
                     echo_penalty=echo_penalty,
                     min_score=min_score, hybrid=hybrid, passage_weight=passage_weight,
-                    no_repeat_ngram=no_repeat_ngram)
+                    no_repeat_ngram=no_repeat_ngram, adapt_prefix=adapt_prefix)
     config = EvalConfig(k=k or AskConfig.k, sweep=ks, systems=chosen, ask=ask, train=train,
                         chunk=chunk, store=store_config, reader=reader)
     base = load_base_model(base_model, device=device, dtype=base_dtype)

@@ -12,8 +12,10 @@ from microlora.core.config import (
     BASE_DTYPES,
     COMPANIES,
     COMPANY_WEIGHTS,
+    DEFAULT_BASE_DTYPE,
     SUBJECT_CONTEXTS,
     VIEW_STYLES,
+    AskConfig,
     ChunkConfig,
     StoreConfig,
     TargetSpec,
@@ -33,15 +35,26 @@ def model_options(f):
                              "[default: packaged Gemma 3 270M].")(f)
 
 
-def base_dtype_option(default: str = "the store's; a new store: fp32 on the CPU, bf16 on "
-                                       "CUDA"):
-    """--base-dtype: how the base model's weights are held (``load_base_model``'s dtype)."""
+def base_dtype_option(from_store: bool = True):
+    """--base-dtype: how the base model's weights are held (``load_base_model``'s dtype);
+    ``from_store``: a command that opens a store defaults to the dtype it records."""
+    default = (f"the store's; a new store: {DEFAULT_BASE_DTYPE}" if from_store
+               else DEFAULT_BASE_DTYPE)
     return click.option(
         "--base-dtype", type=click.Choice(BASE_DTYPES),
         help="How the base model's weights are held: fp32, bf16, or int8 / int4 "
              "weight-only quantized decoder linears (the rest in bf16; int4 on the CPU "
              f"only). A store records int8 and int4 and refuses to mix them [default: "
              f"{default}].")
+
+
+def adapt_prefix_option(f):
+    """--adapt-prefix/--no-adapt-prefix: whether the atoms act on the prompt's few-shot prefix."""
+    return click.option(
+        "--adapt-prefix/--no-adapt-prefix", default=AskConfig.adapt_prefix, show_default=True,
+        help="Compose the atoms over the prompt's worked examples too; with --no-adapt-prefix "
+             "the base model alone reads them (computed once) and the atoms act on the "
+             "question and the answer only, as they were trained.")(f)
 
 
 def store_option(required: bool = True, help: str = "The store directory."):

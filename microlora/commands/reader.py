@@ -45,7 +45,7 @@ def reader() -> None:
               help="Keep the compiled training store here [default: a temporary directory].")
 @recipe_options
 @model_options
-@base_dtype_option("fp32 on the CPU, bf16 on CUDA")
+@base_dtype_option(from_store=False)
 def train(data_path, split, limit, distractors, out, k, reader_rank, epochs, reader_lr,
           workdir, recipe, base_model, embedder, device, base_dtype) -> None:
     """Train a reader on QA data: the data's passages are compiled with the recipe options

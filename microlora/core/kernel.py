@@ -43,6 +43,9 @@ class MultiLoraLinear(nn.Module):
         self.quantized = type(base_layer).__name__ == "QuantizedLinear"
         self.lora_A: Tensor | None = None  # (N, R, in); N = batch size, or 1 to broadcast
         self.lora_B: Tensor | None = None  # (N, out, R)
+        # (N, T): 1 at the positions the adapters act on, 0 where the base layer acts alone;
+        # None: everywhere. Set for one forward (``composer.prefix``), never for a decode step.
+        self.token_mask: Tensor | None = None
         self._unmerged_weight: Tensor | None = None  # the original W while a merge is active
 
     @property
@@ -88,6 +91,8 @@ class MultiLoraLinear(nn.Module):
             raise AdapterError(f"adapters were set for {A.shape[0]} samples but the batch "
                                f"has {x.shape[0]}")
         h = x @ A.transpose(1, 2)  # (N, T, in) @ (N, in, R) -> (N, T, R)
+        if self.token_mask is not None:
+            h = h * self.token_mask[..., None].to(h.dtype)
         return y + h @ B.transpose(1, 2)  # (N, T, R) @ (N, R, out) -> (N, T, out)
 
     # -- merging -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from microlora.core.config import BASE_DTYPES, QUANTIZED_DTYPES, quantization
+from microlora.core.config import BASE_DTYPES, DEFAULT_BASE_DTYPE, QUANTIZED_DTYPES, quantization
 from microlora.core.errors import ModelLoadError
 from microlora.core.paths import microlora_home
 from microlora.core.quant import QUANTIZED_BITS, QuantizedLinear, quantize_linears
@@ -87,10 +87,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` means bf16 on CUDA and fp32 on the CPU (exact reference numerics)."""
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``None`` means ``DEFAULT_BASE_DTYPE`` (bf16) on every device; pass "fp32" for exact
+    reference numerics."""
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = DEFAULT_BASE_DTYPE
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -249,7 +250,7 @@ def load_base_model(
     """Load a frozen causal LM from a local Hugging Face folder (default: packaged Gemma 3 270M).
 
     ``dtype`` (``--base-dtype``): "fp32", "bf16" (or a torch dtype), or "int8" / "int4" for
-    a weight-only quantized base (``quantize_base``); None: bf16 on CUDA, fp32 on the CPU.
+    a weight-only quantized base (``quantize_base``); None: ``DEFAULT_BASE_DTYPE`` (bf16).
     The fingerprint is taken before quantizing: it names the checkpoint, whatever the dtype
     (a store records the quantization beside it: ``store.StoreHeader.base_dtype``).
     Nothing is downloaded: a path that is not a local model folder is an error.
@@ -271,7 +272,7 @@ def load_base_model(
     if quantized == "int4" and dev.type != "cpu":
         raise ModelLoadError(f"--base-dtype int4 runs on the CPU only (torch's int4 kernel "
                              f"there); on {dev.type} use int8 or bf16")
-    torch_dtype = torch.float32 if quantized else resolve_dtype(dtype, dev)  # quantize fp32
+    torch_dtype = torch.float32 if quantized else resolve_dtype(dtype)  # quantize fp32
     try:
         tokenizer = (load_default_tokenizer(folder) if path is None
                      else AutoTokenizer.from_pretrained(folder, local_files_only=True))
