@@ -4,7 +4,7 @@ adapters), side by side in one run.
 
     python benchmarks/store_bench.py [--quick] [--formats int8,bf16] --out results/store.json
 
-Every layout holds the same synthetic rank-2 adapters (bf16 values) with the default model's
+Every layout holds the same synthetic adapters of the default rank (bf16 values) with the default model's
 default target shapes (``--rank``, ``--last-layers`` for other recipes). A fetch picks k random
 atoms and ends with the tensors the kernel consumes (the atoms composed into one rank-k*r
 adapter per module, in ``--compose-dtype``), so all do the same final work; each takes its
@@ -45,7 +45,7 @@ from microlora.core.targets import select_targets
 from store import AdapterStore, AtomRecord, StoreHeader
 from store.peft import write_peft
 
-RANK = 2
+RANK = TrainConfig.rank  # the default recipe's
 EMBED_DIM = 384
 # what a compiled atom carries beside its adapter (``--metadata compiled``): its recipe as
 # compile_documents records it, and a paragraph of context around a sentence of typical length

@@ -22,7 +22,7 @@ def doctor(base_model: str | None, embedder: str | None, device: str | None,
     """
     import torch
 
-    from microlora.core.config import StoreConfig, TargetSpec
+    from microlora.core.config import StoreConfig, TargetSpec, TrainConfig
     from microlora.core.embedder import load_embedder
     from microlora.core.kernel import MultiLoraModel
     from microlora.core.models import default_model_dir, load_base_model
@@ -50,9 +50,10 @@ def doctor(base_model: str | None, embedder: str | None, device: str | None,
     click.echo(f"            fingerprint {base.fingerprint}, loaded in {t_base:.1f} s")
     click.echo(f"embedder    {emb.name}: {emb.dim}-d, fingerprint {emb.fingerprint}, "
                f"loaded in {t_emb:.1f} s")
-    stored = adapter_bytes(per_rank * 2, 2 * 2 * len(shapes), StoreConfig.adapter_dtype)
+    rank = TrainConfig.rank
+    stored = adapter_bytes(per_rank * rank, 2 * rank * len(shapes), StoreConfig.adapter_dtype)
     click.echo(f"default targets: {', '.join(spec.modules)} of the last {spec.last_layers} "
-               f"layers = {len(shapes)} linears; a rank-2 adapter is {stored / 1024:.0f} KiB "
+               f"layers = {len(shapes)} linears; a rank-{rank} adapter is {stored / 1024:.0f} KiB "
                f"stored as {StoreConfig.adapter_dtype}")
     probe = emb.encode(["microlora is ready."])
     click.echo(f"ok: embedder gives a unit vector (norm {float((probe ** 2).sum()) ** 0.5:.3f})")

@@ -120,7 +120,9 @@ class TrainConfig:
     """The compile recipe; every field but batch_atoms is part of an atom's id, so changing
     one retrains.
 
-    rank: adapter rank per atom, 1 or 2 (``--rank``).
+    rank: adapter rank per atom (``--rank``): 1, measured on the docs tune split against 2
+        (EM .387 vs .344 with a bf16 base, the same compile time, half the bytes per atom:
+        benchmarks/RESULTS.md, "Fidelity V"); 2, 4 or 8 where an atom must hold more.
     scale: s in W + s·BA (PEFT's alpha / r); folded into B when the atom is stored.
     targets: which linears get adapters (``--targets``, ``--last-layers``).
     lr, max_steps: Adam learning rate and the step budget per atom (``--lr``, ``--steps``).
@@ -156,7 +158,7 @@ class TrainConfig:
         in its "lessons" too (its text and its question views; ``compiler.lessons``).
     """
 
-    rank: int = 2
+    rank: int = 1
     scale: float = 1.0
     targets: TargetSpec = field(default_factory=TargetSpec)
     lr: float = 5e-3
