@@ -156,6 +156,10 @@ def main() -> None:
     ap.add_argument("--warm", action="store_true",
                     help="read every atom once before timing (its checksum verified, its pages "
                          "mapped), as a long-running server will have")
+    ap.add_argument("--background-verify", action="store_true",
+                    help="open the stores as a server does (StoreConfig.background_verify): "
+                         "a thread hashes every record from the first fetch on, racing the "
+                         "timed fetches")
     ap.add_argument("--workdir", type=Path, help="where to build the layouts [temp dir]")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     args = ap.parse_args()
@@ -169,7 +173,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
         header = StoreHeader("bench", "synthetic", "bench-emb", "synthetic", EMBED_DIM)
-        stores = {f: AdapterStore.create(work / f"store-{f}", header, adapter_dtype=f)
+        stores = {f: AdapterStore.create(work / f"store-{f}", header, adapter_dtype=f,
+                                         background_verify=args.background_verify)
                   for f in formats}
         files = None if args.no_files else work / "peft"
         if files is not None:
@@ -230,7 +235,8 @@ def main() -> None:
     values = args.rank * sum(i + o for i, o in shapes.values())
     result = {"atoms": n, "k": args.k, "rank": args.rank, "target_modules": len(shapes),
               "metadata": args.metadata, "compose_dtype": args.compose_dtype,
-              "adapter_values": values, "formats": formats}
+              "adapter_values": values, "formats": formats,
+              "background_verify": args.background_verify}
     for f in formats:
         rows = 2 * args.rank * len(shapes)
         per = {"adapter_bytes": values + 2 * rows if f == "int8" else 2 * values,

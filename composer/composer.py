@@ -95,14 +95,16 @@ class Composer:
     @classmethod
     def open(cls, store_dir: str | Path, *, base_model: str | Path | None = None,
              embedder: str | Path | None = None, device: str | None = None,
-             base_dtype: str | None = None) -> Composer:
+             base_dtype: str | None = None, background_verify: bool = False) -> Composer:
         """Open a store read-only and load the models it was compiled with (the packaged
         defaults unless paths are given), the base in the store's quantization unless
-        ``base_dtype`` says otherwise (``load_base_model``'s dtype)."""
+        ``base_dtype`` says otherwise (``load_base_model``'s dtype). ``background_verify``:
+        for a composer kept to answer many questions (``StoreConfig.background_verify``; a
+        one-shot ``ask`` leaves it off: hashing the store would compete with the model)."""
         from microlora.core.embedder import load_embedder
         from microlora.core.models import load_base_model
 
-        store = AdapterStore(store_dir, readonly=True)
+        store = AdapterStore(store_dir, readonly=True, background_verify=background_verify)
         try:
             base = load_base_model(base_model, device=device,
                                    dtype=base_dtype or store.header.base_dtype)

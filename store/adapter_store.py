@@ -8,7 +8,8 @@ document (its atom ids, so a document can be forgotten), and a server's compile 
 (``store/jobs.py``). Every write is one LMDB transaction: it lands whole or not at all.
 
 One ``AdapterStore`` may be shared by threads (a server answering while it compiles): LMDB
-transactions are per thread, and a lock guards the in-memory FAISS indexes.
+transactions are per thread, and a lock guards the in-memory FAISS indexes. A store opened
+with ``background_verify`` runs one thread of its own (``store/background_verify.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import lmdb
 import numpy as np
 import torch
 
-from microlora.core.config import MAX_NAMESPACES, StoreConfig, quantization
+from microlora.core.config import MAX_NAMESPACES, StoreConfig
 from microlora.core.errors import (
     StoreError,
     StoreMismatchError,
@@ -34,10 +35,12 @@ from microlora.core.errors import (
 )
 from microlora.core.pack import Packed
 from store import record as rec
+from store.background_verify import BackgroundVerifier, VerifiedIds, generation_in
 from store.damage import damage_explained
 from store.documents import BatchDocuments, DocumentManifests
 from store.environment import open_environment
 from store.header import HEADER_KEY, StoreHeader, parse_header
+from store.identity import Identity
 from store.index import EXACT_LIMIT, VectorIndex
 from store.index_cache import IndexCache
 from store.jobs import JobTable
@@ -67,19 +70,22 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
-class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
+class AdapterStore(Identity, DocumentManifests, IndexCache, JobTable, Maintenance):
     """Atoms (adapters + text + embedding) by namespace, with a FAISS index per namespace.
 
     Open an existing store with ``AdapterStore(path)`` (``readonly=True`` for inspection:
     then nothing on disk changes, not even the index cache), or create one with
     ``AdapterStore.create(path, header)``. ``adapter_dtype``: how ``put`` stores adapters
-    (``StoreConfig``); atoms of every kind are read.
+    (``StoreConfig``); atoms of every kind are read. ``background_verify``: hash each
+    namespace's records in a thread once it is first read (``StoreConfig.background_verify``:
+    on where a store is opened to serve; off here, as most opens are one-shot commands).
     """
 
     def __init__(self, path: str | Path, *, readonly: bool = False,
                  max_namespaces: int = MAX_NAMESPACES, map_size: int = _DEFAULT_MAP_SIZE,
                  exact_limit: int = EXACT_LIMIT,
-                 adapter_dtype: str = StoreConfig.adapter_dtype):
+                 adapter_dtype: str = StoreConfig.adapter_dtype,
+                 background_verify: bool = False):
         self.path = Path(path)
         self.layout = StoreLayout(self.path)
         self.readonly = readonly
@@ -114,7 +120,8 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
         self._dbs: dict[str, object] = {}
         self._indexes: dict[str, VectorIndex] = {}
         self._unsaved: set[str] = set()
-        self._verified: dict[str, tuple[int, set[str]]] = {}  # namespace -> (generation, ids)
+        self._checked = VerifiedIds()  # the ids whose checksums this process has checked
+        self._background = BackgroundVerifier(self, enabled=background_verify)
         self._lock = threading.RLock()  # the cached FAISS indexes and db handles
 
     @classmethod
@@ -155,6 +162,7 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
     def close(self) -> None:
         """Save the indexes that puts extended in memory, then close LMDB. (A process that dies
         before this leaves index files stamped with an older generation: rebuilt on use.)"""
+        self._background.stop()  # joined: no hash may be reading the map LMDB unmaps
         for namespace in sorted(self._unsaved):
             index = self._indexes.get(namespace)
             if index is not None:
@@ -176,45 +184,6 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # -- identity ----------------------------------------------------------------------------
-
-    def check_compatible(self, base_fingerprint: str, embedder_fingerprint: str | None = None,
-                         *, base_name: str = "", embedder_name: str = "") -> None:
-        """Refuse to mix adapters of one base model (or embedder) with another."""
-        h = self.header
-        if base_fingerprint != h.base_fingerprint:
-            raise StoreMismatchError(
-                f"store {self.path} was compiled for base model {h.base_name} "
-                f"(fingerprint {h.base_fingerprint[:12]}), but the model in use is "
-                f"{base_name or 'another'} (fingerprint {base_fingerprint[:12]}). Pass "
-                "--base-model with the store's model, or compile into a new store."
-            )
-        if embedder_fingerprint is not None and embedder_fingerprint != h.embedder_fingerprint:
-            raise StoreMismatchError(
-                f"store {self.path} was indexed with embedder {h.embedder_name} (fingerprint "
-                f"{h.embedder_fingerprint[:12]}), not {embedder_name or 'this one'} "
-                f"({embedder_fingerprint[:12]}). Pass --embedder with the store's embedder."
-            )
-
-    def check_base_dtype(self, base_dtype: str | None, *, strict: bool) -> str | None:
-        """Compare the quantization of the base in use ("int8", "int4", or None: fp32 or bf16)
-        with the one this store's adapters were trained against. ``strict`` (compiling):
-        a mismatch raises. Otherwise (answering) it is returned as a warning to show: the
-        answers come from another function than the one the adapters were trained on."""
-        theirs, ours = self.header.base_dtype, quantization(base_dtype)
-        if ours == theirs:
-            return None
-        stored, used = theirs or "fp32 or bf16", base_dtype or "fp32 or bf16"
-        if strict:
-            raise StoreMismatchError(
-                f"store {self.path} holds adapters trained against a base in {stored}, and "
-                f"this base is in {used}: one store never mixes the two. Pass --base-dtype "
-                f"{theirs or 'fp32'} (or leave it out: the store's is the default), or "
-                "compile into a new store.")
-        return (f"store {self.path} was compiled against a base in {stored} but is answered "
-                f"with one in {used} (--base-dtype {base_dtype or 'fp32'}); its adapters were "
-                f"trained for the other: leave --base-dtype out to use the store's.")
 
     # -- namespaces --------------------------------------------------------------------------
 
@@ -303,7 +272,8 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
                 self._delete_jobs(txn, namespace)  # none may bring it back after a restart
             self._indexes.pop(namespace, None)
             self._unsaved.discard(namespace)
-            self._verified.pop(namespace, None)  # a namespace made anew restarts at 0
+            # a namespace made anew restarts at generation 0: no check of this one counts
+            self._checked.forget(namespace, self._env.info()["last_txnid"])
             VectorIndex.remove(self.layout.index(namespace))
         return n
 
@@ -397,18 +367,21 @@ class AdapterStore(DocumentManifests, IndexCache, JobTable, Maintenance):
         (int8 adapters: dequantized copies), valid until the ``with`` block ends."""
         db = self._db(namespace)
         with self._txn(db=db, buffers=True) as txn:
-            yield Reader(self.path, namespace, txn, self._verified_ids(txn, namespace))
+            checked, new = self._checked.of(namespace, generation_in(txn, self._meta, namespace),
+                                            txn.id())
+            if new:  # the first read of this generation: check the rest in the background
+                self._background.request([namespace])
+            yield Reader(self.path, namespace, txn, checked.ids)
 
-    def _verified_ids(self, txn, namespace: str) -> set[str]:
-        """The ids of ``namespace`` whose checksums this process has checked, in the generation
-        ``txn`` sees: any write may have replaced an atom's bytes under the same id."""
-        raw = txn.get(b"gen:" + namespace.encode(), db=self._meta)
-        gen = -1 if raw is None else int(bytes(raw))
-        with self._lock:
-            known = self._verified.get(namespace)
-            if known is None or known[0] != gen:
-                known = self._verified[namespace] = (gen, set())
-            return known[1]
+    def verify_in_background(self, namespaces: Iterable[str] | None = None) -> None:
+        """Queue namespaces (default: all) for the background checksum pass, as a server does
+        when it opens its store; nothing if the store was opened without ``background_verify``.
+        """
+        self._background.request(self.namespaces() if namespaces is None else namespaces)
+
+    def wait_verified(self, timeout: float | None = None) -> bool:
+        """Wait for the background checksum pass to finish what is queued; False on timeout."""
+        return self._background.wait(timeout)
 
     @contextmanager
     def _txn(self, **kwargs) -> Iterator[lmdb.Transaction]:

@@ -92,6 +92,11 @@ class VectorIndex:
         return [[(self._id(r), float(s)) for r, s in zip(rr, ss) if r >= 0]
                 for rr, ss in zip(rows, scores)]
 
+    def all_ids(self) -> list[str]:
+        """Every atom id, in row order: a copy, taken in one step, so another thread may add
+        meanwhile (the background checksum pass reads its ids here, not by walking LMDB)."""
+        return [r.decode() if isinstance(r, (bytes, np.bytes_)) else r for r in list(self.ids)]
+
     def _id(self, row: int) -> str:
         value = self.ids[row]
         return value.decode() if isinstance(value, (bytes, np.bytes_)) else value
@@ -139,6 +144,19 @@ class VectorIndex:
         try:
             return json.loads(path.with_name(path.name + ".json").read_text())
         except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def stored_ids(path: Path, generation: int) -> list[str] | None:
+        """The atom ids of the cached index for stem ``path`` if it is of ``generation``, read
+        without the index itself (the background checksum pass takes them as a list of what
+        to hash, not as the truth: an id gone since is skipped, one missing is read later)."""
+        stamp = VectorIndex.stamp(path)
+        if stamp is None or stamp.get("generation") != generation:
+            return None
+        try:
+            return [i.decode() for i in np.load(path.with_name(path.name + ".ids")).tolist()]
+        except (OSError, ValueError, UnicodeDecodeError):
             return None
 
     @staticmethod

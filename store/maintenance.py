@@ -87,7 +87,7 @@ class Maintenance:
                              "one else has it open: compact it on a local filesystem") from e
         try:
             before = self.layout.data_file.stat().st_size
-            with self._lock:
+            with self._background.paused(), self._lock:  # no thread reads the old file
                 self._drop_deleted_databases()
                 tmp = self.path / "compacting"
                 shutil.rmtree(tmp, ignore_errors=True)  # what a crash mid-copy left

@@ -15,8 +15,9 @@ class Reader:
 
     ``verified``: the ids whose checksums this process has already checked in this
     generation of the namespace (the store keeps one set per generation and shares it among
-    its readers). Hashing a record costs about as much as fetching it, so each one is hashed
-    once, not at every question; a record read for the first time is hashed before use.
+    its readers and its background thread, ``store/background_verify.py``). Hashing a
+    record costs about as much as fetching it, so each one is hashed once, not at every
+    question; a record read for the first time is hashed before use.
     """
 
     def __init__(self, store_path: Path, namespace: str, txn, verified: set[str] | None = None):
@@ -84,10 +85,17 @@ class Reader:
             if record.id != atom_id:
                 raise StoreError(f"stored under {atom_id} but holds {record.id}")
         except StoreError as e:
-            raise CorruptAtomError(
-                f"atom {atom_id} in {self.namespace!r} is corrupt ({e}); run `microlora store "
-                f"verify --store {self._path}` and re-compile it",
-                namespace=self.namespace, atom_id=atom_id, problem=str(e)) from e
+            raise corrupt_atom(self._path, self.namespace, atom_id, str(e)) from e
         if checksum:
             self._verified.add(atom_id)
         return record
+
+
+def corrupt_atom(store_path: Path, namespace: str, atom_id: str,
+                 problem: str) -> CorruptAtomError:
+    """The error a read of a corrupt atom raises (and the background check logs: the same
+    words wherever it is found)."""
+    return CorruptAtomError(
+        f"atom {atom_id} in {namespace!r} is corrupt ({problem}); run `microlora store "
+        f"verify --store {store_path}` and re-compile it",
+        namespace=namespace, atom_id=atom_id, problem=problem)

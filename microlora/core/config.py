@@ -351,9 +351,16 @@ class StoreConfig:
         every value comes back within half its row's scale. "bf16" and "fp16" keep the
         adapter as it was trained, to their precision, in the record format every store
         before int8 holds.
+    background_verify: where a store is opened to serve (``microlora serve``), hash each
+        namespace's records in a background thread once it is first read (and every namespace
+        at start), so that questions find their atoms' checksums already checked: hashing a
+        record costs about as much as fetching it, and first reads set a fetch's p99. A read
+        that gets to an atom first still checks it itself. Off in one-shot commands (``ask``,
+        ``compile``), where hashing the whole store would only compete with the model.
     """
 
     adapter_dtype: str = "int8"
+    background_verify: bool = True
 
     def __post_init__(self) -> None:
         if self.adapter_dtype not in ADAPTER_DTYPES:
@@ -387,6 +394,7 @@ class ServeConfig:
     ask: AskConfig = AskConfig()  # defaults for k, mode, max_tokens
     train: TrainConfig = TrainConfig()  # the recipe for uploaded documents
     chunk: ChunkConfig = ChunkConfig()
+    store: StoreConfig = StoreConfig()  # background_verify: checksums hashed ahead of questions
 
     def __post_init__(self) -> None:
         if self.max_prompt_tokens < 1:

@@ -140,5 +140,7 @@ def open_service(store_dir: str | Path, *, base_model: str | None = None,
                            dtype=base_dtype or stored_base_dtype(store_dir))
     emb = load_embedder(embedder, device=device)
     store = AdapterStore.open_or_create(store_dir, store_header(base, emb),
-                                        max_namespaces=config.max_namespaces)
+                                        max_namespaces=config.max_namespaces,
+                                        background_verify=config.store.background_verify)
+    store.verify_in_background()  # every namespace, while the first questions are awaited
     return Service(Composer(store, base, emb), config)
