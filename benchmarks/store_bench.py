@@ -4,20 +4,18 @@ adapters), side by side in one run.
 
     python benchmarks/store_bench.py [--quick] [--formats int8,bf16] --out results/store.json
 
-Every layout holds the same synthetic adapters of the default rank (bf16 values) with the default model's
-default target shapes (``--rank``, ``--last-layers`` for other recipes). A fetch picks k random
-atoms and ends with the tensors the kernel consumes (the atoms composed into one rank-k*r
-adapter per module, in ``--compose-dtype``), so all do the same final work; each takes its
-natural route there (a bf16 store: zero-copy views of packed adapters, composed with one copy;
-an int8 store: each atom dequantized, then composed; the files: ``load_file`` per adapter, then
-each module's factors concatenated along the rank). The bf16 store and the files are checked
-equal; int8 within its scales.
-Fetches run in mirrored blocks (A B C, then C B A), each layout fetching every random pick
-once, so page-cache state and drift hit all alike without one polluting another's CPU caches
-mid-fetch. ``--metadata compiled`` gives each atom what a compiled one carries beside its
-adapter (the recipe, a paragraph of context, a 64-hex id): the default keeps the short
-synthetic text the earlier results used.
-"""
+Every layout holds the same synthetic adapters of the default rank (bf16 values) with the
+default model's default target shapes (``--rank``, ``--last-layers`` for other recipes). A
+fetch picks k random atoms and ends with the tensors the kernel consumes (the atoms composed
+into one rank-k*r adapter per module, in ``--compose-dtype``), so all do the same final work;
+each takes its natural route there (a bf16 store: zero-copy views of packed adapters, composed
+with one copy; an int8 store: each atom dequantized, then composed; the files: ``load_file``
+per adapter, then each module's factors concatenated along the rank). The bf16 store and the
+files are checked equal; int8 within its scales. Fetches run in mirrored blocks (A B C, then C
+B A), each layout fetching every random pick once, so page-cache state and drift hit all alike
+without one polluting another's CPU caches mid-fetch. ``--metadata compiled`` gives each atom
+what a compiled one carries beside its adapter (the recipe, a paragraph of context, a 64-hex
+id): the default keeps the short synthetic text the earlier results used. """
 
 from __future__ import annotations
 

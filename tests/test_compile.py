@@ -62,7 +62,7 @@ def test_compile_writes_verified_atoms_with_provenance(tmp_path, corpus, models)
             for _, r in reader.items():
                 doc = (corpus / ("a.txt" if r.source.endswith("a.txt") else "b.md")).read_text()
                 assert doc[r.start:r.end] == r.text
-                assert r.extra["steps"] <= RECIPE.max_steps and r.config["rank"] == 2
+                assert r.extra["steps"] <= RECIPE.max_steps and r.config["rank"] == RECIPE.rank
         query = models[1].encode(["w30 w31 w32 w33 w34 w35 w36."])
         top = s.search("docs", query, k=1)[0][0][0]
         assert s.get("docs", [top])[0].text == "w30 w31 w32 w33 w34 w35 w36."

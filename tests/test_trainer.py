@@ -20,7 +20,7 @@ def base(tmp_path_factory):
 
 
 def config(**kw):
-    defaults = dict(targets=TargetSpec(last_layers=2), lr=2e-2, bf16=False, neighbours=0,
+    defaults = dict(rank=2, targets=TargetSpec(last_layers=2), lr=2e-2, bf16=False, neighbours=0,
                     vocab_candidates=0)
     return TrainConfig(**{**defaults, **kw})
 
