@@ -15,7 +15,8 @@ files are checked equal; int8 within its scales. Fetches run in mirrored blocks 
 B A), each layout fetching every random pick once, so page-cache state and drift hit all alike
 without one polluting another's CPU caches mid-fetch. ``--metadata compiled`` gives each atom
 what a compiled one carries beside its adapter (the recipe, a paragraph of context, a 64-hex
-id): the default keeps the short synthetic text the earlier results used. """
+id): the default keeps the short synthetic text the earlier results used.
+"""
 
 from __future__ import annotations
 

@@ -95,11 +95,10 @@ class VectorIndex:
     def all_ids(self) -> list[str]:
         """Every atom id, in row order: a copy, taken in one step, so another thread may add
         meanwhile (the background checksum pass reads its ids here, not by walking LMDB)."""
-        return [r.decode() if isinstance(r, (bytes, np.bytes_)) else r for r in list(self.ids)]
+        return [_as_str(value) for value in list(self.ids)]
 
     def _id(self, row: int) -> str:
-        value = self.ids[row]
-        return value.decode() if isinstance(value, (bytes, np.bytes_)) else value
+        return _as_str(self.ids[row])
 
     def save(self, path: Path) -> None:
         """Write the index files for ``path`` (a stem: ``index/<namespace>``), atomically."""
@@ -163,3 +162,8 @@ class VectorIndex:
     def remove(path: Path) -> None:
         for suffix in (*_SUFFIXES, ".npz"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+def _as_str(value: str | bytes | np.bytes_) -> str:
+    """An id as a string (ids loaded from an index file are bytes)."""
+    return value.decode() if isinstance(value, (bytes, np.bytes_)) else value

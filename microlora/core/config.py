@@ -120,9 +120,10 @@ class TrainConfig:
     """The compile recipe; every field but batch_atoms is part of an atom's id, so changing
     one retrains.
 
-    rank: adapter rank per atom (``--rank``): 1, measured on the docs tune split against 2
-        (EM .387 vs .344 with a bf16 base, the same compile time, half the bytes per atom:
-        benchmarks/RESULTS.md, "Fidelity V"); 2, 4 or 8 where an atom must hold more.
+    rank: adapter rank per atom (``--rank``): 1, chosen on the docs tune split against 2
+        (EM .387 vs .344 with a bf16 base, the same compile time, half the bytes per atom);
+        held out it is level (docs .323 vs .349, cpkc .230 vs .210: benchmarks/RESULTS.md,
+        "Fidelity V"). 2, 4 or 8 where an atom must hold more.
     scale: s in W + s·BA (PEFT's alpha / r); folded into B when the atom is stored.
     targets: which linears get adapters (``--targets``, ``--last-layers``).
     lr, max_steps: Adam learning rate and the step budget per atom (``--lr``, ``--steps``).
