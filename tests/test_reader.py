@@ -81,7 +81,8 @@ def test_reader_trains_on_tune_installs_and_joins_eval(tmp_path, tiny_models):
     data = write_cpkc(tmp_path / "qa.jsonl", 110)
     common = ["--base-model", str(lm), "--embedder", str(emb_path), "--last-layers", "2",
               "--steps", "2", "--max-atom-tokens", "16"]
-    r = CliRunner().invoke(cli, ["reader", "train", "--data", str(data), "--limit", "6",
+    r = CliRunner().invoke(cli, ["reader", "train", "--data", str(data), "--split", "tune",
+                                 "--limit", "6",
                                  "--out", str(tmp_path / "reader"), "--epochs", "2",
                                  "--reader-rank", "2", *common])
     assert r.exit_code == 0, r.output
@@ -102,3 +103,21 @@ def test_reader_trains_on_tune_installs_and_joins_eval(tmp_path, tiny_models):
     with Composer(AdapterStore(tmp_path / "kb", readonly=True), base, emb) as composer:
         assert composer.reader.layout == adapter.layout
         assert torch.equal(composer.reader.flat, adapter.flat)
+
+
+def test_without_data_the_reader_trains_on_invented_documents(tmp_path, tiny_models):
+    """The default training data is the project's own invented documents, never a benchmark:
+    every question of the requested documents is asked, and the reader records where its
+    questions came from."""
+    from microlora.evaluation.invented import invent_rows
+    from store.peft import read_reader
+
+    lm, emb_path = tiny_models
+    r = CliRunner().invoke(cli, ["reader", "train", "--documents", "2", "--epochs", "1",
+                                 "--reader-rank", "2", "--out", str(tmp_path / "reader"),
+                                 "--base-model", str(lm), "--embedder", str(emb_path),
+                                 "--last-layers", "2", "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "2 invented documents" in r.output
+    _, info = read_reader(tmp_path / "reader", load_base_model(lm, dtype="fp32").fingerprint)
+    assert info["questions"] == len(invent_rows(2)) and info["dataset"] == "invented.jsonl"

@@ -46,7 +46,8 @@ def build_reader(dataset: Dataset, workdir: str | Path, out_dir: str | Path, bas
         lambda step, steps, _loss: progress("train", step, steps)))
     return write_reader(out_dir, adapter, base_fingerprint=base.fingerprint,
                         base_model=str(base.path), info={
-                            "dataset": dataset.name, "questions": len(examples), "k": k,
+                            "dataset": dataset.source or dataset.name,
+                            "questions": len(examples), "k": k,
                             "recipe": train.key(), "reader": {
                                 "rank": config.rank, "lr": config.lr, "epochs": config.epochs,
                                 "batch": config.batch, "seed": config.seed}})
