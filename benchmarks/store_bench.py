@@ -214,9 +214,10 @@ def main() -> None:
         # per fetch, how many of its atoms this layout reads for the first time: a store hashes
         # a record's bytes (its checksum) on its first read in a process
         cold: dict[str, list[int]] = {layout: [] for layout in layouts}
-        hashed = args.warm or args.background_verify  # every record's checksum checked
-        seen: dict[str, set[str]] = {layout: set(ids) if hashed and layout != "files" or
-                                     args.warm else set() for layout in layouts}
+        def hashed_before(layout: str) -> bool:  # every record's checksum already checked
+            return args.warm or (args.background_verify and layout != "files")
+        seen: dict[str, set[str]] = {layout: set(ids) if hashed_before(layout) else set()
+                                     for layout in layouts}
         # mirrored blocks (A B C, C B A): each layout fetches every pick once, in runs of its
         # own (as a server doing only that would), and all see the same mix of first and
         # repeated touches
