@@ -6,8 +6,9 @@ computed from hidden states without ever materialising (rows, vocabulary) logits
 - ``linear_cross_entropy`` applies it a few hundred rows at a time and forms the gradient in
   the same pass, so nothing vocabulary-sized is kept or recomputed;
 - ``CandidateVocab`` restricts training to the base model's likely tokens plus the targets;
-- ``atom_losses`` reduces per-token losses to per-atom ones, re-scoring with the full softmax
-  whatever decides that an atom has learned.
+- ``token_losses`` gives each target token's training loss and cross-entropy; ``atom_scores``
+  reduces them to per-atom ones, re-scoring with the full softmax whatever decides that an
+  atom has learned.
 """
 
 from __future__ import annotations
@@ -105,23 +106,25 @@ class CandidateVocab:
                                     softcap, None if soft is None else soft.mapped(self.ids))
 
 
-def atom_losses(h: Tensor, labels: Tensor, atoms: Tensor, n_atoms: int, head: OutputHead,
-                vocab: CandidateVocab | None, stop_prob: float, last: bool,
-                soft: SoftTargets | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per atom (``atoms`` maps each target to its atom): the training loss (mean
-    cross-entropy over its targets, with a gradient), the scored loss and the smallest target
-    probability.
-
-    With a candidate ``vocab`` the training loss covers those tokens only. Atoms that look
-    learned under it, and every atom on the ``last`` step, are re-scored with the full
-    softmax (the candidate one flatters: its denominator is smaller), so whether an atom
-    stops, and the loss recorded for it, always come from the full softmax. With ``soft``
-    targets (a teacher's, ``linear_cross_entropy``) the training loss distils; the scored
-    loss and the stop still read the labels.
-    """
-    train, ce = head.cross_entropy(h, labels, soft) if vocab is None else \
+def token_losses(h: Tensor, labels: Tensor, head: OutputHead, vocab: CandidateVocab | None,
+                 soft: SoftTargets | None = None) -> tuple[Tensor, Tensor]:
+    """Per target token: the training loss (with a gradient; over the candidate ``vocab``
+    when there is one, distilling towards ``soft`` targets when given) and the label
+    cross-entropy under the same softmax (no gradient)."""
+    return head.cross_entropy(h, labels, soft) if vocab is None else \
         vocab.cross_entropy(h, labels, head.softcap, soft)
-    loss = per_atom(train, atoms, n_atoms, "mean")
+
+
+def atom_scores(h: Tensor, labels: Tensor, ce: Tensor, atoms: Tensor, n_atoms: int,
+                head: OutputHead, vocab: CandidateVocab | None, stop_prob: float, last: bool
+                ) -> tuple[Tensor, Tensor]:
+    """Per atom (``atoms`` maps each target to its atom): the scored loss (mean label
+    cross-entropy) and the smallest target probability, from ``token_losses``' ``ce``.
+
+    With a candidate ``vocab``, atoms that look learned under it, and every atom on the
+    ``last`` step, are re-scored with the full softmax (the candidate one flatters: its
+    denominator is smaller), so whether an atom stops, and the loss recorded for it, always
+    come from the full softmax (and read the labels, not a teacher's targets)."""
     scored = per_atom(ce, atoms, n_atoms, "mean")
     min_prob = torch.exp(-per_atom(ce, atoms, n_atoms, "amax"))
     if vocab is not None:
@@ -133,7 +136,7 @@ def atom_losses(h: Tensor, labels: Tensor, atoms: Tensor, n_atoms: int, head: Ou
             scored = torch.where(rescore, per_atom(full, atoms[rows], n_atoms, "mean"), scored)
             min_prob = torch.where(rescore, torch.exp(-per_atom(full, atoms[rows], n_atoms,
                                                                 "amax")), min_prob)
-    return loss, scored, min_prob.cpu()
+    return scored, min_prob.cpu()
 
 
 def per_atom(values: Tensor, atoms: Tensor, n: int, how: str) -> Tensor:

@@ -33,9 +33,10 @@ from compiler.loss import (
     CandidateVocab,
     OutputHead,
     SoftTargets,
-    atom_losses,
+    atom_scores,
     encode_targets,
     target_states,
+    token_losses,
 )
 from compiler.replay import FrozenPrefix
 from microlora.core.config import TrainConfig
@@ -127,14 +128,12 @@ class AtomTrainer:
             rows = rows.to(dev)
             if len(rows) != len(active):
                 adapters = {k: (A[slot], B[slot]) for k, (A, B) in adapters.items()}
-            h, labels, row_of = self._target_states(adapters, rows, ids, mask, tgt,
-                                                    frozen_states)
-            with self._autocast():
-                loss_per_atom, scored, min_prob = atom_losses(
-                    h, labels, slot[row_of], len(active), self.head, vocab,
-                    cfg.stop_prob, last=step == cfg.max_steps,
-                    soft=None if soft is None else soft.rows(torch.isin(target_row, rows)))
-            finished = (min_prob > cfg.stop_prob) | (step == cfg.max_steps)
+            last = step == cfg.max_steps
+            opt.zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(not last):  # on the last step every atom stops
+                scored, min_prob = self._learn(adapters, rows, slot, len(active), ids, mask, tgt,
+                                               frozen_states, vocab, soft, last)
+            finished = (min_prob > cfg.stop_prob) | last
             scored = scored.detach().cpu()  # one copy, not one per finished atom
             for j in finished.nonzero().squeeze(1).tolist():
                 b = active[j].item()
@@ -142,11 +141,8 @@ class AtomTrainer:
                 for k, (A, B) in params.items():  # keep the adapter as it was when it passed
                     snapshot[k][0][b] = A[b].detach()
                     snapshot[k][1][b] = B[b].detach()
-            training = ~finished
-            if not training.any():
+            if finished.all():
                 continue
-            opt.zero_grad(set_to_none=True)
-            loss_per_atom[training.to(dev)].sum().backward()  # sum: each atom's own gradient
             opt.step()
             pinned = done.to(dev)
             with torch.no_grad():  # Adam's momentum would still move finished atoms: pin them,
@@ -158,30 +154,59 @@ class AtomTrainer:
                             int(steps[b]), float(final[b]))
                 for b in range(n)]
 
-    def _target_states(self, adapters, rows: Tensor, ids: Tensor, mask: Tensor, tgt: Tensor,
-                       frozen_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``target_states`` of ``rows`` with ``adapters`` (one per row) composed: each group
-        of rows of similar length (``compiler.buckets``) runs at its own width, and the
-        states come back in the order one padded forward of all rows would give."""
+    def _learn(self, adapters, rows: Tensor, slot: Tensor, n_active: int, ids: Tensor,
+               mask: Tensor, tgt: Tensor, frozen_states: Tensor, vocab: CandidateVocab | None,
+               soft: SoftTargets | None, last: bool) -> tuple[Tensor, Tensor]:
+        """One step's forward and backward over ``rows`` (row i belongs to active atom
+        ``slot[i]``, whose adapters are ``adapters[i]``); returns each active atom's scored
+        loss and smallest target probability (``compiler.loss.atom_scores``).
+
+        Each group of rows of similar length (``compiler.buckets``) runs at its own width and
+        is back-propagated before the next one runs, so a step holds one group's activations,
+        not the batch's. An atom's loss is the mean over all its target tokens, so each
+        group adds its tokens' losses divided by their atom's token count. Every active atom
+        is back-propagated, also one that this step finds learned: with ``neighbours_learn``
+        off its loss reaches only its own adapter, which the caller pins to the snapshot."""
         lengths = mask[rows].sum(1)
+        per_row = tgt[rows, 1:].sum(1)  # target tokens of each row
+        count = torch.zeros(n_active, device=rows.device).index_add_(0, slot, per_row.float())
+        token = torch.full(tgt[:, 1:].shape, -1, dtype=torch.long, device=tgt.device)
+        token[tgt[:, 1:]] = torch.arange(int(tgt[:, 1:].sum()), device=tgt.device)
         groups = length_groups(lengths.cpu(), self.config.length_groups)
-        parts, keys = [], []
+        seen = []  # (states, labels, cross-entropy, atom) of every target, detached
         for group in groups:
             g = group.to(rows.device)
-            r, w = rows[g], int(lengths[g].max())
             own = adapters if len(groups) == 1 else \
                 {k: (A[g], B[g]) for k, (A, B) in adapters.items()}
-            with self.lora.adapters(own), self.prefix.replay(frozen_states[r, :w]), \
-                    self._autocast():
-                hidden = self.model.base_model(input_ids=ids[r, :w],
-                                               attention_mask=mask[r, :w]).last_hidden_state
-                h, labels, local = target_states(hidden, ids[r, :w], tgt[r, :w])
-            parts.append((h, labels, g[local]))
-            keys.append(g[local] * ids.shape[1] + tgt[r, 1:w].nonzero()[:, 1])
-        if len(parts) == 1:
-            return parts[0]
-        order = torch.argsort(torch.cat(keys))  # row by row, position by position
-        return tuple(torch.cat(p)[order] for p in zip(*parts))
+            seen.append(self._learn_group(own, rows[g], slot[g], lengths[g], count, token, ids,
+                                          mask, tgt, frozen_states, vocab, soft, last))
+        h, labels, ce, atoms = (torch.cat(part) for part in zip(*seen))
+        with self._autocast():
+            return atom_scores(h, labels, ce, atoms, n_active, self.head, vocab,
+                               self.config.stop_prob, last)
+
+    def _learn_group(self, adapters, r: Tensor, atom_of_row: Tensor, lengths: Tensor,
+                     count: Tensor, token: Tensor, ids: Tensor, mask: Tensor, tgt: Tensor,
+                     frozen_states: Tensor, vocab: CandidateVocab | None,
+                     soft: SoftTargets | None, last: bool) -> tuple[Tensor, ...]:
+        """``_learn`` for the rows ``r`` of one length group: forward at their width, backward
+        (the composed adapters' graph is shared by the groups: kept), and the detached states,
+        labels, cross-entropies and atoms of their targets. Its activations die on return."""
+        w = int(lengths.max())
+        with self.lora.adapters(adapters), self.prefix.replay(frozen_states[r, :w]), \
+                self._autocast():
+            hidden = self.model.base_model(input_ids=ids[r, :w],
+                                           attention_mask=mask[r, :w]).last_hidden_state
+            h, labels, local = target_states(hidden, ids[r, :w], tgt[r, :w])
+            atoms = atom_of_row[local]
+            taught = None
+            if soft is not None:  # the teacher's share of these targets, in their order
+                pos = tgt[r, 1:w].nonzero()
+                taught = soft.rows(token[r[pos[:, 0]], pos[:, 1]])
+            train, ce = token_losses(h, labels, self.head, vocab, taught)
+        if not last:
+            (train / count[atoms]).sum().backward(retain_graph=True)
+        return h.detach(), labels, ce.detach(), atoms
 
     def _init_params(self, keys: Sequence[str]) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         """PEFT's init per atom: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0, seeded by the atom."""

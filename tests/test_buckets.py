@@ -33,16 +33,20 @@ def test_one_group_keeps_the_rows_in_order_and_equal_lengths_are_not_split():
     assert len(length_groups(torch.tensor([20] * 8), 3, overhead=1)) == 1
 
 
-def test_training_group_by_group_gives_the_adapters_one_padded_forward_gives(base):  # noqa: F811
-    """Rows of very different lengths (texts and question views), composed with neighbours:
-    the same atoms, steps and losses whether a step runs one padded forward or several."""
+@pytest.mark.parametrize("distill", [0.0, 0.5])
+def test_training_group_by_group_gives_the_adapters_one_padded_forward_gives(base, distill):  # noqa: F811
+    """Rows of very different lengths (texts and question views), composed with neighbours,
+    with and without a teacher's targets: the same atoms, steps and losses whether a step
+    runs one padded forward and backward or one per group."""
     texts = [TEXTS[0], "w1 " * 150, TEXTS[1], "w7 w8 " * 60]
     views = [[("q1 q2", "w5")], [], [("q3 q4 q5 q6 q7 q8 q9 q10 q11 q12", "w9 w9")], []]
+    windows = [f"w{i} w{i + 1} w{i + 2}" for i in range(len(texts))]
 
     def run(groups):
-        cfg = config(neighbours=1, max_steps=6, stop_prob=0.99, length_groups=groups)
+        cfg = config(neighbours=1, max_steps=6, stop_prob=0.99, length_groups=groups,
+                     distill=distill)
         with AtomTrainer(base.model, base.tokenizer, cfg) as trainer:
-            return trainer.train(texts, KEYS, views=views)
+            return trainer.train(texts, KEYS, views=views, windows=windows)
 
     assert len(length_groups(torch.tensor([5, 150, 3, 120, 4, 13]), 3)) > 1  # it does split
     one, several = run(1), run(3)
