@@ -1,9 +1,9 @@
 """Compile the docs tune split (153 atoms), recording current and peak RSS after each batch.
 
-    BATCH=32 python mem_probe.py DTYPE TRIM OUT.json
+    BATCH=32 RANK=2 python mem_probe.py DTYPE TRIM OUT.json
 
 TRIM 0: glibc as is; 1: malloc_trim(0) after each batch; 2: a fixed 4 MiB mmap threshold.
-Rank 2, as the runs in RESULTS.md ("Compile memory") were made.
+RANK 2 (the default here), as the first runs in RESULTS.md ("Compile memory") were made.
 """
 
 import ctypes
@@ -37,6 +37,7 @@ def peak_mb() -> float:
 def main() -> None:
     dtype, trim, out_path = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     batch = int(os.environ.get("BATCH", 32))
+    rank = int(os.environ.get("RANK", 2))
     libc = ctypes.CDLL("libc.so.6")
     if trim == 2:
         assert libc.mallopt(M_MMAP_THRESHOLD, 4 << 20) == 1
@@ -56,9 +57,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         report = compile_documents(docs, Path(d) / "s", base=base, embedder=emb, namespace="t",
-                                   train_config=TrainConfig(rank=2, batch_atoms=batch),
+                                   train_config=TrainConfig(rank=rank, batch_atoms=batch),
                                    progress=progress)
-    out = {"dtype": dtype, "trim": trim, "batch_atoms": batch,
+    out = {"dtype": dtype, "trim": trim, "batch_atoms": batch, "rank": rank,
            "seconds": round(time.perf_counter() - t0, 1), "atoms": report.atoms,
            "atom_steps": report.atom_steps, "mean_final_loss": report.mean_final_loss,
            "peak_rss_mb": round(peak_mb()), "rss_after_load_mb": round(rss0),
