@@ -121,3 +121,23 @@ def test_without_data_the_reader_trains_on_invented_documents(tmp_path, tiny_mod
     assert "2 invented documents" in r.output
     _, info = read_reader(tmp_path / "reader", load_base_model(lm, dtype="fp32").fingerprint)
     assert info["questions"] == len(invent_rows(2)) and info["dataset"] == "invented.jsonl"
+
+
+def test_answerable_only_trains_on_questions_whose_atoms_hold_the_answer(tmp_path, tiny_models):
+    """A question whose retrieved atoms do not say its answer is left out (it would teach the
+    reader to guess); when that leaves nothing, the error says so and how to go on."""
+    import json
+
+    lm, emb_path = tiny_models
+    data = write_cpkc(tmp_path / "qa.jsonl", 8)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    absent = tmp_path / "absent.jsonl"
+    absent.write_text("".join(json.dumps({**r, "answer": "w999"}) + "\n" for r in rows))
+    common = ["--split", "all", "--epochs", "1", "--reader-rank", "2", "--base-model", str(lm),
+              "--embedder", str(emb_path), "--last-layers", "2", "--steps", "2"]
+    r = CliRunner().invoke(cli, ["reader", "train", "--data", str(absent), "--answerable-only",
+                                 "--out", str(tmp_path / "none"), *common])
+    assert r.exit_code != 0 and "--all-questions" in r.output
+    r = CliRunner().invoke(cli, ["reader", "train", "--data", str(absent), "--all-questions",
+                                 "--out", str(tmp_path / "all"), *common])
+    assert r.exit_code == 0, r.output

@@ -48,13 +48,17 @@ def reader() -> None:
               help="Passes over the questions.")
 @click.option("--reader-lr", default=ReaderConfig.lr, show_default=True,
               type=click.FloatRange(0), help="Adam's learning rate for the reader.")
+@click.option("--answerable-only/--all-questions", default=ReaderConfig.answerable_only,
+              show_default=True,
+              help="Train only on questions whose retrieved atoms' text holds the answer "
+                   "(the rest teach the reader to guess).")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the compiled training store here [default: a temporary directory].")
 @recipe_options
 @model_options
 @base_dtype_option(from_store=False)
 def train(data_path, documents, split, limit, distractors, out, k, reader_rank, epochs, reader_lr,
-          workdir, recipe, base_model, embedder, device, base_dtype) -> None:
+          answerable_only, workdir, recipe, base_model, embedder, device, base_dtype) -> None:
     """Train a reader on QA data: the passages are compiled with the recipe options (use the
     recipe your stores use), each question's atoms retrieved, and the reader trained to give
     the answer with them composed beside it. Without --data it trains on invented documents
@@ -75,7 +79,7 @@ def train(data_path, documents, split, limit, distractors, out, k, reader_rank, 
     base = load_base_model(base_model, device=device, dtype=base_dtype)
     emb = load_embedder(embedder, device=device)
     config = ReaderConfig(rank=reader_rank, lr=reader_lr, epochs=epochs,
-                          targets=train_config.targets)
+                          targets=train_config.targets, answerable_only=answerable_only)
     progress = StageBars({"compile": "atom", "train": "step"})
     source = f"{data_path.name}, {split} split" if data_path else f"{documents} invented documents"
     with tempfile.TemporaryDirectory() as tmp:

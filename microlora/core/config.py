@@ -234,7 +234,8 @@ class ChunkConfig:
 @dataclass(frozen=True)
 class ReaderConfig:
     """The shared reader (``compiler.reader``). rank: its LoRA rank; lr, epochs, batch: Adam
-    over the examples; targets: the atoms' targets (the default recipe's)."""
+    over the examples; targets: the atoms' targets (the default recipe's); answerable_only:
+    train only on questions whose retrieved atoms' text holds the answer."""
 
     rank: int = 8
     lr: float = 1e-3
@@ -242,6 +243,7 @@ class ReaderConfig:
     batch: int = 8
     seed: int = 0
     targets: TargetSpec = TargetSpec()
+    answerable_only: bool = False
 
 
 @dataclass(frozen=True)
