@@ -82,7 +82,7 @@ def test_reader_trains_on_tune_installs_and_joins_eval(tmp_path, tiny_models):
     common = ["--base-model", str(lm), "--embedder", str(emb_path), "--last-layers", "2",
               "--steps", "2", "--max-atom-tokens", "16"]
     r = CliRunner().invoke(cli, ["reader", "train", "--data", str(data), "--split", "tune",
-                                 "--limit", "6",
+                                 "--limit", "6", "--all-questions",
                                  "--out", str(tmp_path / "reader"), "--epochs", "2",
                                  "--reader-rank", "2", *common])
     assert r.exit_code == 0, r.output
@@ -114,6 +114,7 @@ def test_without_data_the_reader_trains_on_invented_documents(tmp_path, tiny_mod
 
     lm, emb_path = tiny_models
     r = CliRunner().invoke(cli, ["reader", "train", "--documents", "2", "--epochs", "1",
+                                 "--all-questions",
                                  "--reader-rank", "2", "--out", str(tmp_path / "reader"),
                                  "--base-model", str(lm), "--embedder", str(emb_path),
                                  "--last-layers", "2", "--steps", "2"])
