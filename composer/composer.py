@@ -157,8 +157,11 @@ class Composer:
                 reader: bool = True) -> BatchedAdapters:
         """The kernel's per-request tensors (module -> (A (N, R, in), B (N, out, R))) for the
         hits of each request, each weighted by its hit's weight, the store's reader first
-        (unless ``reader`` is False): read from the store (``records``, from ``fetch``, or
-        fetched here; zero-copy views of bf16 atoms, int8 ones dequantized) and copied once."""
+        (unless ``reader`` is False) in each request with an atom of non-zero weight (the
+        reader reads atoms; beside silenced ones, as in hybrid's passage row, it only pulls
+        the answer away from the passage: RESULTS.md "Fidelity VI"): read from the store
+        (``records``, from ``fetch``, or fetched here; zero-copy views of bf16 atoms, int8
+        ones dequantized) and copied once."""
         if records is None:
             with self.fetch(requests) as fetched:
                 return self.compose(requests, fetched, reader)
@@ -167,7 +170,8 @@ class Composer:
             self._attach(layout)
         return compose(rows, [[h.weight for h in hits] for hits in requests],
                        shared=self.reader if reader else None, dtype=self.base.dtype,
-                       device=self.base.device)
+                       device=self.base.device,
+                       shared_in=[any(h.weight for h in hits) for hits in requests])
 
     def _attach(self, layout: PackLayout) -> None:
         """Wrap the linears this layout adapts (once; the wrappers are free when idle)."""
@@ -282,8 +286,8 @@ class Composer:
               sources: Sequence[Sequence[Source]], config: AskConfig) -> _Rows:
         """What each question is decoded from: one row (its prompt, its atoms), or for the
         ensemble hybrid two, the atoms' adapters with the bare question and the passages
-        with the atoms at weight 0 (no atom adapter, same batch; a store's reader adapter is
-        in both)."""
+        with the atoms at weight 0 (no atom adapter, same batch; a store's reader adapter
+        only in the first: ``compose``)."""
         def prompts(with_passages: bool) -> list[str]:
             return [build_prompt(self.base.tokenizer, q, passages(srcs) if with_passages else (),
                                  config.template)

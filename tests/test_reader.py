@@ -3,6 +3,8 @@ it; composed first in every request that uses adapters, never in the others."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -55,6 +57,27 @@ def test_a_reader_is_composed_beside_every_requests_atoms(kit):
     ref = with_deltas_added(base.model, [reader] + [{n: (A.float(), B.float())
                                                      for n, (A, B) in a.items()} for a in atoms])
     torch.testing.assert_close(ours, last_logits(ref, ids, mask), atol=1e-4, rtol=1e-4)
+
+
+def test_the_reader_joins_requests_with_weighted_atoms_only(kit):
+    """Hybrid's passage row composes its atoms at weight 0: it gets no reader either (the
+    reader reads atoms; beside none it only pulls answers away from the passage), so that
+    row is exactly the base model, while the atom row carries reader + atoms."""
+    base, emb, path = kit
+    with open_composer(kit) as c:
+        hits = c.retrieve(["w1 w2 w3"], ["wiki"], AskConfig(k=1))[0]
+        shapes = {n: (A.shape[2], B.shape[1]) for n, (A, B) in c.compose([hits]).items()}
+        c.use_reader(Packed.of(random_adapter(shapes, 3, seed=77, scale=0.4)))
+        silent = [replace(h, weight=0.0) for h in hits]
+        ids, mask = encode_prompts(base.tokenizer, ["w5 w6 w7"] * 2, base.device)
+        plain = last_logits(base.model, ids, mask)
+        with c.lora.adapters(c.compose([hits, silent])):
+            both = last_logits(base.model, ids, mask)
+        with c.lora.adapters(c.compose([hits, hits])):
+            atoms_twice = last_logits(base.model, ids, mask)
+    torch.testing.assert_close(both[1], plain[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[0], atoms_twice[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(both[0], plain[0], atol=1e-3)
 
 
 def test_reader_training_lowers_the_answer_loss(tiny_models):

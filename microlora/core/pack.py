@@ -122,10 +122,11 @@ class Packed:
 def compose(rows: Sequence[Sequence[Packed]],
             weights: Sequence[Sequence[float]] | Tensor | None = None,
             shared: Packed | None = None, *, dtype: torch.dtype = torch.float32,
-            device: torch.device | str | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+            device: torch.device | str | None = None,
+            shared_in: Sequence[bool] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
     """The kernel's per-request adapters: request n is the sum of the deltas of its atoms
     ``rows[n]`` (atom i's weighted by ``weights[n][i]``) and of ``shared`` (e.g. the reader,
-    first in every request).
+    first in every request, or in those where ``shared_in[n]`` is true).
 
     Requests with fewer atoms, and atoms that do not adapt a module, are zero-padded: a zero
     rank adds nothing, and a request with no atoms gets exactly the base model. Returns module
@@ -155,6 +156,8 @@ def compose(rows: Sequence[Sequence[Packed]],
             a, bt = buffers.slot(name, 0, A.shape[0])
             a.copy_(A.expand_as(a))
             bt.copy_(B.T.expand_as(bt))
+            if shared_in is not None:  # a zero B: the requests without it get nothing
+                bt.mul_(torch.tensor(shared_in, dtype=bt.dtype, device=bt.device).view(-1, 1, 1))
     for p, (layout, slots) in enumerate(by_layout.items(), start=int(shared is not None)):
         k = parts[p][1]
         some = next(rows[i][s[0]].flat for i, s in enumerate(slots) if s)
