@@ -9,8 +9,8 @@ loop a user would write for the same training rows, side by side in one run; and
 (a) microlora: ``compiler.pipeline.compile_documents`` with the default ``TrainConfig`` into a
 fresh store, timed whole (planning, question views, training, embedding, store writes);
 (b) naive: one ``get_peft_model`` LoRA per atom (same rank, targets, lr and step budget),
-the loaded base model (bf16 by default), the stock HF loss over the same rows (the atom's sentence and its question views, loss
-on their target tokens only), trained one atom after another.
+on the loaded base model (bf16 by default), the stock HF loss over the same rows (the atom's
+sentence and its question views, loss on their target tokens only), one atom after another.
 Both are scored the same way, fp32 with the full-vocabulary cross-entropy over each atom's
 target tokens (all its rows): ``mean_final_loss`` with the adapters of the ``neighbours``
 atoms after it composed beside it (as at query time with k > 1), ``alone_mean_loss`` alone
