@@ -101,6 +101,10 @@ class AtomTrainer:
         target_row = tgt[:, 1:].nonzero()[:, 0]  # the row of each target token
         soft = self._teacher(row_texts, row_contexts, group, n, windows, target_row) \
             if cfg.distill > 0 and windows is not None and len(row_texts) > n else None
+        token = None  # (row, position) -> the index of its target among all targets: -1 none
+        if soft is not None:  # the teacher's targets are in that order
+            token = torch.full(tgt[:, 1:].shape, -1, dtype=torch.long, device=tgt.device)
+            token[tgt[:, 1:]] = torch.arange(len(target_row), device=tgt.device)
         params = self._init_params(keys)
         frozen = compose(frozen_neighbours, device=self.device) \
             if frozen_neighbours and any(frozen_neighbours) else {}  # (B, F*r, in), (B, out, F*r)
@@ -132,7 +136,7 @@ class AtomTrainer:
             opt.zero_grad(set_to_none=True)
             with torch.set_grad_enabled(not last):  # on the last step every atom stops
                 scored, min_prob = self._learn(adapters, rows, slot, len(active), ids, mask, tgt,
-                                               frozen_states, vocab, soft, last)
+                                               frozen_states, vocab, soft, token, last)
             finished = (min_prob > cfg.stop_prob) | last
             scored = scored.detach().cpu()  # one copy, not one per finished atom
             for j in finished.nonzero().squeeze(1).tolist():
@@ -156,7 +160,8 @@ class AtomTrainer:
 
     def _learn(self, adapters, rows: Tensor, slot: Tensor, n_active: int, ids: Tensor,
                mask: Tensor, tgt: Tensor, frozen_states: Tensor, vocab: CandidateVocab | None,
-               soft: SoftTargets | None, last: bool) -> tuple[Tensor, Tensor]:
+               soft: SoftTargets | None, token: Tensor | None, last: bool
+               ) -> tuple[Tensor, Tensor]:
         """One step's forward and backward over ``rows`` (row i belongs to active atom
         ``slot[i]``, whose adapters are ``adapters[i]``); returns each active atom's scored
         loss and smallest target probability (``compiler.loss.atom_scores``).
@@ -170,8 +175,6 @@ class AtomTrainer:
         lengths = mask[rows].sum(1)
         per_row = tgt[rows, 1:].sum(1)  # target tokens of each row
         count = torch.zeros(n_active, device=rows.device).index_add_(0, slot, per_row.float())
-        token = torch.full(tgt[:, 1:].shape, -1, dtype=torch.long, device=tgt.device)
-        token[tgt[:, 1:]] = torch.arange(int(tgt[:, 1:].sum()), device=tgt.device)
         groups = length_groups(lengths.cpu(), self.config.length_groups)
         seen = []  # (states, labels, cross-entropy, atom) of every target, detached
         for group in groups:
@@ -186,7 +189,7 @@ class AtomTrainer:
                                self.config.stop_prob, last)
 
     def _learn_group(self, adapters, r: Tensor, atom_of_row: Tensor, lengths: Tensor,
-                     count: Tensor, token: Tensor, ids: Tensor, mask: Tensor, tgt: Tensor,
+                     count: Tensor, token: Tensor | None, ids: Tensor, mask: Tensor, tgt: Tensor,
                      frozen_states: Tensor, vocab: CandidateVocab | None,
                      soft: SoftTargets | None, last: bool) -> tuple[Tensor, ...]:
         """``_learn`` for the rows ``r`` of one length group: forward at their width, backward
