@@ -152,12 +152,14 @@ def compose(rows: Sequence[Sequence[Packed]],
                                      for j in slot], n, dtype, device)
     buffers = _Buffers(parts, n, dtype, device)
     if shared is not None:
+        keep = None if shared_in is None else \
+            torch.tensor(shared_in, dtype=dtype, device=device).view(-1, 1, 1)
         for name, (A, B) in shared.unpack().items():
             a, bt = buffers.slot(name, 0, A.shape[0])
             a.copy_(A.expand_as(a))
             bt.copy_(B.T.expand_as(bt))
-            if shared_in is not None:  # a zero B: the requests without it get nothing
-                bt.mul_(torch.tensor(shared_in, dtype=bt.dtype, device=bt.device).view(-1, 1, 1))
+            if keep is not None:  # a zero B: the requests without it get nothing
+                bt.mul_(keep)
     for p, (layout, slots) in enumerate(by_layout.items(), start=int(shared is not None)):
         k = parts[p][1]
         some = next(rows[i][s[0]].flat for i, s in enumerate(slots) if s)
