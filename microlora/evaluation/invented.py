@@ -73,7 +73,7 @@ def _year(rng: random.Random) -> str:
 
 def _craftsperson(rng: random.Random) -> tuple[list[str], list[Question]]:
     p, last, she, her = _person(rng)
-    m, m_last, m_he, m_his = _person(rng)
+    m, m_last, _, m_his = _person(rng)
     craft, shop, goods = rng.choice(_CRAFTS)
     home, trained, own, year = _place(rng), _place(rng), _place(rng), _year(rng)
     parent = rng.choice(["father", "mother"])
@@ -105,8 +105,7 @@ def _craftsperson(rng: random.Random) -> tuple[list[str], list[Question]]:
 def _firm(rng: random.Random) -> tuple[list[str], list[Question]]:
     org = f"{_word(rng, 2)} {rng.choice(['& Sons', 'Works', 'Company', 'Brothers'])}"
     p, last, she, her = _person(rng)
-    sib, sib_last, _, _ = _person(rng)
-    sib = f"{sib.split()[0]} {last}"
+    sib = f"{_person(rng)[0].split()[0]} {last}"  # a sibling: the founder's surname
     origin, hq, school = _place(rng), _place(rng), _place(rng)
     year, moved = _year(rng), _year(rng)
     product, model, division = rng.choice(_PRODUCTS), _word(rng, 2), rng.choice(_DIVISIONS)
