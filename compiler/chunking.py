@@ -6,6 +6,9 @@ atoms matched in-context RAG, so an atom is a sentence. Fragments too short to c
 token limit split at clause boundaries, and at token boundaries as a last resort. Every atom
 is an exact slice of its document: ``doc.text[atom.start:atom.end] == atom.text``.
 
+With ``ChunkConfig.sentences`` > 1 an atom is a run of up to that many consecutive sentences
+of one paragraph (its ``parts``), so a pronoun and the name it refers to can share an atom.
+
 Each atom also keeps its paragraph (the atoms around it, up to ``CONTEXT_ATOMS`` either side):
 the text a pronoun refers back to, which the composer reads as the atom's window.
 
@@ -52,20 +55,34 @@ class Atom:
     at: int = 0
     page: int = 0
     section: tuple[str, ...] = ()
+    parts: tuple[tuple[int, int], ...] = ()
+
+    def sentences(self) -> list[str]:
+        """Its sentences: ``parts`` cut out of ``text``, or the text whole."""
+        return [self.text[s:e] for s, e in self.parts] or [self.text]
 
 
 def chunk_document(doc: Document, tokenizer, config: ChunkConfig = ChunkConfig()) -> list[Atom]:
     out = []
     for block in doc.blocks or (Block(0, len(doc.text)),):
-        cut = _rows if block.kind == "table" else _prose
-        for group in cut(doc.text, block.start, block.end, tokenizer, config):
-            texts = tuple(doc.text[s:e] for s, e in group)
-            for i, (s, e) in enumerate(group):
+        table = block.kind == "table"
+        for group in (_rows if table else _prose)(doc.text, block.start, block.end, tokenizer,
+                                                  config):
+            runs = [[span] for span in group] if table else _runs(group, config.sentences)
+            texts = tuple(doc.text[run[0][0]:run[-1][1]] for run in runs)
+            for i, run in enumerate(runs):
+                s, e = run[0][0], run[-1][1]
                 lo = max(0, i - CONTEXT_ATOMS)
                 page, section = doc.place(s)
+                parts = tuple((a - s, b - s) for a, b in run) if len(run) > 1 else ()
                 out.append(Atom(texts[i], doc.source, s, e, doc.title,
-                                texts[lo:i + CONTEXT_ATOMS + 1], i - lo, page, section))
+                                texts[lo:i + CONTEXT_ATOMS + 1], i - lo, page, section, parts))
     return out
+
+
+def _runs(spans: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
+    """A paragraph's sentence spans in runs of ``size`` (the last run may be shorter)."""
+    return [spans[i:i + size] for i in range(0, len(spans), size)]
 
 
 def _prose(text: str, start: int, end: int, tokenizer, config: ChunkConfig

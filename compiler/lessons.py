@@ -3,7 +3,8 @@
 One place decides, so the compiler's pipeline and its tests agree on what a recipe means:
 - ``taught_text``: the atom's sentence, or with ``resolve_pronouns`` the sentence with an
   opening pronoun replaced by the name it refers to (``compiler.decontext``);
-- ``lesson_views``: question views of that sentence and, with ``window_views``, of its
+- ``lesson_views``: question views of that sentence (of each of its sentences, for an atom of
+  several: ``ChunkConfig.sentences``) and, with ``window_views``, of its
   paragraph neighbours' (pronouns resolved), so the atom also answers for its neighbours;
 - ``teacher_window``: the paragraph around it that the distilling teacher reads;
 - ``embedded_text``: what its retrieval vector is computed from.
@@ -42,11 +43,14 @@ def embedded_text(atom: Atom, config: TrainConfig) -> str:
 
 def lesson_views(atom: Atom, config: TrainConfig) -> list[tuple[str, str]]:
     """(question prompt, answer) pairs the atom's adapter is trained on besides its text."""
+    topic = ""
     if config.subject_context == "lessons" and atom.context:
-        views = question_views(resolve_pronoun(atom.context, atom.at), config.qa_views,
-                               config.view_style, topic=unnamed_subject(atom.context, atom.at))
+        text = resolve_pronoun(atom.context, atom.at)
+        topic = unnamed_subject(atom.context, atom.at)
     else:
-        views = question_views(taught_text(atom, config), config.qa_views, config.view_style)
+        text = taught_text(atom, config)
+    views = [view for sentence in _sentences(text, atom)
+             for view in question_views(sentence, config.qa_views, config.view_style, topic)]
     if config.window_views and atom.context:
         lo = max(0, atom.at - config.window_views)
         hi = min(len(atom.context), atom.at + config.window_views + 1)
@@ -55,6 +59,16 @@ def lesson_views(atom: Atom, config: TrainConfig) -> list[tuple[str, str]]:
                 views += question_views(resolve_pronoun(atom.context, j), config.qa_views,
                                         config.view_style)
     return views
+
+
+def _sentences(text: str, atom: Atom) -> list[str]:
+    """The sentences of ``text``: the atom's own text, or it with its opening rewritten (a
+    pronoun resolved), which moves every sentence after the first by the same amount."""
+    if not atom.parts:
+        return [text]
+    shift = len(text) - len(atom.text)
+    return [text[(start + shift) if i else 0:end + shift]
+            for i, (start, end) in enumerate(atom.parts)]
 
 
 def teacher_window(atom: Atom, config: TrainConfig, tokenizer) -> str:

@@ -133,6 +133,40 @@ def test_read_documents_reports_bad_inputs_and_keeps_the_rest(tmp_path):
 def test_chunk_config_names_the_flag(bad):
     with pytest.raises(ValueError, match="--max-atom-tokens"):
         ChunkConfig(max_tokens=bad)
+    with pytest.raises(ValueError, match="--atom-sentences"):
+        ChunkConfig(sentences=bad - 7)
+
+
+def test_an_atom_of_several_sentences_never_crosses_a_paragraph():
+    atoms = atoms_of(TEXT, sentences=3)
+    assert [a.text for a in atoms] == [
+        "Madge Blake was born in Kinsley, Kansas. She moved to California in 1900.",
+        "# Career\n\nDr. Smith met J. R. R. Tolkien at Oxford. See below.\n"
+        "Her first film role came in 1950, at the age of 51.",
+    ]
+    first, second = atoms
+    assert first.sentences() == ["Madge Blake was born in Kinsley, Kansas.",
+                                 "She moved to California in 1900."]
+    assert second.sentences()[1].startswith("See below.")
+    assert all(TEXT[a.start:a.end] == a.text for a in atoms)
+    assert first.context == (first.text,) and first.at == 0
+    one = atoms_of(TEXT)[0]
+    assert one.parts == () and one.sentences() == [one.text]
+
+
+def test_each_sentence_of_an_atom_gets_its_own_question_views():
+    from compiler.lessons import lesson_views
+    from microlora.core.config import TrainConfig
+
+    first = atoms_of(TEXT, sentences=2)[0]
+    answers = [a for _, a in lesson_views(first, TrainConfig(qa_views=1))]
+    assert answers == [" Madge Blake\n", " California\n"]  # one view from each sentence
+    # an opening pronoun resolved moves the sentences after it: still cut where they are
+    text = "Madge Blake sang in Lisk. Reviews were kind. She moved to Kinsley. It had 5000 people."
+    resolving = TrainConfig(qa_views=1, resolve_pronouns=True)
+    views = lesson_views(atoms_of(text, sentences=2, min_chars=10)[1], resolving)
+    assert [a for _, a in views] == [" Madge Blake\n", " 5000\n"]
+    assert views[1][0].startswith("Question: It had how many people")
 
 
 class CountingText(str):

@@ -100,6 +100,10 @@ _RECIPE_OPTIONS = [
     click.option("--max-atom-tokens", default=_CHUNK.max_tokens, show_default=True,
                  type=click.IntRange(8),
                  help="Split sentences longer than this (base-model tokens)."),
+    click.option("--atom-sentences", default=_CHUNK.sentences, show_default=True,
+                 type=click.IntRange(1),
+                 help="Consecutive sentences of a paragraph per atom, each taught with its "
+                      "own question views (1: an atom is a sentence)."),
     click.option("--qa-views", default=_TRAIN.qa_views, show_default=True,
                  type=click.IntRange(0, 8),
                  help="Also train each atom on this many questions about its own names, "
@@ -166,7 +170,8 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                  view_style: str = _TRAIN.view_style, window_views: int = _TRAIN.window_views,
                  distill: float = _TRAIN.distill, company: str = _TRAIN.company,
                  subject_context: str = _TRAIN.subject_context,
-                 company_weight: str = _TRAIN.company_weight) -> tuple[TrainConfig, ChunkConfig]:
+                 company_weight: str = _TRAIN.company_weight,
+                 atom_sentences: int = _CHUNK.sentences) -> tuple[TrainConfig, ChunkConfig]:
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     try:
         spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
@@ -178,7 +183,7 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                             distill=distill, company=company,
                             subject_context=subject_context,
                             company_weight=company_weight),
-                ChunkConfig(max_tokens=max_atom_tokens))
+                ChunkConfig(max_tokens=max_atom_tokens, sentences=atom_sentences))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
 

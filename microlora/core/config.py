@@ -220,15 +220,20 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ChunkConfig:
-    """max_tokens: an atom's token limit under the base model's tokenizer (CLI
-    ``--max-atom-tokens``); min_chars: shorter fragments join a neighbour."""
+    """max_tokens: a sentence's token limit under the base model's tokenizer (CLI
+    ``--max-atom-tokens``; longer ones split); min_chars: shorter fragments join a neighbour;
+    sentences: consecutive sentences of a paragraph per atom (``--atom-sentences``), each
+    taught with its own question views."""
 
     max_tokens: int = 64
     min_chars: int = 30
+    sentences: int = 1
 
     def __post_init__(self) -> None:
         if self.max_tokens < 8:
             raise ValueError(f"--max-atom-tokens must be at least 8, got {self.max_tokens}")
+        if self.sentences < 1:
+            raise ValueError(f"--atom-sentences must be at least 1, got {self.sentences}")
 
 
 @dataclass(frozen=True)
