@@ -60,8 +60,8 @@ class PackLayout:
     def ranks(self) -> dict[str, int]:
         return {name: r for name, r, _, _ in self.modules}
 
-    @property
-    def size(self) -> int:
+    @functools.cached_property
+    def size(self) -> int:  # read by every Packed made, k times a fetch: computed once
         return sum(r * (d_in + d_out) for _, r, d_in, d_out in self.modules)
 
     def pack(self, adapter: Adapter, dtype: torch.dtype = torch.float32) -> Tensor:
