@@ -135,7 +135,9 @@ class TrainConfig:
         1, the sum, as ``ask --weighting uniform`` composes) or "mean" (each of the 1 +
         ``neighbours`` atoms at 1/(1 + neighbours), as ``--weighting mean`` composes
         1 + neighbours atoms at query time).
-    batch_atoms: atoms trained together in one step (``--batch-size``).
+    batch_atoms: atoms trained together in one step (``--batch-size``): 16, measured on 2
+        CPU cores against 32 (153-atom compile: peak memory 3,296 vs 3,505 MB, 233 vs 256 s,
+        the same answers; benchmarks/RESULTS.md, "Compile memory"); a GPU may want more.
     length_groups: a step's rows run as up to this many forwards of rows of similar length,
         each at its own width (``compiler.buckets``: less padding computed; 1 = one padded
         forward). Like batch_atoms it changes speed, not what an atom is: not in its id.
@@ -166,7 +168,7 @@ class TrainConfig:
     max_steps: int = 25
     stop_prob: float = 0.5
     neighbours: int = 3
-    batch_atoms: int = 32
+    batch_atoms: int = 16
     length_groups: int = 3
     seed: int = 0
     bf16: bool = True
