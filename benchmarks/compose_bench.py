@@ -20,7 +20,9 @@ cost of composed adapters while decoding, side by side in one run on the default
   vs 64 base-model requests, both decoded as the composer serves them (the prompt-prefix
   cache on: the base batch reuses every block's prefix states, the mixed one only those
   below the first adapted block), 64 new tokens (16 with ``--quick``); and the same two
-  batches without the prefix cache (``..._no_prefix_cache``); 3 trials.
+  batches without the prefix cache (``..._no_prefix_cache``); 3 trials. ``--no-adapt-prefix``
+  serves the mixed batches as ``ask --no-adapt-prefix`` does: the base model alone reads the
+  prompt's shared prefix in every block, so both batches reuse all of its states.
 
 Atoms are synthetic rank-2 bf16 adapters of the default targets with small weights (std
 0.02), so the model still produces ordinary text; timings do not depend on what they encode.
@@ -95,6 +97,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"which measurements, comma-separated, of {','.join(SECTIONS)}")
+    ap.add_argument("--no-adapt-prefix", dest="adapt_prefix", action="store_false",
+                    help="mixed batches: atoms kept off the prompt's shared prefix (AskConfig."
+                         "adapt_prefix), as `ask --no-adapt-prefix` serves them")
     add_model_options(ap)
     args = ap.parse_args()
     trials = 4 if args.quick else 8  # decoding: mirrored blocks, each runs every variant twice
@@ -122,17 +127,19 @@ def main() -> None:
         result = run(base, emb, work, ids, trials, assembly_trials,
                      peft_copy=lambda: load_base_model(args.base_model,
                                                        device=args.device).model,
-                     sections=sections, big_tokens=16 if args.quick else NEW_TOKENS)
+                     sections=sections, big_tokens=16 if args.quick else NEW_TOKENS,
+                     adapt_prefix=args.adapt_prefix)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_results(result, args.out, torch_machine(base.model))
 
 
 def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int,
-        peft_copy, sections=SECTIONS, big_tokens: int = NEW_TOKENS) -> dict:
+        peft_copy, sections=SECTIONS, big_tokens: int = NEW_TOKENS,
+        adapt_prefix: bool = True) -> dict:
     """The measurements; ``peft_copy()`` loads a second copy of the base model for PEFT."""
     result: dict = {"new_tokens": NEW_TOKENS, "trials": trials,
-                    "assembly_trials": assembly_trials}
+                    "assembly_trials": assembly_trials, "adapt_prefix": adapt_prefix}
     tok = base.tokenizer
     one_ids, one_mask = encode_prompts(tok, [build_prompt(tok, QUESTION)], base.device)
     composer = Composer(AdapterStore(work / "store", readonly=True), base, emb)
@@ -146,7 +153,8 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
         result.update(mixed_batch(composer, ids, 8, trials, NEW_TOKENS))
     if "mixed64" in sections:
         result.update(mixed_batch(composer, ids, BIG_BATCH, min(trials, 3), big_tokens,
-                                  prefix=True))  # 4 long runs a trial: 3 trials at most
+                                  prefix=True, adapt_prefix=adapt_prefix))  # 3 trials at most:
+        # 4 long runs a trial
     composer.close()
     return result
 
@@ -236,16 +244,17 @@ def decoding(composer: Composer, one_ids, one_mask, hits: list[Hit], trials: int
 
 
 def mixed_batch(composer: Composer, ids: list[str], n: int, trials: int, new_tokens: int,
-                prefix: bool = False) -> dict:
+                prefix: bool = False, adapt_prefix: bool = True) -> dict:
     """n requests with n different sets of 8 atoms decoded together vs n base requests
     batched, interleaved; with ``prefix``, both through the prompt-prefix cache (as the
-    composer serves them) and both without it."""
+    composer serves them; ``adapt_prefix``: as ``AskConfig.adapt_prefix``) and both without
+    it."""
     base, tok = composer.base, composer.base.tokenizer
     questions = [f"{QUESTION} ({i})" for i in range(n)]
     b_ids, b_mask = encode_prompts(tok, [build_prompt(tok, q) for q in questions], base.device)
     sets = [[Hit("bench", i, 1.0) for i in ids[max(KS) + 8 * j:max(KS) + 8 * (j + 1)]]
             for j in range(n)]
-    shared = composer.prefixes.for_prompts(tok, "qa", False)
+    shared = composer.prefixes.for_prompts(tok, "qa", False, adapted=adapt_prefix)
     settings = [(shared, ""), (None, "_no_prefix_cache")] if prefix else [(None, "")]
     runs: dict[tuple[str, str], list[float]] = {}
 
