@@ -57,10 +57,6 @@ class Atom:
     section: tuple[str, ...] = ()
     parts: tuple[tuple[int, int], ...] = ()
 
-    def sentences(self) -> list[str]:
-        """Its sentences: ``parts`` cut out of ``text``, or the text whole."""
-        return [self.text[s:e] for s, e in self.parts] or [self.text]
-
 
 def chunk_document(doc: Document, tokenizer, config: ChunkConfig = ChunkConfig()) -> list[Atom]:
     out = []
