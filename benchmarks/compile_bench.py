@@ -190,6 +190,9 @@ def side_by_side(args) -> dict:
         "mean_final_loss": sum(loss["ours"]) / n, "naive_mean_final_loss": sum(loss["naive"]) / n,
         "alone_mean_loss": sum(alone["ours"]) / n,
         "naive_alone_mean_loss": sum(alone["naive"]) / n,
+        "alone_losses": [round(x, 4) for x in alone["ours"]],  # per atom: a mean hides outliers
+        "final_losses": [round(x, 4) for x in loss["ours"]],
+        "steps": [records[t].extra.get("steps") for t in texts],
         "mean_steps": report.atom_steps / n, "naive_mean_steps": steps_naive / n,
         "atom_steps_per_s": report.atom_steps / t_ours,
         "naive_atom_steps_per_s": steps_naive / t_naive, "composed_with": company,
