@@ -328,3 +328,15 @@ def test_an_atom_is_retrieved_by_its_sentence_with_its_paragraphs_subject(tmp_pa
     expected = models[1].encode([f"Talia Orven: {furnace}"])[0]
     assert np.allclose(stored[furnace], expected, atol=1e-6)
     assert not np.allclose(stored[furnace], models[1].encode([furnace])[0], atol=1e-3)
+
+
+def test_batches_are_even_so_no_short_last_batch_trains_atoms_in_fixed_company():
+    from compiler.pipeline import batches
+
+    assert [len(b) for b in batches(list(range(20)), 16)] == [10, 10]
+    assert [len(b) for b in batches(list(range(33)), 16)] == [11, 11, 11]
+    assert [len(b) for b in batches(list(range(32)), 16)] == [16, 16]
+    assert [len(b) for b in batches(list(range(5)), 16)] == [5]
+    assert batches([], 16) == []
+    split = batches(list(range(153)), 16)
+    assert [x for b in split for x in b] == list(range(153)) and max(map(len, split)) <= 16
