@@ -152,9 +152,9 @@ def run(base, emb, work: Path, ids: list[str], trials: int, assembly_trials: int
     if "mixed8" in sections:
         result.update(mixed_batch(composer, ids, 8, trials, NEW_TOKENS))
     if "mixed64" in sections:
+        # 4 long runs a trial: 3 trials at most
         result.update(mixed_batch(composer, ids, BIG_BATCH, min(trials, 3), big_tokens,
-                                  prefix=True, adapt_prefix=adapt_prefix))  # 3 trials at most:
-        # 4 long runs a trial
+                                  prefix=True, adapt_prefix=adapt_prefix))
     composer.close()
     return result
 

@@ -595,18 +595,13 @@ def test_the_output_layer_gets_a_contiguous_batch(kit):
     hook = base.model.get_output_embeddings().register_forward_hook(
         lambda _m, args, _out: seen.append((args[0].shape[0], standard(args[0]))))
     ids, mask = encode_prompts(tok, QUESTIONS, base.device)
+    one, one_mask = encode_prompts(tok, QUESTIONS[:1], base.device)
     try:
         generate(base.model, tok, ids, mask, max_new_tokens=2, min_new_tokens=2)
         continuation_logprobs(base.model, ids, mask, [[5], [6, 7], [8]], pad_id(tok))
-    finally:
-        hook.remove()
-    assert len(seen) == 3 and all(n == len(QUESTIONS) and ok for n, ok in seen)
-    seen.clear()  # one row: its last position's slice keeps the prompt's strides unless copied
-    one, one_mask = encode_prompts(tok, QUESTIONS[:1], base.device)
-    hook = base.model.get_output_embeddings().register_forward_hook(
-        lambda _m, args, _out: seen.append((args[0].shape[0], standard(args[0]))))
-    try:
+        # one row: its last position's slice keeps the prompt's strides unless copied
         generate(base.model, tok, one, one_mask, max_new_tokens=1)
     finally:
         hook.remove()
-    assert seen == [(1, True)]
+    assert len(seen) == 4 and all(n == len(QUESTIONS) and ok for n, ok in seen[:3])
+    assert seen[3] == (1, True)
