@@ -9,8 +9,11 @@ loop a user would write for the same training rows, side by side in one run; and
 (a) microlora: ``compiler.pipeline.compile_documents`` with the default ``TrainConfig`` into a
 fresh store, timed whole (planning, question views, training, embedding, store writes);
 (b) naive: one ``get_peft_model`` LoRA per atom (same rank, targets, lr and step budget),
-on the loaded base model (bf16 by default), the stock HF loss over the same rows (the atom's
-sentence and its question views, loss on their target tokens only), one atom after another.
+on the loaded base model (bf16 by default), over the same rows (the atom's sentence and its
+question views, loss on their target tokens only) with the same objective: each view's answer
+taught half as its label and half as the base model answers it reading the atom's window
+(``TrainConfig.distill``: the teacher's top ``distill_topk`` tokens, computed once per atom),
+the loss from HF's full logits; one atom after another.
 Both are scored the same way, fp32 with the full-vocabulary cross-entropy over each atom's
 target tokens (all its rows): ``mean_final_loss`` with the adapters of the ``neighbours``
 atoms after it composed beside it (as at query time with k > 1), ``alone_mean_loss`` alone
@@ -39,8 +42,9 @@ from bench_models import add_model_options, load_models, synchronize
 from store_bench import torch_machine, write_results
 from tqdm import tqdm
 
-from compiler.chunking import chunk_document
+from compiler.chunking import Atom, chunk_document
 from compiler.documents import Document
+from compiler.lessons import teacher_window
 from compiler.loss import encode_targets
 from compiler.pipeline import compile_documents
 from compiler.views import question_views
@@ -96,23 +100,59 @@ def train_microlora(base, embedder, docs: list[Document], config: TrainConfig, s
     return records, seconds, report
 
 
-def train_naive(base, texts: list[str], config: TrainConfig) -> tuple[list[Packed], float, int]:
+@torch.no_grad()
+def teacher_targets(base, rows: list[tuple[str, str]], window: str, config: TrainConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a PEFT user distilling as ``TrainConfig.distill`` computes once per atom: for each
+    target token of the atom's rows (in order), the base model's top ``distill_topk`` tokens
+    reading ``window`` before the question, renormalised and scaled by ``distill`` (ids and
+    mass, (n, K) each); the atom's own sentence (row 0) gets no teacher: zero mass."""
+    views = rows[1:]
+    read = [f"Context: {window}\n{context}" for context, _ in views]
+    ids, mask, tgt = encode_targets(base.tokenizer, [t for _, t in views], read, base.device)
+    logits = base.model(input_ids=ids, attention_mask=mask).logits[:, :-1][tgt[:, 1:]]
+    top = torch.softmax(logits.float(), -1).topk(config.distill_topk)
+    probs = top.values / top.values.sum(1, keepdim=True) * config.distill
+    own = int(encode_targets(base.tokenizer, [rows[0][1]], None, base.device)[2].sum())
+    zeros = torch.zeros(own, config.distill_topk, device=base.device)
+    return (torch.cat([zeros.long(), top.indices]), torch.cat([zeros, probs]))
+
+
+def distilled_loss(logits: torch.Tensor, labels: torch.Tensor, teacher) -> torch.Tensor:
+    """The mean over target tokens of (1 - mass) x CE(label) + sum of mass x CE(teacher's
+    token): the trainer's objective (``compiler.loss.linear_cross_entropy``), from full
+    logits as a PEFT loop has them."""
+    targets = labels[:, 1:] != -100
+    logp = torch.log_softmax(logits[:, :-1][targets].float(), -1)
+    ids, probs = teacher
+    label_ce = -logp.gather(1, labels[:, 1:][targets][:, None]).squeeze(1)
+    soft_ce = -(probs * logp.gather(1, ids)).sum(1)
+    return ((1 - probs.sum(1)) * label_ce + soft_ce).mean()
+
+
+def train_naive(base, atoms: list[Atom], config: TrainConfig
+                ) -> tuple[list[Packed], float, int]:
     """The baseline a PEFT user would write: a fresh LoRA per atom, trained alone on the
-    atom's rows for the step budget."""
+    atom's rows with the trainer's objective, for the step budget."""
     from peft import LoraConfig, get_peft_model
 
     names = list(select_targets(base.model, config.targets))
     adapters, steps = [], 0
     t0 = time.perf_counter()
-    for text in tqdm(texts, desc="naive PEFT", unit="atom"):
+    for atom in tqdm(atoms, desc="naive PEFT", unit="atom"):
+        rows = rows_of(atom.text, config)
+        teacher = teacher_targets(base, rows, teacher_window(atom, config, base.tokenizer),
+                                  config) if config.distill and len(rows) > 1 else None
         peft_model = get_peft_model(base.model, LoraConfig(
             r=config.rank, lora_alpha=config.rank * config.scale, target_modules=names,
             lora_dropout=0.0))
         opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad],
                                lr=config.lr)
-        ids, mask, labels = labelled(base.tokenizer, rows_of(text, config), base.device)
+        ids, mask, labels = labelled(base.tokenizer, rows, base.device)
         for _ in range(config.max_steps):
-            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            out = peft_model(input_ids=ids, attention_mask=mask,
+                             labels=None if teacher else labels)
+            loss = distilled_loss(out.logits, labels, teacher) if teacher else out.loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -166,8 +206,9 @@ def side_by_side(args) -> dict:
         records, t_ours, report = train_microlora(base, embedder, docs, config, Path(tmp) / "s")
     texts = list(records)
     ours = [records[t].adapter for t in texts]
+    atoms = {a.text: a for doc in docs for a in chunk_document(doc, base.tokenizer)}
     torch.manual_seed(0)
-    naive, t_naive, steps_naive = train_naive(base, texts, config)
+    naive, t_naive, steps_naive = train_naive(base, [atoms[t] for t in texts], config)
     company = config.neighbours
     loss = {name: final_losses(base, texts, adapters, config, company)
             for name, adapters in (("ours", ours), ("naive", naive))}
