@@ -20,9 +20,12 @@ cost of composed adapters while decoding, side by side in one run on the default
   vs 64 base-model requests, both decoded as the composer serves them (the prompt-prefix
   cache on: the base batch reuses every block's prefix states, the mixed one only those
   below the first adapted block), 64 new tokens (16 with ``--quick``); and the same two
-  batches without the prefix cache (``..._no_prefix_cache``); 3 trials. ``--no-adapt-prefix``
-  serves the mixed batches as ``ask --no-adapt-prefix`` does: the base model alone reads the
-  prompt's shared prefix in every block, so both batches reuse all of its states.
+  batches without the prefix cache (``..._no_prefix_cache``); 3 trials. The mixed batches
+  are parametric requests served as ``ask`` serves them by default: the atoms kept off the
+  prompt's shared prefix (``AskConfig.atoms_on_prefix``), so the base model alone reads it
+  in every block and both batches reuse all of its states; ``--adapt-prefix`` composes the
+  atoms over it too (as hybrid requests are served), so the mixed batch reuses only the
+  prefix states below the first adapted block.
 
 Atoms are synthetic rank-2 bf16 adapters of the default targets with small weights (std
 0.02), so the model still produces ordinary text; timings do not depend on what they encode.
@@ -49,7 +52,7 @@ from compiler.pipeline import store_header
 from composer import Composer, Hit
 from composer.generation import encode_prompts, generate
 from composer.prompts import build_prompt
-from microlora.core.config import TargetSpec
+from microlora.core.config import AskConfig, TargetSpec
 from microlora.core.models import load_base_model
 from microlora.core.targets import select_targets
 from store import AdapterStore
@@ -97,9 +100,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"which measurements, comma-separated, of {','.join(SECTIONS)}")
+    ap.add_argument("--adapt-prefix", dest="adapt_prefix", action="store_true", default=None,
+                    help="mixed batches: atoms composed over the prompt's shared prefix too "
+                         "(AskConfig.adapt_prefix; parametric requests keep them off it)")
     ap.add_argument("--no-adapt-prefix", dest="adapt_prefix", action="store_false",
-                    help="mixed batches: atoms kept off the prompt's shared prefix (AskConfig."
-                         "adapt_prefix), as `ask --no-adapt-prefix` serves them")
+                    help=argparse.SUPPRESS)  # today's default, kept for older commands
     add_model_options(ap)
     args = ap.parse_args()
     trials = 4 if args.quick else 8  # decoding: mirrored blocks, each runs every variant twice
@@ -128,7 +133,7 @@ def main() -> None:
                      peft_copy=lambda: load_base_model(args.base_model,
                                                        device=args.device).model,
                      sections=sections, big_tokens=16 if args.quick else NEW_TOKENS,
-                     adapt_prefix=args.adapt_prefix)
+                     adapt_prefix=AskConfig(adapt_prefix=args.adapt_prefix).atoms_on_prefix)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_results(result, args.out, torch_machine(base.model))

@@ -239,7 +239,7 @@ class Composer:
                                    chat=uses_chat(tok, config.template))
         rerank = rows.rerank
         prefix = self.prefixes.for_prompts(tok, config.template, config.mode.uses_passages,
-                                           adapted=config.adapt_prefix) \
+                                           adapted=config.atoms_on_prefix) \
             if config.prefix_cache else None
         with self.model_lock, self._applied(adapters, config):
             outs = generate(self.base.model, tok, ids, mask,

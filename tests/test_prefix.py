@@ -276,3 +276,15 @@ def test_keeping_atoms_off_the_prefix_needs_the_cache_and_stacked_adapters():
     for bad in ({"prefix_cache": False}, {"composition": "merged"}):
         with pytest.raises(MicroloraError, match="--no-adapt-prefix"):
             AskConfig(adapt_prefix=False, **bad)
+
+
+def test_by_default_only_parametric_answers_keep_the_atoms_off_the_prefix():
+    """Unset, adapt_prefix follows the mode: parametric rows skip the prefix (same answers,
+    a cheaper mixed batch), hybrid rows keep it (their adapter row answers better with it),
+    and where skipping cannot be served (merged, no cache) the atoms act on it."""
+    assert not AskConfig(mode="parametric").atoms_on_prefix
+    assert AskConfig(mode="hybrid").atoms_on_prefix
+    assert AskConfig(mode="parametric", composition="merged").atoms_on_prefix
+    assert AskConfig(mode="parametric", prefix_cache=False).atoms_on_prefix
+    assert AskConfig(mode="parametric", adapt_prefix=True).atoms_on_prefix
+    assert not AskConfig(mode="hybrid", adapt_prefix=False).atoms_on_prefix

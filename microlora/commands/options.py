@@ -51,10 +51,11 @@ def base_dtype_option(from_store: bool = True):
 def adapt_prefix_option(f):
     """--adapt-prefix/--no-adapt-prefix: whether the atoms act on the prompt's few-shot prefix."""
     return click.option(
-        "--adapt-prefix/--no-adapt-prefix", default=AskConfig.adapt_prefix, show_default=True,
+        "--adapt-prefix/--no-adapt-prefix", default=AskConfig.adapt_prefix,
         help="Compose the atoms over the prompt's worked examples too; with --no-adapt-prefix "
              "the base model alone reads them (computed once) and the atoms act on the "
-             "question and the answer only, as they were trained.")(f)
+             "question and the answer only, as they were trained. [default: off for "
+             "--mode parametric, on for hybrid]")(f)
 
 
 def store_option(required: bool = True, help: str = "The store directory."):

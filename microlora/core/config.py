@@ -300,6 +300,11 @@ class AskConfig:
         base model alone reads it (atoms are trained on bare questions, never on the shots),
         so its states are computed once in every block and only the question and answer run
         through the composed adapters (needs ``prefix_cache`` and stacked composition).
+        None (the default) decides by mode (``atoms_on_prefix``): off for parametric answers
+        (docs eval EM .328 off vs .323 on; a batch of 64 mixed requests .885x the base
+        batch's speed instead of .83x), on for hybrid ones (.479 on vs .391 off: its adapter
+        row answers with the shots read through the atoms; benchmarks/RESULTS.md, "Atoms
+        off the prompt's prefix by mode").
     """
 
     mode: Mode = Mode.PARAMETRIC
@@ -317,7 +322,7 @@ class AskConfig:
     hybrid: str = "ensemble"
     passage_weight: float = 8.0
     prefix_cache: bool = True
-    adapt_prefix: bool = True
+    adapt_prefix: bool | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -337,7 +342,8 @@ class AskConfig:
             raise MicroloraError("passage_weight must be at least 0")
         if self.window_tokens < 0:
             raise MicroloraError("window_tokens must be at least 0")
-        if not self.adapt_prefix and (self.composition == "merged" or not self.prefix_cache):
+        if self.adapt_prefix is False and (self.composition == "merged"
+                                           or not self.prefix_cache):
             raise MicroloraError("keeping the atoms off the prompt's prefix (--no-adapt-prefix) "
                                  "needs the prefix cache and --composition stacked")
         if self.mode is Mode.HYBRID and self.hybrid != "joint" and \
@@ -345,6 +351,16 @@ class AskConfig:
             raise MicroloraError("the ensemble hybrid keeps the adapters out of its passage "
                                  "row, which merged weights cannot: use stacked composition, "
                                  "or the joint hybrid (--hybrid joint)")
+
+    @property
+    def atoms_on_prefix(self) -> bool:
+        """Whether the composed atoms act on the prompt's shared prefix: ``adapt_prefix``
+        when set; else off for parametric answers where the prefix cache and stacked
+        composition allow it, on otherwise."""
+        if self.adapt_prefix is not None:
+            return self.adapt_prefix
+        return not (self.mode is Mode.PARAMETRIC and self.composition == "stacked"
+                    and self.prefix_cache)
 
 
 # Namespaces a store may hold (deleted ones included until it is compacted): LMDB reserves a
