@@ -23,12 +23,12 @@ LOSS_CHUNK_ROWS = 256  # target positions per output-layer chunk: ~0.3 GB of fp3
 
 
 def encode_targets(tokenizer, texts: Sequence[str], contexts: Sequence[str] | None,
-                   device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+                   device: torch.device, *, bos: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """BOS + context + text per row, right-padded: input ids (B, T), attention mask (B, T) and
     target mask (B, T): which positions are predicted (each text's tokens, not its BOS or
-    context, which is only read)."""
+    context, which is only read). ``bos=False``: rows that continue a cached prefix."""
     rows, targets = [], []
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
     for i, text in enumerate(texts):
         ctx = tokenizer(contexts[i], add_special_tokens=False)["input_ids"] \
             if contexts and contexts[i] else []
@@ -41,6 +41,15 @@ def encode_targets(tokenizer, texts: Sequence[str], contexts: Sequence[str] | No
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     tgt = torch.tensor([t + [0] * (width - len(t)) for t in targets], dtype=torch.bool)
     return ids.to(device), mask.to(device), tgt.to(device)
+
+
+def left_padded(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Right-padded rows moved to the right edge, so every row's last token is in the last
+    column (what a continuation from their keys and values needs)."""
+    width = ids.shape[1]
+    shift = width - mask.sum(1, keepdim=True)
+    index = (torch.arange(width, device=ids.device) - shift) % width
+    return ids.gather(1, index), mask.gather(1, index)
 
 
 def target_states(hidden: Tensor, ids: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor]:

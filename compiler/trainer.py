@@ -35,12 +35,14 @@ from compiler.loss import (
     SoftTargets,
     atom_scores,
     encode_targets,
+    left_padded,
     target_states,
     token_losses,
 )
 from compiler.replay import FrozenPrefix
 from microlora.core.config import TrainConfig
 from microlora.core.kernel import MultiLoraModel
+from microlora.core.kv import new_cache
 from microlora.core.pack import Packed, compose, concat
 from microlora.core.targets import find_blocks
 
@@ -285,15 +287,31 @@ class AtomTrainer:
         """The teacher's share of every target token: rows from ``first`` on (the views) as the
         frozen base model predicts them reading their atom's window before the question
         (its top ``distill_topk`` tokens, renormalised, times ``distill``); the rows before it
-        get none. ``target_row``: the row of each target token, in order."""
-        cfg = self.config
-        read = [f"Context: {windows[group[j]]}\n{contexts[j]}" for j in range(first, len(texts))]
-        t_ids, t_mask, t_tgt = encode_targets(self.tokenizer, texts[first:], read, self.device)
+        get none. ``target_row``: the row of each target token, in order.
+
+        Each atom's window is read once, whatever its number of views (they share it: most of
+        a view's teacher row), and every view continues from that window's keys and values."""
+        cfg, model = self.config, self.model.base_model
+        atoms = sorted({group[j] for j in range(first, len(texts))})
+        slot = {b: i for i, b in enumerate(atoms)}
+        of_row = torch.tensor([slot[group[j]] for j in range(first, len(texts))],
+                              device=self.device)
+        w_ids, w_mask, _ = encode_targets(self.tokenizer, [f"Context: {windows[b]}" for b in atoms],
+                                          None, self.device)
+        w_ids, w_mask = left_padded(w_ids, w_mask)
+        ids, mask, tgt = encode_targets(self.tokenizer, texts[first:],
+                                        [f"\n{c}" for c in contexts[first:]], self.device,
+                                        bos=False)
+        cache = new_cache(model)
         with self._autocast():
-            hidden = self.model.base_model(input_ids=t_ids,
-                                           attention_mask=t_mask).last_hidden_state
-        top_ids, top_probs = self.head.top(target_states(hidden, t_ids, t_tgt)[0],
-                                           cfg.distill_topk)
+            model(input_ids=w_ids, attention_mask=w_mask, use_cache=True,
+                  position_ids=(w_mask.cumsum(1) - 1).clamp(min=0), **cache)
+            next(iter(cache.values())).batch_select_indices(of_row)  # a copy per view
+            read = w_mask.sum(1)[of_row, None]
+            hidden = model(input_ids=ids, attention_mask=torch.cat([w_mask[of_row], mask], 1),
+                           position_ids=read + torch.arange(ids.shape[1], device=self.device),
+                           use_cache=True, **cache).last_hidden_state
+        top_ids, top_probs = self.head.top(target_states(hidden, ids, tgt)[0], cfg.distill_topk)
         taught = target_row >= first  # the views' targets, in the same order
         ids = torch.zeros(len(taught), cfg.distill_topk, dtype=torch.long, device=self.device)
         probs = torch.zeros(len(taught), cfg.distill_topk, device=self.device)

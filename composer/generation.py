@@ -17,7 +17,6 @@ disturb the reading.
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
+
+from microlora.core.kv import new_cache
 
 if TYPE_CHECKING:  # composer.prefix imports this module
     from composer.prefix import SharedPrefix
@@ -113,7 +113,7 @@ def generate(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, *,
     weights = torch.tensor(ensemble, device=ids.device)[:, None, None] if ensemble else None
     end_bias = torch.as_tensor(end_bias, dtype=torch.float, device=ids.device).expand(len(ids))
     eos = sorted(_eos_ids(model, tokenizer))
-    cache = _new_cache(model)
+    cache = new_cache(model)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     with contiguous_output_layer(model):
         logits = None if prefix is None else prefix.prefill(model, ids, mask, positions, cache)
@@ -277,23 +277,6 @@ def cut_at_stop(text: str, stop: re.Pattern | None) -> str:
 def stop_index(text: str, stop: re.Pattern | None) -> int | None:
     m = stop.search(text) if stop is not None else None
     return m.start() if m else None
-
-
-def _new_cache(model) -> dict[str, DynamicCache]:
-    """An empty KV cache, as the keyword this transformers version's forward takes it
-    (``cache`` since 5.x, ``past_key_values`` before)."""
-    try:
-        cache = DynamicCache(config=model.config)  # per-layer kinds (sliding window) from it
-    except TypeError:
-        cache = DynamicCache()
-    return {cache_keyword(model): cache}
-
-
-def cache_keyword(module) -> str:
-    """The keyword a model's forward takes its KV cache by: ``cache`` since transformers 5.x,
-    ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(module.forward).parameters \
-        else "past_key_values"
 
 
 def pad_id(tokenizer) -> int:

@@ -32,9 +32,10 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from composer.generation import cache_keyword, encode_prompts
+from composer.generation import encode_prompts
 from composer.prompts import build_prompt, uses_chat
 from microlora.core.kernel import MultiLoraLinear
+from microlora.core.kv import cache_keyword
 from microlora.core.targets import find_blocks
 
 log = logging.getLogger(__name__)

@@ -19,11 +19,12 @@ from conftest import (
 )
 from transformers import AutoModelForCausalLM
 
-from composer.generation import _new_cache, encode_prompts, generate
+from composer.generation import encode_prompts, generate
 from composer.prefix import PrefixCache, SharedPrefix, shared_columns, template_prefix
 from composer.prompts import build_prompt
 from microlora.core.config import AskConfig, Mode, TargetSpec
 from microlora.core.kernel import MultiLoraModel
+from microlora.core.kv import new_cache
 from microlora.core.pack import Packed, compose
 from microlora.core.targets import find_blocks
 
@@ -67,7 +68,7 @@ def served(cache: PrefixCache, ids_of_prefix):
     def together(model, ids, mask):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            out = cache.prefill(model, ids_of_prefix, ids, mask, positions, _new_cache(model))
+            out = cache.prefill(model, ids_of_prefix, ids, mask, positions, new_cache(model))
         assert out is not None, "the prefix cache did not serve this batch"
         return out
     return together
@@ -164,13 +165,13 @@ def test_another_model_or_dtype_drops_the_cached_prefix():
     for model, captures in ((tiny_model("llama", seed=0), 1),
                             (tiny_model("llama", seed=1), 2)):
         with torch.no_grad():
-            got = cache.prefill(model, prefix_ids(tok), ids, mask, positions, _new_cache(model))
+            got = cache.prefill(model, prefix_ids(tok), ids, mask, positions, new_cache(model))
             want = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         torch.testing.assert_close(got, want[:, -1], atol=1e-5, rtol=1e-5)
         assert cache.captures == captures
     model.double()
     with torch.no_grad():
-        got = cache.prefill(model, prefix_ids(tok), ids, mask, positions, _new_cache(model))
+        got = cache.prefill(model, prefix_ids(tok), ids, mask, positions, new_cache(model))
     assert got.dtype == torch.float64 and cache.captures == 3
 
 
@@ -184,7 +185,7 @@ def test_a_prefix_held_deep_enough_serves_batches_whose_adapters_start_lower():
         lora, atoms = per_row_adapters(model, max(last_layers, 1), len(SUFFIXES))
         adapters = compose(atoms, [[1.0, 1.0]] * len(SUFFIXES)) if last_layers else {}
         with torch.no_grad(), lora.adapters(adapters):
-            got = cache.prefill(model, prefix_ids(tok), ids, mask, positions, _new_cache(model))
+            got = cache.prefill(model, prefix_ids(tok), ids, mask, positions, new_cache(model))
             want = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         lora.remove()
         torch.testing.assert_close(got, want[:, -1], atol=1e-5, rtol=1e-5)
@@ -197,7 +198,7 @@ def test_merged_adapters_use_the_blocks_below_them():
     lora, atoms = per_row_adapters(model, 2, 1)
     cache = PrefixCache()
     with torch.no_grad(), lora.merged(compose(atoms, [[1.0, 1.0]])):
-        got = cache.prefill(model, prefix_ids(tok), ids, mask, positions, _new_cache(model))
+        got = cache.prefill(model, prefix_ids(tok), ids, mask, positions, new_cache(model))
         want = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     torch.testing.assert_close(got, want[:, -1], atol=1e-5, rtol=1e-5)
     assert cache.captures == 1 and len(cache._entries[prefix_ids(tok)].keys) == 4
@@ -210,13 +211,13 @@ def test_nothing_is_reused_where_it_cannot_be():
     lora, atoms = per_row_adapters(model, 3, len(SUFFIXES))  # every block adapted
     with torch.no_grad(), lora.adapters(compose(atoms, [[1.0, 1.0]] * len(SUFFIXES))):
         assert cache.prefill(model, prefix_ids(tok), ids, mask, positions,
-                             _new_cache(model)) is None
+                             new_cache(model)) is None
     lora.remove()
     other = [f"w1 {PREFIX} {SUFFIXES[0]}", f"{PREFIX} {SUFFIXES[1]}"]  # row 0 differs at once
     ids, mask, positions = batch(tok, other)
     with torch.no_grad():
         assert cache.prefill(model, prefix_ids(tok), ids, mask, positions,
-                             _new_cache(model)) is None
+                             new_cache(model)) is None
     assert cache.captures == 0
 
 
@@ -253,15 +254,15 @@ def test_atoms_kept_off_the_prefix_act_on_each_rows_own_tokens_only(arch):
     cache, pre = PrefixCache(), prefix_ids(tok)
     weights = [[1.0, 1.0]] * len(SUFFIXES)
     with lora.adapters(compose(atoms, weights)), torch.no_grad():
-        kept_off = cache.prefill(model, pre, ids, mask, positions, _new_cache(model),
+        kept_off = cache.prefill(model, pre, ids, mask, positions, new_cache(model),
                                  adapted=False)
-        adapted = cache.prefill(model, pre, ids, mask, positions, _new_cache(model))
+        adapted = cache.prefill(model, pre, ids, mask, positions, new_cache(model))
     assert kept_off is not None and cache.captures == 1  # every block's states captured once
     for i, suffix in enumerate(SUFFIXES):
         row = tok(f"{PREFIX} {suffix}", return_tensors="pt").input_ids
         split = len(pre)
         assert row[0, :split].tolist() == list(pre)
-        past = _new_cache(model)
+        past = new_cache(model)
         with torch.no_grad():
             model(input_ids=row[:, :split], use_cache=True, **past)  # no adapters set
             with lora.adapters(compose([atoms[i]], [[1.0, 1.0]])):
