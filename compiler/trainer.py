@@ -13,7 +13,8 @@ One forward/backward trains a whole batch through ``microlora.core.kernel``'s pe
   destroy each other when summed; trained this way, sums keep working);
 - distillation (``TrainConfig.distill``): a question view's answer is also taught as the
   frozen base model answers it with the atom's window in view (Knowledge Modules, Caccia et
-  al. 2025; context distillation), the teacher's top tokens computed once per batch;
+  al. 2025; context distillation), the teacher's top tokens computed once per batch, each
+  atom's window read once for all of its views;
 - adaptive budget: an atom stops once every target token has probability > ``stop_prob``
   under its composed adapter (enough for greedy recall), or at ``max_steps``.
 """
