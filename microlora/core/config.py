@@ -127,6 +127,10 @@ class TrainConfig:
     scale: s in W + s·BA (PEFT's alpha / r); folded into B when the atom is stored.
     targets: which linears get adapters (``--targets``, ``--last-layers``).
     lr, max_steps: Adam learning rate and the step budget per atom (``--lr``, ``--steps``).
+        12 steps, chosen on the docs tune split against 8, 16 and 25 (parametric EM k=1
+        .387 vs .344 / .366 / .398, k=2 .419 vs .333 / .376 / .355) at 54 % of the compile
+        time of 25; held out (docs eval) k=1 .302 vs .323, k=4 .213 vs .120, compile 1.6x
+        faster (benchmarks/RESULTS.md, "Compile: a 12-step budget").
     stop_prob: an atom stops when every target token has at least this probability.
     neighbours: other atoms' adapters composed beside each atom while it trains.
     company: which batch-mates those are: "random", or the "nearest" by embedding (its
@@ -165,7 +169,7 @@ class TrainConfig:
     scale: float = 1.0
     targets: TargetSpec = field(default_factory=TargetSpec)
     lr: float = 5e-3
-    max_steps: int = 25
+    max_steps: int = 12
     stop_prob: float = 0.5
     neighbours: int = 3
     batch_atoms: int = 16
