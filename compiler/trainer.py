@@ -290,14 +290,15 @@ class AtomTrainer:
         (its top ``distill_topk`` tokens, renormalised, times ``distill``); the rows before it
         get none. ``target_row``: the row of each target token, in order.
 
-        Each atom's window is read once, whatever its number of views (they share it: most of
-        a view's teacher row), and every view continues from that window's keys and values."""
+        Each distinct window is read once, however many views share it (an atom's views do,
+        and so do the atoms of a paragraph that fits the window: the window is most of a
+        view's teacher row), and every view continues from its window's keys and values."""
         cfg, model = self.config, self.model.base_model
-        atoms = sorted({group[j] for j in range(first, len(texts))})
-        slot = {b: i for i, b in enumerate(atoms)}
-        of_row = torch.tensor([slot[group[j]] for j in range(first, len(texts))],
-                              device=self.device)
-        w_ids, w_mask, _ = encode_targets(self.tokenizer, [f"Context: {windows[b]}" for b in atoms],
+        read = [windows[group[j]] for j in range(first, len(texts))]
+        distinct = sorted(set(read))
+        slot = {w: i for i, w in enumerate(distinct)}
+        of_row = torch.tensor([slot[w] for w in read], device=self.device)
+        w_ids, w_mask, _ = encode_targets(self.tokenizer, [f"Context: {w}" for w in distinct],
                                           None, self.device)
         w_ids, w_mask = left_padded(w_ids, w_mask)
         ids, mask, tgt = encode_targets(self.tokenizer, texts[first:],

@@ -183,24 +183,26 @@ def test_distillation_teaches_what_the_base_model_says_with_the_window_in_view(b
 
 def test_the_teacher_reads_each_window_once_and_predicts_as_a_whole_row_does(arch, tmp_path):
     """Views continue from their atom's window's keys and values (read once per atom, left
-    padded): the teacher's tokens and mass are those of one plain forward over window,
-    question and answer, for windows of different lengths and atoms with 0, 1 or 2 views,
-    also where a row is longer than the tiny Gemma's sliding window (8)."""
+    padded, once for all the atoms that share it): the teacher's tokens and mass are those
+    of one plain forward over window, question and answer, for windows of different lengths,
+    atoms with 0, 1 or 2 views and two atoms with one window, also where a row is longer than
+    the tiny Gemma's sliding window (8)."""
     from compiler.loss import encode_targets
 
     tiny = load_base_model(save_tiny(tmp_path / arch, arch), dtype="fp32")
-    windows = ["w20 w21 w22 w23 w24 w25 w26 w27 w28 w29", "w30", "w40 w41 w42"]
-    views = [[("w5 w6 w7", " w8 w9 w10"), ("w1 w2", " w3")], [], [("w11 w12", " w13 w14")]]
+    windows = ["w20 w21 w22 w23 w24 w25 w26 w27 w28 w29", "w30", "w40 w41 w42", "w30"]
+    views = [[("w5 w6 w7", " w8 w9 w10"), ("w1 w2", " w3")], [], [("w11 w12", " w13 w14")],
+             [("w15", " w16 w17")]]
     texts = [t for _, t in (v for vs in views for v in vs)]
     contexts = [c for c, _ in (v for vs in views for v in vs)]
-    group = [0, 1, 2, 0, 0, 2]  # rows: the 3 atoms' texts, then their views in order
+    group = [0, 1, 2, 3, 0, 0, 2, 3]  # rows: the 4 atoms' texts, then their views in order
     cfg = config(distill=0.5, distill_topk=4)
     with AtomTrainer(tiny.model, tiny.tokenizer, cfg) as trainer:
-        row_texts = TEXTS[:3] + texts
-        _, _, tgt = encode_targets(tiny.tokenizer, row_texts, [""] * 3 + contexts, tiny.device)
-        soft = trainer._teacher(row_texts, [""] * 3 + contexts, group, 3, windows,
+        row_texts = TEXTS + texts
+        _, _, tgt = encode_targets(tiny.tokenizer, row_texts, [""] * 4 + contexts, tiny.device)
+        soft = trainer._teacher(row_texts, [""] * 4 + contexts, group, 4, windows,
                                 tgt[:, 1:].nonzero()[:, 0])
-    read = [f"Context: {windows[group[3 + j]]}\n{c}" for j, c in enumerate(contexts)]
+    read = [f"Context: {windows[group[4 + j]]}\n{c}" for j, c in enumerate(contexts)]
     ids, mask, vt = encode_targets(tiny.tokenizer, texts, read, tiny.device)
     with torch.no_grad():
         logits = tiny.model(input_ids=ids, attention_mask=mask).logits[:, :-1][vt[:, 1:]]
