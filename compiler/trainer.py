@@ -14,7 +14,7 @@ One forward/backward trains a whole batch through ``microlora.core.kernel``'s pe
 - distillation (``TrainConfig.distill``): a question view's answer is also taught as the
   frozen base model answers it with the atom's window in view (Knowledge Modules, Caccia et
   al. 2025; context distillation), the teacher's top tokens computed once per batch, each
-  atom's window read once for all of its views;
+  distinct window read once for all the views that share it;
 - adaptive budget: an atom stops once every target token has probability > ``stop_prob``
   under its composed adapter (enough for greedy recall), or at ``max_steps``.
 """
@@ -309,9 +309,9 @@ class AtomTrainer:
             model(input_ids=w_ids, attention_mask=w_mask, use_cache=True,
                   position_ids=(w_mask.cumsum(1) - 1).clamp(min=0), **cache)
             next(iter(cache.values())).batch_select_indices(of_row)  # a copy per view
-            read = w_mask.sum(1)[of_row, None]
+            offset = w_mask.sum(1)[of_row, None]  # each view starts after its window
             hidden = model(input_ids=ids, attention_mask=torch.cat([w_mask[of_row], mask], 1),
-                           position_ids=read + torch.arange(ids.shape[1], device=self.device),
+                           position_ids=offset + torch.arange(ids.shape[1], device=self.device),
                            use_cache=True, **cache).last_hidden_state
         top_ids, top_probs = self.head.top(target_states(hidden, ids, tgt)[0], cfg.distill_topk)
         taught = target_row >= first  # the views' targets, in the same order

@@ -305,8 +305,8 @@ class AskConfig:
         so its states are computed once in every block and only the question and answer run
         through the composed adapters (needs ``prefix_cache`` and stacked composition).
         None (the default) decides by mode (``atoms_on_prefix``): off for parametric answers
-        (docs eval EM .328 off vs .323 on; a batch of 64 mixed requests .885x the base
-        batch's speed instead of .83x), on for hybrid ones (.479 on vs .391 off: its adapter
+        (docs eval EM .328 off vs .323 on; a batch of 64 mixed requests .90x the base
+        batch's speed instead of .76-.83x), on for hybrid ones (.479 on vs .391 off: its adapter
         row answers with the shots read through the atoms; benchmarks/RESULTS.md, "Atoms
         off the prompt's prefix by mode").
     """
