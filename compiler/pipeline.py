@@ -41,7 +41,7 @@ from store.record import adapter_bytes
 
 # Rough throughput for --dry-run estimates before a store has measured its own (atoms/s with
 # the default recipe on the default model; measured on 2 CPU cores, see benchmarks/RESULTS.md).
-_ASSUMED_ATOMS_PER_S = {"cpu": 0.3, "cuda": 8.0}  # cuda: not measured yet
+_ASSUMED_ATOMS_PER_S = {"cpu": 0.5, "cuda": 8.0}  # cpu: 0.5-1 at 12 steps; cuda: not measured
 
 
 @dataclass(frozen=True)
