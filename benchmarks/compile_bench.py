@@ -3,6 +3,7 @@ loop a user would write for the same training rows, side by side in one run; and
 
     python benchmarks/compile_bench.py [--quick] --out results/compile.json
     python benchmarks/compile_bench.py --growth [--quick] --out results/compile_growth.json
+    python benchmarks/compile_bench.py --profile [--quick] --out results/compile_profile.json
 
 (``--device cuda``, ``--base-model DIR``, ``--embedder DIR``: ``bench_models``.)
 
@@ -19,6 +20,10 @@ target tokens (all its rows): ``mean_final_loss`` with the adapters of the ``nei
 atoms after it composed beside it (as at query time with k > 1), ``alone_mean_loss`` alone
 (k = 1). The floor: an atom's rows times its mean steps times ~2 GFLOP per 10 tokens through
 the adapted blocks (forward and backward), at the bf16 rate this CPU reaches (``floor_*``).
+
+``--profile``: the same compile of ours alone under cProfile, its time split into phases
+(``phases``: training forward and backward, loss, scoring, teacher, candidate vocabulary,
+frozen-prefix capture, the rest), the table in benchmarks/RESULTS.md.
 
 The growth run compiles four parts of a corpus (fictional_knowledge passages, then cpkc_dev
 contexts) into one store, each in a fresh process, so later parts train beside stored
@@ -282,6 +287,43 @@ def growth(args) -> dict:
             "peak_rss_mb": max(p["peak_rss_mb"] for p in parts)}
 
 
+def profiled(args) -> dict:
+    """Ours alone on the side-by-side corpus, under cProfile: seconds per phase."""
+    import cProfile
+    import pstats
+
+    base, embedder = load_models(args)
+    docs = corpus(base.tokenizer, args.atoms or (16 if args.quick else 64))
+    profile = cProfile.Profile()
+    with tempfile.TemporaryDirectory() as tmp:
+        profile.enable()
+        _, seconds, report = train_microlora(base, embedder, docs, TrainConfig(), Path(tmp) / "s")
+        profile.disable()
+    return {"atoms": report.trained, "atom_steps": report.atom_steps, "seconds": seconds,
+            "phases": phases(pstats.Stats(profile))}
+
+
+def phases(stats) -> dict[str, float]:
+    """A compile's profile as seconds per phase (cumulative times of the functions that
+    bound each phase; the forward is what training steps spend outside the others)."""
+    def cumulative(file_end: str, name: str) -> float:
+        return sum(ct for (path, _, fn), (_, _, _, ct, _) in stats.stats.items()
+                   if path.endswith(file_end) and fn == name)
+
+    total = cumulative("compiler/pipeline.py", "compile_documents")
+    learn, train = (cumulative("compiler/trainer.py", n) for n in ("_learn", "train"))
+    backward = cumulative("~", "<method 'run_backward' of 'torch._C._EngineBase' objects>")
+    loss = cumulative("compiler/loss.py", "token_losses")
+    scoring = cumulative("compiler/loss.py", "atom_scores")
+    fixed = {"teacher": cumulative("compiler/trainer.py", "_teacher"),
+             "candidate_vocabulary": cumulative("compiler/trainer.py", "_candidate_vocab"),
+             "frozen_prefix_capture": cumulative("compiler/replay.py", "capture")}
+    return {"training_forward": learn - backward - loss - scoring, "backward": backward,
+            "training_loss": loss, "full_softmax_scoring": scoring, **fixed,
+            "adam_composing_bookkeeping": train - learn - sum(fixed.values()),
+            "planning_embedding_store": total - train, "total": total}
+
+
 def model_folders(args) -> list[str]:
     """The --base-model and --embedder options given, for a child process."""
     return [arg for flag, folder in (("--base-model", args.base_model),
@@ -294,6 +336,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="16 atoms (growth: 4 x 64)")
     ap.add_argument("--atoms", type=int, help="override the number of atoms")
     ap.add_argument("--growth", action="store_true", help="the growth run instead")
+    ap.add_argument("--profile", action="store_true",
+                    help="ours alone under cProfile: seconds per phase of a compile")
     ap.add_argument("--out", required=True, help="JSON results file")
     ap.add_argument("--growth-part", dest="part", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--part-atoms", type=int, default=500, help=argparse.SUPPRESS)
@@ -302,6 +346,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.part is not None:
         return growth_part(args)
+    if args.profile:
+        return write_results(profiled(args), Path(args.out), torch_machine())
     result = growth(args) if args.growth else side_by_side(args)
     write_results(result, Path(args.out), torch_machine() if args.growth
                   else result.pop("machine"))
