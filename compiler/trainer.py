@@ -301,19 +301,20 @@ class AtomTrainer:
         w_ids, w_mask, _ = encode_targets(self.tokenizer, [f"Context: {w}" for w in distinct],
                                           None, self.device)
         w_ids, w_mask = left_padded(w_ids, w_mask)
-        ids, mask, tgt = encode_targets(self.tokenizer, texts[first:],
-                                        [f"\n{c}" for c in contexts[first:]], self.device,
-                                        bos=False)
+        v_ids, v_mask, v_tgt = encode_targets(self.tokenizer, texts[first:],
+                                              [f"\n{c}" for c in contexts[first:]],
+                                              self.device, bos=False)
         cache = new_cache(model)
         with self._autocast():
             model(input_ids=w_ids, attention_mask=w_mask, use_cache=True,
                   position_ids=(w_mask.cumsum(1) - 1).clamp(min=0), **cache)
             next(iter(cache.values())).batch_select_indices(of_row)  # a copy per view
             offset = w_mask.sum(1)[of_row, None]  # each view starts after its window
-            hidden = model(input_ids=ids, attention_mask=torch.cat([w_mask[of_row], mask], 1),
-                           position_ids=offset + torch.arange(ids.shape[1], device=self.device),
+            hidden = model(input_ids=v_ids, attention_mask=torch.cat([w_mask[of_row], v_mask], 1),
+                           position_ids=offset + torch.arange(v_ids.shape[1], device=self.device),
                            use_cache=True, **cache).last_hidden_state
-        top_ids, top_probs = self.head.top(target_states(hidden, ids, tgt)[0], cfg.distill_topk)
+        top_ids, top_probs = self.head.top(target_states(hidden, v_ids, v_tgt)[0],
+                                           cfg.distill_topk)
         taught = target_row >= first  # the views' targets, in the same order
         ids = torch.zeros(len(taught), cfg.distill_topk, dtype=torch.long, device=self.device)
         probs = torch.zeros(len(taught), cfg.distill_topk, device=self.device)
