@@ -202,10 +202,15 @@ def bf16_gflops(device: torch.device, n: int = 2048) -> float:
     return 10 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9
 
 
-def side_by_side(args) -> dict:
+def models_and_corpus(args) -> tuple:
+    """The models and the side-by-side corpus (``--atoms``, or 16 with ``--quick``, else 64)."""
     base, embedder = load_models(args)
+    return base, embedder, corpus(base.tokenizer, args.atoms or (16 if args.quick else 64))
+
+
+def side_by_side(args) -> dict:
+    base, embedder, docs = models_and_corpus(args)
     config = TrainConfig()
-    docs = corpus(base.tokenizer, args.atoms or (16 if args.quick else 64))
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         records, t_ours, report = train_microlora(base, embedder, docs, config, Path(tmp) / "s")
@@ -292,8 +297,7 @@ def profiled(args) -> dict:
     import cProfile
     import pstats
 
-    base, embedder = load_models(args)
-    docs = corpus(base.tokenizer, args.atoms or (16 if args.quick else 64))
+    base, embedder, docs = models_and_corpus(args)
     profile = cProfile.Profile()
     with tempfile.TemporaryDirectory() as tmp:
         profile.enable()
