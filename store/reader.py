@@ -37,11 +37,11 @@ class Reader:
         """The records of ``ids``, in order, from this one transaction: text, provenance and
         packed adapter together (zero-copy views valid inside this ``with`` block unless
         ``copy``; an int8 adapter is always a dequantized copy). ``microlora.core.pack.compose``
-        turns their adapters into the kernel's per-request tensors with one copy. With
+        turns their adapters into the kernel's per-request tensors. With
         ``on_corrupt``, a corrupt record is handed to it and left out instead of failing the
         whole gather."""
-        records = (self._kept(i, self._value(i), on_corrupt, copy=copy) for i in ids)
-        return [r for r in records if r is not None]
+        parsed = (self._kept(i, self._value(i), on_corrupt) for i in ids)
+        return rec.build([p for p in parsed if p is not None], copy=copy)
 
     def items(self, *, on_corrupt: Callable[[CorruptAtomError], None] | None = None
               ) -> Iterator[tuple[str, rec.AtomRecord]]:
@@ -49,9 +49,9 @@ class Reader:
         with ``on_corrupt``, one that does not decode is handed to it and left out."""
         for key, value in self._txn.cursor():
             atom_id = bytes(key).decode(errors="replace")
-            record = self._kept(atom_id, value, on_corrupt, checksum=False)
-            if record is not None:
-                yield atom_id, record
+            parsed = self._kept(atom_id, value, on_corrupt, checksum=False)
+            if parsed is not None:
+                yield atom_id, rec.build([parsed], copy=False)[0]
 
     def _value(self, atom_id: str):
         value = self._txn.get(atom_id.encode())
@@ -61,10 +61,10 @@ class Reader:
         return value
 
     def _kept(self, atom_id: str, value, on_corrupt: Callable[[CorruptAtomError], None] | None,
-              **check) -> rec.AtomRecord | None:
-        """``check``'s record, or None for a corrupt one handed to ``on_corrupt`` (if any)."""
+              checksum: bool = True) -> rec.Parsed | None:
+        """``_checked``'s record, or None for a corrupt one handed to ``on_corrupt`` (if any)."""
         try:
-            return self.check(atom_id, value, **check)
+            return self._checked(atom_id, value, checksum)
         except CorruptAtomError as e:
             if on_corrupt is None:
                 raise
@@ -76,19 +76,22 @@ class Reader:
         """The record stored under ``atom_id``, checked: its checksum (unless ``checksum`` is
         False, or this process has checked it in this generation already), that it decodes,
         and that it is the atom its key names."""
+        return rec.build([self._checked(atom_id, value, checksum)], copy=copy)[0]
+
+    def _checked(self, atom_id: str, value, checksum: bool) -> rec.Parsed:
         try:
             if checksum and atom_id not in self._verified:
                 problem = rec.verify(value)
                 if problem is not None:
                     raise StoreError(problem)
-            record = rec.decode(value, copy=copy)
-            if record.id != atom_id:
-                raise StoreError(f"stored under {atom_id} but holds {record.id}")
+            parsed = rec.parse(value)
+            if parsed.id != atom_id:
+                raise StoreError(f"stored under {atom_id} but holds {parsed.id}")
         except StoreError as e:
             raise corrupt_atom(self._path, self.namespace, atom_id, str(e)) from e
         if checksum:
             self._verified.add(atom_id)
-        return record
+        return parsed
 
 
 def corrupt_atom(store_path: Path, namespace: str, atom_id: str,

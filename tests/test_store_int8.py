@@ -137,6 +137,28 @@ def test_composed_deltas_of_int8_atoms_stay_close_to_the_originals(tmp_path):
         assert float((got - want).norm() / want.norm()) < 0.01
 
 
+def test_a_gather_dequantizes_its_atoms_together_as_each_alone(tmp_path):
+    recs = make_records(5, seed=6)
+    ids = [r.id for r in recs]
+    with AdapterStore.create(tmp_path / "s", HEADER) as s:
+        s.put("docs", recs)
+        with s.read("docs") as reader:
+            together = reader.gather([ids[3], ids[0], ids[3], ids[4]], copy=True)  # out of order
+            alone = [rec.decode(reader._value(i)) for i in (ids[3], ids[0], ids[3], ids[4])]
+    assert [r.id for r in together] == [ids[3], ids[0], ids[3], ids[4]]
+    for got, want in zip(together, alone):
+        assert torch.equal(got.adapter.flat, want.adapter.flat)
+        assert got.text == want.text and np.array_equal(got.embedding, want.embedding)
+    # one block holds the fetch: composing it gives what composing separate copies does
+    assert together[0].adapter.flat._base is together[1].adapter.flat._base
+    copies = [Packed(r.adapter.flat.clone(), r.adapter.layout) for r in together]
+    for order in ([0, 1, 2, 3], [1, 0, 3, 2]):  # rows of the block in order, and not
+        fast = compose([[together[i].adapter for i in order]], dtype=torch.bfloat16)
+        slow = compose([[copies[i] for i in order]], dtype=torch.bfloat16)
+        for name, (A, B) in slow.items():
+            assert torch.equal(fast[name][0], A) and torch.equal(fast[name][1], B)
+
+
 def test_compact_reencodes_a_bf16_store_as_int8(tmp_path):
     recs = make_records(30)
     path = tmp_path / "s"

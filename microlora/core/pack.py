@@ -4,7 +4,7 @@ An adapter is, per target module, A (r, in) and B (out, r) with any scale folded
 delta is exactly B @ A (PEFT's layout with ``lora_alpha = r``). ``Packed`` holds a whole adapter
 as one flat vector in a ``PackLayout``: what the trainer returns, what the store keeps (read
 back as a zero-copy view of LMDB's memory map, or dequantized from int8 into float32), and what
-``compose`` turns into the kernel's per-request tensors with one copy.
+``compose`` turns into the kernel's per-request tensors.
 
 Composing atoms concatenates them along the rank, which is exactly the sum of their deltas:
 [B_1 B_2] [A_1; A_2] = B_1 A_1 + B_2 A_2.
@@ -131,8 +131,10 @@ def compose(rows: Sequence[Sequence[Packed]],
     Requests with fewer atoms, and atoms that do not adapt a module, are zero-padded: a zero
     rank adds nothing, and a request with no atoms gets exactly the base model. Returns module
     -> (A (N, R, in), B (N, out, R)); B is a transposed view, the layout the kernel multiplies
-    by. Every atom's values are copied once, into buffers of ``dtype`` on ``device``, by one
-    stack per shape group of each layout.
+    by. The atoms of a layout are taken as the rows of one matrix (the block a fetch
+    dequantized them into, else one stack of them) and copied into buffers of ``dtype`` on
+    ``device`` with one copy per shape group and side: a fetch pays a few microseconds per
+    torch call, more than for the values, so the atoms are never sliced one by one.
     """
     n = len(rows)
     if weights is not None and [len(w) for w in weights] != [len(r) for r in rows]:
@@ -171,8 +173,9 @@ def compose(rows: Sequence[Sequence[Packed]],
             w = torch.zeros(n, k)
             for i, slot in enumerate(slots):
                 w[i, :len(slot)] = torch.tensor([float(weights[i][j]) for j in slot])
+        matrix = _matrix(flats)
         for group in layout.groups:
-            A, Bt = _stack_group(group, flats, n)
+            A, Bt = _stack_group(group, matrix, n)
             buffers.write(group[0], p, A, Bt,
                           None if w is None else w.repeat_interleave(group[1], dim=1))
     return buffers.adapters()
@@ -180,34 +183,49 @@ def compose(rows: Sequence[Sequence[Packed]],
 
 def _stacked(layout: PackLayout, flats: list[Tensor], n: int, dtype: torch.dtype,
              device: torch.device | str | None) -> dict[str, tuple[Tensor, Tensor]]:
-    """``compose`` when every request has k atoms of one layout and nothing else: one stack
+    """``compose`` when every request has k atoms of one layout and nothing else: one copy
     per shape group and side, converting to ``dtype`` as it copies where the result stays on
     the CPU (a store's float32 or bf16 atoms for a model of the other dtype: one pass, not
     two), else one conversion to ``dtype`` on ``device``."""
     out = {}
     on_cpu = device is None or torch.device(device).type == "cpu"
+    matrix = _matrix(flats)
     for group in layout.groups:
-        A, Bt = _stack_group(group, flats, n, dtype if on_cpu else None)
+        A, Bt = _stack_group(group, matrix, n, dtype if on_cpu else None)
         if not on_cpu:
             A, Bt = A.to(device=device, dtype=dtype), Bt.to(device=device, dtype=dtype)
-        out.update({name: (A[j], Bt[j].transpose(1, 2)) for j, name in enumerate(group[0])})
+        out.update(zip(group[0], zip(A.unbind(0), Bt.transpose(2, 3).unbind(0))))
     return out
 
 
-def _stack_group(group: tuple, flats: list[Tensor], n: int, dtype: torch.dtype | None = None
+def _matrix(flats: list[Tensor]) -> Tensor:
+    """The flat vectors as the rows of one (len, size) matrix: the block they are already
+    rows of (an int8 fetch dequantizes its atoms into one), else one stack. A fetch pays a
+    few microseconds per torch call, so a group's atoms are sliced as one matrix, not one by
+    one."""
+    base, size = flats[0]._base, flats[0].numel()
+    if base is not None and base.dim() == 2 and base.shape == (len(flats), size) \
+            and base.is_contiguous():
+        step, start = size * base.element_size(), base.data_ptr()
+        if all(f.data_ptr() == start + i * step for i, f in enumerate(flats)):
+            return base
+    return torch.stack(flats)
+
+
+def _stack_group(group: tuple, matrix: Tensor, n: int, dtype: torch.dtype | None = None
                  ) -> tuple[Tensor, Tensor]:
-    """One shape group of N requests' k atoms each (``flats`` request by request): A's
-    (m, N, k*r, in) and B's transposed (m, N, k*r, out), copied once (into ``dtype``, if
+    """One shape group of N requests' k atoms each (``matrix``'s rows, request by request):
+    A's (m, N, k*r, in) and B's transposed (m, N, k*r, out), copied once (into ``dtype``, if
     given)."""
     names, r, d_in, d_out, oa, ob = group
-    m, k = len(names), len(flats) // n
-    # stacking every atom's (m, r, in) block along dim 1 puts each module's atoms one after
-    # another: (m, N*k, r, in) is already (m, N, k*r, in) in memory
+    m, atoms = len(names), matrix.shape[0]
+    # each atom's (m, r, in) block, atoms along dim 1: (m, N*k, r, in) is already
+    # (m, N, k*r, in) in memory, each module's atoms one after another
     sides = []
     for offset, d in ((oa, d_in), (ob, d_out)):
-        views = [f[offset:offset + m * r * d].view(m, r, d) for f in flats]
-        out = None if dtype is None else torch.empty(m, len(flats), r, d, dtype=dtype)
-        sides.append(torch.stack(views, dim=1, out=out).view(m, n, k * r, d))
+        block = matrix[:, offset:offset + m * r * d].view(atoms, m, r, d).transpose(0, 1)
+        out = torch.empty(m, atoms, r, d, dtype=dtype or matrix.dtype, device=matrix.device)
+        sides.append(out.copy_(block).view(m, n, atoms // n * r, d))
     return sides[0], sides[1]
 
 
