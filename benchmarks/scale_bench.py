@@ -3,9 +3,11 @@ latency at k=8, and the approximate index's recall against exact search, side by
 
     python benchmarks/scale_bench.py [--quick] --out results/scale.json
 
-Atoms are rank-1 bf16 adapters on the MLP of the default model's last layer (16 KiB each: a
-million of them is 17 GB, where the default recipe's 190 KiB would be 190 GB; retrieval does not
-depend on adapter size, and store_bench measures fetches of full-size atoms). Embeddings are
+Atoms are rank-1 adapters on the MLP of the default model's last layer, 8,192 values, stored
+as the store stores them by default (int8 with a scale per row: 8.2 KB; ``--adapter-dtype
+bf16``: 16 KiB, what the first runs stored): a million of them is 14-22 GB, where the default
+recipe's 48 KB would be 53 GB; retrieval does not depend on adapter size, and store_bench
+measures fetches of full-size atoms. Embeddings are
 384-d and clustered like text embeddings are: 1 centre per 100 atoms, each atom its centre
 plus noise of the same norm (cosine ~0.5 within a cluster, ~0 across, so an atom's nearest
 neighbours are its cluster, as a sentence's are its topic); queries are stored vectors moved off
@@ -39,7 +41,8 @@ import torch
 from store_bench import percentile, write_results
 from tqdm import tqdm
 
-from microlora.core.pack import compose
+from microlora.core.config import ADAPTER_DTYPES, StoreConfig
+from microlora.core.pack import Packed, compose
 from microlora.core.paths import dir_bytes
 from store import AdapterStore, AtomRecord, StoreHeader
 from store.index import VectorIndex
@@ -64,15 +67,15 @@ def clustered(n: int, seed: int) -> np.ndarray:
     return out
 
 
-def write(path: Path, vectors: np.ndarray, batch: int = 5000) -> float:
+def write(path: Path, vectors: np.ndarray, adapter_dtype: str, batch: int = 5000) -> float:
     """Fill the store; returns atoms per second. One adapter per batch is drawn and shared
     (the bytes are what matter here, not their values)."""
     g = torch.Generator().manual_seed(0)
-    adapter = {name: ((torch.randn(1, i, generator=g) * 0.02).bfloat16(),
-                      (torch.randn(o, 1, generator=g) * 0.02).bfloat16())
-               for name, (i, o) in SHAPES.items()}
+    adapter = Packed.of({name: (torch.randn(1, i, generator=g) * 0.02,
+                                torch.randn(o, 1, generator=g) * 0.02)
+                         for name, (i, o) in SHAPES.items()}, torch.bfloat16)
     t0 = time.perf_counter()
-    with AdapterStore.create(path, HEADER) as s:
+    with AdapterStore.create(path, HEADER, adapter_dtype=adapter_dtype) as s:
         for start in tqdm(range(0, len(vectors), batch), desc="writing", unit="batch"):
             s.put(NS, [AtomRecord(id=f"{i:012x}", text=f"synthetic atom {i}", adapter=adapter,
                                   embedding=vectors[i], base_fingerprint="scale-bench",
@@ -97,22 +100,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100,000 atoms instead of 1,000,000")
     ap.add_argument("--atoms", type=int, help="override the number of atoms")
     ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES,
+                    default=StoreConfig.adapter_dtype, help="how the store keeps the adapters")
     ap.add_argument("--workdir", type=Path, help="where to build the store [default: a temp dir]")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     args = ap.parse_args()
     n = args.atoms or (100_000 if args.quick else 1_000_000)
     work = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
-        result = run(work / "store", n, args.queries)
+        result = run(work / "store", n, args.queries, args.adapter_dtype)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_results(result, args.out, f"{platform.machine()}, faiss {faiss.__version__} with "
                   f"{faiss.omp_get_max_threads()} threads, torch {torch.__version__}")
 
 
-def run(path: Path, n: int, n_queries: int) -> dict:
+def run(path: Path, n: int, n_queries: int, adapter_dtype: str) -> dict:
     vectors = clustered(n, seed=0)
-    write_rate = write(path, vectors)
+    write_rate = write(path, vectors, adapter_dtype)
     t0 = time.perf_counter()
     with AdapterStore(path) as s:  # builds the index from LMDB and saves it
         kind = s.index(NS).kind
@@ -157,7 +162,8 @@ def run(path: Path, n: int, n_queries: int) -> dict:
     recall = [len(set(g) & set(w)) / 8 for g, w in zip(got, want)]
     top1 = [w[0] in g for g, w in zip(got, want)]
     return {
-        "atoms": n, "index": kind, "nlist": getattr(index.index, "nlist", None),
+        "atoms": n, "adapter_dtype": adapter_dtype, "index": kind,
+        "nlist": getattr(index.index, "nlist", None),
         "nprobe": getattr(index.index, "nprobe", None),
         "disk_bytes": dir_bytes(path), "bytes_per_atom": dir_bytes(path) / n,
         "lmdb_bytes": stats.bytes, "write_atoms_per_s": write_rate, "index_build_s": build_s,

@@ -34,6 +34,14 @@ IVF_TRAIN_PER_CELL = 40  # k-means sample: 40 vectors per cell
 IVF_NPROBE = 32  # cells searched per query: recall vs latency
 _SUFFIXES = (".faiss", ".ids", ".json")
 
+# FAISS runs on one thread. faiss-cpu brings its own OpenMP runtime beside torch's; after a
+# search its second thread spins, waiting for more work, on the core that torch's next op
+# needs (and torch's does the same to FAISS): on 2 cores a k=8 search took 7.4 ms (median)
+# and the fetch after it 13 ms (p99), against 1.2 and 1.2 ms single-threaded (RESULTS.md,
+# "Scale"). microlora searches for one question or one batch of atoms at a time, too little
+# work for a second thread to pay for itself.
+faiss.omp_set_num_threads(1)
+
 
 @dataclass
 class VectorIndex:

@@ -26,6 +26,7 @@ from microlora.core.config import BASE_DTYPES, DEFAULT_BASE_DTYPE, QUANTIZED_DTY
 from microlora.core.errors import ModelLoadError
 from microlora.core.paths import microlora_home
 from microlora.core.quant import QUANTIZED_BITS, QuantizedLinear, quantize_linears
+from microlora.core.runtime import bound_kernel_cache
 from microlora.core.targets import find_blocks, is_linear
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    bound_kernel_cache()  # before the base runs its first bf16 matmul (``core.runtime``)
     if path is None:
         folder, name = ensure_default_model(), DEFAULT_MODEL_NAME
     else:
