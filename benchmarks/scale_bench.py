@@ -28,6 +28,7 @@ random vectors, which no index reproduces and no answer depends on: the first ru
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shutil
 import statistics
@@ -81,7 +82,18 @@ def write(path: Path, vectors: np.ndarray, adapter_dtype: str, batch: int = 5000
                                   embedding=vectors[i], base_fingerprint="scale-bench",
                                   source="synthetic", config={"rank": 1, "scale": 1.0})
                        for i in range(start, min(len(vectors), start + batch))])
-    return len(vectors) / (time.perf_counter() - t0)
+    rate = len(vectors) / (time.perf_counter() - t0)
+    (path / "scale_bench.json").write_text(json.dumps({"atoms": len(vectors),
+                                                       "adapter_dtype": adapter_dtype}))
+    return rate
+
+
+def _holds(path: Path, n: int, adapter_dtype: str) -> bool:
+    """Whether ``path`` holds this bench's store of ``n`` atoms stored as ``adapter_dtype``
+    (``write`` leaves a note beside a store once it is complete)."""
+    note = path / "scale_bench.json"
+    return note.exists() and json.loads(note.read_text()) == {"atoms": n,
+                                                              "adapter_dtype": adapter_dtype}
 
 
 def query_and_fetch(store: AdapterStore, index, q: np.ndarray) -> tuple[float, float, list[str]]:
@@ -102,22 +114,30 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES,
                     default=StoreConfig.adapter_dtype, help="how the store keeps the adapters")
+    ap.add_argument("--store", type=Path, help="build the store here and keep it; a store "
+                    "already there with these atoms is reused (writing a million takes ~12 min)")
     ap.add_argument("--workdir", type=Path, help="where to build the store [default: a temp dir]")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     args = ap.parse_args()
     n = args.atoms or (100_000 if args.quick else 1_000_000)
-    work = Path(tempfile.mkdtemp(dir=args.workdir))
-    try:
-        result = run(work / "store", n, args.queries, args.adapter_dtype)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if args.store is not None:  # kept, and reused by the next run with the same atoms
+        result = run(args.store, n, args.queries, args.adapter_dtype)
+    else:
+        work = Path(tempfile.mkdtemp(dir=args.workdir))
+        try:
+            result = run(work / "store", n, args.queries, args.adapter_dtype)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     write_results(result, args.out, f"{platform.machine()}, faiss {faiss.__version__} with "
                   f"{faiss.omp_get_max_threads()} threads, torch {torch.__version__}")
 
 
 def run(path: Path, n: int, n_queries: int, adapter_dtype: str) -> dict:
     vectors = clustered(n, seed=0)
-    write_rate = write(path, vectors, adapter_dtype)
+    write_rate = None  # reused: written by an earlier run
+    if not _holds(path, n, adapter_dtype):
+        shutil.rmtree(path, ignore_errors=True)
+        write_rate = write(path, vectors, adapter_dtype)
     t0 = time.perf_counter()
     with AdapterStore(path) as s:  # builds the index from LMDB and saves it
         kind = s.index(NS).kind

@@ -42,9 +42,9 @@ class IndexCache:
     def _rebuild_index(self, namespace: str, gen: int) -> VectorIndex:
         ids, vectors = [], []
         with self.read(namespace) as reader:
-            for atom_id, r in reader.items(on_corrupt=_left_out):
+            for atom_id, vector in reader.embeddings(on_corrupt=_left_out):
                 ids.append(atom_id)
-                vectors.append(r.embedding)
+                vectors.append(vector)
         mat = np.stack(vectors) if vectors else np.zeros((0, self.header.embedding_dim),
                                                          np.float32)
         index = VectorIndex.build(mat, ids, gen, self.exact_limit)

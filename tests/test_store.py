@@ -227,6 +227,19 @@ def test_an_index_rebuild_leaves_out_an_atom_that_does_not_decode(store, caplog)
     assert f"atom {victim.id} in 'docs' is corrupt (stored under {victim.id} but" in caplog.text
 
 
+def test_an_index_rebuild_reads_embeddings_as_copies_without_decoding_adapters(store, monkeypatch):
+    recs = make_records(4)
+    store.put("docs", recs)
+    monkeypatch.setattr(rec, "build", lambda *a, **k: pytest.fail("an adapter was decoded"))
+    with store.read("docs") as reader:
+        got = dict(reader.embeddings())
+    assert set(got) == {r.id for r in recs}
+    for r in recs:  # the store's float32 copy, owning its bytes (a view would pin the record)
+        assert got[r.id].flags.owndata and np.array_equal(got[r.id], r.embedding)
+    store._forget_index("docs")
+    assert store.search("docs", recs[1].embedding[None], 1)[0][0][0] == recs[1].id
+
+
 def test_each_atom_is_hashed_once_per_generation(store, monkeypatch):
     """Hashing every fetch would cost about the whole fetch budget: an atom's checksum is
     checked the first time this process reads it in this generation of its namespace."""
