@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,13 +36,6 @@ IVF_TRAIN_PER_CELL = 40  # k-means sample: 40 vectors per cell
 IVF_NPROBE = 32  # cells searched per query: recall vs latency
 _SUFFIXES = (".faiss", ".ids", ".json")
 
-# FAISS runs on one thread. faiss-cpu brings its own OpenMP runtime beside torch's; after a
-# search its second thread spins, waiting for more work, on the core that torch's next op
-# needs (and torch's does the same to FAISS): on 2 cores a k=8 search took 7.4 ms (median)
-# and the fetch after it 13 ms (p99), against 1.2 and 1.2 ms single-threaded (RESULTS.md,
-# "Scale"). microlora searches for one question or one batch of atoms at a time, too little
-# work for a second thread to pay for itself.
-faiss.omp_set_num_threads(1)
 
 
 @dataclass
@@ -96,7 +91,8 @@ class VectorIndex:
         k = min(k, len(self.ids))
         if k == 0:
             return [[] for _ in queries]
-        scores, rows = self.index.search(queries, k)
+        with _one_thread():
+            scores, rows = self.index.search(queries, k)
         return [[(self._id(r), float(s)) for r, s in zip(rr, ss) if r >= 0]
                 for rr, ss in zip(rows, scores)]
 
@@ -170,6 +166,20 @@ class VectorIndex:
     def remove(path: Path) -> None:
         for suffix in (*_SUFFIXES, ".npz"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """FAISS searches on one thread, as the calling thread only: OpenMP's thread count is
+    per thread, and faiss-cpu's ``omp_set_num_threads`` is torch's (one runtime), so setting
+    it for good would halve torch's throughput. A question's search is too little work for a
+    second thread, whose start and wait cost more than it saves (RESULTS.md, "Scale")."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _as_str(value: str | bytes | np.bytes_) -> str:
