@@ -77,7 +77,7 @@ class Reader:
 
     def _kept(self, atom_id: str, value, on_corrupt: Callable[[CorruptAtomError], None] | None,
               checksum: bool = True) -> rec.Parsed | None:
-        """``_checked``'s record, or None for a corrupt one handed to ``on_corrupt`` (if any)."""
+        """``_checked``'s parsed record, or None for a corrupt one handed to ``on_corrupt``."""
         try:
             return self._checked(atom_id, value, checksum)
         except CorruptAtomError as e:
