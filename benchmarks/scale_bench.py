@@ -1,20 +1,19 @@
 """Scale benchmark: a store of a million synthetic atoms: disk, open time, retrieval + fetch
 latency at k=8, and the approximate index's recall against exact search, side by side.
 
-    python benchmarks/scale_bench.py [--quick] --out results/scale.json
+    python benchmarks/scale_bench.py [--quick] [--store DIR] --out results/scale.json
 
-Atoms are rank-1 adapters on the MLP of the default model's last layer, 8,192 values, stored
-as the store stores them by default (int8 with a scale per row: 8.2 KB; ``--adapter-dtype
-bf16``: 16 KiB, what the first runs stored): a million of them is 14-22 GB, where the default
-recipe's 48 KB would be 53 GB; retrieval does not depend on adapter size, and store_bench
-measures fetches of full-size atoms. Embeddings are
-384-d and clustered like text embeddings are: 1 centre per 100 atoms, each atom its centre
-plus noise of the same norm (cosine ~0.5 within a cluster, ~0 across, so an atom's nearest
-neighbours are its cluster, as a sentence's are its topic); queries are stored vectors moved off
-by noise (cosine ~0.78 to their atom, a question near its atom). With noisier clusters (1.5x,
-cosine ~0.3) the exact top 8 beyond the first become near-ties with the best of a million
-random vectors, which no index reproduces and no answer depends on: the first run used them
-(recall@8 0.60, benchmarks/RESULTS.md). Reported:
+Atoms are rank-1 adapters on the MLP of the default model's last layer, 8,192 values, stored as
+the store stores them by default (int8 with a scale per row: 8.2 KB; ``--adapter-dtype bf16``:
+16 KiB, what the first runs stored): a million of them is 14-22 GB, where the default recipe's
+48 KB would be 53 GB; retrieval does not depend on adapter size, and store_bench measures
+fetches of full-size atoms. Embeddings are 384-d and clustered like text embeddings are: 1
+centre per 100 atoms, each atom its centre plus noise of the same norm (cosine ~0.5 within a
+cluster, ~0 across, so an atom's nearest neighbours are its cluster, as a sentence's are its
+topic); queries are stored vectors moved off by noise (cosine ~0.78 to their atom, a question
+near its atom). With noisier clusters (1.5x, cosine ~0.3) the exact top 8 beyond the first
+become near-ties with the best of a million random vectors, which no index reproduces and no
+answer depends on: the first run used them (recall@8 0.60, benchmarks/RESULTS.md). Reported:
 
 - ``open_s``: open the store and have its index ready to query (LMDB and the index files
   memory-mapped, nothing read up front), in a fresh process-like state (new objects);

@@ -37,7 +37,6 @@ IVF_NPROBE = 32  # cells searched per query: recall vs latency
 _SUFFIXES = (".faiss", ".ids", ".json")
 
 
-
 @dataclass
 class VectorIndex:
     index: faiss.Index
