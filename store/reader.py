@@ -38,10 +38,10 @@ class Reader:
                ) -> list[rec.AtomRecord]:
         """The records of ``ids``, in order, from this one transaction: text, provenance and
         packed adapter together (zero-copy views valid inside this ``with`` block unless
-        ``copy``; an int8 adapter is always a dequantized copy). ``microlora.core.pack.compose``
-        turns their adapters into the kernel's per-request tensors. With
-        ``on_corrupt``, a corrupt record is handed to it and left out instead of failing the
-        whole gather."""
+        ``copy``; a fetch's int8 adapters are dequantized together, rows of one new block).
+        ``microlora.core.pack.compose`` turns their adapters into the kernel's per-request
+        tensors. With ``on_corrupt``, a corrupt record is handed to it and left out instead of
+        failing the whole gather."""
         parsed = (self._kept(i, self._value(i), on_corrupt) for i in ids)
         return rec.build([p for p in parsed if p is not None], copy=copy)
 
