@@ -1,7 +1,7 @@
 """Scale benchmark: a store of a million synthetic atoms: disk, open time, retrieval + fetch
 latency at k=8, and the approximate index's recall against exact search, side by side.
 
-    python benchmarks/scale_bench.py [--quick] [--store DIR] --out results/scale.json
+    python benchmarks/scale_bench.py [--quick] [--store DIR] [--background-verify] --out X.json
 
 Atoms are rank-1 adapters on the MLP of the default model's last layer, 8,192 values, stored as
 the store stores them by default (int8 with a scale per row: 8.2 KB; ``--adapter-dtype bf16``:
@@ -21,7 +21,10 @@ answer depends on: the first run used them (recall@8 0.60, benchmarks/RESULTS.md
   composing them into the kernel's tensors; ``exact_query_k8_*`` the same with exact (flat)
   search over the same vectors, the baseline;
 - ``ann_recall_at_8``: overlap of the approximate top 8 with the exact top 8;
-  ``ann_top1_found``: how often the exact best atom is among the approximate 8.
+  ``ann_top1_found``: how often the exact best atom is among the approximate 8;
+- with ``--background-verify``, the store is opened as ``microlora serve`` opens it and the
+  queries wait for its background pass (``background_verify_s``): the state a server reaches,
+  where without it every query is a first read of its atoms.
 """
 
 from __future__ import annotations
@@ -116,22 +119,27 @@ def main() -> None:
     ap.add_argument("--store", type=Path, help="build the store here and keep it; a store "
                     "already there with these atoms is reused (writing a million takes ~12 min)")
     ap.add_argument("--workdir", type=Path, help="where to build the store [default: a temp dir]")
+    ap.add_argument("--background-verify", action="store_true",
+                    help="query the store as a server opens it (StoreConfig.background_verify): "
+                         "its background pass first (background_verify_s: how long it took)")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
     args = ap.parse_args()
     n = args.atoms or (100_000 if args.quick else 1_000_000)
     if args.store is not None:  # kept, and reused by the next run with the same atoms
-        result = run(args.store, n, args.queries, args.adapter_dtype)
+        result = run(args.store, n, args.queries, args.adapter_dtype, args.background_verify)
     else:
         work = Path(tempfile.mkdtemp(dir=args.workdir))
         try:
-            result = run(work / "store", n, args.queries, args.adapter_dtype)
+            result = run(work / "store", n, args.queries, args.adapter_dtype,
+                         args.background_verify)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     write_results(result, args.out, f"{platform.machine()}, faiss {faiss.__version__} with "
                   f"{faiss.omp_get_max_threads()} threads, torch {torch.__version__}")
 
 
-def run(path: Path, n: int, n_queries: int, adapter_dtype: str) -> dict:
+def run(path: Path, n: int, n_queries: int, adapter_dtype: str, background_verify: bool = False
+        ) -> dict:
     vectors = clustered(n, seed=0)
     write_rate = None  # reused: written by an earlier run
     if not _holds(path, n, adapter_dtype):
@@ -156,8 +164,12 @@ def run(path: Path, n: int, n_queries: int, adapter_dtype: str) -> dict:
         index = store.index(NS)
         opens.append(time.perf_counter() - t0)
         store.close()
-    with AdapterStore(path, readonly=True) as store:
+    with AdapterStore(path, readonly=True, background_verify=background_verify) as store:
         index = store.index(NS)
+        t0 = time.perf_counter()
+        store.verify_in_background([NS])  # nothing unless background_verify
+        store.wait_verified()
+        verify_s = time.perf_counter() - t0 if background_verify else None
         for q in queries[:20]:  # warm-up: the first touches of the memory maps
             query_and_fetch(store, index, q)
         search, fetch, got = [], [], []
@@ -194,7 +206,8 @@ def run(path: Path, n: int, n_queries: int, adapter_dtype: str) -> dict:
         "exact_query_k8_p99_ms": percentile(exact_total, 99),
         "ann_speedup_p50": percentile(exact_total, 50) / percentile(total, 50),
         "ann_recall_at_8": float(np.mean(recall)), "ann_top1_found": float(np.mean(top1)),
-        "queries": n_queries,
+        "queries": n_queries, "background_verify": background_verify,
+        "background_verify_s": verify_s,
     }
 
 

@@ -311,7 +311,7 @@ class AdapterStore(Identity, DocumentManifests, IndexCache, JobTable, Maintenanc
                     raise StoreError(f"atom {r.id} ({r.source or 'no source'}: {r.text[:60]!r}) "
                                      f"has NaN or inf values in its {part}; nothing of this "
                                      "batch was written")
-        values = [(r.id.encode(), rec.encode(r, dtype)) for r in records]
+        values = [(r.id.encode(), v) for r, v in zip(records, rec.encode_many(records, dtype))]
         added: list[rec.AtomRecord] = []
         try:
             with self._txn(write=True) as txn:

@@ -45,18 +45,28 @@ def rows(layout: PackLayout) -> int:
 
 def quantize(packed: Packed) -> tuple[Tensor, Tensor]:
     """``packed`` as (q: int8 (size,), scales: bf16 (rows,)), rows in flat order."""
-    flat = packed.flat.detach().to("cpu", torch.float32)
-    q = torch.empty(flat.numel(), dtype=torch.int8)
+    q, scales = quantize_many(packed.flat[None], packed.layout)
+    return q[0], scales[0]
+
+
+def quantize_many(flats: Tensor, layout: PackLayout) -> tuple[Tensor, Tensor]:
+    """The k adapters of ``layout`` in the rows of ``flats`` (k, size) as (q: int8 (k, size),
+    scales: bf16 (k, rows)): a batch written to a store is quantized in one pass over each run
+    of rows, since per-call overhead, not arithmetic, is what one 8 KB adapter costs."""
+    flat = flats.detach().to("cpu", torch.float32)
+    k = flat.shape[0]
+    q = torch.empty(k, layout.size, dtype=torch.int8)
     scales = []
-    for offset, n, length in row_blocks(packed.layout):
-        x = flat[offset:offset + n * length].view(n, length)  # (rows, row length)
-        s = (x.abs().amax(dim=1) / QMAX).to(torch.bfloat16)  # (rows,): the scale as stored
-        s32 = s.float()[:, None]
+    for offset, n, length in row_blocks(layout):
+        x = flat[:, offset:offset + n * length].reshape(k, n, length)
+        s = (x.abs().amax(dim=2) / QMAX).to(torch.bfloat16)  # (k, rows): the scale as stored
+        s32 = s.float()[..., None]
         # an all-zero row has scale 0 and stays 0
         ratio = torch.where(s32 > 0, x / s32.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        q[offset:offset + n * length].view(n, length).copy_(ratio.round_().clamp_(-QMAX, QMAX))
+        q[:, offset:offset + n * length].view(k, n, length).copy_(
+            ratio.round_().clamp_(-QMAX, QMAX))
         scales.append(s)
-    return q, torch.cat(scales)
+    return q, torch.cat(scales, dim=1)
 
 
 @functools.lru_cache(maxsize=64)

@@ -64,6 +64,19 @@ def test_quantizing_a_dequantized_adapter_gives_the_same_bytes():
     assert torch.equal(again[0], q) and torch.equal(again[1], scales)
 
 
+def test_a_batch_of_records_is_encoded_together_as_each_alone():
+    recs = make_records(4, seed=7)
+    odd = random_adapter({"x": (8, 16)}, rank=1, seed=9)  # another layout in the same batch
+    recs.insert(2, dataclasses.replace(recs[0], id="odd", adapter=Packed.of(odd)))
+    recs[1].adapter.flat[:] = 0.0  # all-zero rows keep scale 0
+    for dtype in ("int8", "bf16"):
+        together = [rec.decode(v) for v in rec.encode_many(recs, dtype)]
+        alone = [rec.decode(rec.encode(r, dtype)) for r in recs]
+        for got, want, r in zip(together, alone, recs):
+            assert got.id == r.id and got.adapter.layout == r.adapter.layout
+            assert torch.equal(got.adapter.flat, want.adapter.flat)  # its own rows' scales
+
+
 def test_a_bf16_record_written_by_the_old_format_still_decodes():
     value = V1_RECORD.read_bytes()
     assert rec.verify(value) is None
