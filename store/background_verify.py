@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from microlora.core.errors import StoreError, UnknownNamespaceError
+from store import page_cache
 from store import record as rec
 from store.index import VectorIndex
 from store.reader import corrupt_atom
@@ -113,6 +114,7 @@ class BackgroundVerifier:
         self._queue: dict[str, None] = {}  # namespaces to check, in order asked
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._warmed = False  # the store's files read into the page cache (once per open)
         if enabled:
             _LIVE.add(self)
 
@@ -173,6 +175,7 @@ class BackgroundVerifier:
                 namespace = next(iter(self._queue))
                 del self._queue[namespace]
             try:
+                self._warm()
                 done = self._check(namespace)
             except Exception:  # a bug here must not end the thread unseen, nor the server
                 log.exception("the background checksum pass over %r failed", namespace)
@@ -180,6 +183,20 @@ class BackgroundVerifier:
             if not done:  # stopped in the middle: resumed after a pause
                 with self._cond:
                     self._queue = {namespace: None, **self._queue}
+
+    def _warm(self) -> None:
+        """Before the first check: read the store's index files, then LMDB's file, into the
+        page cache, each where it fits (``store/page_cache.py``): questions then find their
+        lists and atoms in memory, and the checks below read from it."""
+        if self._warmed:
+            return
+        self._warmed = True
+        layout = self._store.layout
+        indexes = [f for ns in self._store.namespaces()
+                   for f in VectorIndex.files(layout.index(ns))]
+        for files in (indexes, [layout.data_file]):
+            if page_cache.fits(files):
+                page_cache.read_through(files, self._stop)
 
     def _check(self, namespace: str) -> bool:
         """Check every record of ``namespace`` not yet checked in its current generation;

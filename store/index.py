@@ -140,6 +140,11 @@ class VectorIndex:
                    int(stamp["generation"]), mapped=mmap, _source=path)
 
     @staticmethod
+    def files(path: Path) -> list[Path]:
+        """The files of the index with stem ``path`` that exist."""
+        return [f for f in (path.with_name(path.name + s) for s in _SUFFIXES) if f.exists()]
+
+    @staticmethod
     def stamp(path: Path) -> dict | None:
         """The stamp of the cached index for stem ``path`` (generation, count, kind), if any:
         enough to tell whether it is fresh without loading it."""

@@ -4,13 +4,15 @@ only where asked for."""
 
 import logging
 import threading
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import HEADER, corrupt_atom, make_records
 
 from microlora.core.config import ServeConfig, StoreConfig
 from microlora.core.errors import CorruptAtomError
-from store import AdapterStore, VectorIndex
+from store import AdapterStore, VectorIndex, page_cache
 from store import record as rec
 from store.background_verify import VerifiedIds
 
@@ -206,3 +208,43 @@ def test_the_server_opens_its_store_with_the_pass(tmp_path, tiny_models):
         finally:
             service.close()
     assert verify_threads() == []
+
+
+def test_the_pass_first_reads_the_index_files_and_lmdb_into_the_page_cache(path, monkeypatch):
+    read: list[list[str]] = []
+    real = page_cache.read_through
+    monkeypatch.setattr(page_cache, "read_through", lambda files, stop=None: read.append(
+        [f.name for f in files]) or real(files, stop))
+    with AdapterStore(path) as s:
+        s.index("docs")  # its files written
+    with AdapterStore(path, readonly=True, background_verify=True) as store:
+        store.verify_in_background()
+        assert store.wait_verified(WAIT_S)
+        store.verify_in_background()  # a later pass reads nothing again
+        assert store.wait_verified(WAIT_S)
+    assert read == [["docs.faiss", "docs.ids", "docs.json"], ["data.mdb"]]
+
+
+def test_files_that_do_not_fit_in_half_the_available_memory_are_left_to_be_read_on_demand(
+        path, monkeypatch):
+    read: list[list[Path]] = []
+    monkeypatch.setattr(page_cache, "read_through", lambda files, stop=None: read.append(files))
+    size = (path / "data.mdb").stat().st_size
+    monkeypatch.setattr(page_cache.psutil, "virtual_memory",
+                        lambda: SimpleNamespace(available=2 * size - 1))
+    assert not page_cache.fits([path / "data.mdb"])
+    with AdapterStore(path, readonly=True, background_verify=True) as store:
+        store.verify_in_background()
+        assert store.wait_verified(WAIT_S)
+    assert all(path / "data.mdb" not in files for files in read)
+
+
+def test_reading_through_stops_when_told_and_skips_what_cannot_be_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(page_cache, "CHUNK", 1024)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"x" * 5000)
+    b.write_bytes(b"y" * 100)
+    assert page_cache.read_through([a, tmp_path / "missing", b]) == 5100
+    stop = threading.Event()
+    stop.set()
+    assert page_cache.read_through([a, b], stop) == 1024  # one chunk, then it stops
