@@ -2,11 +2,14 @@
 
 LMDB is the source of truth; an index is a cache stamped with the namespace generation it was
 built from, rebuilt whenever the generations disagree. Up to ``exact_limit`` atoms it is exact
-(flat inner product, i.e. cosine on unit vectors). Above, it is IVF-Flat: ``nlist`` =
-4·sqrt(n) k-means cells trained on a seeded sample of 40 vectors per cell, searched ``nprobe``
-= 32 cells at a time (recall@8 vs exact is measured in ``benchmarks/scale_bench.py``). IVF
-builds in seconds where HNSW took minutes per million atoms, and its file can be memory-mapped,
-so a store of a million atoms opens in milliseconds rather than reading a gigabyte.
+(flat inner product, i.e. cosine on unit vectors). Above, it is IVF: ``nlist`` = 4·sqrt(n)
+k-means cells trained on a seeded sample of 40 vectors per cell, searched ``nprobe`` = 32 cells
+at a time, each atom's vector kept in fp16 (its residual from its cell's centre): half the
+bytes a search scans, at the recall of float32 vectors (benchmarks/RESULTS.md, "Scale";
+recall@8 vs exact is measured in ``benchmarks/scale_bench.py``). IVF builds in seconds where
+HNSW took minutes per million atoms, and its file can be memory-mapped, so a store of a million
+atoms opens in milliseconds rather than reading a gigabyte. An index built by an earlier version
+(IVF-Flat, float32 vectors) loads and searches as before.
 
 On disk, per namespace (written atomically: temporary files renamed, the stamp last)::
 
@@ -54,8 +57,9 @@ class VectorIndex:
             index = faiss.IndexFlatIP(dim)
         else:
             nlist = int(min(65536, max(64, IVF_CELLS_PER_SQRT_N * math.sqrt(len(ids)))))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist,
-                                       faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist,
+                                                  faiss.ScalarQuantizer.QT_fp16,
+                                                  faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(seed)
             sample = min(len(ids), IVF_TRAIN_PER_CELL * nlist)
             index.train(vectors[np.sort(rng.choice(len(ids), sample, replace=False))])

@@ -4,6 +4,7 @@ and the FAISS index against brute force."""
 import json
 import logging
 
+import faiss
 import lmdb
 import numpy as np
 import pytest
@@ -322,6 +323,12 @@ def test_large_namespaces_use_an_approximate_index(tmp_path):
         hits = sum(len({recs[j].id for j in e} & {i for i, _ in g}) for e, g in zip(exact, got))
         assert hits / exact.size >= 0.95
         assert {r.index for r in s.stats()} == {"ivf"}
+        # its vectors are kept in fp16: half the bytes, scores within fp16's rounding
+        assert isinstance(s.index("docs").index, faiss.IndexIVFScalarQuantizer)
+        by_id = {r.id: r.embedding for r in recs}
+        for q, row in zip(queries, got):
+            for atom_id, score in row:
+                assert abs(score - float(q @ by_id[atom_id])) < 2e-3
 
 
 def test_readonly_open_changes_nothing(store):
