@@ -185,18 +185,21 @@ class BackgroundVerifier:
                     self._queue = {namespace: None, **self._queue}
 
     def _warm(self) -> None:
-        """Before the first check: read the store's index files, then LMDB's file, into the
-        page cache, each where it fits (``store/page_cache.py``): questions then find their
-        lists and atoms in memory, and the checks below read from it."""
+        """Before the first check, once: each namespace's index read into memory where it fits
+        (``IndexCache.hold_index_in_memory``), then LMDB's file read into the page cache where
+        it fits (``store/page_cache.py``): questions then find their lists and atoms in
+        memory, and the checks below read from it."""
         if self._warmed:
             return
         self._warmed = True
-        layout = self._store.layout
-        indexes = [f for ns in self._store.namespaces()
-                   for f in VectorIndex.files(layout.index(ns))]
-        for files in (indexes, [layout.data_file]):
-            if page_cache.fits(files):
-                page_cache.read_through(files, self._stop)
+        store = self._store
+        for namespace in store.namespaces():
+            if self._stop.is_set():
+                return
+            store.hold_index_in_memory(namespace)
+        data = [store.layout.data_file]
+        if page_cache.fits(data):
+            page_cache.read_through(data, self._stop)
 
     def _check(self, namespace: str) -> bool:
         """Check every record of ``namespace`` not yet checked in its current generation;

@@ -3,12 +3,13 @@
 A question reads its atoms from LMDB's memory map and the lists it probes from the index's; a
 page that is not in the page cache is a disk read, and at a million atoms the slowest
 questions of a store opened cold wait on the disk (benchmarks/RESULTS.md, "Scale"). Where a
-server opens a store (``StoreConfig.background_verify``), its background thread first reads the
-index files and LMDB's file through, in order, if they fit in half the memory the system has
-available: one sequential pass, which the disk serves far faster than the same pages one
-question at a time. ``posix_fadvise(WILLNEED)`` would ask the kernel to do it without the
-copy, but Linux reads only a few MB of a large file ahead on that advice (measured: 8 MB of
-2 GB), so the pages are read here, in chunks, the GIL released by each read.
+server opens a store (``StoreConfig.background_verify``), its background thread reads each
+namespace's index into memory (``IndexCache.hold_index_in_memory``), then LMDB's file through,
+in order, if it fits in half the memory the system has available: one sequential pass, which
+the disk serves far faster than the same pages one question at a time.
+``posix_fadvise(WILLNEED)`` would ask the kernel to do it without the copy, but Linux reads
+only a few MB of a large file ahead on that advice (measured: 8 MB of 2 GB), so the pages are
+read here, in chunks, the GIL released by each read.
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import HEADER, corrupt_atom, make_records
+from conftest import DIM, HEADER, corrupt_atom, make_records, unit_vectors
 
 from microlora.core.config import ServeConfig, StoreConfig
 from microlora.core.errors import CorruptAtomError
-from store import AdapterStore, VectorIndex, page_cache
+from store import AdapterStore, page_cache
 from store import record as rec
 from store.background_verify import VerifiedIds
 
@@ -68,19 +68,18 @@ def test_the_pass_checks_every_atom_once_and_then_reads_hash_none(path, hashed):
         assert hashed == []  # every checksum was checked by the thread
 
 
-def test_the_pass_takes_the_ids_from_a_fresh_index_file_not_a_walk_of_lmdb(
+def test_the_pass_takes_the_ids_from_a_fresh_index_not_a_walk_of_lmdb(
         path, hashed, monkeypatch):
     recs = make_records(40)
     with AdapterStore(path) as store:
         store.search("docs", recs[0].embedding[None], 1)  # builds and saves the index
-    listed = []
-    real = VectorIndex.stored_ids
-    monkeypatch.setattr(VectorIndex, "stored_ids", staticmethod(
-        lambda *a: listed.append(real(*a)) or listed[-1]))
+    walked = []
+    real = AdapterStore.ids
+    monkeypatch.setattr(AdapterStore, "ids", lambda *a: walked.append(a) or real(*a))
     with AdapterStore(path, background_verify=True) as store:
         store.verify_in_background()
         assert store.wait_verified(WAIT_S)
-    assert sorted(listed[0]) == sorted(r.id for r in recs) and len(hashed) == 40
+    assert walked == [] and len(hashed) == 40  # every atom checked, none found by a walk
 
 
 def test_the_first_read_of_a_namespace_starts_the_pass(path, hashed):
@@ -210,25 +209,32 @@ def test_the_server_opens_its_store_with_the_pass(tmp_path, tiny_models):
     assert verify_threads() == []
 
 
-def test_the_pass_first_reads_the_index_files_and_lmdb_into_the_page_cache(path, monkeypatch):
+def test_the_pass_first_holds_the_index_in_memory_and_reads_lmdb_into_the_page_cache(
+        path, monkeypatch):
     read: list[list[str]] = []
     real = page_cache.read_through
     monkeypatch.setattr(page_cache, "read_through", lambda files, stop=None: read.append(
         [f.name for f in files]) or real(files, stop))
+    queries = unit_vectors(5, DIM, seed=3)
     with AdapterStore(path) as s:
-        s.index("docs")  # its files written
+        want = s.search("docs", queries, k=4)  # and its index files written
     with AdapterStore(path, readonly=True, background_verify=True) as store:
+        assert store.index("docs").mapped
         store.verify_in_background()
         assert store.wait_verified(WAIT_S)
+        assert not store.index("docs").mapped  # read into memory: the same answers
+        assert store.search("docs", queries, k=4) == want
         store.verify_in_background()  # a later pass reads nothing again
         assert store.wait_verified(WAIT_S)
-    assert read == [["docs.faiss", "docs.ids", "docs.json"], ["data.mdb"]]
+    assert read == [["data.mdb"]]
 
 
 def test_files_that_do_not_fit_in_half_the_available_memory_are_left_to_be_read_on_demand(
         path, monkeypatch):
     read: list[list[Path]] = []
     monkeypatch.setattr(page_cache, "read_through", lambda files, stop=None: read.append(files))
+    with AdapterStore(path) as s:
+        s.index("docs")  # its files written
     size = (path / "data.mdb").stat().st_size
     monkeypatch.setattr(page_cache.psutil, "virtual_memory",
                         lambda: SimpleNamespace(available=2 * size - 1))
@@ -236,7 +242,11 @@ def test_files_that_do_not_fit_in_half_the_available_memory_are_left_to_be_read_
     with AdapterStore(path, readonly=True, background_verify=True) as store:
         store.verify_in_background()
         assert store.wait_verified(WAIT_S)
-    assert all(path / "data.mdb" not in files for files in read)
+    assert read == []
+    with AdapterStore(path, readonly=True) as store:  # nor is an index too large held
+        monkeypatch.setattr(page_cache.psutil, "virtual_memory",
+                            lambda: SimpleNamespace(available=0))
+        assert not store.hold_index_in_memory("docs") and store.index("docs").mapped
 
 
 def test_reading_through_stops_when_told_and_skips_what_cannot_be_read(tmp_path, monkeypatch):
