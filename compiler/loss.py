@@ -84,9 +84,9 @@ class OutputHead:
         ids, probs = [], []
         for i in range(0, len(h), LOSS_CHUNK_ROWS):
             logits, _ = _capped_logits(h[i:i + LOSS_CHUNK_ROWS], self.weight, self.softcap)
-            top = torch.log_softmax(logits, -1).topk(k)
+            top = logits.topk(k)
             ids.append(top.indices)
-            probs.append(top.values.exp())
+            probs.append((top.values - logsumexp_(logits)[:, None]).exp())
         return torch.cat(ids), torch.cat(probs)
 
 
@@ -190,6 +190,14 @@ class SoftTargets:
         return SoftTargets(torch.searchsorted(vocab, self.ids), self.probs)
 
 
+def logsumexp_(logits: Tensor) -> Tensor:
+    """``torch.logsumexp(logits, -1)`` computed in ``logits``' own memory, which it overwrites:
+    a chunk's second vocabulary-wide fp32 buffer (logsumexp's temporary) was a compile's peak
+    resident memory (benchmarks/RESULTS.md, "Compile memory")."""
+    top = logits.amax(dim=-1, keepdim=True)
+    return logits.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
+
+
 def _capped_logits(h: Tensor, weight: Tensor, softcap: float | None
                    ) -> tuple[Tensor, Tensor | None]:
     """fp32 logits of ``h @ weight.T`` with Gemma's soft cap applied, and the cap's tanh (for
@@ -214,17 +222,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc, yc, r = h[i:i + LOSS_CHUNK_ROWS], labels[i:i + LOSS_CHUNK_ROWS], \
                 rows[:min(LOSS_CHUNK_ROWS, len(h) - i)]
             logits, t = _capped_logits(hc, weight, softcap)  # (rows, vocab)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss = lse - logits[r, yc]
+            at_label = logits[r, yc]
+            if soft is not None:
+                ids, probs = soft.ids[i:i + len(hc)], soft.probs[i:i + len(hc)]
+                at_soft = logits.gather(1, ids)
+            # without a gradient to form, the logits are spent once their logsumexp is taken
+            lse = torch.logsumexp(logits, dim=-1) if grad_h is not None else logsumexp_(logits)
+            loss = lse - at_label
             gold[i:i + len(hc)] = loss
             keep = 1.0
             if soft is not None:
-                ids, probs = soft.ids[i:i + len(hc)], soft.probs[i:i + len(hc)]
                 keep = 1.0 - probs.sum(1)
-                loss = keep * loss + (probs * (lse[:, None] - logits.gather(1, ids))).sum(1)
+                loss = keep * loss + (probs * (lse[:, None] - at_soft)).sum(1)
             losses[i:i + len(hc)] = loss
-            if grad_h is not None:
-                dlogits = torch.exp(logits - lse[:, None])  # softmax, minus the targets
+            if grad_h is not None:  # softmax (in the logits' memory), minus the targets
+                dlogits = logits.sub_(lse[:, None]).exp_()
                 dlogits[r, yc] -= keep
                 if soft is not None:
                     dlogits.scatter_add_(1, ids, -probs)
