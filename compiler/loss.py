@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-LOSS_CHUNK_ROWS = 256  # target positions per output-layer chunk: ~0.3 GB of fp32 logits
+# target positions per vocabulary-wide chunk: 64 x 262k fp32 logits is 67 MB; at 256 (268 MB)
+# the chunks' buffers set a compile's peak, 358 MB higher (benchmarks/RESULTS.md)
+LOSS_CHUNK_ROWS = 64
 
 
 def encode_targets(tokenizer, texts: Sequence[str], contexts: Sequence[str] | None,

@@ -114,7 +114,7 @@ class BackgroundVerifier:
         self._queue: dict[str, None] = {}  # namespaces to check, in order asked
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._warmed = False  # the store's files read into the page cache (once per open)
+        self._warmed = False  # indexes held in memory, LMDB's file read ahead (once per open)
         if enabled:
             _LIVE.add(self)
 
