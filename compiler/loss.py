@@ -127,17 +127,24 @@ def token_losses(h: Tensor, labels: Tensor, head: OutputHead, vocab: CandidateVo
 
 
 def atom_scores(h: Tensor, labels: Tensor, ce: Tensor, atoms: Tensor, n_atoms: int,
-                head: OutputHead, vocab: CandidateVocab | None, stop_prob: float, last: bool
-                ) -> tuple[Tensor, Tensor]:
+                head: OutputHead, vocab: CandidateVocab | None, stop_prob: float, last: bool,
+                decides: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per atom (``atoms`` maps each target to its atom): the scored loss (mean label
-    cross-entropy) and the smallest target probability, from ``token_losses``' ``ce``.
+    cross-entropy over all its targets) and the smallest probability among the targets that
+    ``decides`` marks (all by default), from ``token_losses``' ``ce``.
 
     With a candidate ``vocab``, atoms that look learned under it, and every atom on the
     ``last`` step, are re-scored with the full softmax (the candidate one flatters: its
     denominator is smaller), so whether an atom stops, and the loss recorded for it, always
     come from the full softmax (and read the labels, not a teacher's targets)."""
+    if decides is None:
+        decides = torch.ones_like(atoms, dtype=torch.bool)
+
+    def smallest(ce: Tensor, atoms: Tensor, decides: Tensor) -> Tensor:
+        return torch.exp(-per_atom(ce[decides], atoms[decides], n_atoms, "amax"))
+
     scored = per_atom(ce, atoms, n_atoms, "mean")
-    min_prob = torch.exp(-per_atom(ce, atoms, n_atoms, "amax"))
+    min_prob = smallest(ce, atoms, decides)
     if vocab is not None:
         rescore = torch.ones_like(min_prob, dtype=torch.bool) if last else min_prob > stop_prob
         if rescore.any():
@@ -145,8 +152,7 @@ def atom_scores(h: Tensor, labels: Tensor, ce: Tensor, atoms: Tensor, n_atoms: i
             with torch.no_grad():
                 _, full = head.cross_entropy(h[rows].detach(), labels[rows])
             scored = torch.where(rescore, per_atom(full, atoms[rows], n_atoms, "mean"), scored)
-            min_prob = torch.where(rescore, torch.exp(-per_atom(full, atoms[rows], n_atoms,
-                                                                "amax")), min_prob)
+            min_prob = torch.where(rescore, smallest(full, atoms[rows], decides[rows]), min_prob)
     return scored, min_prob.cpu()
 
 

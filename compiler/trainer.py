@@ -15,8 +15,9 @@ One forward/backward trains a whole batch through ``microlora.core.kernel``'s pe
   frozen base model answers it with the atom's window in view (Knowledge Modules, Caccia et
   al. 2025; context distillation), the teacher's top tokens computed once per batch, each
   distinct window read once for all the views that share it;
-- adaptive budget: an atom stops once every target token has probability > ``stop_prob``
-  under its composed adapter (enough for greedy recall), or at ``max_steps``.
+- adaptive budget: an atom stops once every deciding token (``TrainConfig.stop_on``: all its
+  targets, or its question views' answers) has probability > ``stop_prob`` under its
+  composed adapter (enough for greedy recall), or at ``max_steps``.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class AtomTrainer:
                 row_contexts.append(context)
                 group.append(b)
         group_of = torch.tensor(group)  # bookkeeping (this, done, active, ...) stays on the CPU
+        decides = self._deciding_rows(group_of, n).to(self.device)
         ids, mask, tgt = encode_targets(self.tokenizer, row_texts, row_contexts, self.device)
         target_row = tgt[:, 1:].nonzero()[:, 0]  # the row of each target token
         soft = self._teacher(row_texts, row_contexts, group, n, windows, target_row) \
@@ -139,7 +141,7 @@ class AtomTrainer:
             opt.zero_grad(set_to_none=True)
             with torch.set_grad_enabled(not last):  # on the last step every atom stops
                 scored, min_prob = self._learn(adapters, rows, slot, len(active), ids, mask, tgt,
-                                               frozen_states, vocab, soft, token, last)
+                                               decides, frozen_states, vocab, soft, token, last)
             finished = (min_prob > cfg.stop_prob) | last
             scored = scored.detach().cpu()  # one copy, not one per finished atom
             for j in finished.nonzero().squeeze(1).tolist():
@@ -161,13 +163,26 @@ class AtomTrainer:
                             int(steps[b]), float(final[b]))
                 for b in range(n)]
 
+    def _deciding_rows(self, group_of: Tensor, n: int) -> Tensor:
+        """Per row: whether its targets decide that its atom has learned (``stop_on``).
+        Rows from ``n`` on are question views; "answers" leaves out the sentence row of every
+        atom that has a view."""
+        decides = torch.ones(len(group_of), dtype=torch.bool)
+        if self.config.stop_on == "answers":
+            has_view = torch.zeros(n, dtype=torch.bool)
+            has_view[group_of[n:]] = True
+            decides[:n] = ~has_view
+        return decides
+
     def _learn(self, adapters, rows: Tensor, slot: Tensor, n_active: int, ids: Tensor,
-               mask: Tensor, tgt: Tensor, frozen_states: Tensor, vocab: CandidateVocab | None,
+               mask: Tensor, tgt: Tensor, decides: Tensor, frozen_states: Tensor,
+               vocab: CandidateVocab | None,
                soft: SoftTargets | None, token: Tensor | None, last: bool
                ) -> tuple[Tensor, Tensor]:
         """One step's forward and backward over ``rows`` (row i belongs to active atom
         ``slot[i]``, whose adapters are ``adapters[i]``); returns each active atom's scored
-        loss and smallest target probability (``compiler.loss.atom_scores``).
+        loss and smallest deciding probability (``compiler.loss.atom_scores``; ``decides``
+        marks the rows whose targets decide).
 
         Each group of rows of similar length (``compiler.buckets``) runs at its own width and
         is back-propagated before the next one runs, so a step holds one group's activations,
@@ -186,10 +201,10 @@ class AtomTrainer:
                 {k: (A[g], B[g]) for k, (A, B) in adapters.items()}
             seen.append(self._learn_group(own, rows[g], slot[g], lengths[g], count, token, ids,
                                           mask, tgt, frozen_states, vocab, soft, last))
-        h, labels, ce, atoms = (torch.cat(part) for part in zip(*seen))
+        h, labels, ce, atoms, local = (torch.cat(part) for part in zip(*seen))
         with self._autocast():
             return atom_scores(h, labels, ce, atoms, n_active, self.head, vocab,
-                               self.config.stop_prob, last)
+                               self.config.stop_prob, last, decides[local])
 
     def _learn_group(self, adapters, r: Tensor, atom_of_row: Tensor, lengths: Tensor,
                      count: Tensor, token: Tensor | None, ids: Tensor, mask: Tensor, tgt: Tensor,
@@ -197,7 +212,8 @@ class AtomTrainer:
                      soft: SoftTargets | None, last: bool) -> tuple[Tensor, ...]:
         """``_learn`` for the rows ``r`` of one length group: forward at their width, backward
         (the composed adapters' graph is shared by the groups: kept), and the detached states,
-        labels, cross-entropies and atoms of their targets. Its activations die on return."""
+        labels, cross-entropies, atoms and rows of their targets. Its activations die on
+        return."""
         w = int(lengths.max())
         with self.lora.adapters(adapters), self.prefix.replay(frozen_states[r, :w]), \
                 self._autocast():
@@ -212,7 +228,7 @@ class AtomTrainer:
             train, ce = token_losses(h, labels, self.head, vocab, taught)
         if not last:
             (train / count[atoms]).sum().backward(retain_graph=True)
-        return h.detach(), labels, ce.detach(), atoms
+        return h.detach(), labels, ce.detach(), atoms, r[local]
 
     def _init_params(self, keys: Sequence[str]) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
         """PEFT's init per atom: A ~ U(-1/sqrt(in), 1/sqrt(in)), B = 0, seeded by the atom."""

@@ -48,5 +48,9 @@ def test_new_recipe_fields_at_their_default_keep_atom_ids():
     assert TrainConfig().key() != TrainConfig(distill=0.0).key()  # today's default retrains
     assert "subject_context" not in TrainConfig(subject_context="off").key()
     assert TrainConfig().key() != TrainConfig(subject_context="off").key()
+    assert "stop_on" not in TrainConfig(stop_on="targets").key()
+    assert TrainConfig(stop_on="answers").key() != TrainConfig().key()
+    with pytest.raises(ValueError, match="stop-on"):
+        TrainConfig(stop_on="sentence")
     with pytest.raises(ValueError, match="view-style"):
         TrainConfig(view_style="paragraph")

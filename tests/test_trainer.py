@@ -150,6 +150,25 @@ def test_question_views_train_the_atoms_own_adapter(base):
     assert trained > 0.2 and trained > 5 * untrained, (trained, untrained)
 
 
+def test_stop_on_answers_lets_an_atom_stop_once_its_views_are_answered(base):
+    """``stop_on="answers"``: an atom with views stops as soon as their answers pass
+    ``stop_prob``, its sentence still unlearned, where by default it trains on to learn every
+    target; an atom without views is decided by its sentence either way."""
+    views = [[("w10 w11 w12", " w5")], [], [], []]
+    runs = {}
+    for stop_on in ("targets", "answers"):
+        with AtomTrainer(base.model, base.tokenizer,
+                         config(max_steps=60, stop_prob=0.3, stop_on=stop_on)) as t:
+            runs[stop_on] = t.train(TEXTS, KEYS, views=views)
+    answered, whole = runs["answers"][0], runs["targets"][0]
+    assert answered.steps < whole.steps
+    assert answer_argmax(base, "w10 w11 w12", " w5", answered.adapter) == \
+        base.tokenizer(" w5", add_special_tokens=False).input_ids
+    assert full_loss(base, TEXTS[0], answered.adapter) > full_loss(base, TEXTS[0], whole.adapter)
+    for plain, decided in zip(runs["targets"][1:], runs["answers"][1:]):
+        assert decided.steps == plain.steps  # no views: the sentence decides, as before
+
+
 def answer_argmax(base, prompt: str, answer: str, adapter=None) -> list[int]:
     """The model's likeliest token at each of ``answer``'s positions after ``prompt``."""
     bos = [base.tokenizer.bos_token_id] if base.tokenizer.bos_token_id is not None else []

@@ -13,6 +13,7 @@ from microlora.core.config import (
     COMPANIES,
     COMPANY_WEIGHTS,
     DEFAULT_BASE_DTYPE,
+    STOP_ON,
     SUBJECT_CONTEXTS,
     VIEW_STYLES,
     AskConfig,
@@ -85,7 +86,13 @@ _RECIPE_OPTIONS = [
                  help="Most optimiser steps per atom (atoms that have learned stop earlier)."),
     click.option("--stop-prob", default=_TRAIN.stop_prob, show_default=True,
                  type=click.FloatRange(0, 1, max_open=True),
-                 help="An atom has learned once each of its tokens has this probability."),
+                 help="An atom has learned once each of its deciding tokens (--stop-on) "
+                      "has this probability."),
+    click.option("--stop-on", default=_TRAIN.stop_on, show_default=True,
+                 type=click.Choice(STOP_ON),
+                 help="Which tokens decide that an atom has learned: all it is taught "
+                      "(its sentence and its views' answers), or its question views' answers "
+                      "only (atoms without views: their sentence)."),
     click.option("--lr", default=_TRAIN.lr, show_default=True,
                  type=click.FloatRange(0, min_open=True), help="Adam learning rate."),
     click.option("--neighbours", default=_TRAIN.neighbours, show_default=True,
@@ -172,7 +179,8 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                  distill: float = _TRAIN.distill, company: str = _TRAIN.company,
                  subject_context: str = _TRAIN.subject_context,
                  company_weight: str = _TRAIN.company_weight,
-                 atom_sentences: int = _CHUNK.sentences) -> tuple[TrainConfig, ChunkConfig]:
+                 atom_sentences: int = _CHUNK.sentences,
+                 stop_on: str = _TRAIN.stop_on) -> tuple[TrainConfig, ChunkConfig]:
     """(TrainConfig, ChunkConfig) from the recipe options, with bad values as usage errors."""
     try:
         spec = TargetSpec(modules=tuple(m.strip() for m in modules.split(",") if m.strip()),
@@ -183,7 +191,7 @@ def build_recipe(rank: int, max_steps: int, stop_prob: float, lr: float, neighbo
                             resolve_pronouns=resolve_pronouns, window_views=window_views,
                             distill=distill, company=company,
                             subject_context=subject_context,
-                            company_weight=company_weight),
+                            company_weight=company_weight, stop_on=stop_on),
                 ChunkConfig(max_tokens=max_atom_tokens, sentences=atom_sentences))
     except ValueError as e:
         raise click.BadParameter(str(e)) from e

@@ -21,6 +21,7 @@ HYBRIDS = ("ensemble", "gated", "rerank", "joint")  # composer: how --mode hybri
 WEIGHTINGS = ("uniform", "score", "mean")  # composer.retrieval: each atom's weight in the sum
 COMPANIES = ("random", "nearest")  # compiler.trainer: which batch-mates train beside an atom
 COMPANY_WEIGHTS = ("one", "mean")  # compiler.trainer: each composed atom's weight in training
+STOP_ON = ("targets", "answers")  # compiler.trainer: which tokens decide that an atom has learned
 SUBJECT_CONTEXTS = ("off", "embedding", "lessons")  # compiler.lessons: where a subject goes
 # core.models: how the base model's weights are held (``--base-dtype``). int8 and int4 are
 # weight-only quantized decoder linears (``core.quant``), everything else in bf16.
@@ -112,7 +113,7 @@ class TargetSpec:
 _KEY_SINCE_V1 = {"qa_views": 0, "view_style": "sentence", "resolve_pronouns": False,
                  "window_views": 0, "distill": 0.0, "distill_topk": 16, "distill_window": 160,
                  "company": "random", "subject_context": "off",
-                 "company_weight": "one"}
+                 "company_weight": "one", "stop_on": "targets"}
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,10 @@ class TrainConfig:
         .387 vs .344 / .366 / .398, k=2 .419 vs .333 / .376 / .355) at 54 % of the compile
         time of 25; held out (docs eval) k=1 .302 vs .323, k=4 .213 vs .120, compile 1.6x
         faster (benchmarks/RESULTS.md, "Compile: a 12-step budget").
-    stop_prob: an atom stops when every target token has at least this probability.
+    stop_prob: an atom stops when every deciding token has at least this probability.
+    stop_on: which tokens decide: every "targets" token (its sentence and its question views'
+        answers) or only its question views' "answers" (the sentence still trains; an atom
+        with no views is decided by its sentence).
     neighbours: other atoms' adapters composed beside each atom while it trains.
     company: which batch-mates those are: "random", or the "nearest" by embedding (its
         query-time company; measured worse: an atom leans on them and answers less alone).
@@ -171,6 +175,7 @@ class TrainConfig:
     lr: float = 5e-3
     max_steps: int = 12
     stop_prob: float = 0.5
+    stop_on: str = "targets"
     neighbours: int = 3
     batch_atoms: int = 16
     length_groups: int = 3
@@ -208,6 +213,8 @@ class TrainConfig:
         if self.company_weight not in COMPANY_WEIGHTS:
             raise ValueError(f"--company-weight must be one of {COMPANY_WEIGHTS}, got "
                              f"{self.company_weight!r}")
+        if self.stop_on not in STOP_ON:
+            raise ValueError(f"--stop-on must be one of {STOP_ON}, got {self.stop_on!r}")
         if self.view_style not in VIEW_STYLES:
             raise ValueError(f"--view-style must be one of {VIEW_STYLES}, got "
                              f"{self.view_style!r}")
