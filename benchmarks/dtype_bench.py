@@ -47,7 +47,7 @@ from compiler.pipeline import compile_documents, store_header
 from composer import Composer, Hit
 from composer.generation import encode_prompts, generate
 from composer.prompts import build_prompt
-from microlora.core.config import BASE_DTYPES, TargetSpec, TrainConfig
+from microlora.core.config import WEIGHT_DTYPES, TargetSpec, TrainConfig
 from microlora.core.embedder import load_embedder
 from microlora.core.models import load_base_model
 from microlora.core.targets import select_targets
@@ -79,7 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer trials and atoms")
     ap.add_argument("--out", type=Path, required=True, help="JSON results file")
-    ap.add_argument("--dtypes", default=",".join(BASE_DTYPES),
+    ap.add_argument("--dtypes", default=",".join(WEIGHT_DTYPES),
                     help="comma-separated --base-dtype values to compare (fp32 first: the "
                          "reference)")
     ap.add_argument("--atoms", type=int, help="atoms to compile per dtype [quick 8, else 32; "
@@ -93,8 +93,8 @@ def main() -> None:
                     help="greedy tokens per request")
     args = ap.parse_args()
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    if set(dtypes) - set(BASE_DTYPES) or not dtypes:
-        ap.error(f"--dtypes: choose from {', '.join(BASE_DTYPES)}")
+    if set(dtypes) - set(WEIGHT_DTYPES) or not dtypes:
+        ap.error(f"--dtypes: choose from {', '.join(WEIGHT_DTYPES)}")
     if args.device == "cuda" and "int4" in dtypes:
         dtypes.remove("int4")  # torch's int4 kernel here is the CPU's
     trials = 3 if args.quick else 7

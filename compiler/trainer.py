@@ -46,6 +46,7 @@ from microlora.core.config import TrainConfig
 from microlora.core.kernel import MultiLoraModel
 from microlora.core.kv import new_cache
 from microlora.core.pack import Packed, compose, concat
+from microlora.core.runtime import bf16_is_fast
 from microlora.core.targets import find_blocks
 
 
@@ -65,8 +66,9 @@ class AtomTrainer:
         prefix, _ = find_blocks(model)
         first = min(int(name[len(prefix) + 1:].split(".")[0]) for name in self.lora.layers)
         self.prefix = FrozenPrefix(model, first)
-        self.head = OutputHead.of(model, bf16=config.bf16)
         self.device = next(model.parameters()).device
+        self.bf16 = config.bf16 and bf16_is_fast(self.device)  # else the base's own dtype
+        self.head = OutputHead.of(model, bf16=self.bf16)
 
     def close(self) -> None:
         self.lora.remove()
@@ -339,4 +341,4 @@ class AtomTrainer:
         return SoftTargets(ids, probs)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)

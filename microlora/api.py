@@ -27,8 +27,8 @@ def compile(  # noqa: A001 - mirrors the CLI verb
     """Compile documents (files or directories of .txt, .md, .jsonl) into a store namespace.
 
     ``recipe`` takes ``compiler.trainer.TrainConfig`` fields (rank, lr, max_steps, neighbours,
-    batch_atoms, ...). ``base_dtype``: "fp32", "bf16", "int8" or "int4" (default: the store's,
-    or bf16 for a new store). Returns a
+    batch_atoms, ...). ``base_dtype``: "auto", "fp32", "bf16", "int8" or "int4" (default: the
+    store's, or "auto" for a new store: bf16 where bf16 matmuls are fast, else fp32). Returns a
     ``compiler.pipeline.CompileReport``.
     """
     from compiler.pipeline import compile_corpus

@@ -3,6 +3,7 @@
     python scripts/readme_quickstart.py            # a fresh store; rewrite the README's sample
     python scripts/readme_quickstart.py --cold     # also a fresh cache: the model converts too
     python scripts/readme_quickstart.py --check    # exit 1 when the README and a run disagree
+                                                   # (run in the sample's base dtype)
 
 The README's sample (between the markers below) is this script's output, never typed by hand,
 so it cannot go stale: tests/test_default_model.py runs the check. Times are measured here,
@@ -30,6 +31,7 @@ BEGIN = "<!-- quickstart sample: written by scripts/readme_quickstart.py from a 
 END = "<!-- end of quickstart sample -->"
 SHOWN_HOME = "~/.cache/microlora"  # the cache as the README names it, wherever the run's was
 _SECONDS = re.compile(r"\b\d+(\.\d+)? s\b")
+_DTYPE = re.compile(r"^   base model \S+ in (\w+)$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -42,15 +44,17 @@ class Run:
     load: float | None = None  # the machine's 1-minute load average as the run started
 
 
-def run_quickstart(home: Path) -> Run:
-    """``microlora --home HOME quickstart --fresh`` in a child process, its progress (stderr)
-    passed through; conversion seconds from the converted model's marker when it converted."""
+def run_quickstart(home: Path, base_dtype: str | None = None) -> Run:
+    """``microlora --home HOME quickstart --fresh [--base-dtype D]`` in a child process, its
+    progress (stderr) passed through; conversion seconds from the converted model's marker
+    when it converted."""
     marker = home / "models" / "gemma-3-270m" / "microlora-converted.json"
     converted_before = marker.exists()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     child = subprocess.Popen(
-        [sys.executable, "-m", "microlora", "--home", str(home), "quickstart", "--fresh"],
+        [sys.executable, "-m", "microlora", "--home", str(home), "quickstart", "--fresh",
+         *(["--base-dtype", base_dtype] if base_dtype else [])],
         cwd=ROOT, stdout=subprocess.PIPE, text=True, encoding="utf-8",
         env=os.environ | {"PYTHONPATH": os.pathsep.join(
             filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
@@ -94,6 +98,13 @@ def readme_sample(text: str) -> str:
     return text[start:end + len(END)]
 
 
+def sample_dtype(readme: str | None = None) -> str | None:
+    """The base dtype the README's sample was run in ("base model NAME in fp32"): a check runs
+    the quickstart in it, as the default ("auto") differs between machines."""
+    found = _DTYPE.search(readme_sample(README.read_text() if readme is None else readme))
+    return found.group(1) if found else None
+
+
 def comparable(block: str) -> list[str]:
     """A sample with its measured seconds and timing sentence left out: what must match."""
     block = block[:block.rfind("```")]  # the printed output only, not the times below it
@@ -124,7 +135,8 @@ def main() -> None:
                         help="compare with the README instead of rewriting it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="microlora-cold-") as cold:
-        run = run_quickstart(Path(cold) if args.cold else args.home.expanduser())
+        run = run_quickstart(Path(cold) if args.cold else args.home.expanduser(),
+                             sample_dtype() if args.check else None)
     if args.check:
         diff = disagreement(run)
         print("\n".join(diff) or "README.md matches a fresh run")

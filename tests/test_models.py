@@ -9,7 +9,7 @@ from microlora.core.models import fingerprint_model, load_base_model
 
 
 def test_load_any_local_folder(tmp_path, arch):
-    base = load_base_model(save_tiny(tmp_path / "m", arch))
+    base = load_base_model(save_tiny(tmp_path / "m", arch), dtype="bf16")
     assert base.name == "m" and base.device.type == "cpu" and base.base_dtype == "bf16"
     assert {p.dtype for p in base.model.parameters()} == {torch.bfloat16}
     assert all(not p.requires_grad for p in base.model.parameters())
@@ -70,3 +70,20 @@ def test_interrupted_conversion_leaves_nothing_half_written(monkeypatch):
         ensure_default_model(progress=said.append)
     assert list(default_model_dir().parent.iterdir()) == [running]
     assert len(said) == 1 and said[0].startswith("[1/4") and "assembling" in said[0]
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_default_dtype_is_bf16_only_where_bf16_matmuls_are_fast(tmp_path, monkeypatch, amx):
+    """"auto" (the default): bf16 on a CPU with AMX, fp32 on one without (where torch's bf16
+    matmuls run at half fp32's rate), and the trainer autocasts to bf16 only with AMX."""
+    from compiler.trainer import AtomTrainer
+    from microlora.core.config import TrainConfig
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    base = load_base_model(save_tiny(tmp_path / "m", "gemma"))
+    assert base.base_dtype == ("bf16" if amx else "fp32")
+    assert {p.dtype for p in base.model.parameters()} == {torch.bfloat16 if amx else torch.float32}
+    assert load_base_model(tmp_path / "m", dtype="auto").base_dtype == base.base_dtype
+    with AtomTrainer(base.model, base.tokenizer, TrainConfig(bf16=True)) as trainer:
+        assert trainer.bf16 is amx
+        assert trainer.head.weight.dtype == (torch.bfloat16 if amx else torch.float32)

@@ -166,7 +166,7 @@ def test_quantized_base_logits_are_close_to_fp32(lm, dtype, bound):
 def test_int4_is_refused_off_the_cpu_and_unknown_dtypes_name_the_flag(lm):
     with pytest.raises(ModelLoadError, match="int4 runs on the CPU only"):
         load_base_model(lm, device="cuda", dtype="int4")
-    with pytest.raises(ModelLoadError, match="--base-dtype takes fp32, bf16, int8, int4"):
+    with pytest.raises(ModelLoadError, match="--base-dtype takes auto, fp32, bf16, int8, int4"):
         load_base_model(lm, dtype="int3")
 
 

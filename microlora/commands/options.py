@@ -43,7 +43,8 @@ def base_dtype_option(from_store: bool = True):
                else DEFAULT_BASE_DTYPE)
     return click.option(
         "--base-dtype", type=click.Choice(BASE_DTYPES),
-        help="How the base model's weights are held: fp32, bf16, or int8 / int4 "
+        help="How the base model's weights are held: auto (bf16 where bf16 matmuls are "
+             "the fast ones: a GPU, a CPU with AMX; else fp32), fp32, bf16, or int8 / int4 "
              "weight-only quantized decoder linears (the rest in bf16; int4 on the CPU "
              f"only). A store records int8 and int4 and refuses to mix them [default: "
              f"{default}].")

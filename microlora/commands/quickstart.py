@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from microlora.commands.options import model_options, store_option
+from microlora.commands.options import base_dtype_option, model_options, store_option
 from microlora.commands.words import plural
 from microlora.core.config import AskConfig
 
@@ -34,8 +34,9 @@ def load_questions() -> list[dict]:
 @click.option("-k", "k", default=AskConfig.k, show_default=True, type=click.IntRange(1),
               help="Atoms retrieved per question.")
 @model_options
+@base_dtype_option(from_store=False)
 def quickstart(store_dir: Path | None, fresh: bool, k: int, base_model, embedder,
-               device) -> None:
+               device, base_dtype) -> None:
     """Compile a tiny corpus of invented facts, then answer questions about it three ways,
     side by side: the base model alone (closed book), the retrieved atoms' paragraphs in the
     prompt (passage RAG, ``ask --mode context``), and the retrieved atoms' adapters composed
@@ -43,7 +44,7 @@ def quickstart(store_dir: Path | None, fresh: bool, k: int, base_model, embedder
 
     The base model cannot know these facts, so a right answer in the last column came from
     the composed adapters. Everything is deterministic: the same install prints the same
-    answers on any machine of the same kind.
+    answers on any machine of the same kind (the base dtype it prints among them).
     """
     from tqdm import tqdm
 
@@ -62,10 +63,10 @@ def quickstart(store_dir: Path | None, fresh: bool, k: int, base_model, embedder
         click.echo("Converting the packaged Gemma 3 270M GGUF to safetensors (once, a minute "
                    "or two):", err=True)  # progress on stderr: stdout is the same every run
         ensure_default_model(progress=lambda message: click.echo(f"  {message}", err=True))
-    base = load_base_model(base_model, device=device)
+    base = load_base_model(base_model, device=device, dtype=base_dtype)
     emb = load_embedder(embedder, device=device)
     click.echo(f"1. compile {plural(len(docs), 'document')} ({', '.join(d.name for d in docs)}) "
-               f"-> {store_dir}")
+               f"-> {store_dir}\n   base model {base.name} in {base.base_dtype}")
     with tqdm(total=0, unit="atom", desc="   training") as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total

@@ -25,18 +25,21 @@ STOP_ON = ("targets", "answers")  # compiler.trainer: which tokens decide that a
 SUBJECT_CONTEXTS = ("off", "embedding", "lessons")  # compiler.lessons: where a subject goes
 # core.models: how the base model's weights are held (``--base-dtype``). int8 and int4 are
 # weight-only quantized decoder linears (``core.quant``), everything else in bf16.
-BASE_DTYPES = ("fp32", "bf16", "int8", "int4")
+# "auto" holds the base in bf16 where bf16 matmuls are the fast ones (CUDA, CPUs with AMX;
+# ``core.runtime.bf16_is_fast``), else in fp32. Measured (benchmarks/RESULTS.md, "Quantized
+# base" and "Compile: fp32 where bf16 is slow"): with AMX a bf16 base answers the docs tune
+# split as well as fp32 (EM .344 vs .312) in a third of the time and 64 % of the memory;
+# without AMX bf16 compiles 1.36x slower than fp32 (300 vs 220 s), EM level.
+BASE_DTYPES = ("auto", "fp32", "bf16", "int8", "int4")
+WEIGHT_DTYPES = BASE_DTYPES[1:]  # what "auto" resolves to, or a quantized base
 QUANTIZED_DTYPES = ("int8", "int4")
-# Measured (benchmarks/RESULTS.md "Quantized base"): on 2 CPU cores a bf16 base answers the
-# docs tune split as well as fp32 (EM .344 vs .312) in a third of the time, in 64 % of the
-# memory, with the same greedy tokens; on CUDA bf16 is the native choice. fp32 stays a flag.
-DEFAULT_BASE_DTYPE = "bf16"
+DEFAULT_BASE_DTYPE = "auto"
 
 
 def quantization(base_dtype: str | None) -> str | None:
     """What a store records of a base dtype: "int8" or "int4", or None for a float base
     (fp32 and bf16 are one model to the store, as to its fingerprint: adapters move between
-    them, and compiling autocasts to bf16 either way)."""
+    them, and differ only in rounding)."""
     return base_dtype if base_dtype in QUANTIZED_DTYPES else None
 
 
@@ -149,7 +152,8 @@ class TrainConfig:
     length_groups: a step's rows run as up to this many forwards of rows of similar length,
         each at its own width (``compiler.buckets``: less padding computed; 1 = one padded
         forward). Like batch_atoms it changes speed, not what an atom is: not in its id.
-    bf16: autocast matmuls to bf16 (AMX on CPU, tensor cores on GPU).
+    bf16: autocast matmuls to bf16 where bf16 is the fast path (CUDA; CPUs with AMX:
+        ``core.runtime.bf16_is_fast``); elsewhere the trainer computes in the base's dtype.
     title_context: prefix each atom with its document title (not trained on, only read).
     vocab_candidates: train against a candidate vocabulary, the union of the base model's
         top-N tokens at every target position plus the targets, instead of all 262k tokens

@@ -26,7 +26,7 @@ from microlora.core.config import BASE_DTYPES, DEFAULT_BASE_DTYPE, QUANTIZED_DTY
 from microlora.core.errors import ModelLoadError
 from microlora.core.paths import microlora_home
 from microlora.core.quant import QUANTIZED_BITS, QuantizedLinear, quantize_linears
-from microlora.core.runtime import bound_kernel_cache
+from microlora.core.runtime import bf16_is_fast, bound_kernel_cache
 from microlora.core.targets import find_blocks, is_linear
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,16 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """``None`` means ``DEFAULT_BASE_DTYPE`` (bf16) on every device; pass "fp32" for exact
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``None`` means ``DEFAULT_BASE_DTYPE``; "auto" is bf16 where bf16 matmuls are the fast
+    ones on ``device`` (``core.runtime.bf16_is_fast``), else fp32. Pass "fp32" for exact
     reference numerics."""
     if dtype is None:
         dtype = DEFAULT_BASE_DTYPE
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
@@ -251,7 +254,8 @@ def load_base_model(
     """Load a frozen causal LM from a local Hugging Face folder (default: packaged Gemma 3 270M).
 
     ``dtype`` (``--base-dtype``): "fp32", "bf16" (or a torch dtype), or "int8" / "int4" for
-    a weight-only quantized base (``quantize_base``); None: ``DEFAULT_BASE_DTYPE`` (bf16).
+    a weight-only quantized base (``quantize_base``); None or "auto": bf16 where bf16 is
+    the fast path on ``device``, else fp32 (``resolve_dtype``).
     The fingerprint is taken before quantizing: it names the checkpoint, whatever the dtype
     (a store records the quantization beside it: ``store.StoreHeader.base_dtype``).
     Nothing is downloaded: a path that is not a local model folder is an error.
@@ -274,7 +278,7 @@ def load_base_model(
     if quantized == "int4" and dev.type != "cpu":
         raise ModelLoadError(f"--base-dtype int4 runs on the CPU only (torch's int4 kernel "
                              f"there); on {dev.type} use int8 or bf16")
-    torch_dtype = torch.float32 if quantized else resolve_dtype(dtype)  # quantize fp32
+    torch_dtype = torch.float32 if quantized else resolve_dtype(dtype, dev)  # quantize fp32
     try:
         tokenizer = (load_default_tokenizer(folder) if path is None
                      else AutoTokenizer.from_pretrained(folder, local_files_only=True))
