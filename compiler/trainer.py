@@ -46,7 +46,6 @@ from microlora.core.config import TrainConfig
 from microlora.core.kernel import MultiLoraModel
 from microlora.core.kv import new_cache
 from microlora.core.pack import Packed, compose, concat
-from microlora.core.runtime import bf16_is_fast
 from microlora.core.targets import find_blocks
 
 
@@ -67,7 +66,8 @@ class AtomTrainer:
         first = min(int(name[len(prefix) + 1:].split(".")[0]) for name in self.lora.layers)
         self.prefix = FrozenPrefix(model, first)
         self.device = next(model.parameters()).device
-        self.bf16 = config.bf16 and bf16_is_fast(self.device)  # else the base's own dtype
+        # an fp32 base trains in fp32 (``--base-dtype auto`` holds it so where bf16 is slow)
+        self.bf16 = config.bf16 and model.get_output_embeddings().weight.dtype != torch.float32
         self.head = OutputHead.of(model, bf16=self.bf16)
 
     def close(self) -> None:

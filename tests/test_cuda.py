@@ -86,10 +86,11 @@ def test_trainer_loss_falls_and_batched_equals_alone(base):
                                    rtol=1e-3)
 
 
-def test_the_default_recipe_trains_in_bf16(base):
-    """bf16 autocast, batch neighbours, stored neighbours, question views and the
-    distilling teacher, together: every atom's loss falls, and its adapter comes back in
-    the store's form (fp32, on the CPU)."""
+def test_the_default_recipe_trains_in_bf16(device, tmp_path):
+    """bf16 autocast (a bf16 base: what "auto" holds on a GPU), batch neighbours, stored
+    neighbours, question views and the distilling teacher, together: every atom's loss falls,
+    and its adapter comes back in the store's form (fp32, on the CPU)."""
+    base = load_base_model(save_tiny(tmp_path / "tiny", "gemma"), device=device, dtype="bf16")
     cfg = config(bf16=True, neighbours=2, distill=0.5, max_steps=15, stop_prob=0.99)
     views = [[("w10 w11", " w5")], [], [("w13", " w1 w2")], []]
     windows = ["w20 w21 w22", "w30 w31", "w40 w41", "w50"]

@@ -75,7 +75,8 @@ def test_interrupted_conversion_leaves_nothing_half_written(monkeypatch):
 @pytest.mark.parametrize("amx", [True, False])
 def test_the_default_dtype_is_bf16_only_where_bf16_matmuls_are_fast(tmp_path, monkeypatch, amx):
     """"auto" (the default): bf16 on a CPU with AMX, fp32 on one without (where torch's bf16
-    matmuls run at half fp32's rate), and the trainer autocasts to bf16 only with AMX."""
+    matmuls run at half fp32's rate); the trainer autocasts to bf16 on a bf16 base only, so
+    an fp32 base (chosen or "auto") trains in fp32."""
     from compiler.trainer import AtomTrainer
     from microlora.core.config import TrainConfig
 
@@ -87,3 +88,6 @@ def test_the_default_dtype_is_bf16_only_where_bf16_matmuls_are_fast(tmp_path, mo
     with AtomTrainer(base.model, base.tokenizer, TrainConfig(bf16=True)) as trainer:
         assert trainer.bf16 is amx
         assert trainer.head.weight.dtype == (torch.bfloat16 if amx else torch.float32)
+    fp32 = load_base_model(tmp_path / "m", dtype="fp32")
+    with AtomTrainer(fp32.model, fp32.tokenizer, TrainConfig(bf16=True)) as trainer:
+        assert not trainer.bf16  # whatever the CPU

@@ -152,8 +152,9 @@ class TrainConfig:
     length_groups: a step's rows run as up to this many forwards of rows of similar length,
         each at its own width (``compiler.buckets``: less padding computed; 1 = one padded
         forward). Like batch_atoms it changes speed, not what an atom is: not in its id.
-    bf16: autocast matmuls to bf16 where bf16 is the fast path (CUDA; CPUs with AMX:
-        ``core.runtime.bf16_is_fast``); elsewhere the trainer computes in the base's dtype.
+    bf16: autocast matmuls to bf16 on a base held in bf16 (or int8/int4, the rest in bf16):
+        what ``--base-dtype auto`` holds where bf16 matmuls are fast (CUDA, CPUs with AMX).
+        An fp32 base trains in fp32, the fast path on other CPUs and exact everywhere.
     title_context: prefix each atom with its document title (not trained on, only read).
     vocab_candidates: train against a candidate vocabulary, the union of the base model's
         top-N tokens at every target position plus the targets, instead of all 262k tokens
