@@ -138,7 +138,9 @@ class TrainConfig:
     stop_prob: an atom stops when every deciding token has at least this probability.
     stop_on: which tokens decide: every "targets" token (its sentence and its question views'
         answers) or only its question views' "answers" (the sentence still trains; an atom
-        with no views is decided by its sentence).
+        with no views is decided by its sentence). "answers" stopped atoms 17 % sooner but
+        answered 4 questions of 93 fewer on the docs tune split (benchmarks/RESULTS.md,
+        "Compile: fp32 where bf16 is slow"): not the default.
     neighbours: other atoms' adapters composed beside each atom while it trains.
     company: which batch-mates those are: "random", or the "nearest" by embedding (its
         query-time company; measured worse: an atom leans on them and answers less alone).
