@@ -18,8 +18,10 @@ the loss from HF's full logits; one atom after another.
 Both are scored the same way, fp32 with the full-vocabulary cross-entropy over each atom's
 target tokens (all its rows): ``mean_final_loss`` with the adapters of the ``neighbours``
 atoms after it composed beside it (as at query time with k > 1), ``alone_mean_loss`` alone
-(k = 1). The floor: an atom's rows times its mean steps times ~2 GFLOP per 10 tokens through
-the adapted blocks (forward and backward), at the bf16 rate this CPU reaches (``floor_*``).
+(k = 1). The floor: an atom's tokens times its mean steps times 4 FLOP per adapted-block weight
+(forward 2, backward 2: the frozen weights get no gradient), plus one forward for the
+candidate vocabulary, at the matmul rate this device reaches in the dtype the base computes
+in (``floor_*``, ``matmul_gflops``, ``compute_dtype``).
 
 ``--profile``: the same compile of ours alone under cProfile, its time split into phases
 (``phases``: training forward and backward, loss, scoring, teacher, candidate vocabulary,
@@ -190,9 +192,9 @@ def final_losses(base, texts: list[str], adapters: list[Packed], config: TrainCo
         lora.remove()
 
 
-def bf16_gflops(device: torch.device, n: int = 2048) -> float:
-    """The bf16 matmul rate of the device (GFLOP/s), for the compute floor."""
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    """The device's matmul rate in ``dtype`` (GFLOP/s), for the compute floor."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
     a @ a
     synchronize(device)
     t0 = time.perf_counter()
@@ -226,13 +228,14 @@ def side_by_side(args) -> dict:
              for name, adapters in (("ours", ours), ("naive", naive))}
     tokens = [int(labelled(base.tokenizer, rows_of(t, config), base.device)[1].sum())
               for t in texts]
-    # a token through the adapted blocks costs ~6 FLOP per weight (forward 2, backward 4),
-    # at every step, plus a forward for the candidate vocabulary
+    # a token through the adapted blocks costs ~4 FLOP per weight (forward 2, backward 2: the
+    # input's gradient only), at every step, plus a forward for the candidate vocabulary
     first = min(int(name.split(".")[2]) for name in select_targets(base.model, config.targets))
     _, blocks = find_blocks(base.model)
     weights = sum(p.numel() for block in blocks[first:] for p in block.parameters())
-    flops = sum(tokens) * (6 * report.atom_steps / len(texts) + 2) * weights
-    rate = bf16_gflops(base.device, 8192 if base.device.type == "cuda" else 2048)
+    flops = sum(tokens) * (4 * report.atom_steps / len(texts) + 2) * weights
+    dtype = next(base.model.parameters()).dtype  # bf16 autocast on a bf16 base, else fp32
+    rate = matmul_gflops(base.device, dtype, 8192 if base.device.type == "cuda" else 2048)
     n = len(texts)
     return {
         "atoms": n, "tokens_per_atom": sum(tokens) / n, "rows_per_atom": sum(
@@ -247,7 +250,7 @@ def side_by_side(args) -> dict:
         "mean_steps": report.atom_steps / n, "naive_mean_steps": steps_naive / n,
         "atom_steps_per_s": report.atom_steps / t_ours,
         "naive_atom_steps_per_s": steps_naive / t_naive, "composed_with": company,
-        "bf16_gflops": rate, "adapted_block_weights": weights,
+        "matmul_gflops": rate, "compute_dtype": str(dtype), "adapted_block_weights": weights,
         "floor_atoms_per_s": rate * 1e9 / (flops / n),
         "config": {k: str(v) for k, v in vars(config).items()},
         "machine": torch_machine(base.model),

@@ -22,5 +22,5 @@ if __name__ == "__main__":
     print(torch.__version__, "threads", torch.get_num_threads(), "AMX", amx)
     for shape in [(646, 640, 2048), (646, 2048, 640), (1508, 640, 2048), (2048, 2048, 2048),
                   (64, 640, 262144)]:
-        print(shape, "bf16 %.0f  fp32 %.0f" % (rate(*shape, torch.bfloat16),
-                                               rate(*shape, torch.float32)))
+        print(shape, f"bf16 {rate(*shape, torch.bfloat16):.0f}  "
+                     f"fp32 {rate(*shape, torch.float32):.0f}")
