@@ -36,6 +36,20 @@ def test_help_teaches():
     assert "verify" in run("store", "--help").output
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_doctor_says_which_dtype_auto_holds_the_base_in(tiny_models, monkeypatch, amx):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    lm, embedder = tiny_models
+    result = run("doctor", "--base-model", lm, "--embedder", embedder)
+    assert result.exit_code == 0, result.output
+    held = "bf16" if amx else "fp32"
+    assert f"dtype torch.{'bfloat16' if amx else 'float32'}" in result.output
+    assert f"bf16 matmuls {'fast' if amx else 'slow'} here" in result.output
+    assert f"auto holds the base in {held}" in result.output
+
+
 def test_ls_and_stats(store_dir):
     result = run("store", "ls", "--store", store_dir)
     assert result.exit_code == 0
