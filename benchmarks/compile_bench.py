@@ -234,7 +234,7 @@ def side_by_side(args) -> dict:
     _, blocks = find_blocks(base.model)
     weights = sum(p.numel() for block in blocks[first:] for p in block.parameters())
     flops = sum(tokens) * (4 * report.atom_steps / len(texts) + 2) * weights
-    dtype = next(base.model.parameters()).dtype  # bf16 autocast on a bf16 base, else fp32
+    dtype = base.dtype  # what the trainer computes in: bf16 on a bf16 base, else fp32
     rate = matmul_gflops(base.device, dtype, 8192 if base.device.type == "cuda" else 2048)
     n = len(texts)
     return {

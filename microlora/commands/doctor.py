@@ -45,9 +45,9 @@ def doctor(base_model: str | None, embedder: str | None, device: str | None,
     per_rank = sum(i + o for i, o in shapes.values())
     click.echo(f"torch {torch.__version__}, device {base.device}, dtype {base.dtype}"
                + (f", decoder linears {base.quantization}" if base.quantization else "")
-               + f"; bf16 matmuls {'fast' if bf16_is_fast(base.device) else 'slow'} here "
-                 f"(--base-dtype auto holds the base in "
-                 f"{'bf16' if bf16_is_fast(base.device) else 'fp32'})")
+               + ("; bf16 matmuls fast here (--base-dtype auto holds the base in bf16)"
+                  if bf16_is_fast(base.device) else
+                  "; bf16 matmuls slow here (--base-dtype auto holds the base in fp32)"))
     click.echo(f"base model  {base.name}: {base.num_parameters / 1e6:.1f}M parameters, "
                f"{base.weight_bytes / 2**20:.0f} MiB in memory, "
                f"{dir_bytes(base.path) / 2**20:.0f} MiB on disk at {base.path}")
