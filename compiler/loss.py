@@ -109,7 +109,9 @@ class CandidateVocab:
         top = torch.cat([(h[i:i + LOSS_CHUNK_ROWS].to(weight.dtype) @ weight.T).topk(n).indices
                          for i in range(0, len(h), LOSS_CHUNK_ROWS)])
         ids = torch.unique(torch.cat([top.reshape(-1), labels]))
-        return cls(ids, weight[ids])
+        # in the dtype the states come in: an fp32 base may hold its output layer in bf16
+        # (``core.models.hold_vocabulary_in_bf16``), and its training steps stay fp32
+        return cls(ids, weight[ids].to(h.dtype))
 
     def cross_entropy(self, h: Tensor, labels: Tensor, softcap: float | None,
                       soft: SoftTargets | None = None) -> tuple[Tensor, Tensor]:

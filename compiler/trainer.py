@@ -46,7 +46,7 @@ from microlora.core.config import TrainConfig
 from microlora.core.kernel import MultiLoraModel
 from microlora.core.kv import new_cache
 from microlora.core.pack import Packed, compose, concat
-from microlora.core.targets import find_blocks
+from microlora.core.targets import blocks_dtype, find_blocks
 
 
 @dataclass
@@ -67,7 +67,7 @@ class AtomTrainer:
         self.prefix = FrozenPrefix(model, first)
         self.device = next(model.parameters()).device
         # an fp32 base trains in fp32 (``--base-dtype auto`` holds it so where bf16 is slow)
-        self.bf16 = config.bf16 and model.get_output_embeddings().weight.dtype != torch.float32
+        self.bf16 = config.bf16 and blocks_dtype(model) != torch.float32
         self.head = OutputHead.of(model, bf16=self.bf16)
 
     def close(self) -> None:

@@ -91,3 +91,35 @@ def test_the_default_dtype_is_bf16_only_where_bf16_matmuls_are_fast(tmp_path, mo
     fp32 = load_base_model(tmp_path / "m", dtype="fp32")
     with AtomTrainer(fp32.model, fp32.tokenizer, TrainConfig(bf16=True)) as trainer:
         assert not trainer.bf16  # whatever the CPU
+
+
+def test_an_fp32_base_holds_a_large_vocabulary_in_bf16(tmp_path, monkeypatch, arch):
+    """The token embedding and output layer (tied or not) of an fp32 base go to bf16 from
+    ``BF16_VOCABULARY_MIN_VALUES`` on (Gemma 3 270M's: 63 % of its weights); the blocks stay
+    fp32, so the model still computes, trains and reports itself in fp32, and its logits are
+    fp32 and those of the fp32 model up to bf16 rounding."""
+    from compiler.trainer import AtomTrainer
+    from microlora.core import models
+    from microlora.core.config import TrainConfig
+
+    folder = save_tiny(tmp_path / "m", arch)
+    plain = load_base_model(folder, dtype="fp32")  # a small vocabulary stays fp32
+    assert {p.dtype for p in plain.model.parameters()} == {torch.float32}
+    monkeypatch.setattr(models, "BF16_VOCABULARY_MIN_VALUES", 0)
+    base = load_base_model(folder, dtype="fp32")
+    embedding, output = base.model.get_input_embeddings(), base.model.get_output_embeddings()
+    assert embedding.weight.dtype == output.weight.dtype == torch.bfloat16
+    blocks = [p for name, p in base.model.named_parameters()
+              if p is not embedding.weight and p is not output.weight and "wpe" not in name]
+    assert {p.dtype for p in blocks} == {torch.float32}
+    assert base.dtype == torch.float32 and base.base_dtype == "fp32"
+    assert base.weight_bytes < plain.weight_bytes
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    got, want = base.model(input_ids=ids).logits, plain.model(input_ids=ids).logits
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.8
+    with AtomTrainer(base.model, base.tokenizer, TrainConfig(bf16=True, max_steps=4)) as trainer:
+        assert not trainer.bf16
+        (atom,) = trainer.train(["w1 w2 w3 w4"], ["k"])
+    assert atom.adapter.flat.dtype == torch.float32 and atom.final_loss < 10

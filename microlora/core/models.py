@@ -26,8 +26,8 @@ from microlora.core.config import BASE_DTYPES, DEFAULT_BASE_DTYPE, QUANTIZED_DTY
 from microlora.core.errors import ModelLoadError
 from microlora.core.paths import microlora_home
 from microlora.core.quant import QUANTIZED_BITS, QuantizedLinear, quantize_linears
-from microlora.core.runtime import bf16_is_fast, bound_kernel_cache
-from microlora.core.targets import find_blocks, is_linear
+from microlora.core.runtime import bf16_is_fast, bound_kernel_cache, release_file_pages
+from microlora.core.targets import blocks_dtype, find_blocks, is_linear
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ class BaseModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The float dtype it computes in (an int8 or int4 base: its bf16 parts')."""
-        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        """The float dtype its decoder blocks compute in (an int8 or int4 base: its bf16
+        parts'; an fp32 base may hold its vocabulary in bf16: ``hold_vocabulary_in_bf16``)."""
+        return blocks_dtype(self.model)
 
     @property
     def quantization(self) -> str | None:
@@ -84,6 +85,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
+
+# An fp32 base holds its token embedding and output layer in bf16 from this many values on
+# (``hold_vocabulary_in_bf16``): Gemma 3 270M's 262k x 640 = 168 M; a small test model's stay.
+BF16_VOCABULARY_MIN_VALUES = 1 << 24
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -219,6 +224,34 @@ def load_default_tokenizer(folder: Path):
     return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
 
 
+def hold_vocabulary_in_bf16(model: nn.Module, min_values: int | None = None) -> bool:
+    """Hold a large token embedding and output layer (tied or not) in bf16 while the decoder
+    blocks stay in their dtype; returns whether it did (not below ``min_values`` values:
+    ``BF16_VOCABULARY_MIN_VALUES`` by default).
+
+    For Gemma 3 270M the 262k-token vocabulary is 63 % of the weights, so an fp32 base
+    (``--base-dtype auto`` where bf16 matmuls are slow) spends 336 MB more memory on a table
+    lookup and one last matmul than a bf16 one, and most of a compile's peak above it
+    (benchmarks/RESULTS.md, "Compile: the vocabulary in bf16"). Hooks keep the dtypes apart:
+    the embedding's output is cast to the blocks' dtype, the output layer's input to bf16 and
+    its logits back (the soft cap and everything after run as before)."""
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    least = BF16_VOCABULARY_MIN_VALUES if min_values is None else min_values
+    if embedding is None or embedding.weight.numel() < least:
+        return False
+    compute = blocks_dtype(model)
+    for layer in (embedding, output):  # a tied output layer shares the converted parameter
+        if layer is not None and layer.weight.dtype != torch.bfloat16:
+            was = layer.weight.data_ptr(), layer.weight.numel() * layer.weight.element_size()
+            layer.to(torch.bfloat16)
+            release_file_pages(*was)  # the old weight's pages, if the checkpoint was mapped
+    embedding.register_forward_hook(lambda _m, _args, out: out.to(compute))
+    if output is not None:
+        output.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
+        output.register_forward_hook(lambda _m, _args, out: out.to(compute))
+    return True
+
+
 def quantize_base(model: nn.Module, base_dtype: str) -> None:
     """Weight-only quantize every linear of the decoder blocks to ``base_dtype`` ("int8" or
     "int4", ``core.quant``) and hold the rest (embeddings, the output layer, often tied to
@@ -291,5 +324,7 @@ def load_base_model(
     if quantized:
         quantize_base(model, quantized)
     model.to(dev).eval().requires_grad_(False)
+    if torch_dtype == torch.float32 and not quantized:
+        hold_vocabulary_in_bf16(model)
     return BaseModel(model, tokenizer, fingerprint, name, folder,
                      quantized or _DTYPE_NAMES.get(torch_dtype, str(torch_dtype)))

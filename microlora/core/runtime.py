@@ -12,7 +12,11 @@ holds for every command.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -43,4 +47,37 @@ def bf16_is_fast(device: torch.device) -> bool:
     if device.type == "cpu":
         amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own CPU probe
         return bool(amx is not None and amx())
+    return False
+
+
+_MADV_DONTNEED = 4  # Linux's value
+
+
+def release_file_pages(address: int, nbytes: int) -> bool:
+    """Drop this process's resident pages of ``[address, address + nbytes)`` when the range
+    lies in a private mapping of a file: a tensor of a memory-mapped checkpoint, converted
+    to another dtype and no longer used. transformers maps the whole checkpoint, so those pages
+    stay resident until every tensor of the file is gone; for Gemma 3 270M's fp32 vocabulary
+    that is 671 MB (``core.models.hold_vocabulary_in_bf16``). Reading the range again would
+    fault the file's bytes back in, so this changes no value that a live tensor sees; memory
+    that is not a file's (an anonymous copy, already freed and perhaps reused) is left alone.
+    Linux only; returns whether pages were dropped."""
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + nbytes) // page * page
+    if not sys.platform.startswith("linux") or end <= start:
+        return False
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    for line in maps:  # "lo-hi perms offset dev inode [path]"
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= start and end <= hi:
+            file_backed = len(fields) == 6 and fields[5].startswith("/") and fields[4] != "0"
+            if not (file_backed and fields[1].endswith("p")):
+                return False
+            libc = ctypes.CDLL(None, use_errno=True)
+            return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                _MADV_DONTNEED) == 0
     return False

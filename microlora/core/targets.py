@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
 from microlora.core.config import TargetSpec
@@ -42,6 +43,14 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         raise TargetError(f"{type(model).__name__} has no list of decoder blocks to adapt")
     exact = [(name, m) for name, m in lists if len(m) == n_layers]
     return max(exact or lists, key=lambda nm: len(nm[1]))
+
+
+def blocks_dtype(model: nn.Module) -> torch.dtype:
+    """The float dtype the decoder blocks compute in: what adapters train and compose in.
+    The token embedding and output layer may be held in another
+    (``core.models.hold_vocabulary_in_bf16``), so the first parameter does not say."""
+    _, blocks = find_blocks(model)
+    return next(p.dtype for p in blocks.parameters() if p.is_floating_point())
 
 
 def select_targets(model: nn.Module, spec: TargetSpec) -> dict[str, nn.Module]:
