@@ -44,7 +44,8 @@ def base_dtype_option(from_store: bool = True):
     return click.option(
         "--base-dtype", type=click.Choice(BASE_DTYPES),
         help="How the base model's weights are held: auto (bf16 where bf16 matmuls are "
-             "the fast ones: a GPU, a CPU with AMX; else fp32), fp32, bf16, or int8 / int4 "
+             "the fast ones: a GPU, a CPU with AMX; else fp32), fp32 (the decoder blocks; a "
+             "large vocabulary's embedding and output layer in bf16), bf16, or int8 / int4 "
              "weight-only quantized decoder linears (the rest in bf16; int4 on the CPU "
              f"only). A store records int8 and int4 and refuses to mix them [default: "
              f"{default}].")

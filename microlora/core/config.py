@@ -29,7 +29,8 @@ SUBJECT_CONTEXTS = ("off", "embedding", "lessons")  # compiler.lessons: where a 
 # ``core.runtime.bf16_is_fast``), else in fp32. Measured (benchmarks/RESULTS.md, "Quantized
 # base" and "Compile: fp32 where bf16 is slow"): with AMX a bf16 base answers the docs tune
 # split as well as fp32 (EM .344 vs .312) in a third of the time and 64 % of the memory;
-# without AMX bf16 compiles 1.36x slower than fp32 (300 vs 220 s), EM level.
+# without AMX bf16 compiles 1.36x slower than fp32 (300 vs 220 s), EM level. An fp32 base
+# holds a large vocabulary (embedding, output layer) in bf16 (``hold_vocabulary_in_bf16``).
 BASE_DTYPES = ("auto", "fp32", "bf16", "int8", "int4")
 WEIGHT_DTYPES = BASE_DTYPES[1:]  # what "auto" resolves to, or a quantized base
 QUANTIZED_DTYPES = ("int8", "int4")

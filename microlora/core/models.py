@@ -242,9 +242,12 @@ def hold_vocabulary_in_bf16(model: nn.Module, min_values: int | None = None) -> 
     compute = blocks_dtype(model)
     for layer in (embedding, output):  # a tied output layer shares the converted parameter
         if layer is not None and layer.weight.dtype != torch.bfloat16:
-            was = layer.weight.data_ptr(), layer.weight.numel() * layer.weight.element_size()
+            w = layer.weight
+            address, nbytes, on_cpu = w.data_ptr(), w.numel() * w.element_size(), w.is_cpu
+            del w
             layer.to(torch.bfloat16)
-            release_file_pages(*was)  # the old weight's pages, if the checkpoint was mapped
+            if on_cpu:  # the old weight's pages, if the checkpoint was mapped
+                release_file_pages(address, nbytes)
     embedding.register_forward_hook(lambda _m, _args, out: out.to(compute))
     if output is not None:
         output.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
@@ -323,8 +326,8 @@ def load_base_model(
     fingerprint = fingerprint_model(model)  # of the checkpoint, before any rounding
     if quantized:
         quantize_base(model, quantized)
+    elif torch_dtype == torch.float32:
+        hold_vocabulary_in_bf16(model)  # on the CPU, where the checkpoint is mapped
     model.to(dev).eval().requires_grad_(False)
-    if torch_dtype == torch.float32 and not quantized:
-        hold_vocabulary_in_bf16(model)
     return BaseModel(model, tokenizer, fingerprint, name, folder,
                      quantized or _DTYPE_NAMES.get(torch_dtype, str(torch_dtype)))
