@@ -40,7 +40,7 @@ from microlora.core.config import ChunkConfig, TargetSpec, TrainConfig
 from microlora.core.models import default_model_dir, ensure_default_model
 from microlora.core.pack import Packed, compose
 from microlora.core.paths import dir_bytes
-from microlora.core.targets import select_targets
+from microlora.core.targets import blocks_dtype, select_targets
 from store import AdapterStore, AtomRecord, StoreHeader
 from store.peft import write_peft
 
@@ -128,7 +128,7 @@ def torch_machine(model=None) -> str:
     param = next(model.parameters()) if model is not None else torch.empty(0)
     where = torch.cuda.get_device_name(param.device) if param.device.type == "cuda" else \
         f"{torch.get_num_threads()} torch threads"
-    dtype = f", {param.dtype}" if model is not None else ""
+    dtype = f", {blocks_dtype(model)}" if model is not None else ""  # the vocabulary's may differ
     return f"{platform.machine()}, {where}, torch {torch.__version__}{dtype}"
 
 
