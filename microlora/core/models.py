@@ -224,10 +224,10 @@ def load_default_tokenizer(folder: Path):
     return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), **special)
 
 
-def hold_vocabulary_in_bf16(model: nn.Module, min_values: int | None = None) -> bool:
+def hold_vocabulary_in_bf16(model: nn.Module) -> bool:
     """Hold a large token embedding and output layer (tied or not) in bf16 while the decoder
-    blocks stay in their dtype; returns whether it did (not below ``min_values`` values:
-    ``BF16_VOCABULARY_MIN_VALUES`` by default).
+    blocks stay in their dtype; returns whether it did (not below
+    ``BF16_VOCABULARY_MIN_VALUES`` values).
 
     For Gemma 3 270M the 262k-token vocabulary is 63 % of the weights, so an fp32 base
     (``--base-dtype auto`` where bf16 matmuls are slow) spends 336 MB more memory on a table
@@ -236,15 +236,13 @@ def hold_vocabulary_in_bf16(model: nn.Module, min_values: int | None = None) -> 
     the embedding's output is cast to the blocks' dtype, the output layer's input to bf16 and
     its logits back (the soft cap and everything after run as before)."""
     embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
-    least = BF16_VOCABULARY_MIN_VALUES if min_values is None else min_values
-    if embedding is None or embedding.weight.numel() < least:
+    if embedding is None or embedding.weight.numel() < BF16_VOCABULARY_MIN_VALUES:
         return False
     compute = blocks_dtype(model)
     for layer in (embedding, output):  # a tied output layer shares the converted parameter
         if layer is not None and layer.weight.dtype != torch.bfloat16:
-            w = layer.weight
-            address, nbytes, on_cpu = w.data_ptr(), w.numel() * w.element_size(), w.is_cpu
-            del w
+            address, nbytes = layer.weight.data_ptr(), layer.weight.nbytes
+            on_cpu = layer.weight.is_cpu
             layer.to(torch.bfloat16)
             if on_cpu:  # the old weight's pages, if the checkpoint was mapped
                 release_file_pages(address, nbytes)
