@@ -198,13 +198,16 @@ class AdapterStore(Identity, DocumentManifests, IndexCache, JobTable, Maintenanc
         with self._txn(db=self._meta) as txn:
             known = txn.get(b"ns:" + namespace.encode()) is not None
         if not known:
-            have = ", ".join(self.namespaces()) or "none"
-            raise UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r} "
-                                        f"(it has: {have})", namespace=namespace)
+            raise self._unknown(namespace)
         if namespace not in self._dbs:
             with damage_explained(self.path):
                 self._dbs[namespace] = self._open_db(namespace, create=False)
         return self._dbs[namespace]
+
+    def _unknown(self, namespace: str) -> UnknownNamespaceError:
+        have = ", ".join(self.namespaces()) or "none"
+        return UnknownNamespaceError(f"store {self.path} has no namespace {namespace!r} "
+                                     f"(it has: {have})", namespace=namespace)
 
     def _open_db(self, namespace: str, **kwargs):
         """LMDB's handle of a namespace's database; a clear error past ``max_namespaces``."""
@@ -365,8 +368,12 @@ class AdapterStore(Identity, DocumentManifests, IndexCache, JobTable, Maintenanc
     def read(self, namespace: str) -> Iterator[Reader]:
         """A read transaction: ``reader.get(id)`` returns zero-copy views into the memory map
         (int8 adapters: dequantized copies), valid until the ``with`` block ends."""
-        db = self._db(namespace)
+        # a handle is opened before the transaction that uses it; once it is, whether the
+        # namespace still exists is asked inside that transaction (a fetch opens one, not two)
+        db = self._dbs.get(namespace) or self._db(namespace)
         with self._txn(db=db, buffers=True) as txn:
+            if txn.get(b"ns:" + namespace.encode(), db=self._meta) is None:
+                raise self._unknown(namespace)
             checked, new = self._checked.of(namespace, generation_in(txn, self._meta, namespace),
                                             txn.id())
             if new:  # the first read of this generation: check the rest in the background

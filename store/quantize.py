@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -82,16 +81,15 @@ def _chunks(layout: PackLayout) -> tuple[int, Tensor]:
 def dequantize(q: Tensor, scales: Tensor, layout: PackLayout) -> Packed:
     """The float32 adapter ``scales * q``; ``q`` and ``scales`` may be read-only views of a
     memory map."""
-    return Packed(dequantize_many([q], [scales], layout)[0], layout)
+    return Packed(dequantize_many(q[None], scales[None], layout)[0], layout)
 
 
-def dequantize_many(qs: Sequence[Tensor], scales: Sequence[Tensor], layout: PackLayout
-                    ) -> Tensor:
-    """The float32 adapters ``scales[i] * qs[i]`` as the rows of one (k, size) block: one
-    converting stack and one multiply for all k, since a fetch pays per torch call (a few
-    microseconds each) more than per value."""
+def dequantize_many(q: Tensor, scales: Tensor, layout: PackLayout) -> Tensor:
+    """The float32 adapters ``scales[i] * q[i]`` of the rows of ``q`` (k, size) and ``scales``
+    (k, rows) as the rows of one (k, size) block: one conversion and one multiply for all k,
+    since a fetch pays per torch call (a few microseconds each) more than per value."""
     width, rows_of = _chunks(layout)
-    flat = torch.stack(list(qs), out=torch.empty(len(qs), layout.size, dtype=torch.float32))
-    per_chunk = torch.stack(list(scales)).float()[:, rows_of]  # (k, chunks)
-    flat.view(len(qs), -1, width).mul_(per_chunk.unsqueeze(2))
+    flat = q.to(torch.float32)
+    per_chunk = scales.float()[:, rows_of]  # (k, chunks)
+    flat.view(len(q), -1, width).mul_(per_chunk.unsqueeze(2))
     return flat

@@ -58,7 +58,7 @@ class Reader:
         dequantized, and nothing of the map is kept alive. A view would pin its record's
         decoding objects, ~12 KB an atom (20 GB for a million)."""
         for atom_id, parsed in self._parsed_all(on_corrupt):
-            yield atom_id, parsed.embedding.numpy().copy()
+            yield atom_id, parsed.embedding.copy()
 
     def _parsed_all(self, on_corrupt: Callable[[CorruptAtomError], None] | None
                     ) -> Iterator[tuple[str, rec.Parsed]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import struct
 import warnings
 from collections.abc import Sequence
@@ -44,7 +45,12 @@ _PREFIX = struct.Struct("<4sI16s")  # magic, record version, checksum: 24 bytes 
 EMBEDDING_KEY = "microlora.embedding"
 ADAPTER_KEY = "microlora.adapter"
 SCALES_KEY = "microlora.scales"
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8}
+# How a record's tensors are read: as numpy views of the value (a numpy view costs a fifth of a
+# torch one, and a fetch makes 24), bf16 as its raw 16 bits, which numpy has no type for;
+# ``_torch`` gives the torch view of an array stored as ``dtype``.
+_ARRAYS = {"BF16": np.dtype("<i2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
+           "I8": np.dtype("i1")}
+_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8}
 _FLOATS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _REQUIRED = ("id", "text", "base_fingerprint", "source", "start", "end", "config")
 
@@ -161,7 +167,7 @@ def _serialise(record: AtomRecord, adapter: dict[str, torch.Tensor], name: str) 
 
 def stored_dtype(value: bytes | memoryview) -> str:
     """How a record's adapter is stored ("int8", "bf16" or "fp16"), from its header alone."""
-    return storage(_parse(value)[1][ADAPTER_KEY].dtype)
+    return storage(_TORCH[_parse(value)[1][ADAPTER_KEY][1]])
 
 
 def verify(value: bytes | memoryview) -> str | None:
@@ -187,15 +193,16 @@ def decode(value: bytes | memoryview, *, copy: bool = True) -> AtomRecord:
 
 @dataclass(frozen=True)
 class Parsed:
-    """A record's fields read and checked, its tensors still views into the value: what
+    """A record's fields read and checked, its arrays still numpy views into the value: what
     ``build`` turns into ``AtomRecord``s, several at once (a fetch of k atoms dequantizes
     their int8 adapters together, in a few torch calls instead of a few per atom)."""
 
     meta: dict[str, Any]
-    embedding: Tensor
+    embedding: np.ndarray  # float32 (dim,)
     layout: PackLayout
-    adapter: Tensor  # (layout.size,): bf16 / fp16, or int8 with ``scales``
-    scales: Tensor | None
+    adapter: np.ndarray  # (layout.size,): int8 with ``scales``, else the raw bits of ``dtype``
+    dtype: torch.dtype  # what ``adapter`` holds: torch.int8, bfloat16 or float16
+    scales: np.ndarray | None  # bf16 bits (rows,), an int8 adapter's
 
     @property
     def id(self) -> str:
@@ -204,10 +211,10 @@ class Parsed:
 
 def parse(value: bytes | memoryview) -> Parsed:
     """The record's fields, checked to fit together (``StoreError`` if not); no copy."""
-    header, tensors = _parse(value)
+    header, arrays = _parse(value)
     try:
         meta = orjson.loads(header["microlora"])
-        embedding, flat = tensors[EMBEDDING_KEY], tensors[ADAPTER_KEY]
+        (embedding, _), (flat, dtype) = arrays[EMBEDDING_KEY], arrays[ADAPTER_KEY]
     except (ValueError, KeyError, TypeError) as e:
         raise StoreError(f"unreadable record metadata: {e}") from e
     missing = [key for key in _REQUIRED if key not in meta] if isinstance(meta, dict) \
@@ -218,15 +225,15 @@ def parse(value: bytes | memoryview) -> Parsed:
         layout = _layout(header["microlora.layout"])
     except (ValueError, KeyError, TypeError) as e:
         raise StoreError(f"unreadable adapter layout: {e}") from e
-    if flat.dim() != 1 or flat.numel() != layout.size:
-        raise StoreError(f"adapter has {flat.numel()} values, its layout needs {layout.size}")
+    if flat.shape != (layout.size,):
+        raise StoreError(f"adapter has {flat.size} values, its layout needs {layout.size}")
     scales = None
-    if flat.dtype == torch.int8:
-        scales = tensors.get(SCALES_KEY)
-        if scales is None or scales.shape != (quantize.rows(layout),):
-            raise StoreError(f"an int8 adapter needs {quantize.rows(layout)} scales, it has "
-                             f"{None if scales is None else tuple(scales.shape)}")
-    return Parsed(meta, embedding, layout, flat, scales)
+    if dtype == "I8":
+        scales, scales_dtype = arrays.get(SCALES_KEY, (None, None))
+        if scales is None or scales_dtype != "BF16" or scales.shape != (quantize.rows(layout),):
+            raise StoreError(f"an int8 adapter needs {quantize.rows(layout)} bf16 scales, it has "
+                             f"{None if scales is None else (scales_dtype, scales.shape)}")
+    return Parsed(meta, embedding, layout, flat, _TORCH[dtype], scales)
 
 
 def build(parsed: Sequence[Parsed], *, copy: bool = True) -> list[AtomRecord]:
@@ -237,12 +244,16 @@ def build(parsed: Sequence[Parsed], *, copy: bool = True) -> list[AtomRecord]:
     int8: dict[PackLayout, list[int]] = {}
     for i, p in enumerate(parsed):
         if p.scales is None:
-            adapters[i] = Packed(p.adapter.clone() if copy else p.adapter, p.layout)
+            flat = _torch(p.adapter, p.dtype)
+            adapters[i] = Packed(flat.clone() if copy else flat, p.layout)
         else:
             int8.setdefault(p.layout, []).append(i)
     for layout, members in int8.items():
-        block = quantize.dequantize_many([parsed[i].adapter for i in members],
-                                         [parsed[i].scales for i in members], layout)
+        # joined in numpy (new, writable arrays), then one torch view of each
+        q = torch.from_numpy(np.concatenate([parsed[i].adapter for i in members]))
+        scales = _torch(np.concatenate([parsed[i].scales for i in members]), torch.bfloat16)
+        q, scales = q.view(len(members), -1), scales.view(len(members), -1)
+        block = quantize.dequantize_many(q, scales, layout)
         adapters.update((i, Packed(row, layout)) for i, row in zip(members, block.unbind()))
     return [_record(p, adapters[i], copy) for i, p in enumerate(parsed)]
 
@@ -251,7 +262,7 @@ def _record(p: Parsed, adapter: Packed, copy: bool) -> AtomRecord:
     meta = p.meta
     return AtomRecord(
         id=meta["id"], text=meta["text"], adapter=adapter,
-        embedding=(p.embedding.clone() if copy else p.embedding).numpy(),
+        embedding=p.embedding.copy() if copy else p.embedding,
         base_fingerprint=meta["base_fingerprint"],
         source=meta["source"], start=meta["start"], end=meta["end"], config=meta["config"],
         context=meta.get("context", []), context_at=meta.get("context_at", 0),
@@ -260,15 +271,17 @@ def _record(p: Parsed, adapter: Packed, copy: bool) -> AtomRecord:
     )
 
 
-def _parse(value: bytes | memoryview) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """The safetensors metadata and zero-copy views of the tensors."""
+def _parse(value: bytes | memoryview
+           ) -> tuple[dict[str, str], dict[str, tuple[np.ndarray, str]]]:
+    """The safetensors metadata, and per tensor a zero-copy numpy view and its dtype's name
+    (``_ARRAYS``)."""
     buf = memoryview(value)[_PREFIX.size:]
     try:
         (n,) = struct.unpack_from("<Q", buf)
         header = orjson.loads(buf[8:8 + n])
         metadata = header.pop("__metadata__")
         data = buf[8 + n:]
-        return metadata, {key: _tensor(data, spec) for key, spec in header.items()}
+        return metadata, {key: _array(data, spec) for key, spec in header.items()}
     except (ValueError, KeyError, TypeError, AttributeError, struct.error,
             UnicodeDecodeError) as e:
         raise StoreError(f"unreadable record header: {e}") from e
@@ -284,19 +297,25 @@ def _layout(text: str) -> PackLayout:
     return PackLayout(tuple((str(n), int(r), int(i), int(o)) for n, r, i, o in json.loads(text)))
 
 
-def _tensor(data: memoryview, spec: dict) -> Tensor:
-    start, end = spec["data_offsets"]
-    dtype = _DTYPES.get(spec["dtype"])
+def _array(data: memoryview, spec: dict) -> tuple[np.ndarray, str]:
+    (start, end), name, shape = spec["data_offsets"], spec["dtype"], spec["shape"]
+    dtype = _ARRAYS.get(name)
     if dtype is None:
-        raise StoreError(f"unsupported tensor dtype {spec['dtype']} in record")
-    if start == end:
-        return torch.empty(spec["shape"], dtype=dtype)
-    return torch.frombuffer(data[start:end], dtype=dtype).view(spec["shape"])
+        raise StoreError(f"unsupported tensor dtype {name} in record")
+    count = (end - start) // dtype.itemsize
+    if not 0 <= start <= end <= len(data) or count != math.prod(shape):
+        raise StoreError(f"tensor of shape {shape} does not fit bytes {start}..{end}")
+    return np.frombuffer(data, dtype, count, start).reshape(shape), name
 
 
-# torch warns (once per process) that a view of a read-only buffer is not writable. LMDB's map
+def _torch(array: np.ndarray, dtype: torch.dtype) -> Tensor:
+    """A torch view of ``array`` (raw 16 bits for bf16) as ``dtype``."""
+    return torch.from_numpy(array).view(dtype)
+
+
+# torch warns (once per process) that a view of a read-only array is not writable. LMDB's map
 # is read-only by design and the views are never written, so spend that one warning here,
 # silenced, instead of paying for a warnings filter on every decode.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
-    torch.frombuffer(memoryview(bytes(2)), dtype=torch.uint8)
+    torch.from_numpy(np.frombuffer(bytes(2), np.uint8))

@@ -156,8 +156,8 @@ def corrupt_atom(store: AdapterStore, namespace: str, atom_id: str) -> None:
     atom is not hashed again by this process.)"""
     with store.read(namespace) as reader:
         value = bytes(reader._value(atom_id))  # the record's bytes, as stored
-    stored = rec._parse(value)[1][rec.ADAPTER_KEY]
-    flip_byte_inside(store.path, stored.view(torch.uint8).numpy().tobytes()[:64])
+    stored, _ = rec._parse(value)[1][rec.ADAPTER_KEY]
+    flip_byte_inside(store.path, stored.tobytes()[:64])
 
 
 def zero_leaf_page_of(path, needle: bytes) -> None:

@@ -95,9 +95,11 @@ def test_namespaces_delete_drop_and_stats(store):
     assert stats["docs"].atoms == 3 and stats["user:alice"].atoms == 2
     adapter_bytes = make_records(1)[0].nbytes() // 4  # fp32 in memory, int8 on disk
     assert adapter_bytes < stats["docs"].bytes_per_atom <= adapter_bytes + 4096  # + a page
+    read_before = store.get("user:alice", store.ids("user:alice")[:1])  # keeps its handle
+    assert len(read_before) == 1
     assert store.drop("user:alice") == 2
     assert store.namespaces() == ["docs"]
-    with pytest.raises(UnknownNamespaceError, match="docs"):
+    with pytest.raises(UnknownNamespaceError, match="no namespace 'user:alice'.*has: docs"):
         store.get("user:alice", ["atom010000"])
 
 

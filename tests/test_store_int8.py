@@ -15,7 +15,7 @@ from conftest import HEADER, SHAPES, make_records, random_adapter
 
 from microlora.cli import cli
 from microlora.core.config import StoreConfig, TargetSpec
-from microlora.core.errors import MicroloraError
+from microlora.core.errors import MicroloraError, StoreError
 from microlora.core.pack import Packed, compose
 from microlora.core.targets import select_targets
 from store import AdapterStore
@@ -95,7 +95,35 @@ def test_a_bf16_record_written_by_the_old_format_still_decodes():
     assert {k: json.loads(v) for k, v in meta.items()} == \
         {k: json.loads(v) for k, v in old_meta.items()}
     assert tensors.keys() == old_tensors.keys()
-    assert all(torch.equal(tensors[k], old_tensors[k]) for k in tensors)
+    assert all(tensors[k][1] == old_tensors[k][1]  # dtype, and the values as stored
+               and np.array_equal(tensors[k][0], old_tensors[k][0]) for k in tensors)
+
+
+def _header_changed(value: bytes, change) -> bytes:
+    """``value`` with its safetensors header edited by ``change`` (its checksum now wrong)."""
+    size = int.from_bytes(value[24:32], "little")
+    header = json.loads(value[32:32 + size])
+    change(header)
+    text = json.dumps(header).encode()
+    return value[:24] + len(text).to_bytes(8, "little") + text + value[32 + size:]
+
+
+def _adapter(header: dict) -> dict:
+    return header[rec.ADAPTER_KEY]
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda h: _adapter(h)["data_offsets"].__setitem__(1, 10**9), "does not fit"),
+    (lambda h: _adapter(h)["shape"].__setitem__(0, _adapter(h)["shape"][0] + 1),
+     "does not fit"),
+    (lambda h: _adapter(h).__setitem__("dtype", "F64"), "unsupported tensor dtype F64"),
+    (lambda h: h.pop(rec.SCALES_KEY), "needs .* bf16 scales"),
+], ids=["offsets past the end", "shape larger than its bytes", "unknown dtype", "no scales"])
+def test_a_record_whose_tensors_do_not_fit_is_a_store_error(change, problem):
+    value = rec.encode(make_records(1, seed=2)[0], "int8")
+    assert rec.decode(value).id  # intact, it decodes
+    with pytest.raises(StoreError, match=problem):
+        rec.decode(_header_changed(value, change))
 
 
 def test_a_version_1_store_reads_and_is_marked_2_by_its_first_int8_atom(tmp_path):

@@ -41,6 +41,13 @@ class PackLayout:
 
     modules: tuple[tuple[str, int, int, int], ...]
 
+    def __hash__(self) -> int:  # a fetch looks its layout up a few times per atom
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(self.modules)
+
     @classmethod
     def of(cls, adapter: Adapter) -> PackLayout:
         dims = [(A.shape[0], A.shape[1], B.shape[0], name) for name, (A, B) in adapter.items()]
