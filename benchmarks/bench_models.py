@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from microlora.core.config import BASE_DTYPES, DEFAULT_BASE_DTYPE
 from microlora.core.embedder import Embedder, default_embedder_path, load_embedder
 from microlora.core.errors import ModelLoadError
 from microlora.core.models import (
@@ -69,10 +70,13 @@ def add_model_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"],
                     help="where the models run (default: cuda where there is one; cuda "
                     "runs bf16)")
+    ap.add_argument("--base-dtype", choices=BASE_DTYPES, default=DEFAULT_BASE_DTYPE,
+                    help="how the base model's weights are held, as `microlora "
+                    "--base-dtype` (default: %(default)s)")
 
 
 def load_models(args: argparse.Namespace) -> tuple[BaseModel, Embedder]:
-    return (load_base_model(args.base_model, device=args.device),
+    return (load_base_model(args.base_model, device=args.device, dtype=args.base_dtype),
             load_embedder(args.embedder, device=args.device))
 
 

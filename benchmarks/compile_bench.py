@@ -9,19 +9,21 @@ loop a user would write for the same training rows, side by side in one run; and
 
 (a) microlora: ``compiler.pipeline.compile_documents`` with the default ``TrainConfig`` into a
 fresh store, timed whole (planning, question views, training, embedding, store writes);
-(b) naive: one ``get_peft_model`` LoRA per atom (same rank, targets, lr and step budget),
-on the loaded base model (bf16 by default), over the same rows (the atom's sentence and its
-question views, loss on their target tokens only) with the same objective: each view's answer
-taught half as its label and half as the base model answers it reading the atom's window
+(b) naive: one ``get_peft_model`` LoRA per atom (same rank, targets, lr and step budget), on
+the base model as ``from_pretrained`` gives it to a PEFT user, every weight in the dtype the
+blocks compute in (``--base-dtype``: an fp32 base's vocabulary is not held in bf16 here,
+``as_a_peft_user_loads_it``), over the same rows (the atom's sentence and its question views,
+loss on their target tokens only) with the same objective: each view's answer taught half as
+its label and half as the base model answers it reading the atom's window
 (``TrainConfig.distill``: the teacher's top ``distill_topk`` tokens, computed once per atom),
 the loss from HF's full logits; one atom after another.
-Both are scored the same way, fp32 with the full-vocabulary cross-entropy over each atom's
-target tokens (all its rows): ``mean_final_loss`` with the adapters of the ``neighbours``
-atoms after it composed beside it (as at query time with k > 1), ``alone_mean_loss`` alone
-(k = 1). The floor: an atom's tokens times its mean steps times 4 FLOP per adapted-block weight
-(forward 2, backward 2: the frozen weights get no gradient), plus one forward for the
-candidate vocabulary, at the matmul rate this device reaches in the dtype the base computes
-in (``floor_*``, ``matmul_gflops``, ``compute_dtype``).
+Both are scored the same way, on that model, in fp32 with the full-vocabulary cross-entropy
+over each atom's target tokens (all its rows): ``mean_final_loss`` with the adapters of the
+``neighbours`` atoms after it composed beside it (as at query time with k > 1),
+``alone_mean_loss`` alone (k = 1). The floor: an atom's tokens times its mean steps times 4
+FLOP per adapted-block weight (forward 2, backward 2: the frozen weights get no gradient),
+plus one forward for the candidate vocabulary, at the matmul rate this device reaches in the
+dtype the base computes in (``floor_*``, ``matmul_gflops``, ``compute_dtype``).
 
 ``--profile``: the same compile of ours alone under cProfile, its time split into phases
 (``phases``: training forward and backward, loss, scoring, teacher, candidate vocabulary,
@@ -36,6 +38,7 @@ resident memory (``peak_rss_mb`` = the largest).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import subprocess
@@ -57,6 +60,7 @@ from compiler.pipeline import compile_documents
 from compiler.views import question_views
 from microlora.core.config import ChunkConfig, TrainConfig
 from microlora.core.kernel import MultiLoraModel
+from microlora.core.models import BaseModel
 from microlora.core.pack import Packed, compose
 from microlora.core.targets import find_blocks, select_targets
 from store import AdapterStore
@@ -210,6 +214,20 @@ def models_and_corpus(args) -> tuple:
     return base, embedder, corpus(base.tokenizer, args.atoms or (16 if args.quick else 64))
 
 
+def as_a_peft_user_loads_it(base: BaseModel) -> BaseModel:
+    """The base in one dtype throughout, as ``from_pretrained`` gives it to the baseline's
+    user. ``load_base_model`` holds an fp32 base's vocabulary in bf16
+    (``hold_vocabulary_in_bf16``), whose output layer is slower on a CPU without fast bf16
+    matmuls: the baseline would pay for our memory saving, and the speedup look larger."""
+    if base.quantization or base.model.get_input_embeddings().weight.dtype == base.dtype:
+        return base
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=base.dtype,
+                                                 local_files_only=True)
+    return dataclasses.replace(base, model=model.to(base.device).eval().requires_grad_(False))
+
+
 def side_by_side(args) -> dict:
     base, embedder, docs = models_and_corpus(args)
     config = TrainConfig()
@@ -219,6 +237,7 @@ def side_by_side(args) -> dict:
     texts = list(records)
     ours = [records[t].adapter for t in texts]
     atoms = {a.text: a for doc in docs for a in chunk_document(doc, base.tokenizer)}
+    base = as_a_peft_user_loads_it(base)  # the baseline trains, and both are scored, on it
     torch.manual_seed(0)
     naive, t_naive, steps_naive = train_naive(base, [atoms[t] for t in texts], config)
     company = config.neighbours
