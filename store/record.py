@@ -302,8 +302,8 @@ def _array(data: memoryview, spec: dict) -> tuple[np.ndarray, str]:
     dtype = _ARRAYS.get(name)
     if dtype is None:
         raise StoreError(f"unsupported tensor dtype {name} in record")
-    count = (end - start) // dtype.itemsize
-    if not 0 <= start <= end <= len(data) or count != math.prod(shape):
+    count = math.prod(shape)
+    if not 0 <= start <= end <= len(data) or end - start != count * dtype.itemsize:
         raise StoreError(f"tensor of shape {shape} does not fit bytes {start}..{end}")
     return np.frombuffer(data, dtype, count, start).reshape(shape), name
 
