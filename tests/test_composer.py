@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import replace
 
 import pytest
@@ -527,6 +528,31 @@ def test_a_batch_where_one_row_raises_fails_that_row_alone():
     assert composer.batches[0] == ["fine", "boom", "also fine"]
     assert sorted(composer.batches[1:]) == [["also fine"], ["boom"], ["fine"]]
     assert streamed == ["ALSO FINE"]
+
+
+def test_an_announced_request_joins_the_batch_being_collected():
+    """A batch closes after ``gap_s`` without a submission, unless a request was announced
+    (``expect``: a server does as a request arrives, before parsing it); then it waits for
+    that request, up to ``max_wait_s``."""
+    from composer.batcher import Batcher
+
+    composer = _FailsOnBoom()
+    batcher = Batcher(composer, max_batch=8, gap_s=0.01, max_wait_s=60)
+    closed_book = AskConfig(mode="none")
+    try:
+        arrived = batcher.expect()
+        first = batcher.submit("first", [], closed_book)
+        time.sleep(0.5)  # 50 gaps: without the announcement the batch would have closed
+        second = batcher.submit("second", [], closed_book)
+        arrived()
+        arrived()  # withdrawing twice withdraws once
+        assert batcher.announced == 0
+        assert (first.result(60).text, second.result(60).text) == ("FIRST", "SECOND")
+        alone = batcher.submit("alone", [], closed_book)  # nothing announced: closes at once
+        assert alone.result(30).text == "ALONE"
+    finally:
+        batcher.close()
+    assert composer.batches == [["first", "second"], ["alone"]]
 
 
 def test_continuation_logprobs_equal_a_plain_forward(kit):

@@ -615,6 +615,36 @@ def test_concurrent_requests_are_decoded_in_one_batch_with_their_own_atoms(serve
     assert len({tuple(a["id"] for a in ch["atoms"]) for ch in together}) > 4
 
 
+def test_completion_requests_are_announced_to_the_batcher_and_withdrawn(server, monkeypatch):
+    """Every completion request is announced as it arrives (a batch being collected waits
+    for it) and withdrawn once submitted (before it is decoded), or when it fails before
+    (401, 400): no announcement outlives its request and holds batches open."""
+    _, service, _ = server
+    batcher = service.batcher
+    seen = []
+    submit = batcher.submit
+
+    def noting_submit(*args, **kwargs):
+        seen.append(batcher.announced)  # this request is still announced as it submits
+        return submit(*args, **kwargs)
+
+    ask_batch = batcher.composer.ask_batch
+
+    def noting_ask_batch(*args, **kwargs):
+        seen.append(batcher.announced)  # submitted, so withdrawn: nothing holds batches
+        return ask_batch(*args, **kwargs)
+
+    monkeypatch.setattr(batcher, "submit", noting_submit)
+    monkeypatch.setattr(batcher.composer, "ask_batch", noting_ask_batch)
+    with client(server, "bob") as c:
+        assert chat(c, "w1 w2", k=1).status_code == 200
+        assert c.post("/v1/chat/completions", json={"model": "m", "messages": []}
+                      ).status_code in (400, 422)
+    with client(server, token="nope") as c:
+        assert chat(c, "w1 w2", k=1).status_code == 401
+    assert seen == [1, 0] and batcher.announced == 0
+
+
 def test_load_200_requests_16_concurrent_two_users(server):
     url, service, tokens = server
     with client(server, "ana") as ana:

@@ -1,5 +1,6 @@
-"""What wraps every request: the body-size limit (before anything is parsed) and the
-Prometheus request counters, which also catch what escapes a route (a 500, counted)."""
+"""What wraps every request: the body-size limit (before anything is parsed), the
+announcement of a completion request to the batcher, and the Prometheus request counters,
+which also catch what escapes a route (a 500, counted)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,36 @@ from fastapi.responses import JSONResponse
 from microlora.server.errors import INTERNAL, ApiError, error_body, log
 from microlora.server.service import Metrics, Service
 
+COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
 
 def install_middleware(app: FastAPI, service: Service) -> None:
     app.add_middleware(BodyLimit, limit=service.config.max_body_bytes,
                        upload_limit=service.config.max_upload_bytes)
+    app.add_middleware(Announce, service=service)
     app.add_middleware(Measure, metrics=service.metrics)  # added last: the outermost
+
+
+class Announce:
+    """Tells the batcher of a completion request as it arrives, before its body is read, so
+    a batch being collected waits for it (``Batcher.expect``): a burst of clients is decoded
+    as one batch though the event loop takes tens of ms to bring them all to ``submit``. The
+    route withdraws the announcement once it has submitted (``arrival`` in the request's
+    state); here it is withdrawn, if not yet, when the request ends (a 4xx before submit)."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" \
+                or scope["path"] not in COMPLETION_PATHS:
+            return await self.app(scope, receive, send)
+        withdraw = self.service.batcher.expect()
+        scope.setdefault("state", {})["arrival"] = withdraw
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            withdraw()
 
 
 class Measure:

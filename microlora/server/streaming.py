@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import StreamingResponse
 
@@ -19,8 +19,11 @@ from microlora.server.service import Service
 
 
 async def answer(service: Service, kind: str, prompts: list[str],
-                 body: CompletionRequest | ChatRequest, key: KeyRecord):
-    """Submit every prompt to the batcher; a JSON response, or an SSE stream."""
+                 body: CompletionRequest | ChatRequest, key: KeyRecord,
+                 arrived: Callable[[], None] = lambda: None):
+    """Submit every prompt to the batcher, then ``arrived()`` (the request's announcement
+    to the batcher is withdrawn: ``middleware.Announce``); a JSON response, or an SSE
+    stream."""
     config = service.ask_config(body)
     namespaces = service.search_namespaces(key, body.namespaces) if config.mode.retrieves \
         else []
@@ -28,6 +31,7 @@ async def answer(service: Service, kind: str, prompts: list[str],
     rid = ("chatcmpl-" if kind == openai.CHAT else "cmpl-") + uuid.uuid4().hex[:24]
     if not body.stream:
         futures = [service.batcher.submit(p, namespaces, config) for p in prompts]
+        arrived()
         answers = [await result(f) for f in futures]
         for a in answers:
             service.record(a)
@@ -44,6 +48,7 @@ async def answer(service: Service, kind: str, prompts: list[str],
         future.add_done_callback(
             lambda f, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, None)))
         futures.append(future)
+    arrived()
     first = await events.get()
     if first[1] is None and futures[first[0]].exception() is not None:
         await result(futures[first[0]])  # raises the request's error as a 4xx, before SSE
