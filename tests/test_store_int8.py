@@ -120,7 +120,7 @@ def _adapter(header: dict) -> dict:
     (lambda h: _adapter(h).__setitem__("dtype", "BF16"), "does not fit"),  # 2 bytes a value
     (lambda h: h.pop(rec.SCALES_KEY), "needs .* bf16 scales"),
 ], ids=["offsets past the end", "shape larger than its bytes", "unknown dtype",
-                              "bytes of another dtype", "no scales"])
+        "bytes of another dtype", "no scales"])
 def test_a_record_whose_tensors_do_not_fit_is_a_store_error(change, problem):
     value = rec.encode(make_records(1, seed=2)[0], "int8")
     assert rec.decode(value).id  # intact, it decodes

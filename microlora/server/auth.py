@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -31,16 +30,5 @@ async def caller(request: Request) -> KeyRecord:
     return key
 
 
-def arrival(request: Request) -> Callable[[], None]:
-    """What withdraws this request's announcement to the batcher (``middleware.Announce``)
-    once it is submitted; nothing to withdraw where none was made."""
-    return getattr(request.state, "arrival", _nothing)
-
-
-def _nothing() -> None:
-    pass
-
-
 Caller = Annotated[KeyRecord, Depends(caller)]
 Served = Annotated[Service, Depends(service_of)]
-Arrival = Annotated[Callable[[], None], Depends(arrival)]

@@ -5,8 +5,10 @@ which also catch what escapes a route (a 500, counted)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Annotated
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from microlora.server.errors import INTERNAL, ApiError, error_body, log
@@ -42,6 +44,19 @@ class Announce:
             await self.app(scope, receive, send)
         finally:
             withdraw()
+
+
+def arrival(request: Request) -> Callable[[], None]:
+    """What withdraws this request's announcement to the batcher (``Announce``) once it is
+    submitted; nothing to withdraw where none was made."""
+    return getattr(request.state, "arrival", _nothing)
+
+
+def _nothing() -> None:
+    pass
+
+
+Arrival = Annotated[Callable[[], None], Depends(arrival)]  # a completion route's dependency
 
 
 class Measure:

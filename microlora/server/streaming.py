@@ -20,7 +20,7 @@ from microlora.server.service import Service
 
 async def answer(service: Service, kind: str, prompts: list[str],
                  body: CompletionRequest | ChatRequest, key: KeyRecord,
-                 arrived: Callable[[], None] = lambda: None):
+                 arrived: Callable[[], None]):
     """Submit every prompt to the batcher, then ``arrived()`` (the request's announcement
     to the batcher is withdrawn: ``middleware.Announce``); a JSON response, or an SSE
     stream."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from microlora.server import openai, streaming
-from microlora.server.auth import Arrival, Caller, Served
+from microlora.server.auth import Caller, Served
 from microlora.server.errors import ApiError
+from microlora.server.middleware import Arrival
 from microlora.server.schemas import ChatRequest, CompletionRequest
 
 router = APIRouter()
