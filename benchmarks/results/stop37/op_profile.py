@@ -19,7 +19,8 @@ from compile_bench import models_and_corpus, train_microlora  # noqa: E402
 
 from microlora.core.config import TrainConfig  # noqa: E402
 
-args = argparse.Namespace(quick=True, atoms=None, base_model=None, embedder=None, device=None)
+args = argparse.Namespace(quick=True, atoms=None, base_model=None, embedder=None, device=None,
+                          base_dtype="auto")
 base, embedder, docs = models_and_corpus(args)
 with tempfile.TemporaryDirectory() as tmp:
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
