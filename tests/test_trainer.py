@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import save_tiny
 
-from compiler.trainer import AtomTrainer
+from compiler.trainer import AtomTrainer, rows_of
 from microlora.core.config import TargetSpec, TrainConfig
 from microlora.core.kernel import MultiLoraModel
 from microlora.core.models import load_base_model
@@ -277,3 +277,22 @@ def test_an_atom_trains_in_its_company_at_the_weight_it_is_composed_with(base, w
     other = full_loss(base, TEXTS[0], out[0].adapter, out[1].adapter,
                       weights=[[1.5 - w, 1.5 - w]])
     assert other != pytest.approx(out[0].final_loss, rel=1e-2)
+
+
+@pytest.mark.parametrize("index", [[2, 0, 2, 2, 1], [[1, 3], [3, 3], [0, 1]]])
+def test_rows_of_gathers_and_back_propagates_as_indexing_does(index):
+    """The trainer gathers adapters with ``rows_of`` (its backward adds, where indexing's
+    puts with accumulation): the same values and the same gradient, repeated rows summed."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    idx = torch.tensor(index)
+    upstream = torch.randn(*idx.shape, 3, 5)
+    ours = rows_of(x, idx)
+    (grad_ours,) = torch.autograd.grad(ours, x, upstream)
+    theirs = x[idx]
+    (grad_theirs,) = torch.autograd.grad(theirs, x, upstream)
+    assert torch.equal(ours, theirs)
+    assert torch.allclose(grad_ours, grad_theirs)
+    gathered = torch.zeros(4, dtype=torch.bool)
+    gathered[idx.reshape(-1)] = True
+    assert (grad_ours.abs().sum((1, 2)) > 0).equal(gathered)  # a row not gathered gets none
