@@ -24,8 +24,9 @@ sys.argv = ["store_bench", "--quick", "--formats", "int8", "--metadata", "compil
 store_bench.main()
 lat = np.array(seen[0])
 order = np.argsort(lat)[::-1][:25]
-print("p50 %.2f p99 %.2f" % (np.percentile(lat, 50), np.percentile(lat, 99)))
+print(f"p50 {np.percentile(lat, 50):.2f} p99 {np.percentile(lat, 99):.2f}")
 print("slowest 25 (index: ms):", ", ".join(f"{i}:{lat[i]:.1f}" for i in sorted(order)))
 for lo in range(0, 2000, 250):
     blk = lat[lo:lo + 250]
-    print(lo, "p50 %.2f p99 %.2f max %.1f" % (np.percentile(blk, 50), np.percentile(blk, 99), blk.max()))
+    print(lo, f"p50 {np.percentile(blk, 50):.2f} p99 {np.percentile(blk, 99):.2f}",
+          f"max {blk.max():.1f}")
