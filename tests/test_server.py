@@ -19,10 +19,11 @@ from conftest import HEADER, corrupt_atom, make_records, sentences, store_of_ran
 
 from composer import Composer
 from microlora.cli import cli
-from microlora.core.config import AskConfig, ChunkConfig, ServeConfig, TargetSpec, TrainConfig
+from microlora.core.config import AskConfig, ChunkConfig, TargetSpec, TrainConfig
 from microlora.core.embedder import load_embedder
 from microlora.core.models import load_base_model
 from microlora.server.app import Service, serve_in_thread
+from microlora.server.config import ServeConfig
 from microlora.server.keys import KeyStore
 from store import AdapterStore
 
@@ -618,7 +619,8 @@ def test_concurrent_requests_are_decoded_in_one_batch_with_their_own_atoms(serve
 def test_completion_requests_are_announced_to_the_batcher_and_withdrawn(server, monkeypatch):
     """Every completion request is announced as it arrives (a batch being collected waits
     for it) and withdrawn once submitted (before it is decoded), or when it fails before
-    (401, 400): no announcement outlives its request and holds batches open."""
+    (401, 400) as its response starts: no announcement outlives its request and holds
+    batches open, nor is still counted once the client has its answer."""
     _, service, _ = server
     batcher = service.batcher
     seen = []

@@ -29,7 +29,8 @@ class Announce:
     a batch being collected waits for it (``Batcher.expect``): a burst of clients is decoded
     as one batch though the event loop takes tens of ms to bring them all to ``submit``. The
     route withdraws the announcement once it has submitted (``arrival`` in the request's
-    state); here it is withdrawn, if not yet, when the request ends (a 4xx before submit)."""
+    state); here it is withdrawn, if not yet, as the response starts (a 4xx before submit):
+    before the client can see it, so no announcement outlives a response."""
 
     def __init__(self, app, service: Service):
         self.app, self.service = app, service
@@ -40,10 +41,16 @@ class Announce:
             return await self.app(scope, receive, send)
         withdraw = self.service.batcher.expect()
         scope.setdefault("state", {})["arrival"] = withdraw
+
+        async def withdrawing_send(message) -> None:
+            if message["type"] == "http.response.start":
+                withdraw()
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, withdrawing_send)
         finally:
-            withdraw()
+            withdraw()  # no response started (the client went away, or an error escaped)
 
 
 def arrival(request: Request) -> Callable[[], None]:
