@@ -32,9 +32,10 @@ from store_bench import synthetic_atoms, torch_machine, write_results
 
 from compiler.pipeline import store_header
 from composer import Composer
-from microlora.core.config import AskConfig, ServeConfig, TargetSpec
+from microlora.core.config import AskConfig, TargetSpec
 from microlora.core.targets import select_targets
 from microlora.server.app import Service, serve_in_thread
+from microlora.server.config import ServeConfig
 from microlora.server.keys import KeyStore
 from store import AdapterStore
 

@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from composer import Composer
-from microlora.core.config import AskConfig, ChunkConfig, ServeConfig, TargetSpec, TrainConfig
+from microlora.core.config import AskConfig, ChunkConfig, TargetSpec, TrainConfig
 from microlora.core.embedder import load_embedder
 from microlora.core.models import load_base_model
 from microlora.server.app import Service, create_api, serve_in_thread
+from microlora.server.config import ServeConfig
 from microlora.server.keys import KeyStore
 from store import AdapterStore
 

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import DIM, HEADER, corrupt_atom, make_records, unit_vectors
 
-from microlora.core.config import ServeConfig, StoreConfig
+from microlora.core.config import StoreConfig
 from microlora.core.errors import CorruptAtomError
+from microlora.server.config import ServeConfig
 from store import AdapterStore, page_cache
 from store import record as rec
 from store.background_verify import VerifiedIds

@@ -14,10 +14,11 @@ from conftest import sentences, store_of_random_atoms
 from compiler.documents import Document
 from compiler.pipeline import Quota
 from composer import Composer
-from microlora.core.config import ChunkConfig, ServeConfig, TargetSpec, TrainConfig
+from microlora.core.config import ChunkConfig, TargetSpec, TrainConfig
 from microlora.core.embedder import load_embedder
 from microlora.core.models import load_base_model
 from microlora.server.app import Service, serve_in_thread
+from microlora.server.config import ServeConfig
 from microlora.server.keys import KeyStore
 from store import AdapterStore
 

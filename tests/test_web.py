@@ -27,13 +27,13 @@ from microlora.core.config import (
     MODES,
     AskConfig,
     ChunkConfig,
-    ServeConfig,
     TargetSpec,
     TrainConfig,
 )
 from microlora.core.embedder import load_embedder
 from microlora.core.models import load_base_model
 from microlora.server.app import Service, serve_in_thread
+from microlora.server.config import ServeConfig
 from microlora.server.keys import KeyStore
 from store import AdapterStore
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from microlora.commands.options import base_dtype_option, model_options, store_option
-from microlora.core.config import AskConfig, ServeConfig
+from microlora.core.config import AskConfig
+from microlora.server.config import ServeConfig
 
 _SERVE = ServeConfig()
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from fastapi import FastAPI
 
-from microlora.core.config import ServeConfig
+from microlora.server.config import ServeConfig
 from microlora.server.errors import install_error_handlers
 from microlora.server.middleware import install_middleware
 from microlora.server.routes import completions, documents, namespaces, system, web

@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from composer.batcher import Batcher
 from composer.composer import Answer, Composer
 from composer.retrieval import default_namespaces
-from microlora.core.config import AskConfig, Mode, ServeConfig
+from microlora.core.config import AskConfig, Mode
 from microlora.core.errors import MicroloraError
+from microlora.server.config import ServeConfig
 from microlora.server.errors import ApiError
 from microlora.server.jobs import CompileJobs
 from microlora.server.keys import KeyRecord, KeyStore

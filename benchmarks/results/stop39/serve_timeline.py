@@ -27,9 +27,10 @@ from store_bench import synthetic_atoms  # noqa: E402
 from compiler.pipeline import store_header  # noqa: E402
 from composer import Composer  # noqa: E402
 from composer.batcher import Batcher  # noqa: E402
-from microlora.core.config import AskConfig, ServeConfig, TargetSpec  # noqa: E402
+from microlora.core.config import AskConfig, TargetSpec  # noqa: E402
 from microlora.core.targets import select_targets  # noqa: E402
 from microlora.server.app import Service, serve_in_thread  # noqa: E402
+from microlora.server.config import ServeConfig  # noqa: E402
 from microlora.server.keys import KeyStore  # noqa: E402
 from store import AdapterStore  # noqa: E402
 
