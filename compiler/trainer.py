@@ -199,7 +199,7 @@ class AtomTrainer:
             g = group.to(rows.device)
             atom = slot[g]  # each row's adapters: its atom's
             own = {k: (rows_of(A, atom), rows_of(B, atom)) for k, (A, B) in adapters.items()}
-            seen.append(self._learn_group(own, rows[g], slot[g], lengths[g], count, token, ids,
+            seen.append(self._learn_group(own, rows[g], atom, lengths[g], count, token, ids,
                                           mask, tgt, frozen_states, vocab, soft, last))
         h, labels, ce, atoms, local = (torch.cat(part) for part in zip(*seen))
         with self._autocast():
